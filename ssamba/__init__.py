@@ -1,0 +1,5 @@
+"""ssamba: self-supervised audio representation learning with bidirectional Mamba and SSAST."""
+from .models import build_encoder, encoder_from_config, list_models
+
+__version__ = "0.1.0"
+__all__ = ["build_encoder", "encoder_from_config", "list_models", "__version__"]

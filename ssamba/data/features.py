@@ -1,0 +1,175 @@
+"""The AST/SSAST front end: waveform -> normalised 128-bin kaldi fbank, plus its augmentations.
+
+Two equivalent paths compute the same numbers:
+- per sample on the CPU (inside DataLoader workers) with ``torchaudio.compliance.kaldi.fbank``;
+- batched on any device with plain torch ops (``batched_fbank``), used after the batch has been
+  moved to the GPU so that workers only decode audio.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torchaudio.compliance import kaldi
+
+SAMPLE_RATE = 16_000
+MEL_BINS = 128
+WINDOW_SAMPLES = 400  # 25 ms at 16 kHz
+HOP_SAMPLES = 160  # 10 ms at 16 kHz
+FFT_SIZE = 512  # kaldi rounds the window up to a power of two
+PREEMPHASIS = 0.97
+AUDIOSET_MEAN = -4.2677393
+AUDIOSET_STD = 4.5689974
+
+
+def samples_for_frames(frames: int) -> int:
+    """Number of 16 kHz samples that yields exactly ``frames`` fbank frames (kaldi snip_edges)."""
+    return (frames - 1) * HOP_SAMPLES + WINDOW_SAMPLES
+
+
+def frames_for_samples(samples: int) -> int:
+    return 0 if samples < WINDOW_SAMPLES else 1 + (samples - WINDOW_SAMPLES) // HOP_SAMPLES
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
+    return torchaudio.transforms.Resample(orig_rate, new_rate)
+
+
+def to_mono_16k(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """``[channels, n]`` or ``[n]`` float audio at any rate -> mono ``[n]`` at 16 kHz, mean removed."""
+    if wav.dim() == 2:
+        wav = wav.mean(dim=0)
+    wav = wav.float()
+    if sample_rate != SAMPLE_RATE:
+        wav = _resampler(int(sample_rate), SAMPLE_RATE)(wav)
+    return wav - wav.mean()
+
+
+def kaldi_fbank(wav: torch.Tensor) -> torch.Tensor:
+    """Reference fbank of one mono 16 kHz waveform ``[n]`` -> ``[frames, 128]`` (unnormalised)."""
+    return kaldi.fbank(
+        wav.unsqueeze(0),
+        htk_compat=True,
+        sample_frequency=SAMPLE_RATE,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=MEL_BINS,
+        dither=0.0,
+        frame_shift=10,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _fbank_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hann window and mel matrix exactly as kaldi.fbank builds them (float32)."""
+    window = torch.hann_window(WINDOW_SAMPLES, periodic=False, dtype=torch.float32)
+    mel, _ = kaldi.get_mel_banks(MEL_BINS, FFT_SIZE, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+    mel = F.pad(mel.float(), (0, 1))  # the Nyquist bin gets no weight, as in kaldi
+    return window.to(device), mel.T.contiguous().to(device)
+
+
+def batched_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Kaldi fbank of a batch of zero-padded mono 16 kHz waveforms ``[B, n]`` -> ``[B, frames, 128]``.
+
+    Same numbers as :func:`kaldi_fbank` per item; frames past an item's own length (``lengths``,
+    in samples) are set to zero, which is what padding the per-item fbank does.
+    """
+    wavs = wavs.float()
+    window, mel = _fbank_constants(wavs.device)
+    if wavs.shape[-1] < WINDOW_SAMPLES:
+        wavs = F.pad(wavs, (0, WINDOW_SAMPLES - wavs.shape[-1]))
+    frames = wavs.unfold(-1, WINDOW_SAMPLES, HOP_SAMPLES)  # [B, T, 400]
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = (frames - PREEMPHASIS * previous) * window
+    spectrum = torch.fft.rfft(frames, n=FFT_SIZE).abs().pow(2.0)
+    eps = torch.tensor(torch.finfo(torch.float32).eps, device=wavs.device)
+    fbank = torch.max(spectrum @ mel, eps).log()
+    if lengths is not None:
+        valid = torch.where(
+            lengths >= WINDOW_SAMPLES, 1 + (lengths - WINDOW_SAMPLES) // HOP_SAMPLES, torch.zeros_like(lengths)
+        )
+        keep = torch.arange(fbank.shape[1], device=wavs.device)[None, :] < valid.to(wavs.device)[:, None]
+        fbank = fbank * keep[..., None]
+    return fbank
+
+
+def pad_or_cut(fbank: torch.Tensor, target_length: int) -> torch.Tensor:
+    """Zero-pad or cut the frame axis (second to last) to ``target_length``."""
+    frames = fbank.shape[-2]
+    if frames < target_length:
+        return F.pad(fbank, (0, 0, 0, target_length - frames))
+    return fbank[..., :target_length, :]
+
+
+class FbankFrontEnd:
+    """Fbank, SpecAugment, normalisation and noise, for single items or whole batches.
+
+    The order follows the reference recipe: masks are applied to the raw log-mel values (so a
+    masked bin becomes ``(0 - mean) / (2 std)`` after normalisation), then normalisation, then
+    the optional noise and time roll.
+    """
+
+    def __init__(
+        self,
+        target_length: int = 1024,
+        norm_mean: float = AUDIOSET_MEAN,
+        norm_std: float = AUDIOSET_STD,
+        freqm: int = 0,
+        timem: int = 0,
+        noise: bool = False,
+    ):
+        self.target_length = target_length
+        self.norm_mean = norm_mean
+        self.norm_std = norm_std
+        self.freqm = freqm
+        self.timem = timem
+        self.noise = noise
+        self.max_samples = samples_for_frames(target_length)
+        self._freq_mask = torchaudio.transforms.FrequencyMasking(freqm, iid_masks=True) if freqm else None
+        self._time_mask = torchaudio.transforms.TimeMasking(timem, iid_masks=True) if timem else None
+
+    def __call__(self, wav: torch.Tensor, train: bool) -> torch.Tensor:
+        """One mono 16 kHz waveform ``[n]`` -> ``[target_length, 128]`` (CPU reference path)."""
+        fbank = pad_or_cut(kaldi_fbank(wav[: self.max_samples]), self.target_length)
+        return self.finish(fbank.unsqueeze(0), train).squeeze(0)
+
+    def batch(self, wavs: torch.Tensor, lengths: torch.Tensor, train: bool) -> torch.Tensor:
+        """Zero-padded waveforms ``[B, n]`` on any device -> ``[B, target_length, 128]``."""
+        fbank = pad_or_cut(batched_fbank(wavs[:, : self.max_samples], lengths), self.target_length)
+        return self.finish(fbank, train)
+
+    def finish(self, fbank: torch.Tensor, train: bool) -> torch.Tensor:
+        """Augment (when training) and normalise a ``[B, T, 128]`` fbank batch."""
+        if train and (self._freq_mask or self._time_mask):
+            spec = fbank.transpose(1, 2).unsqueeze(1)  # [B, 1, F, T], the layout torchaudio masks
+            if self._freq_mask:
+                spec = self._freq_mask(spec)
+            if self._time_mask:
+                spec = self._time_mask(spec)
+            fbank = spec.squeeze(1).transpose(1, 2)
+        fbank = (fbank - self.norm_mean) / (2 * self.norm_std)
+        if train and self.noise:
+            batch = fbank.shape[0]
+            scale = torch.rand(batch, 1, 1, device=fbank.device) / 10
+            fbank = fbank + torch.rand_like(fbank) * scale
+            shifts = torch.randint(-10, 10, (batch,)).tolist()
+            fbank = torch.stack([torch.roll(item, shift, dims=0) for item, shift in zip(fbank, shifts)])
+        return fbank
+
+
+def mix_waveforms(first: torch.Tensor, second: torch.Tensor, lam: float) -> torch.Tensor:
+    """Waveform mixup as in the reference: fit ``second`` to ``first``'s length, mix, re-centre."""
+    if second.numel() < first.numel():
+        second = F.pad(second, (0, first.numel() - second.numel()))
+    mixed = lam * first + (1 - lam) * second[: first.numel()]
+    return mixed - mixed.mean()
+
+
+def sample_mixup_lambda(alpha: float) -> float:
+    """lambda ~ Beta(alpha, alpha), drawn with torch so DataLoader worker seeding applies."""
+    return float(torch.distributions.Beta(alpha, alpha).sample())

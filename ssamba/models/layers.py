@@ -1,0 +1,91 @@
+"""Pieces shared by the encoder families: patch embedding, position-embedding adaptation, drop path."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def grid_shape(input_fdim: int, input_tdim: int, fshape: int, tshape: int, fstride: int, tstride: int) -> tuple[int, int]:
+    """Number of patches along frequency and time for a conv with this kernel and stride."""
+    if input_fdim < fshape or input_tdim < tshape:
+        raise ValueError(f"input {input_fdim}x{input_tdim} (mel bins x frames) is smaller than the "
+                         f"patch {fshape}x{tshape}")
+    return (input_fdim - fshape) // fstride + 1, (input_tdim - tshape) // tstride + 1
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d patchifier on the spectrogram laid out ``[B, 1, mel_bins, frames]``; tokens frequency-major."""
+
+    def __init__(self, embed_dim: int, fshape: int, tshape: int, fstride: int, tstride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=(fshape, tshape), stride=(fstride, tstride))
+
+    def set_stride(self, fstride: int, tstride: int) -> None:
+        self.proj.stride = (fstride, tstride)
+
+    def forward(self, spec: Tensor) -> Tensor:
+        return self.proj(spec).flatten(2).transpose(1, 2)
+
+
+def fbank_to_image(x: Tensor) -> Tensor:
+    """``[B, frames, mel_bins]`` (the data pipeline's layout) -> ``[B, 1, mel_bins, frames]``."""
+    if x.dim() != 3:
+        raise ValueError(f"expected a fbank batch [batch, frames, mel_bins], got shape {tuple(x.shape)}")
+    return x.transpose(1, 2).unsqueeze(1)
+
+
+def unfold_patches(x: Tensor, fshape: int, tshape: int, fstride: int, tstride: int) -> Tensor:
+    """Raw patch values ``[B, num_patches, fshape * tshape]`` in token order (the pretraining targets)."""
+    return F.unfold(fbank_to_image(x), kernel_size=(fshape, tshape), stride=(fstride, tstride)).transpose(1, 2)
+
+
+def _fit_axis(pos: Tensor, size: int, axis: int) -> Tensor:
+    """Centre-cut a grid axis that shrinks; bilinearly stretch one that grows."""
+    old = pos.shape[axis]
+    if size == old:
+        return pos
+    if size < old:
+        start = old // 2 - size // 2
+        return pos.narrow(axis, start, size)
+    target = list(pos.shape[2:])
+    target[axis - 2] = size
+    return F.interpolate(pos, size=tuple(target), mode="bilinear", align_corners=False)
+
+
+def adapt_patch_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """Resize the patch part of a ``[1, N, D]`` position embedding from one (f, t) grid to another."""
+    dim = pos.shape[-1]
+    grid = pos.transpose(1, 2).reshape(1, dim, *old_grid)
+    grid = _fit_axis(grid, new_grid[1], axis=3)
+    grid = _fit_axis(grid, new_grid[0], axis=2)
+    return grid.reshape(1, dim, -1).transpose(1, 2).contiguous()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def apply_patch_mask(tokens: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> Tensor:
+    """Replace the patch embeddings where ``mask`` is True by ``mask_token`` (pretraining input)."""
+    if mask is None:
+        return tokens
+    if mask_token is None:
+        raise ValueError("a patch mask needs a mask_token to put in place of the masked patches")
+    if mask.shape != tokens.shape[:2]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the patch grid {tuple(tokens.shape[:2])}")
+    return torch.where(mask.unsqueeze(-1), mask_token.reshape(1, 1, -1).to(tokens.dtype), tokens)

@@ -1,0 +1,235 @@
+"""SSAMBA: the Vision-Mamba style bidirectional Mamba encoder of arXiv 2405.11831, as released.
+
+Parameter names follow the released checkpoints (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``layers.N.mixer.{in_proj,conv1d,x_proj,dt_proj,A_log,D,conv1d_b,x_proj_b,dt_proj_b,A_b_log,D_b,
+out_proj}``, ``layers.N.norm``, ``norm_f``) so conversion is a prefix change. The defaults
+reproduce the released architecture, quirks included (see docs/architecture.md); the cleaner
+variants are config options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.backend import BACKENDS
+from ..ops.bimamba import BranchWeights, bimamba_inner
+from .layers import (DropPath, PatchEmbed, adapt_patch_pos_embed, apply_patch_mask, fbank_to_image,
+                     grid_shape, unfold_patches)
+from .registry import config_overrides, register_model
+
+
+@dataclass
+class SSAMBAConfig:
+    """Everything needed to rebuild an SSAMBA encoder; stored with every checkpoint."""
+
+    name: str = "ssamba_tiny"
+    embed_dim: int = 192
+    depth: int = 24
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    dt_rank: int | None = None  # None: ceil(embed_dim / 16), as released
+    fshape: int = 16
+    tshape: int = 16
+    fstride: int = 16
+    tstride: int = 16
+    input_fdim: int = 128
+    input_tdim: int = 1024
+    drop_path_rate: float = 0.1
+    norm: str = "layernorm"  # or "rmsnorm"
+    pairing: str = "published"  # layers 2i / 2i+1 run forward / flipped and are summed; or "stack"
+    final_norm: str = "twice"  # the released code applies norm_f twice; "once" is the clean variant
+    residual_in_fp32: bool = False
+    norm_eps: float = 1e-5
+    backend: str = "auto"  # selective-scan implementation: auto, torch, cuda
+
+    def __post_init__(self):
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.embed_dim / 16)
+        choices = {"norm": ("layernorm", "rmsnorm"), "pairing": ("published", "stack"),
+                   "final_norm": ("twice", "once"), "backend": BACKENDS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.pairing == "published" and self.depth % 2:
+            raise ValueError(f"depth={self.depth} must be even with pairing='published' (layers run in pairs)")
+        grid_shape(self.input_fdim, self.input_tdim, self.fshape, self.tshape, self.fstride, self.tstride)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.embed_dim
+
+
+def _branch_params(mixer: "BiMambaMixer", suffix: str) -> BranchWeights:
+    conv = getattr(mixer, "conv1d" + suffix)
+    dt_proj = getattr(mixer, "dt_proj" + suffix)
+    return BranchWeights(conv.weight, conv.bias, getattr(mixer, "x_proj" + suffix).weight, dt_proj.weight,
+                         dt_proj.bias, getattr(mixer, "A_b_log" if suffix else "A_log"),
+                         getattr(mixer, "D" + suffix))
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba mixer: shared in/out projections, separate conv/SSM per direction."""
+
+    def __init__(self, cfg: SSAMBAConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        d_inner, d_state, dt_rank = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.in_proj = nn.Linear(cfg.embed_dim, 2 * d_inner, bias=False)
+        A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+        for suffix in ("", "_b"):
+            self.add_module("conv1d" + suffix, nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner,
+                                                         padding=cfg.d_conv - 1))
+            self.add_module("x_proj" + suffix, nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False))
+            self.add_module("dt_proj" + suffix, nn.Linear(dt_rank, d_inner, bias=True))
+            self.register_parameter("A_b_log" if suffix else "A_log", nn.Parameter(A_log.clone()))
+            self.register_parameter("D" + suffix, nn.Parameter(torch.ones(d_inner)))
+        self.out_proj = nn.Linear(d_inner, cfg.embed_dim, bias=False)
+        self._init_published(layer_idx)
+
+    @torch.no_grad()
+    def _init_published(self, layer_idx: int, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4) -> None:
+        """Released initialisation, including the backward branch's zero dt bias."""
+        cfg = self.cfg
+        std = cfg.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj_b.bias.zero_()  # the released code re-zeroes every Linear bias but dt_proj's
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight /= math.sqrt(cfg.depth)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        xz = F.linear(hidden, self.in_proj.weight).transpose(1, 2)  # [B, 2E, L]
+        y = bimamba_inner(xz, _branch_params(self, ""), _branch_params(self, "_b"), self.cfg.backend)
+        return self.out_proj(y)
+
+
+class MambaBlock(nn.Module):
+    """Add -> norm -> mixer; returns ``(hidden, residual)`` like the released Vim block."""
+
+    def __init__(self, cfg: SSAMBAConfig, layer_idx: int, drop_path: float):
+        super().__init__()
+        self.cfg = cfg
+        norm_cls = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
+        self.norm = norm_cls(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mixer = BiMambaMixer(cfg, layer_idx)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        hidden = self.norm(residual.to(self.norm.weight.dtype))
+        if self.cfg.residual_in_fp32:
+            residual = residual.float()
+        return self.mixer(hidden), residual
+
+
+class SSAMBAEncoder(nn.Module):
+    """Patch embedding + cls token + position embedding + bidirectional Mamba layers + final norm."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, config: SSAMBAConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed_dim = cfg.embed_dim
+        self.grid = grid_shape(cfg.input_fdim, cfg.input_tdim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+        self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, cfg.embed_dim))
+        rates = [0.0] + torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.layers = nn.ModuleList(MambaBlock(cfg, i, rates[i]) for i in range(cfg.depth))
+        norm_cls = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm
+        self.norm_f = norm_cls(cfg.embed_dim, eps=cfg.norm_eps)
+        self.drop_path = DropPath(cfg.drop_path_rate)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        return self.config.fshape, self.config.tshape
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the selective-scan implementation; the weights are the same for all of them."""
+        self.config.backend = backend
+        SSAMBAConfig.__post_init__(self.config)
+
+    def set_grid(self, input_fdim: int | None = None, input_tdim: int | None = None,
+                 fstride: int | None = None, tstride: int | None = None) -> None:
+        """Re-lay the patch grid (e.g. stride 10 for finetuning), adapting the position embedding."""
+        cfg = self.config
+        new = dataclasses.replace(cfg, input_fdim=input_fdim or cfg.input_fdim, input_tdim=input_tdim or cfg.input_tdim,
+                                  fstride=fstride or cfg.fstride, tstride=tstride or cfg.tstride)
+        new_grid = grid_shape(new.input_fdim, new.input_tdim, new.fshape, new.tshape, new.fstride, new.tstride)
+        with torch.no_grad():
+            patch_pos = adapt_patch_pos_embed(self.pos_embed[:, 1:], self.grid, new_grid)
+            self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], patch_pos], dim=1))
+        self.patch_embed.set_stride(new.fstride, new.tstride)
+        for module in self.modules():
+            if hasattr(module, "cfg"):
+                module.cfg = new
+        self.config, self.grid = new, new_grid
+
+    def patchify(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        return unfold_patches(x, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
+                         return_hidden_states: bool = False):
+        """Token features ``[B, 1 + num_patches, D]`` (cls first) after the final norm.
+
+        With ``return_hidden_states`` also returns the residual stream after every layer (every
+        pair of layers with the published pairing).
+        """
+        tokens = apply_patch_mask(self.patch_embed(fbank_to_image(x)), mask, mask_token)
+        if tokens.shape[1] != self.num_patches:
+            raise ValueError(f"input of {x.shape[1]} frames x {x.shape[2]} bins gives {tokens.shape[1]} patches, "
+                             f"but the encoder is laid out for {self.num_patches} ({self.config.input_tdim} frames "
+                             f"x {self.config.input_fdim} bins); call set_grid() or pad/cut the input")
+        hidden = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1) + self.pos_embed
+        residual, states = None, []
+        if self.config.pairing == "published":
+            for fwd, bwd in zip(self.layers[0::2], self.layers[1::2]):
+                h_f, r_f = fwd(hidden, residual)
+                h_b, r_b = bwd(hidden.flip(1), None if residual is None else residual.flip(1))
+                hidden, residual = h_f + h_b.flip(1), r_f + r_b.flip(1)
+                if return_hidden_states:
+                    states.append(residual + hidden)
+        else:
+            for layer in self.layers:
+                hidden, residual = layer(hidden, residual)
+                if return_hidden_states:
+                    states.append(residual + hidden)
+        out = self.norm_f((residual + self.drop_path(hidden)).to(self.norm_f.weight.dtype))
+        if self.config.final_norm == "twice":
+            out = self.norm_f(out)
+        return (out, states) if return_hidden_states else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+
+_SIZES = {"tiny": 192, "small": 384, "base": 768}
+
+
+def _make_factory(size: str, width: int):
+    def factory(**overrides) -> SSAMBAEncoder:
+        return SSAMBAEncoder(config_overrides(SSAMBAConfig, {"name": f"ssamba_{size}", "embed_dim": width}, overrides))
+
+    factory.__name__ = f"ssamba_{size}"
+    factory.__doc__ = f"SSAMBA-{size} (embed_dim {width}, 24 bidirectional Mamba layers)."
+    return factory
+
+
+for _size, _width in _SIZES.items():
+    register_model(f"ssamba_{_size}")(_make_factory(_size, _width))

@@ -1,0 +1,7 @@
+"""Selective-scan kernels: plain PyTorch everywhere, mamba-ssm's CUDA kernels where installed."""
+from .backend import BACKENDS, cuda_kernels, resolve_backend
+from .bimamba import BranchWeights, bimamba_inner
+from .selective_scan import selective_scan_ref, selective_scan_torch
+
+__all__ = ["BACKENDS", "cuda_kernels", "resolve_backend", "BranchWeights", "bimamba_inner",
+           "selective_scan_ref", "selective_scan_torch"]

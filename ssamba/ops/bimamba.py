@@ -1,0 +1,72 @@
+"""The inner part of a bidirectional Mamba mixer ("bimamba v2"), from in_proj output to out_proj input.
+
+Both directions run in one scan call: the backward branch's input is the time-reversed sequence,
+and since the two directions differ only in their per-channel parameters, ``[x, flip(x)]`` is
+stacked along channels (2E channels) with the two branches' B/C as two groups. One depthwise conv
+and one selective scan then serve both directions.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import cuda_kernels, resolve_backend
+from .selective_scan import selective_scan_torch
+
+
+class BranchWeights(NamedTuple):
+    """One direction's parameters, named as in the mixer."""
+
+    conv_weight: Tensor  # [E, 1, k]
+    conv_bias: Tensor  # [E]
+    x_proj_weight: Tensor  # [dt_rank + 2 * d_state, E]
+    dt_proj_weight: Tensor  # [E, dt_rank]
+    dt_proj_bias: Tensor  # [E]
+    A_log: Tensor  # [E, d_state]
+    D: Tensor  # [E]
+
+
+def _causal_conv_silu_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    k = weight.shape[-1]
+    return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
+
+
+def bimamba_inner(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights, backend: str = "auto") -> Tensor:
+    """``(y_f + flip(y_b)) / 2`` for ``xz = in_proj(h)`` laid out ``[batch, 2E, L]``; returns ``[batch, L, E]``."""
+    backend = resolve_backend(backend, xz.is_cuda)
+    x, z = xz.chunk(2, dim=1)
+    batch, channels, length = x.shape
+    d_state = fwd.A_log.shape[1]
+    dt_rank = fwd.dt_proj_weight.shape[1]
+
+    xs = torch.cat([x, x.flip(-1)], dim=1)  # [b, 2E, L]
+    zs = torch.cat([z, z.flip(-1)], dim=1)
+    conv_weight = torch.cat([fwd.conv_weight, bwd.conv_weight])
+    conv_bias = torch.cat([fwd.conv_bias, bwd.conv_bias])
+    if backend == "cuda":
+        selective_scan_fn, causal_conv1d_fn = cuda_kernels()
+        xs = causal_conv1d_fn(xs, conv_weight.squeeze(1), conv_bias, activation="silu")
+    else:
+        xs = _causal_conv_silu_torch(xs, conv_weight, conv_bias)
+
+    # Per-direction projections as one batched matmul over the two branches.
+    x_proj = torch.stack([fwd.x_proj_weight, bwd.x_proj_weight])  # [2, R + 2N, E]
+    x_dbl = torch.einsum("kre,bkel->bkrl", x_proj, xs.view(batch, 2, channels, length))
+    dt, B, C = x_dbl.split([dt_rank, d_state, d_state], dim=2)
+    dt_proj = torch.stack([fwd.dt_proj_weight, bwd.dt_proj_weight])  # [2, E, R]
+    delta = torch.einsum("ker,bkrl->bkel", dt_proj, dt).reshape(batch, 2 * channels, length)
+    A = -torch.exp(torch.cat([fwd.A_log, bwd.A_log]).float())
+    D = torch.cat([fwd.D, bwd.D]).float()
+    delta_bias = torch.cat([fwd.dt_proj_bias, bwd.dt_proj_bias]).float()
+
+    if backend == "cuda":
+        selective_scan_fn, _ = cuda_kernels()
+        y = selective_scan_fn(xs, delta.contiguous(), A, B.contiguous(), C.contiguous(), D, zs,
+                              delta_bias, delta_softplus=True)
+    else:
+        y = selective_scan_torch(xs, delta, A, B, C, D, zs, delta_bias, delta_softplus=True)
+    y_f, y_b = y.chunk(2, dim=1)
+    return ((y_f + y_b.flip(-1)) * 0.5).transpose(1, 2)
