@@ -31,6 +31,7 @@ averages skip them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -97,9 +98,10 @@ def unweighted_average_recall(confmat: Tensor) -> Tensor:
 
 
 def accuracy(confmat: Tensor) -> Tensor:
+    """Fraction of items on the diagonal of a confusion matrix (NaN without items)."""
     confmat = confmat.to(torch.float64)
     total = confmat.sum()
-    return confmat.trace() / total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
+    return confmat.trace() / total if total > 0 else torch.tensor(math.nan, dtype=torch.float64, device=confmat.device)
 
 
 def challenge_cost(true_pos: Tensor | float, false_pos: Tensor | float, false_neg: Tensor | float, true_neg: Tensor | float) -> Tensor:
@@ -140,7 +142,9 @@ def macro_auroc(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     if target.numel() == 0:
         nan = torch.full((num_classes,), math.nan, dtype=torch.float64)
         return nan, nan[0]
-    per_class = multiclass_auroc(probs.float(), target, num_classes, average=None, thresholds=None).to(torch.float64)
+    with warnings.catch_warnings():  # undefined classes are masked below
+        warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+        per_class = multiclass_auroc(probs.float(), target, num_classes, average=None, thresholds=None).to(torch.float64)
     counts = torch.bincount(target, minlength=num_classes)
     defined = (counts > 0) & (counts < target.numel())
     per_class = torch.where(defined.to(per_class.device), per_class, torch.full_like(per_class, math.nan))
@@ -273,8 +277,8 @@ class MacroAUROC(Metric):
         self.target.append(class_indices(target, num_classes, "target"))
 
     def compute(self) -> Tensor:
-        scores = _cat(self.scores, (0, len(self.class_names)), torch.float32)
-        target = _cat(self.target, (0,), torch.long)
+        scores = cat_state(self.scores, (0, len(self.class_names)), torch.float32)
+        target = cat_state(self.target, (0,), torch.long)
         return macro_auroc(scores, target)[1]
 
 
@@ -287,7 +291,7 @@ def as_probabilities(scores: Tensor) -> Tensor:
     return scores if is_prob else scores.softmax(dim=1)
 
 
-def _cat(state: Tensor | list[Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+def cat_state(state: Tensor | list[Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A list state concatenated (torchmetrics already concatenates it after a DDP sync)."""
     if isinstance(state, Tensor):
         return state
