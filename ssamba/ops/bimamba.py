@@ -29,6 +29,11 @@ class BranchWeights(NamedTuple):
     D: Tensor  # [E]
 
 
+def _scan_param(t: Tensor) -> Tensor:
+    """Scan parameters run in fp32 (as mamba-ssm expects), or fp64 when the model is fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _causal_conv_silu_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     k = weight.shape[-1]
     return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
@@ -58,9 +63,9 @@ def bimamba_inner(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights, backend: s
     dt, B, C = x_dbl.split([dt_rank, d_state, d_state], dim=2)
     dt_proj = torch.stack([fwd.dt_proj_weight, bwd.dt_proj_weight])  # [2, E, R]
     delta = torch.einsum("ker,bkrl->bkel", dt_proj, dt).reshape(batch, 2 * channels, length)
-    A = -torch.exp(torch.cat([fwd.A_log, bwd.A_log]).float())
-    D = torch.cat([fwd.D, bwd.D]).float()
-    delta_bias = torch.cat([fwd.dt_proj_bias, bwd.dt_proj_bias]).float()
+    A = -torch.exp(_scan_param(torch.cat([fwd.A_log, bwd.A_log])))
+    D = _scan_param(torch.cat([fwd.D, bwd.D]))
+    delta_bias = _scan_param(torch.cat([fwd.dt_proj_bias, bwd.dt_proj_bias]))
 
     if backend == "cuda":
         selective_scan_fn, _ = cuda_kernels()
