@@ -1,0 +1,186 @@
+"""SSAST: the ViT encoder of the self-supervised audio spectrogram transformer (arXiv 2110.09784).
+
+The released SSAST models are DeiT-distilled ViTs: two prefix tokens (``cls_token``,
+``dist_token``), a learnable position embedding over prefix + patches, pre-norm transformer
+blocks and a final ``norm``. Parameter names follow the released checkpoints (``blocks.N.norm1``,
+``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.norm2``, ``blocks.N.mlp.fc1/fc2``) so
+conversion is a prefix change, exactly as for SSAMBA. The encoder interface is the one of
+docs/architecture.md, so both families run under the same pretraining and finetuning tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import (DropPath, PatchEmbed, adapt_patch_pos_embed, apply_patch_mask, fbank_to_image,
+                     grid_shape, unfold_patches)
+from .registry import config_overrides, register_model
+
+
+@dataclass
+class SSASTConfig:
+    """Everything needed to rebuild an SSAST encoder; stored with every checkpoint."""
+
+    name: str = "ssast_tiny"
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    fshape: int = 16
+    tshape: int = 16
+    fstride: int = 16
+    tstride: int = 16
+    input_fdim: int = 128
+    input_tdim: int = 1024
+    drop_path_rate: float = 0.0  # the released models were trained without stochastic depth
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        grid_shape(self.input_fdim, self.input_tdim, self.fshape, self.tshape, self.fstride, self.tstride)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (bias), via scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, head_dim]
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, cfg: SSASTConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SSASTEncoder(nn.Module):
+    """Patch embedding + cls and distillation tokens + position embedding + ViT blocks + final norm."""
+
+    num_prefix_tokens = 2
+
+    def __init__(self, config: SSASTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed_dim = cfg.embed_dim
+        self.grid = grid_shape(cfg.input_fdim, cfg.input_tdim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+        self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + self.num_prefix_tokens, cfg.embed_dim))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """ViT/DeiT initialisation: truncated normal (std 0.02) tokens and linear weights, zero biases."""
+        for param in (self.pos_embed, self.cls_token, self.dist_token):
+            nn.init.trunc_normal_(param, std=0.02)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        return self.config.fshape, self.config.tshape
+
+    def set_grid(self, input_fdim: int | None = None, input_tdim: int | None = None,
+                 fstride: int | None = None, tstride: int | None = None) -> None:
+        """Re-lay the patch grid (e.g. stride 10 for finetuning), adapting the position embedding."""
+        cfg = self.config
+        new = dataclasses.replace(cfg, input_fdim=input_fdim or cfg.input_fdim, input_tdim=input_tdim or cfg.input_tdim,
+                                  fstride=fstride or cfg.fstride, tstride=tstride or cfg.tstride)
+        new_grid = grid_shape(new.input_fdim, new.input_tdim, new.fshape, new.tshape, new.fstride, new.tstride)
+        prefix = self.num_prefix_tokens
+        with torch.no_grad():
+            patch_pos = adapt_patch_pos_embed(self.pos_embed[:, prefix:], self.grid, new_grid)
+            self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :prefix], patch_pos], dim=1))
+        self.patch_embed.set_stride(new.fstride, new.tstride)
+        self.config, self.grid = new, new_grid
+
+    def patchify(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        return unfold_patches(x, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
+                         return_hidden_states: bool = False):
+        """Token features ``[B, 2 + num_patches, D]`` (cls, dist first) after the final norm.
+
+        With ``return_hidden_states`` also returns every block's output (before the final norm).
+        """
+        tokens = apply_patch_mask(self.patch_embed(fbank_to_image(x)), mask, mask_token)
+        if tokens.shape[1] != self.num_patches:
+            raise ValueError(f"input of {x.shape[1]} frames x {x.shape[2]} bins gives {tokens.shape[1]} patches, "
+                             f"but the encoder is laid out for {self.num_patches} ({self.config.input_tdim} frames "
+                             f"x {self.config.input_fdim} bins); call set_grid() or pad/cut the input")
+        batch = x.shape[0]
+        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(batch, -1, -1).to(tokens.dtype)
+        hidden = torch.cat([prefix, tokens], dim=1) + self.pos_embed
+        states = []
+        for block in self.blocks:
+            hidden = block(hidden)
+            if return_hidden_states:
+                states.append(hidden)
+        out = self.norm(hidden)
+        return (out, states) if return_hidden_states else out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)
+
+
+_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+def _make_factory(size: str, width: int, heads: int):
+    def factory(**overrides) -> SSASTEncoder:
+        defaults = {"name": f"ssast_{size}", "embed_dim": width, "num_heads": heads}
+        return SSASTEncoder(config_overrides(SSASTConfig, defaults, overrides))
+
+    factory.__name__ = f"ssast_{size}"
+    factory.__doc__ = f"SSAST-{size} (embed_dim {width}, {heads} heads, 12 transformer blocks)."
+    return factory
+
+
+for _size, (_width, _heads) in _SIZES.items():
+    register_model(f"ssast_{_size}")(_make_factory(_size, _width, _heads))
