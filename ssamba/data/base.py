@@ -14,7 +14,7 @@ from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssamba.data.audio import SKIP_REASONS, BadAudio, audio_duration, check_files_exist, prepare_waveform, read_audio
 from ssamba.data.features import (
@@ -243,6 +243,10 @@ class AudioDataModule(L.LightningDataModule):
     def reader(self, item: Item) -> tuple[torch.Tensor, int]:
         return read_item(item)
 
+    def train_sampler(self, dataset: ClipDataset) -> Sampler | None:
+        """A custom sampler for training (None: plain shuffling)."""
+        return None
+
     def item_seconds(self, item: Item) -> float:
         """Duration an item covers (for summaries); reads the header when not known."""
         if item.duration is not None:
@@ -280,10 +284,12 @@ class AudioDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.datasets[split] = self.make_dataset(split)
         train = split == "train"
+        sampler = self.train_sampler(self.datasets[split]) if train else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train if shuffle is None else shuffle,
+            shuffle=(train if shuffle is None else shuffle) and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=Collate(self.target_length, self.num_classes, self.features_on_device, self.meta_keys),
             pin_memory=self.pin_memory,

@@ -1,0 +1,299 @@
+"""CirCor DigiScope heart sounds (PhysioNet Challenge 2022 training set layout).
+
+``root/training_data.csv`` lists patients; ``root/training_data/<PID>.txt`` holds, per patient, the
+recording lines (``<LOC> <PID>_<LOC>[_n].hea <...>.wav <...>.tsv``) and ``#Key: value`` fields
+(Murmur, Murmur locations, Outcome, ...). Recordings are ``.wav`` or ``.flac`` (4 kHz, resampled to
+16 kHz by the front end); ``.hea``/``.tsv`` files are not needed and never parsed.
+
+Training items are crops (default 5 s every 2.5 s) carrying their patient's (or recording's)
+label; evaluation items are all non-overlapping segments of each recording, so a metric can
+average logits per recording and aggregate recordings per patient. Class order follows the
+Challenge: murmur Present=0, Unknown=1, Absent=2; outcome Abnormal=0, Normal=1.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ssamba.data.audio import BadAudio, audio_duration
+from ssamba.data.base import AudioDataModule, Item
+
+log = logging.getLogger(__name__)
+
+MURMUR_CLASSES = ["Present", "Unknown", "Absent"]
+OUTCOME_CLASSES = ["Abnormal", "Normal"]
+TASKS = {"murmur": MURMUR_CLASSES, "outcome": OUTCOME_CLASSES}
+NO_OUTCOME = -1
+
+
+@dataclass
+class Recording:
+    id: str  # file stem, e.g. 49748_AV_1
+    location: str
+    path: str
+
+
+@dataclass
+class Patient:
+    id: str
+    murmur: str
+    outcome: str | None
+    murmur_locations: set[str]
+    recordings: list[Recording] = field(default_factory=list)
+
+
+def _audio_path(folder: str, stem: str) -> str:
+    """The recording's file whatever its container: listed as .wav, often shipped as .flac."""
+    for ext in (".wav", ".flac"):
+        if os.path.exists(os.path.join(folder, stem + ext)):
+            return os.path.join(folder, stem + ext)
+    return os.path.join(folder, stem + ".wav")  # reported as missing by the setup check
+
+
+def read_patient_file(path: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``<PID>.txt`` -> ([(location, recording stem)], {key: value}) from its ``#Key: value`` lines."""
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty patient file")
+    try:
+        count = int(lines[0].split()[1])
+    except (IndexError, ValueError) as error:
+        raise ValueError(f"{path}: first line must be '<patient> <number of recordings> <rate>'") from error
+    recordings = []
+    for line in lines[1 : 1 + count]:
+        parts = line.split()
+        wav = next((p for p in parts[1:] if p.endswith((".wav", ".flac"))), None)
+        if wav is None:
+            raise ValueError(f"{path}: recording line without an audio file: {line!r}")
+        recordings.append((parts[0], os.path.splitext(wav)[0]))
+    fields = {}
+    for line in lines[1 + count :]:
+        if line.startswith("#") and ":" in line:
+            key, value = line[1:].split(":", 1)
+            fields[key.strip()] = value.strip()
+    return recordings, fields
+
+
+def _clean(value: str | None) -> str | None:
+    return None if value is None or value.strip().lower() in ("", "nan", "none") else value.strip()
+
+
+def read_patients(root: str) -> list[Patient]:
+    """All patients of a CirCor-layout folder, in ``training_data.csv`` order."""
+    table = os.path.join(root, "training_data.csv")
+    folder = os.path.join(root, "training_data")
+    if not os.path.isfile(table) or not os.path.isdir(folder):
+        raise FileNotFoundError(f"data.root={root!r} must hold training_data.csv and training_data/")
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    patients = []
+    for row in rows:
+        pid = row["Patient ID"].strip()
+        txt = os.path.join(folder, f"{pid}.txt")
+        if os.path.isfile(txt):
+            listed, fields = read_patient_file(txt)
+        else:  # fall back to the csv row and the files on disk
+            locations = row.get("Recording locations:", "").split("+")
+            listed, fields = _recordings_on_disk(folder, pid, locations), row
+        murmur = _clean(fields.get("Murmur")) or _clean(row.get("Murmur"))
+        if murmur not in MURMUR_CLASSES:
+            raise ValueError(f"patient {pid}: Murmur must be one of {MURMUR_CLASSES}, got {murmur!r}")
+        outcome = _clean(fields.get("Outcome")) or _clean(row.get("Outcome"))
+        if outcome is not None and outcome not in OUTCOME_CLASSES:
+            raise ValueError(f"patient {pid}: Outcome must be one of {OUTCOME_CLASSES}, got {outcome!r}")
+        where = _clean(fields.get("Murmur locations")) or _clean(row.get("Murmur locations")) or ""
+        recordings = [Recording(stem, loc, _audio_path(folder, stem)) for loc, stem in listed]
+        patients.append(Patient(pid, murmur, outcome, set(filter(None, where.split("+"))), recordings))
+    return patients
+
+
+def _recordings_on_disk(folder: str, pid: str, locations: list[str]) -> list[tuple[str, str]]:
+    stems = sorted(
+        os.path.splitext(name)[0]
+        for name in os.listdir(folder)
+        if name.startswith(f"{pid}_") and name.endswith((".wav", ".flac"))
+    )
+    return [(stem.split("_")[1], stem) for stem in stems] if stems else [(loc, f"{pid}_{loc}") for loc in locations]
+
+
+def stratified_split(patients: list[Patient], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Patient id -> split, stratified on (murmur, outcome) and reproducible from ``seed``.
+
+    Patients are ordered by stratum (shuffled within), then every split takes an evenly spaced
+    selection of that order: each stratum is represented in proportion and totals are exact.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    strata: dict[str, list[str]] = {}
+    for patient in patients:
+        strata.setdefault(f"{patient.murmur}/{patient.outcome}", []).append(patient.id)
+    order = []
+    for key in sorted(strata):
+        ids = strata[key]
+        order += [ids[i] for i in torch.randperm(len(ids), generator=generator).tolist()]
+    total, assignment = len(order), {}
+    for split in ("test", "val"):
+        count = min(int(round(fractions.get(split, 0.0) * total)), len(order))
+        chosen = {k for k in range(len(order)) if (k + 1) * count // len(order) > k * count // len(order)}
+        assignment.update({order[k]: split for k in chosen})
+        order = [pid for k, pid in enumerate(order) if k not in chosen]
+    assignment.update({pid: "train" for pid in order})
+    return assignment
+
+
+def read_split_file(path: str) -> dict[str, str]:
+    """A csv with columns ``patient_id,split`` (split in train/val/test)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"patient_id", "split"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected columns patient_id,split")
+    bad = {row["split"] for row in rows} - {"train", "val", "test"}
+    if bad:
+        raise ValueError(f"{path}: unknown split name(s) {sorted(bad)}; allowed: train, val, test")
+    return {row["patient_id"].strip(): row["split"].strip() for row in rows}
+
+
+def windows(duration: float, length: float, hop: float, min_last: float) -> list[tuple[float, float]]:
+    """(start, seconds) windows of ``length`` every ``hop`` s over a recording of ``duration`` s.
+
+    The part after the last full window becomes one more window when it lasts >= ``min_last`` s;
+    a recording shorter than ``length`` gives one window (zero-padded by the front end).
+    """
+    if duration <= length:
+        return [(0.0, duration)]
+    out = []
+    count = math.floor((duration - length) / hop + 1e-6) + 1
+    out = [(round(k * hop, 6), length) for k in range(count)]
+    end = out[-1][0] + length
+    if duration - end >= min_last:
+        out.append((end, round(duration - end, 6)))
+    return out
+
+
+class CirCorDataModule(AudioDataModule):
+    """``data=circor``: murmur (or outcome) classification on CirCor DigiScope recordings."""
+
+    multilabel = False
+    meta_keys = ("patient", "recording", "outcome")
+
+    def __init__(
+        self,
+        root: str,
+        task: str = "murmur",
+        label_level: str = "patient",
+        split_file: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.25,
+        split_seed: int = 0,
+        crop_seconds: float = 5.0,
+        crop_hop_seconds: float = 2.5,
+        segment_seconds: float = 5.0,
+        min_segment_seconds: float = 2.5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if task not in TASKS:
+            raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {task!r}")
+        if label_level not in ("patient", "recording"):
+            raise ValueError(f"data.label_level must be 'patient' or 'recording', got {label_level!r}")
+        if split_file is not None and not os.path.isfile(split_file):
+            raise FileNotFoundError(f"data.split_file: no such file: {split_file}")
+        self.root = os.path.expanduser(root)
+        self.task = task
+        self.label_level = label_level
+        self.label_names = list(TASKS[task])
+        self.split_file = split_file
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.split_seed = split_seed
+        self.crop = (crop_seconds, crop_hop_seconds)
+        self.segment = (segment_seconds, min_segment_seconds)
+        self._patients: list[Patient] | None = None
+        self._assignment: dict[str, str] | None = None
+        self.setup_skipped: dict[str, Counter] = {}
+
+    @property
+    def patients(self) -> list[Patient]:
+        if self._patients is None:
+            self._patients = read_patients(self.root)
+        return self._patients
+
+    @property
+    def assignment(self) -> dict[str, str]:
+        if self._assignment is None:
+            if self.split_file:
+                assignment = read_split_file(self.split_file)
+                unknown = [p.id for p in self.patients if p.id not in assignment]
+                if unknown:
+                    raise ValueError(f"{self.split_file}: no split for patient(s) {unknown[:5]}")
+                self._assignment = assignment
+            else:
+                self._assignment = stratified_split(self.patients, self.fractions, self.split_seed)
+        return self._assignment
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        present = set(self.assignment[p.id] for p in self.patients)
+        return tuple(s for s in ("train", "val", "test") if s in present)
+
+    def split_patients(self, split: str) -> list[Patient]:
+        return [p for p in self.patients if self.assignment[p.id] == split]
+
+    def patient_targets(self, split: str) -> dict[str, dict[str, int]]:
+        """Patient id -> {"murmur": index, "outcome": index or -1}, for patient-level scoring."""
+        return {
+            p.id: {"murmur": MURMUR_CLASSES.index(p.murmur), "outcome": self._outcome_index(p)}
+            for p in self.split_patients(split)
+        }
+
+    @staticmethod
+    def _outcome_index(patient: Patient) -> int:
+        return OUTCOME_CLASSES.index(patient.outcome) if patient.outcome else NO_OUTCOME
+
+    def recording_label(self, patient: Patient, recording: Recording) -> int:
+        if self.task == "outcome":
+            if patient.outcome is None:
+                raise ValueError(f"patient {patient.id} has no Outcome, needed by data.task=outcome")
+            return OUTCOME_CLASSES.index(patient.outcome)
+        if self.label_level == "recording" and patient.murmur == "Present":
+            audible = recording.location in patient.murmur_locations
+            return MURMUR_CLASSES.index("Present" if audible else "Absent")
+        return MURMUR_CLASSES.index(patient.murmur)
+
+    def build_items(self, split: str) -> list[Item]:
+        if split == "train":
+            length, hop, min_last = *self.crop, math.inf
+        else:
+            length, min_last = self.segment
+            hop = length
+        skipped = self.setup_skipped.setdefault(split, Counter())
+        skipped.clear()
+        items = []
+        for patient in self.split_patients(split):
+            for recording in patient.recordings:
+                if not os.path.exists(recording.path):  # left to the setup check: one clear error
+                    items.append(Item(recording.id, recording.path))
+                    continue
+                try:
+                    duration = audio_duration(recording.path)
+                except BadAudio as error:
+                    if self.on_error == "raise":
+                        raise
+                    skipped[error.reason] += 1
+                    log.warning("skipping %s", error)
+                    continue
+                label = self.recording_label(patient, recording)
+                meta = {
+                    "patient": patient.id,
+                    "recording": recording.id,
+                    "outcome": torch.tensor(self._outcome_index(patient)),
+                }
+                for start, seconds in windows(duration, length, hop, min_last):
+                    items.append(Item(f"{recording.id}@{start:g}", recording.path, (label,), start, seconds, meta))
+        return items

@@ -1,0 +1,94 @@
+"""AST-style manifests (AudioSet, ESC-50, Speech Commands, ...).
+
+A manifest is ``{"data": [{"wav": path, "labels": "mid1,mid2"}, ...]}`` and the label set is a
+``class_labels_indices.csv`` with columns ``index,mid,display_name``. Paths in a manifest may be
+absolute or relative to ``root`` (or, with no ``root``, to the manifest's own folder), so moving a
+dataset only means changing ``data.root``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from ssamba.data.base import UNLABELED, AudioDataModule, Item
+
+
+def read_label_csv(path: str) -> tuple[list[str], dict[str, int]]:
+    """``class_labels_indices.csv`` -> (display names in index order, mid -> index)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected columns index,mid,display_name")
+    rows.sort(key=lambda row: int(row["index"]))
+    if [int(row["index"]) for row in rows] != list(range(len(rows))):
+        raise ValueError(f"{path}: indices must be 0..{len(rows) - 1} without gaps")
+    return [row["display_name"] for row in rows], {row["mid"]: int(row["index"]) for row in rows}
+
+
+def resolve(path: str, root: str) -> str:
+    return os.path.normpath(os.path.join(root, os.path.expanduser(path)))
+
+
+def read_manifest(path: str, root: str | None, label_index: dict[str, int] | None) -> list[Item]:
+    """Items of an AST manifest; unknown label ids are one clear error naming the manifest."""
+    with open(path) as f:
+        try:
+            entries = json.load(f)["data"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not an AST manifest ({{'data': [{{'wav': ..., 'labels': ...}}]}})") from error
+    base = root if root is not None else os.path.dirname(os.path.abspath(path))
+    items, unknown = [], set()
+    for number, entry in enumerate(entries):
+        if "wav" not in entry:
+            raise ValueError(f"{path}: entry {number} has no 'wav' key")
+        labels: tuple[int, ...] = ()
+        if label_index is not None:
+            mids = [m.strip() for m in str(entry.get("labels", "")).split(",") if m.strip()]
+            unknown.update(m for m in mids if m not in label_index)
+            labels = tuple(sorted({label_index[m] for m in mids if m in label_index}))
+        items.append(Item(entry["wav"], resolve(entry["wav"], base), labels))
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} label id(s) not in the label csv, e.g. {sorted(unknown)[:5]}")
+    return items
+
+
+class ManifestDataModule(AudioDataModule):
+    """``data=audioset`` (or any AST manifest): multi-hot labels from the label csv.
+
+    With ``label_csv: null`` the data is unlabeled (one class, zero targets) for pretraining.
+    """
+
+    def __init__(
+        self,
+        train_manifest: str | None = None,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        label_csv: str | None = None,
+        root: str | None = None,
+        multilabel: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
+        if not any(self.manifests.values()):
+            raise ValueError("data: set at least one of train_manifest, val_manifest, test_manifest")
+        for split, manifest in self.manifests.items():
+            if manifest is not None and not os.path.isfile(manifest):
+                raise FileNotFoundError(f"data.{split}_manifest: no such file: {manifest}")
+        self.root = root
+        if label_csv is None:
+            self.label_names, self.label_index, self.multilabel = UNLABELED, None, False
+        else:
+            if not os.path.isfile(label_csv):
+                raise FileNotFoundError(f"data.label_csv: no such file: {label_csv}")
+            self.label_names, self.label_index = read_label_csv(label_csv)
+            self.multilabel = multilabel
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(split for split, manifest in self.manifests.items() if manifest)
+
+    def build_items(self, split: str) -> list[Item]:
+        return read_manifest(self.manifests[split], self.root, self.label_index)
