@@ -1,0 +1,64 @@
+"""What a data config would load, without training: items, hours, labels, skipped files."""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from ssamba.data.audio import SKIP_REASONS, BadAudio, audio_duration
+from ssamba.data.base import AudioDataModule, Item
+
+
+def _file_seconds(path: str) -> float | str:
+    try:
+        return audio_duration(path)
+    except BadAudio as error:
+        return error.reason
+
+
+def split_summary(datamodule: AudioDataModule, split: str, threads: int = 16) -> dict:
+    """Counts for one split. ``hours`` is the audio the split draws from: every file once (crops
+    of one recording count its duration once); generated items count their own length."""
+    items: list[Item] = datamodule.build_items(split)
+    paths = sorted({item.path for item in items if item.path is not None})
+    with ThreadPoolExecutor(threads) as pool:
+        seconds = dict(zip(paths, pool.map(_file_seconds, paths)))
+    skipped = Counter(getattr(datamodule, "setup_skipped", {}).get(split, {}))
+    skipped.update(s for s in seconds.values() if isinstance(s, str))
+    usable = [i for i in items if i.path is None or not isinstance(seconds[i.path], str)]
+    total = sum(s for s in seconds.values() if not isinstance(s, str))
+    total += sum(i.duration or 0.0 for i in usable if i.path is None)
+    labels = Counter(datamodule.label_names[k] for item in usable for k in item.labels)
+    out = {
+        "items": len(usable),
+        "hours": total / 3600,
+        "labels": dict(sorted(labels.items())),
+        "skipped": {r: skipped[r] for r in SKIP_REASONS if skipped[r]},
+    }
+    if hasattr(datamodule, "split_patients"):
+        patients = datamodule.split_patients(split)
+        out["patients"] = len(patients)
+        out["recordings"] = len({i.meta["recording"] for i in usable})
+        out["patient_labels"] = dict(Counter(p.murmur for p in patients))
+    return out
+
+
+def summarize(datamodule: AudioDataModule) -> dict:
+    splits = {split: split_summary(datamodule, split) for split in datamodule.splits}
+    total: dict = {"items": 0, "hours": 0.0, "labels": Counter(), "skipped": Counter()}
+    for part in splits.values():
+        total["items"] += part["items"]
+        total["hours"] += part["hours"]
+        total["labels"].update(part["labels"])
+        total["skipped"].update(part["skipped"])
+        for key in ("patients", "recordings"):
+            if key in part:
+                total[key] = total.get(key, 0) + part[key]
+        if "patient_labels" in part:
+            total.setdefault("patient_labels", Counter()).update(part["patient_labels"])
+    for key in ("labels", "skipped", "patient_labels"):
+        if key in total:
+            total[key] = dict(sorted(total[key].items()))
+    for part in (*splits.values(), total):
+        part["hours"] = round(part["hours"], 4)
+    return {"splits": splits, "total": total}
