@@ -1,0 +1,150 @@
+"""Released-checkpoint conversion, both directions, on state dicts laid out like the released files."""
+import dataclasses
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from ssamba.convert import (ConversionError, load_encoder_state, main, ours_to_released, released_to_ours,
+                            to_lightning_checkpoint)
+from ssamba.models import build_encoder, encoder_from_config
+
+# Released widths (the converter names the size from it), shallow and short so tests stay fast.
+SMALL = {"ssamba": dict(depth=2, d_state=4, input_tdim=48), "ssast": dict(depth=2, input_tdim=48)}
+
+
+def make_encoder(family):
+    torch.manual_seed(0)
+    return build_encoder(f"{family}_tiny", **SMALL[family]).eval()
+
+
+def pred_head(width, out):
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out))
+
+
+def released_layout(encoder, family):
+    """A state dict as the released training scripts save it (DataParallel, backbone under v.)."""
+    width, cfg = encoder.embed_dim, encoder.config
+    state = {f"v.{k}": v.clone() for k, v in encoder.state_dict().items()}
+    state["v.head.weight"], state["v.head.bias"] = torch.randn(1000, width), torch.randn(1000)
+    if family == "ssast":
+        state["v.head_dist.weight"], state["v.head_dist.bias"] = torch.randn(1000, width), torch.randn(1000)
+    state["mask_embed"] = torch.randn(1, 1, width)
+    for name in ("cpredlayer", "gpredlayer"):
+        state.update({f"{name}.{k}": v for k, v in pred_head(width, cfg.fshape * cfg.tshape).state_dict().items()})
+    state["p_input_fdim"] = nn.Parameter(torch.tensor(cfg.input_fdim), requires_grad=False).data
+    state["p_input_tdim"] = nn.Parameter(torch.tensor(cfg.input_tdim), requires_grad=False).data
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def head_keys(family):
+    return {"module.v.head.weight", "module.v.head.bias"} | (
+        {"module.v.head_dist.weight", "module.v.head_dist.bias"} if family == "ssast" else set())
+
+
+@pytest.mark.parametrize("family", ["ssamba", "ssast"])
+def test_released_file_converts_and_reproduces_outputs(family, tmp_path, capsys):
+    encoder = make_encoder(family)
+    released = released_layout(encoder, family)
+    torch.save(released, tmp_path / "released.pth")
+
+    assert main([str(tmp_path / "released.pth"), str(tmp_path / "ours.ckpt"), "--from", family]) == 0
+    reported = capsys.readouterr().err
+    assert all(key in reported for key in head_keys(family))
+
+    x = torch.randn(2, 48, 128)
+    expected = encoder(x)
+    for path in ("ours.ckpt", "released.pth"):  # finetuning and ssamba.load accept either file
+        config, state, extras = load_encoder_state(tmp_path / path)
+        rebuilt = encoder_from_config(config).eval()
+        rebuilt.load_state_dict(state)
+        torch.testing.assert_close(rebuilt(x), expected, rtol=0, atol=0)
+        assert config == dataclasses.asdict(encoder.config)
+        assert extras["target_length"] == 48 and extras["norm_std"] == pytest.approx(4.5689974)
+        assert set(extras["task_state"]) == {"mask_embed"} | {f"{h}.{i}.{p}" for h in ("cpred", "gpred")
+                                                              for i in (0, 2) for p in ("weight", "bias")}
+        torch.testing.assert_close(extras["task_state"]["cpred.2.bias"], released["module.cpredlayer.2.bias"])
+    assert set(extras["unused_keys"]) == head_keys(family)
+
+
+@pytest.mark.parametrize("family", ["ssamba", "ssast"])
+def test_our_checkpoint_round_trips_through_the_released_layout(family, tmp_path):
+    encoder = make_encoder(family)
+    width = encoder.embed_dim
+    task_state = {"mask_embed": torch.randn(1, 1, width), "head.weight": torch.randn(3, width)}
+    for name in ("cpred", "gpred"):
+        task_state.update({f"{name}.{k}": v for k, v in pred_head(width, 256).state_dict().items()})
+    ours = {"state_dict": {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **task_state},
+            "ssamba": {"encoder": dataclasses.asdict(encoder.config), "norm_mean": -1.0, "norm_std": 2.0,
+                       "target_length": 48, "task": "pretrain", "label_names": []}}
+
+    released, unused = ours_to_released(ours)
+    assert unused == ["head.weight"]
+    assert "module.cpredlayer.0.weight" in released and released["module.p_input_tdim"].item() == 48
+    back = released_to_ours(released, family, norm_mean=-1.0, norm_std=2.0)
+    assert back.unused_keys == []
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(back.encoder_state[key], value), key
+    for key in task_state.keys() - {"head.weight"}:
+        assert torch.equal(back.task_state[key], task_state[key]), key
+
+    ckpt = to_lightning_checkpoint(back)
+    torch.save(ckpt, tmp_path / "back.ckpt")
+    config, state, extras = load_encoder_state(tmp_path / "back.ckpt")
+    rebuilt = encoder_from_config(config).eval()
+    rebuilt.load_state_dict(state)
+    x = torch.randn(1, 48, 128)
+    torch.testing.assert_close(rebuilt(x), encoder(x), rtol=0, atol=0)
+    assert (extras["norm_mean"], extras["norm_std"]) == (-1.0, 2.0)
+
+
+def test_shape_mismatch_names_the_key():
+    released = released_layout(make_encoder("ssamba"), "ssamba")
+    released["module.v.layers.1.mixer.x_proj.weight"] = torch.randn(5, 7)
+    with pytest.raises(ConversionError, match=r"module\.v\.layers\.1\.mixer\.x_proj\.weight has shape \(5, 7\)"):
+        released_to_ours(released, "ssamba")
+    released = released_layout(make_encoder("ssast"), "ssast")
+    released["module.gpredlayer.2.weight"] = torch.randn(100, 192)
+    with pytest.raises(ConversionError, match=r"gpred\.2\.weight has shape \(100, 192\)"):
+        released_to_ours(released, "ssast")
+
+
+def test_missing_key_and_wrong_family_are_errors():
+    released = released_layout(make_encoder("ssast"), "ssast")
+    with pytest.raises(ConversionError, match="--from ssamba given, but its keys are those of a released ssast"):
+        released_to_ours(released, "ssamba")
+    del released["module.v.blocks.1.attn.proj.bias"]
+    with pytest.raises(ConversionError, match=r"missing key module\.v\.blocks\.1\.attn\.proj\.bias"):
+        released_to_ours(released, "ssast")
+
+
+def test_grid_is_inferred_from_the_position_embedding_when_not_stored():
+    released = released_layout(make_encoder("ssast"), "ssast")
+    del released["module.p_input_fdim"], released["module.p_input_tdim"]
+    assert released_to_ours(released).encoder_config["input_tdim"] == 48
+    with pytest.raises(ConversionError, match=r"v\.pos_embed holds 24 patch positions"):
+        released_to_ours(released, fstride=5)  # 23 frequency patches do not divide 24 positions
+
+
+def test_export_refuses_a_grid_the_released_layout_cannot_describe():
+    encoder = make_encoder("ssast")
+    encoder.set_grid(fstride=10, tstride=10)
+    ours = {"state_dict": {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+            "ssamba": {"encoder": dataclasses.asdict(encoder.config)}}
+    with pytest.raises(ConversionError, match="must equal its patch shape"):
+        ours_to_released(ours)
+
+
+class _NotATensor:
+    pass
+
+
+def test_files_with_pickled_code_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"module.v.cls_token": _NotATensor()}, f, protocol=2)
+    with pytest.raises(ConversionError, match="evil.pth.*weights-only"):
+        load_encoder_state(path)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_encoder_state(tmp_path / "nope.pth")
