@@ -240,6 +240,10 @@ class AudioDataModule(L.LightningDataModule):
     def build_items(self, split: str) -> list[Item]:
         raise NotImplementedError
 
+    def split_source(self, split: str) -> str:
+        """Where a split's items come from, for error messages."""
+        return f"the {split} split"
+
     def reader(self, item: Item) -> tuple[torch.Tensor, int]:
         return read_item(item)
 
@@ -263,7 +267,7 @@ class AudioDataModule(L.LightningDataModule):
 
     def make_dataset(self, split: str) -> ClipDataset:
         items = self.build_items(split)
-        check_files_exist(sorted({i.path for i in items if i.path is not None}), f"the {split} split")
+        check_files_exist(sorted({i.path for i in items if i.path is not None}), self.split_source(split))
         train = split == "train"
         return ClipDataset(
             items,

@@ -90,5 +90,8 @@ class ManifestDataModule(AudioDataModule):
     def splits(self) -> tuple[str, ...]:
         return tuple(split for split, manifest in self.manifests.items() if manifest)
 
+    def split_source(self, split: str) -> str:
+        return f"data.{split}_manifest={self.manifests[split]}"
+
     def build_items(self, split: str) -> list[Item]:
         return read_manifest(self.manifests[split], self.root, self.label_index)

@@ -1,0 +1,345 @@
+"""Datamodules on small fixtures: generated AST manifests, LibriSpeech and earbud trees, the real
+CirCor mini set; bad-input handling; the summary command."""
+
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from ssamba.data import (
+    CirCorDataModule,
+    EarbudDataModule,
+    LibriSpeechDataModule,
+    ManifestDataModule,
+    MixtureDataModule,
+    SkippedAudioReport,
+)
+from ssamba.data.__main__ import main as summary_main
+from ssamba.data.circor import stratified_split, windows
+
+CIRCOR_MINI = Path(__file__).parent / "data" / "circor-mini"
+FAST = dict(batch_size=4, target_length=64, num_workers=0, pin_memory=False)
+LABEL_CSV = "index,mid,display_name\n0,/m/a,Alpha\n1,/m/b,Beta\n2,/m/c,Gamma\n"
+
+
+def write_wav(path, seconds=0.7, rate=16000, channels=1, subtype="PCM_16", seed=0):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).uniform(-0.5, 0.5, (int(seconds * rate), channels))
+    sf.write(path, data, rate, subtype=subtype, format="FLAC" if path.suffix == ".flac" else "WAV")
+    return path
+
+
+@pytest.fixture
+def audioset(tmp_path):
+    """A manifest with relative, absolute and nested paths, plus a label csv."""
+    root = tmp_path / "as"
+    for name in ("a.wav", "sub/b.wav", "c.wav"):
+        write_wav(root / name)
+    (root / "class_labels_indices.csv").write_text(LABEL_CSV)
+    entries = [
+        {"wav": "a.wav", "labels": "/m/a,/m/c"},
+        {"wav": "sub/b.wav", "labels": "/m/b"},
+        {"wav": str(root / "c.wav"), "labels": "/m/c"},
+    ]
+    (root / "train.json").write_text(json.dumps({"data": entries}))
+    (root / "eval.json").write_text(json.dumps({"data": entries[:1]}))
+    return root
+
+
+def manifest_module(root, **kwargs):
+    args = dict(train_manifest=str(root / "train.json"), val_manifest=str(root / "eval.json"),
+                label_csv=str(root / "class_labels_indices.csv"), root=str(root), **FAST)
+    args.update(kwargs)
+    return ManifestDataModule(**args)
+
+
+def test_manifest_multi_hot_labels_and_relative_paths(audioset, tmp_path):
+    dm = manifest_module(audioset)
+    dm.setup("fit")
+    batch = next(iter(dm.dataloader("train", shuffle=False)))
+    assert dm.label_names == ["Alpha", "Beta", "Gamma"] and dm.multilabel and dm.num_classes == 3
+    assert batch["fbank"].shape == (3, 64, 128)
+    assert batch["target"].tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
+    assert batch["id"][:2] == ["a.wav", "sub/b.wav"]
+    moved = tmp_path / "moved"  # moving the data only needs a new root
+    shutil.move(str(audioset), moved)
+    dm = manifest_module(moved, train_manifest=str(moved / "eval.json"))  # relative entries only
+    dm.setup("fit")
+    assert dm.datasets["train"].items[0].path == str(moved / "a.wav")
+
+
+def test_manifest_errors_name_the_problem(audioset):
+    (audioset / "bad.json").write_text(json.dumps({"data": [{"wav": "a.wav", "labels": "/m/zzz"}]}))
+    with pytest.raises(ValueError, match="/m/zzz"):
+        manifest_module(audioset, train_manifest=str(audioset / "bad.json")).setup("fit")
+    entries = [{"wav": f"gone{i}.wav", "labels": "/m/a"} for i in range(8)]
+    (audioset / "missing.json").write_text(json.dumps({"data": entries}))
+    with pytest.raises(FileNotFoundError, match=r"(?s)8 file\(s\) listed in .*missing.json.*gone0.wav.*and 3 more"):
+        manifest_module(audioset, train_manifest=str(audioset / "missing.json")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="data.val_manifest"):
+        manifest_module(audioset, val_manifest=str(audioset / "nope.json"))
+
+
+def test_unlabeled_manifest_gives_one_zero_class(audioset):
+    dm = manifest_module(audioset, label_csv=None)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.num_classes == 1 and not dm.multilabel
+    assert batch["target"].shape == (3, 1) and (batch["target"] == 0).all()
+
+
+def test_bad_audio_is_decoded_when_possible_else_skipped_and_counted(tmp_path):
+    root = tmp_path / "bad"
+    write_wav(root / "good.wav")
+    write_wav(root / "stereo_48k_24bit.wav", rate=48000, channels=2, subtype="PCM_24")
+    write_wav(root / "low_rate_8bit.wav", rate=4000, subtype="PCM_U8")
+    write_wav(root / "flac_named.wav", seed=1)  # written as WAV then renamed below
+    shutil.move(str(write_wav(root / "real.flac")), root / "flac_as_wav.wav")
+    write_wav(root / "tiny.wav", seconds=0.01)
+    sf.write(root / "empty.wav", np.zeros((0, 1)), 16000)
+    (root / "text.wav").write_text("not audio at all")
+    nan = np.zeros((8000, 1))
+    nan[100] = np.nan
+    sf.write(root / "nan.wav", nan, 16000, subtype="FLOAT")
+    names = ["good", "stereo_48k_24bit", "low_rate_8bit", "flac_named", "flac_as_wav", "tiny", "empty", "text", "nan"]
+    (root / "m.json").write_text(json.dumps({"data": [{"wav": f"{n}.wav", "labels": ""} for n in names]}))
+    dm = ManifestDataModule(train_manifest=str(root / "m.json"), val_manifest=str(root / "m.json"),
+                            root=str(root), **{**FAST, "batch_size": 9})
+    dm.setup("fit")
+    val = dm.on_before_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert val["id"] == [f"{n}.wav" for n in names[:5]]  # evaluation drops the unusable ones
+    assert torch.isfinite(val["fbank"]).all()
+    assert dm.pop_skip_report("other") == {"missing": 0, "unreadable": 1, "empty": 1, "too_short": 1, "non_finite": 1}
+    train = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert len(train["id"]) == 9 and set(train["id"]) <= {f"{n}.wav" for n in names[:5]}  # replaced
+    assert sum(dm.pop_skip_report("other").values()) >= 4
+    strict = ManifestDataModule(train_manifest=str(root / "m.json"), root=str(root), on_error="raise", **FAST)
+    strict.setup("fit")
+    for index in range(5):
+        strict.datasets["train"][index]
+    with pytest.raises(Exception, match=r"too_short: .*tiny\.wav"):
+        strict.datasets["train"][5]
+
+
+def test_all_bad_eval_batch_is_empty_not_a_crash(tmp_path):
+    (tmp_path / "x.wav").write_text("junk")
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": "x.wav"}]}))
+    dm = ManifestDataModule(val_manifest=str(tmp_path / "m.json"), root=str(tmp_path), **FAST)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["fbank"].shape == (0, 64, 128) and batch["id"] == []
+
+
+class _Probe(L.LightningModule):
+    """Smallest module that consumes data batches, to exercise the hooks inside a Trainer."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, _):
+        return (batch["fbank"].mean() * self.weight).sum() + self.weight.sum()
+
+    def validation_step(self, batch, _):
+        assert "skipped" not in batch
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_skip_counts_reported_at_epoch_end_in_a_trainer(audioset, caplog):
+    (audioset / "broken.wav").write_text("junk")
+    (audioset / "t.json").write_text(json.dumps({"data": [{"wav": "a.wav"}, {"wav": "broken.wav"}]}))
+    dm = ManifestDataModule(train_manifest=str(audioset / "t.json"), val_manifest=str(audioset / "t.json"),
+                            root=str(audioset), features_on_device=True, **FAST)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with caplog.at_level(logging.WARNING, logger="ssamba.data.base"):
+        trainer.fit(_Probe(), datamodule=dm)
+    assert any(isinstance(c, SkippedAudioReport) for c in trainer.callbacks)
+    assert trainer.callback_metrics["data/skipped_unreadable_val"] == 1
+    assert trainer.callback_metrics["data/skipped_unreadable_train"] >= 1
+    assert "broken.wav" in caplog.text
+
+
+def test_librispeech_tree(tmp_path):
+    for subset, n in (("train-clean-100", 3), ("dev-clean", 2)):
+        for i in range(n):
+            write_wav(tmp_path / "LibriSpeech" / subset / "19" / "198" / f"19-198-{i:04d}.flac", seconds=0.5)
+    dm = LibriSpeechDataModule(str(tmp_path), train_subsets=["train-clean-100"], val_subsets=["dev-clean"],
+                               test_subsets=[], **FAST)
+    assert dm.splits == ("train", "val")
+    dm.setup("fit")
+    batch = next(iter(dm.dataloader("train", shuffle=False)))
+    assert batch["id"] == ["19-198-0000", "19-198-0001", "19-198-0002"]
+    assert batch["target"].shape == (3, 1) and dm.num_classes == 1
+    with pytest.raises(FileNotFoundError, match="train-other-500"):
+        LibriSpeechDataModule(str(tmp_path), train_subsets=["train-other-500"], **FAST).setup("fit")
+
+
+def test_mixture_weights_draw_sources_in_proportion(audioset, tmp_path):
+    for i in range(2):
+        write_wav(tmp_path / "LibriSpeech" / "train-clean-100" / "1" / "2" / f"1-2-{i}.flac", seconds=0.3)
+    sources = {
+        "audioset": manifest_module(audioset, label_csv=None),
+        "librispeech": LibriSpeechDataModule(str(tmp_path), train_subsets=["train-clean-100"], val_subsets=[],
+                                             test_subsets=[]),
+    }
+    dm = MixtureDataModule(sources, weights={"audioset": 1.0, "librispeech": 3.0}, samples_per_epoch=400, **FAST)
+    dm.setup("fit")
+    assert dm.splits == ("train", "val") and dm.num_classes == 1
+    assert len(dm.datasets["train"]) == 5
+    loader = dm.train_dataloader()
+    drawn = Counter(dm.datasets["train"].items[i].id.split("/")[0] for i in loader.sampler)
+    assert sum(drawn.values()) == 400 and 0.65 < drawn["librispeech"] / 400 < 0.85
+    batch = next(iter(loader))
+    assert batch["fbank"].shape == (4, 64, 128) and (batch["target"] == 0).all()
+
+
+@pytest.fixture
+def earbud(tmp_path):
+    root = tmp_path / "earbud"
+    for variant in ("filt", "lp"):
+        for split, names in (("train", ["r1", "r2", "r3", "r4"]), ("eval", ["r5", "r6"])):
+            for name in names:
+                write_wav(root / variant / split / f"{name}.wav", seconds=0.4)
+    (root / "class_labels_indices.csv").write_text("index,mid,display_name\n0,normal,Normal\n1,abnormal,Abnormal\n")
+    rows = [("r1", "normal"), ("r2", "abnormal"), ("r3", "normal"), ("r4", "abnormal"), ("r5", "Abnormal"),
+            ("r6", "normal")]
+    (root / "labels.csv").write_text("filename,labels\n" + "".join(f"{n}.wav,{lab}\n" for n, lab in rows))
+    return root
+
+
+def earbud_module(root, **kwargs):
+    args = dict(root=str(root), variant="lp", labels=str(root / "labels.csv"),
+                label_csv=str(root / "class_labels_indices.csv"), **FAST)
+    args.update(kwargs)
+    return EarbudDataModule(**args)
+
+
+def test_earbud_variants_labels_and_splits(earbud):
+    dm = earbud_module(earbud)
+    dm.setup("fit")
+    assert dm.label_names == ["Normal", "Abnormal"]
+    assert [i.path.split("/")[-3] for i in dm.datasets["train"].items] == ["lp"] * 4
+    val = next(iter(dm.val_dataloader()))
+    assert val["id"] == ["r5", "r6"] and val["target"].argmax(1).tolist() == [1, 0]
+    held = earbud_module(earbud, val_fraction=0.5)
+    train_ids = {i.id for i in held.build_items("train")}
+    val_items = held.build_items("val")
+    assert len(val_items) == 2 and not train_ids & {i.id for i in val_items}
+    assert sorted(i.labels for i in val_items) == [(0,), (1,)]  # stratified
+    with pytest.raises(ValueError, match=r"data.variant='wav'.*\['filt', 'lp'\]"):
+        earbud_module(earbud, variant="wav")
+
+
+def test_earbud_json_labels_and_unlabeled_file(earbud):
+    entries = [{"wav": f"anything/r{i}.flac", "labels": "normal"} for i in range(1, 7)]
+    (earbud / "labels.json").write_text(json.dumps({"data": entries}))
+    dm = earbud_module(earbud, labels=str(earbud / "labels.json"))
+    assert all(i.labels == (0,) for i in dm.build_items("train"))
+    write_wav(earbud / "lp" / "train" / "r9.wav")
+    with pytest.raises(ValueError, match="r9.wav"):
+        earbud_module(earbud).build_items("train")
+
+
+def circor(**kwargs):
+    args = dict(root=str(CIRCOR_MINI), val_fraction=0.2, test_fraction=0.2, target_length=498,
+                batch_size=64, num_workers=0)
+    args.update(kwargs)
+    return CirCorDataModule(**args)
+
+
+def test_circor_split_is_patient_disjoint_stratified_and_seeded():
+    dm = circor()
+    by_split = {s: {p.id for p in dm.split_patients(s)} for s in dm.splits}
+    assert sum(map(len, by_split.values())) == 6 and set.union(*by_split.values()) == {p.id for p in dm.patients}
+    assert [len(by_split[s]) for s in ("train", "val", "test")] == [4, 1, 1]
+    assert stratified_split(dm.patients, dm.fractions, 0) == dm.assignment
+    big = [type(dm.patients[0])(str(i), ["Present", "Unknown", "Absent"][i % 3], "Normal", set()) for i in range(300)]
+    split = stratified_split(big, {"val": 0.1, "test": 0.2}, seed=3)
+    counts = Counter((split[p.id], p.murmur) for p in big)
+    assert all(counts["test", m] == 20 and counts["val", m] == 10 for m in ("Present", "Unknown", "Absent"))
+    assert split != stratified_split(big, {"val": 0.1, "test": 0.2}, seed=4)
+
+
+def test_circor_crops_and_segments_counts():
+    assert windows(12.0, 5.0, 2.5, float("inf")) == [(0.0, 5.0), (2.5, 5.0), (5.0, 5.0)]
+    assert windows(13.0, 5.0, 5.0, 2.5) == [(0.0, 5.0), (5.0, 5.0), (10.0, 3.0)]
+    assert windows(12.0, 5.0, 5.0, 2.5) == [(0.0, 5.0), (5.0, 5.0)]
+    assert windows(3.0, 5.0, 5.0, 2.5) == [(0.0, 3.0)]
+    dm = circor()
+    for split, (length, hop) in (("train", (5.0, 2.5)), ("test", (5.0, 5.0))):
+        items = dm.build_items(split)
+        for patient in dm.split_patients(split):
+            for rec in patient.recordings:
+                seconds = sf.info(rec.path).duration
+                mine = [i for i in items if i.meta["recording"] == rec.id]
+                full = int((seconds - length) // hop) + 1
+                extra = int(split == "test" and seconds - full * length >= 2.5)
+                assert len(mine) == full + extra, (rec.id, seconds)
+
+
+def test_circor_batches_carry_patient_recording_and_labels():
+    dm = circor(features_on_device=True)
+    dm.setup("test")
+    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    assert batch["fbank"].shape[1:] == (498, 128)
+    pid = batch["patient"][0]
+    assert all(r.startswith(pid + "_") for r in batch["recording"])
+    truth = dm.patient_targets("test")[pid]
+    assert batch["target"].argmax(1).eq(truth["murmur"]).all()
+    assert batch["outcome"].eq(truth["outcome"]).all()
+    assert dm.label_names == ["Present", "Unknown", "Absent"]
+
+
+def test_circor_recording_level_labels_follow_murmur_locations():
+    dm = circor(label_level="recording", val_fraction=0.0, test_fraction=0.0)
+    patient = next(p for p in dm.patients if p.id == "49748")  # murmur at AV+PV+TV, not MV
+    labels = {r.location: dm.recording_label(patient, r) for r in patient.recordings}
+    assert labels == {"AV": 0, "PV": 0, "TV": 0, "MV": 2}
+    outcome = circor(task="outcome")
+    assert outcome.label_names == ["Abnormal", "Normal"] and outcome.num_classes == 2
+
+
+def test_circor_split_file(tmp_path):
+    (tmp_path / "split.csv").write_text("patient_id,split\n" + "".join(
+        f"{pid},{'val' if pid == '9979' else 'train'}\n" for pid in ("2530", "9979", "9983", "49748", "50216", "50743")))
+    dm = circor(split_file=str(tmp_path / "split.csv"))
+    assert dm.splits == ("train", "val") and [p.id for p in dm.split_patients("val")] == ["9979"]
+
+
+def test_summary_command_for_circor(capsys):
+    summary_main(["data=circor", f"data.root={CIRCOR_MINI}", "data.val_fraction=0.2", "data.test_fraction=0.2"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"splits", "total"} and set(out["splits"]) == {"train", "val", "test"}
+    total = out["total"]
+    assert total["patients"] == 6 and total["recordings"] == 27
+    assert total["patient_labels"] == {"Absent": 3, "Present": 2, "Unknown": 1}
+    assert total["items"] == sum(s["items"] for s in out["splits"].values())
+    assert total["hours"] == pytest.approx(sum(sf.info(p).duration for p in CIRCOR_MINI.glob("*/*.wav")) / 3600,
+                                           abs=1e-3)
+    assert sum(total["labels"].values()) == total["items"] and total["skipped"] == {}
+    for part in out["splits"].values():
+        assert set(part) == {"items", "hours", "labels", "skipped", "patients", "recordings", "patient_labels"}
+
+
+def test_summary_command_counts_skipped_files(audioset, capsys):
+    (audioset / "broken.wav").write_text("junk")
+    (audioset / "t.json").write_text(json.dumps({"data": [{"wav": "a.wav", "labels": "/m/a"},
+                                                          {"wav": "broken.wav", "labels": "/m/b"},
+                                                          {"wav": "gone.wav", "labels": "/m/b"}]}))
+    summary_main(["data=audioset", f"data.root={audioset}", f"data.train_manifest={audioset}/t.json",
+                  "data.val_manifest=null"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["splits"]["train"] == {"items": 1, "hours": round(0.7 / 3600, 4), "labels": {"Alpha": 1},
+                                      "skipped": {"missing": 1, "unreadable": 1}}
+    assert out["total"]["skipped"] == {"missing": 1, "unreadable": 1}

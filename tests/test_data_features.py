@@ -1,0 +1,93 @@
+"""The fbank front end: parity of the batched device path with torchaudio's kaldi fbank, and the
+augmentations of the reference recipe."""
+
+import pytest
+import torch
+
+from ssamba.data.features import (
+    FbankFrontEnd,
+    batched_fbank,
+    frames_for_samples,
+    kaldi_fbank,
+    mix_waveforms,
+    pad_or_cut,
+    samples_for_frames,
+    to_mono_16k,
+)
+
+
+def test_batched_fbank_matches_kaldi_per_item():
+    torch.manual_seed(0)
+    lengths = torch.tensor([16000 * 2, 16000 * 3 + 77, 400, 5000, 12345])
+    wavs = torch.zeros(len(lengths), int(lengths.max()))
+    for row, n in enumerate(lengths.tolist()):
+        wav = torch.randn(n) * 0.1 + torch.sin(torch.arange(n) * 0.05)
+        wavs[row, :n] = wav - wav.mean()
+    batched = batched_fbank(wavs, lengths)
+    assert batched.shape == (5, frames_for_samples(int(lengths.max())), 128)
+    for row, n in enumerate(lengths.tolist()):
+        reference = kaldi_fbank(wavs[row, :n])
+        torch.testing.assert_close(batched[row, : len(reference)], reference, atol=1e-4, rtol=1e-5)
+        assert (batched[row, len(reference) :] == 0).all()  # as padding the per-item fbank
+
+
+def test_front_end_cpu_and_batched_paths_agree_and_normalise():
+    torch.manual_seed(1)
+    front = FbankFrontEnd(target_length=200, norm_mean=-5.0, norm_std=3.0)
+    wavs = [torch.randn(n) * 0.05 for n in (16000, 400 + 160 * 250, 9000)]
+    single = torch.stack([front(w, train=False) for w in wavs])
+    padded = torch.zeros(3, max(w.numel() for w in wavs))
+    for row, w in enumerate(wavs):
+        padded[row, : w.numel()] = w
+    batched = front.batch(padded, torch.tensor([w.numel() for w in wavs]), train=False)
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-5)
+    raw = pad_or_cut(kaldi_fbank(wavs[0]), 200)
+    torch.testing.assert_close(single[0], (raw - -5.0) / (2 * 3.0))
+    assert single.shape == (3, 200, 128)
+    assert (single[0, 99:] == (0 - -5.0) / 6.0).all()  # 1 s gives 98 frames, then zero padding
+
+
+def test_frame_arithmetic():
+    assert frames_for_samples(samples_for_frames(1024)) == 1024
+    assert kaldi_fbank(torch.randn(samples_for_frames(1024))).shape == (1024, 128)
+    assert frames_for_samples(399) == 0
+
+
+def test_specaugment_only_when_training_and_within_width():
+    torch.manual_seed(2)
+    front = FbankFrontEnd(target_length=300, norm_mean=0.0, norm_std=0.5, freqm=20, timem=40)
+    fbank = torch.full((8, 300, 128), 3.0)
+    assert torch.equal(front.finish(fbank, train=False), fbank)
+    masked = front.finish(fbank, train=True)
+    freq_masked = (masked == 0).all(dim=1).sum(dim=1)  # masked bins are zero across all frames
+    time_masked = (masked == 0).all(dim=2).sum(dim=1)
+    assert (freq_masked < 20).all() and (time_masked < 40).all()
+    assert (freq_masked + time_masked > 0).any()
+    assert not torch.equal(masked[0], masked[1]) or not torch.equal(masked[2], masked[3])  # per-item masks
+
+
+def test_noise_and_roll():
+    torch.manual_seed(3)
+    front = FbankFrontEnd(target_length=50, norm_mean=0.0, norm_std=0.5, noise=True)
+    ramp = torch.arange(50.0)[None, :, None].expand(4, 50, 128)
+    out = front.finish(ramp, train=True)
+    shifts = [(torch.argmin(row[:, 0]).item()) for row in out]
+    for row, shift in zip(out, shifts):
+        noise = row - torch.roll(ramp[0], shift, dims=0)
+        assert (noise >= 0).all() and (noise < 0.1).all()
+    assert torch.equal(front.finish(ramp, train=False), ramp)
+
+
+def test_mixup_of_waveforms_fits_length_and_recentres():
+    first, second = torch.ones(100), torch.full((60,), 3.0)
+    mixed = mix_waveforms(first, second, 0.25)
+    expected = torch.cat([torch.full((60,), 0.25 + 0.75 * 3), torch.full((40,), 0.25)])
+    torch.testing.assert_close(mixed, expected - expected.mean())
+
+
+@pytest.mark.parametrize("rate", [4000, 16000, 44100])
+def test_to_mono_16k_downmixes_resamples_and_removes_mean(rate):
+    stereo = torch.stack([torch.ones(rate), torch.full((rate,), 3.0)]) + torch.randn(2, rate) * 0.1
+    wav = to_mono_16k(stereo, rate)
+    assert wav.dim() == 1 and abs(wav.numel() - 16000) <= 1
+    assert abs(wav.mean().item()) < 1e-5
