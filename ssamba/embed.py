@@ -1,0 +1,256 @@
+"""Embeddings of audio of any length, from any layer, and the ``python -m ssamba.embed`` command.
+
+Audio longer than the encoder's input runs in one of two ways:
+- ``window=False`` (SSAMBA's default): one pass over the whole recording on a re-laid patch grid,
+  the patch position embedding stretched to the new length as in SSAST finetuning. Mamba's cost
+  is linear in length, so memory grows linearly with the recording.
+- ``window=True`` (SSAST's default, attention being quadratic): consecutive windows of the
+  encoder's input length, run a few at a time, their patch columns concatenated in time.
+Shorter audio is zero-padded to the input length (as in training) and the padded patch columns
+are dropped from the result.
+
+    python -m ssamba.embed AUDIO_DIR OUT.npz ckpt=model.ckpt [layer=-1] [frames=true] [device=cuda]
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data.features import MEL_BINS, SAMPLE_RATE, WINDOW_SAMPLES, batched_fbank, to_mono_16k
+from .models.ssamba import SSAMBAEncoder
+
+FRAME_SECONDS = 0.01  # fbank frame shift
+_LINEAR_IN_LENGTH = (SSAMBAEncoder,)
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of one recording; ``frames[i]`` covers the audio from ``i * hop_seconds`` on."""
+
+    clip: Tensor  # [D]: mean over all patches (the pooling of the finetuning head)
+    frames: Tensor  # [time_patches, D]: mean over the frequency patches of each time step
+    patches: Tensor  # [freq_patches, time_patches, D]
+    hop_seconds: float
+    layer: int
+
+
+@contextlib.contextmanager
+def temporary_grid(encoder: nn.Module, input_tdim: int):
+    """Lay the encoder out for ``input_tdim`` frames, restoring its exact weights afterwards."""
+    original_tdim = encoder.config.input_tdim
+    if input_tdim == original_tdim:
+        yield encoder
+        return
+    pos_embed = encoder.pos_embed
+    encoder.set_grid(input_tdim=input_tdim)
+    try:
+        yield encoder
+    finally:
+        encoder.set_grid(input_tdim=original_tdim)
+        encoder.pos_embed = pos_embed
+
+
+class AudioEmbedder(nn.Module):
+    """An encoder with its input normalisation, ready for inference on raw waveforms."""
+
+    def __init__(self, encoder: nn.Module, norm_mean: float, norm_std: float, metadata: dict | None = None,
+                 window_batch: int = 8):
+        super().__init__()
+        if encoder.config.input_fdim != MEL_BINS:
+            raise ValueError(f"encoder expects {encoder.config.input_fdim} mel bins; the front end gives {MEL_BINS}")
+        self.encoder = encoder
+        self.norm_mean, self.norm_std = float(norm_mean), float(norm_std)
+        self.metadata = dict(metadata or {})
+        self.window_batch = window_batch
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.pos_embed.device
+
+    @functools.cached_property
+    def num_layers(self) -> int:
+        """How many layer outputs ``layer`` can pick from (SSAMBA's published pairing: one per pair)."""
+        with torch.no_grad():
+            return len(self.encoder.forward_features(self._silence(), return_hidden_states=True)[1])
+
+    def _silence(self) -> Tensor:
+        return self.normalise(torch.zeros(1, self.encoder.config.input_tdim, MEL_BINS, device=self.device))
+
+    def normalise(self, fbank: Tensor) -> Tensor:
+        return (fbank - self.norm_mean) / (2 * self.norm_std)
+
+    def fbank(self, waveform: Tensor | np.ndarray, sample_rate: int) -> Tensor:
+        """Waveform ``[n]`` or ``[channels, n]`` at any rate -> unnormalised fbank ``[frames, 128]``."""
+        wav = torch.as_tensor(waveform)
+        if wav.dim() not in (1, 2) or wav.numel() == 0:
+            raise ValueError(f"expected a waveform [samples] or [channels, samples], got shape {tuple(wav.shape)}")
+        if not torch.isfinite(wav).all():
+            raise ValueError("waveform contains NaN or infinite samples")
+        wav = to_mono_16k(wav, sample_rate)
+        if wav.numel() < WINDOW_SAMPLES:
+            raise ValueError(f"waveform too short: {wav.numel()} samples at 16 kHz, at least {WINDOW_SAMPLES} "
+                             f"({1000 * WINDOW_SAMPLES / SAMPLE_RATE:.0f} ms) needed for one frame")
+        return batched_fbank(wav.unsqueeze(0).to(self.device))[0]
+
+    @torch.no_grad()
+    def embed(self, waveform: Tensor | np.ndarray, sample_rate: int, layer: int = -1,
+              window: bool | None = None) -> Embeddings:
+        """Clip-, frame- and patch-level embeddings of one recording of any length.
+
+        ``layer`` picks a layer output: ``-1`` (default) is the encoder output after its final
+        norm (what finetuning sees); ``0 .. num_layers - 2`` or ``-num_layers .. -2`` are the
+        intermediate layers' outputs (un-normalised residual stream). ``window`` chooses how
+        audio longer than the encoder input runs (None: the family's default, see module doc).
+        """
+        return self.embed_fbank(self.fbank(waveform, sample_rate), layer, window)
+
+    @torch.no_grad()
+    def embed_fbank(self, fbank: Tensor, layer: int = -1, window: bool | None = None) -> Embeddings:
+        """As :meth:`embed`, from an unnormalised fbank ``[frames, 128]``."""
+        cfg = self.encoder.config
+        if window is None:
+            window = not isinstance(self.encoder, _LINEAR_IN_LENGTH)
+        columns = math.ceil(fbank.shape[0] / cfg.tstride)  # patch columns starting inside the audio
+        needed = (columns - 1) * cfg.tstride + cfg.tshape  # frames those columns span
+        if needed <= cfg.input_tdim:
+            patches = self._run(self._padded(fbank, 0, cfg.input_tdim).unsqueeze(0), layer)[0]
+        elif not window:
+            with temporary_grid(self.encoder, needed):
+                patches = self._run(self._padded(fbank, 0, needed).unsqueeze(0), layer)[0]
+        else:
+            t_dim = self.encoder.grid[1]
+            hop = t_dim * cfg.tstride  # windows tile time with the same column spacing
+            starts = [i * hop for i in range(math.ceil(columns / t_dim))]
+            pieces = []
+            for i in range(0, len(starts), self.window_batch):
+                batch = torch.stack([self._padded(fbank, s, cfg.input_tdim) for s in starts[i:i + self.window_batch]])
+                pieces.extend(self._run(batch, layer).unbind(0))
+            patches = torch.cat(pieces, dim=1)
+        patches = patches[:, :columns].float()
+        frames_emb = patches.mean(0)
+        return Embeddings(frames_emb.mean(0), frames_emb, patches, cfg.tstride * FRAME_SECONDS, layer)
+
+    def _padded(self, fbank: Tensor, start: int, length: int) -> Tensor:
+        """``length`` normalised frames from ``start``, zero-padded (before normalising) past the end."""
+        piece = fbank[start:start + length]
+        if piece.shape[0] < length:
+            piece = torch.cat([piece, piece.new_zeros(length - piece.shape[0], piece.shape[1])])
+        return self.normalise(piece)
+
+    def _run(self, x: Tensor, layer: int) -> Tensor:
+        """Patch tokens ``[B, f_dim, t_dim, D]`` of the chosen layer."""
+        if layer == -1:
+            tokens = self.encoder.forward_features(x)
+        else:
+            _, states = self.encoder.forward_features(x, return_hidden_states=True)
+            if not -len(states) <= layer < len(states) - 1:
+                raise IndexError(f"layer={layer} is out of range: this encoder has {len(states)} layer outputs "
+                                 f"(-1 = final output, 0..{len(states) - 2} or {-len(states)}..-2 = intermediate)")
+            tokens = states[layer]
+        f_dim, t_dim = self.encoder.grid
+        return tokens[:, self.encoder.num_prefix_tokens:].unflatten(1, (f_dim, t_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+@dataclass
+class EmbedCommand:
+    """Options of ``python -m ssamba.embed AUDIO_DIR OUT.npz key=value ...``."""
+
+    ckpt: str = "???"  # our .ckpt or a released .pth
+    layer: int = -1
+    window: bool | None = None  # None: the family's default
+    frames: bool = False  # also store frame-level embeddings (concatenated, with offsets)
+    device: str = "auto"  # auto: cuda when available
+    backend: str | None = None  # SSAMBA selective-scan backend override (auto, torch, cuda)
+    extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".mp3"])
+    on_error: str = "skip"  # skip (count and list unusable files) or raise
+
+
+def find_audio(root: str, extensions: list[str]) -> list[str]:
+    """Audio files below ``root`` (relative paths, sorted) with one of ``extensions``."""
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"audio directory {root!r} does not exist")
+    wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    found = [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+             if f.lower().endswith(wanted)]
+    return sorted(found)
+
+
+def embed_directory(model: AudioEmbedder, root: str, options: EmbedCommand) -> dict[str, np.ndarray]:
+    """Embed every audio file below ``root``; the arrays written to the ``.npz``."""
+    from rich.progress import track
+
+    from .data.audio import BadAudio, prepare_waveform, read_audio
+
+    files = find_audio(root, list(options.extensions))
+    if not files:
+        raise FileNotFoundError(f"no audio files ({', '.join(options.extensions)}) below {root!r}")
+    names, clips, frames, skipped = [], [], [], []
+    for name in track(files, description="embedding", transient=False):
+        path = os.path.join(root, name)
+        try:
+            wav, rate = read_audio(path)
+            wav = prepare_waveform(wav, rate, path, min_seconds=0.0)
+        except BadAudio as error:
+            if options.on_error == "raise":
+                raise
+            skipped.append(f"{name}: {error.reason}")
+            continue
+        result = model.embed(wav, SAMPLE_RATE, layer=options.layer, window=options.window)
+        names.append(name)
+        clips.append(result.clip.cpu().numpy())
+        if options.frames:
+            frames.append(result.frames.cpu().numpy())
+    if not names:
+        raise RuntimeError(f"none of the {len(files)} audio files below {root!r} could be used: {skipped[:5]}")
+    out = {"names": np.array(names), "clip": np.stack(clips), "layer": np.array(options.layer),
+           "skipped": np.array(skipped, dtype=str)}
+    if options.frames:
+        out["frames"] = np.concatenate(frames)
+        out["frame_offsets"] = np.cumsum([0] + [len(f) for f in frames])
+        out["hop_seconds"] = np.array(model.encoder.config.tstride * FRAME_SECONDS)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from .api import load
+
+    parser = argparse.ArgumentParser(prog="python -m ssamba.embed", description="Embed every audio file of a folder.")
+    parser.add_argument("audio_dir")
+    parser.add_argument("output", help=".npz with names, clip [N, D] (and frames, frame_offsets if frames=true)")
+    parser.add_argument("options", nargs="*", help="key=value: " + ", ".join(EmbedCommand.__dataclass_fields__))
+    args = parser.parse_args(argv)
+    options = OmegaConf.merge(OmegaConf.structured(EmbedCommand), OmegaConf.from_dotlist(args.options))
+    if OmegaConf.is_missing(options, "ckpt"):
+        parser.error("ckpt=PATH is required")
+    if options.on_error not in ("skip", "raise"):
+        parser.error(f"on_error must be skip or raise, got {options.on_error!r}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+    overrides = {"backend": options.backend} if options.backend else {}
+    model = load(options.ckpt, device=device, **overrides)
+    arrays = embed_directory(model, args.audio_dir, options)
+    np.savez(args.output, **arrays)
+    print(f"wrote {len(arrays['names'])} embeddings of width {arrays['clip'].shape[1]} to {args.output}")
+    if len(arrays["skipped"]):
+        print(f"skipped {len(arrays['skipped'])} unusable file(s):", *arrays["skipped"], sep="\n  ", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
