@@ -112,6 +112,16 @@ def test_without_outcome_there_is_no_cost():
     assert "cost" not in scores(ROWS, outcome=None)
 
 
+def test_unknown_outcome_marked_minus_one_gives_no_cost():
+    batch = columns(ROWS)
+    batch["outcome"] = torch.full((len(ROWS),), -1)
+    metric = PatientChallengeMetrics()
+    metric.update(**batch)
+    assert "cost" not in metric.compute()
+    with pytest.raises(ValueError, match="outcome holds"):
+        metric.update(**{**batch, "outcome": torch.full((len(ROWS),), 2)})
+
+
 def test_outcome_model_scores_its_own_target():
     metric = PatientChallengeMetrics(class_names=["Abnormal", "Normal"])
     metric.update(torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]), torch.tensor([ABN, NOR, ABN]), ["1", "2", "3"])

@@ -166,7 +166,7 @@ class PatientChallengeMetrics(Metric):
     ``logits`` ``[N, C]``; ``target`` class indices ``[N]`` or one-hot ``[N, C]``; ``patient``,
     ``recording``, ``item`` ids (lists of str/int or int64 code tensors). Without ``recording`` all
     rows of a patient form one recording. ``item`` ids let duplicates be dropped. ``outcome``
-    (Abnormal=0, Normal=1) enables the Challenge cost for murmur models (outcome models use their
+    (Abnormal=0, Normal=1, -1 unknown for every item) enables the Challenge cost for murmur models (outcome models use their
     own target). ``compute()`` returns a dict of scalar tensors (see ``patient_scores``).
     """
 
@@ -207,7 +207,7 @@ class PatientChallengeMetrics(Metric):
         if outcome is None:
             outcome_codes = torch.full((n,), _NO_OUTCOME, dtype=torch.long, device=device)
         else:
-            outcome_codes = class_indices(outcome, len(OUTCOME_CLASSES), "outcome").to(device)
+            outcome_codes = _outcome_codes(outcome, n).to(device)
         self.logits.append(logits.detach().float())
         self.target.append(target.to(device))
         self.outcome.append(outcome_codes)
@@ -239,6 +239,17 @@ class PatientChallengeMetrics(Metric):
     def patient_id(self, code: int) -> str:
         """The original id of a patient code seen by this process (the code itself otherwise)."""
         return self.patient_names.get(int(code), str(int(code)))
+
+
+def _outcome_codes(outcome: Tensor, n: int) -> Tensor:
+    """Outcome indices [N] (one-hot rows allowed); -1 marks an unknown outcome, as CirCor batches do."""
+    if outcome.ndim == 2:
+        return class_indices(outcome, len(OUTCOME_CLASSES), "outcome")
+    if outcome.shape != (n,):
+        raise ValueError(f"outcome has {outcome.numel()} items, logits {n}")
+    if outcome.numel() and (outcome.min() < _NO_OUTCOME or outcome.max() >= len(OUTCOME_CLASSES)):
+        raise ValueError("outcome holds values outside -1 (unknown), 0 (Abnormal), 1 (Normal)")
+    return outcome.long()
 
 
 def _first_occurrences(item: Tensor, has_item: Tensor) -> Tensor:
