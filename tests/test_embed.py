@@ -1,6 +1,9 @@
 """Embeddings API, long audio, ssamba.load and the embed command, on CPU with tiny encoders."""
 import dataclasses
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +131,14 @@ def test_embed_command_writes_npz_and_reports_unusable_files(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         main([str(root), str(out)])  # no ckpt=
+
+
+def test_benchmark_script_runs_in_smoke_mode(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_embed", Path(__file__).parents[1] / "bench" / "embed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--modes", "ssamba", "ssast", "ssast-windowed", "--out", str(tmp_path / "perf")])
+    rows = json.loads((tmp_path / "perf.json").read_text())["rows"]
+    assert [(r["mode"], r["tokens"]) for r in rows][:3] == [("ssamba", 64), ("ssast", 64), ("ssast-windowed", 64)]
+    assert all(r["seconds"] > 0 for r in rows)
+    assert "| ssamba_tiny | ssamba (torch scan) | 256 | 2 |" in (tmp_path / "perf.md").read_text()
