@@ -46,7 +46,7 @@ def test_multilabel_targets_are_multi_hot():
 
 def test_classes_are_separable_by_a_nearest_centroid_rule():
     """Finetuning must be learnable: even mean spectra per clip separate the classes."""
-    dm = small(num_train=80, num_val=40, target_length=100, batch_size=80)
+    dm = small(num_train=60, num_val=30, target_length=100, batch_size=60)
     dm.setup("fit")
     train = next(iter(dm.dataloader("train", shuffle=False)))
     val = next(iter(dm.val_dataloader()))

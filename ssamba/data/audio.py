@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -24,19 +25,23 @@ class BadAudio(Exception):
         super().__init__(f"{reason}: {path}" + (f" ({detail})" if detail else ""))
 
 
-def read_audio(path: str, start: float = 0.0, duration: float | None = None) -> tuple[torch.Tensor, int]:
-    """Decode ``[channels, n]`` float32 audio (any bit depth / container libsndfile reads)."""
-    if not os.path.exists(path):
-        raise BadAudio("missing", path)
+def read_audio(
+    source: str | io.BytesIO, start: float = 0.0, duration: float | None = None, name: str | None = None
+) -> tuple[torch.Tensor, int]:
+    """Decode ``[channels, n]`` float32 audio (any bit depth / container libsndfile reads) from a
+    path or from in-memory file bytes (``name`` labels errors)."""
+    name = name or (source if isinstance(source, str) else "<bytes>")
+    if isinstance(source, str) and not os.path.exists(source):
+        raise BadAudio("missing", name)
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(source) as f:
             rate = f.samplerate
             if start > 0:
                 f.seek(min(int(round(start * rate)), f.frames))
             frames = -1 if duration is None else int(round(duration * rate))
             data = f.read(frames=frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
-        raise BadAudio("unreadable", path, str(error)) from error
+        raise BadAudio("unreadable", name, str(error)) from error
     return torch.from_numpy(np.ascontiguousarray(data.T)), rate
 
 

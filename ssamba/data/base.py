@@ -118,7 +118,10 @@ class ClipDataset(Dataset):
                 index = int(torch.randint(len(self.items), ()))
         else:
             raise RuntimeError(f"{SUBSTITUTE_TRIES} unusable files in a row, last: {skipped[-1]}")
-        item = self.items[index]
+        return self.finish(self.items[index], wav, skipped)
+
+    def finish(self, item: Item, wav: torch.Tensor, skipped: list) -> dict:
+        """Mixup (training), cut, features or raw waveform, and the item's batch fields."""
         target = self.target(item)
         if self.mixup and torch.rand(()) < self.mixup:
             partner = int(torch.randint(len(self.items), ()))

@@ -1,0 +1,194 @@
+"""Sharded streaming for AudioSet-scale corpora, with litdata.
+
+``python -m ssamba.data.streaming data=<name> [overrides] --split train --out DIR`` packs the items
+of any data config into litdata chunks (the original encoded file bytes, so shards stay as small
+as the source audio) plus ``ssamba.json`` with the label set. ``data=shards`` streams them back:
+litdata gives every DDP rank and DataLoader worker a disjoint part of each epoch, and shards can
+live on local disk or object storage (``s3://...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from functools import partial
+
+import litdata
+import torch
+
+from ssamba.data.audio import BadAudio, prepare_waveform, read_audio
+from ssamba.data.base import AudioDataModule, ClipDataset, Collate, Item
+from ssamba.data.cli import instantiate_data
+
+SIDECAR = "ssamba.json"
+
+
+def _pack(item: Item, reader_module: AudioDataModule | None = None) -> dict:
+    """One shard sample: file bytes (or, for generated audio, a FLAC rendering) and the item."""
+    if item.path is None:  # generated audio has no file: store it encoded
+        import soundfile as sf
+
+        wav, rate = reader_module.reader(item)
+        buffer = io.BytesIO()
+        sf.write(buffer, wav.T.numpy(), rate, format="FLAC")
+        audio = buffer.getvalue()
+    else:
+        with open(item.path, "rb") as f:
+            audio = f.read()
+    meta = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in item.meta.items()}
+    tensor_keys = [k for k, v in item.meta.items() if isinstance(v, torch.Tensor)]
+    return {
+        "id": item.id,
+        "audio": audio,
+        "labels": ",".join(map(str, item.labels)),
+        "start": float(item.start),
+        "duration": -1.0 if item.duration is None else float(item.duration),
+        "meta": json.dumps({"values": meta, "tensors": tensor_keys}),
+    }
+
+
+def write_shards(
+    datamodule: AudioDataModule, split: str, output_dir: str, chunk_bytes: str = "64MB", workers: int = 1
+) -> int:
+    """Pack one split of a datamodule into litdata chunks under ``output_dir``; returns item count."""
+    items = datamodule.build_items(split)
+    if not items:
+        raise ValueError(f"the {split} split has no items")
+    generated = any(item.path is None for item in items)
+    litdata.optimize(
+        fn=partial(_pack, reader_module=datamodule if generated else None),
+        inputs=items,
+        output_dir=output_dir,
+        chunk_bytes=chunk_bytes,
+        num_workers=workers,
+        reorder_files=False,
+        verbose=False,
+    )
+    if "://" not in output_dir:  # litdata reports worker failures only in their own logs
+        with open(os.path.join(output_dir, "index.json")) as f:
+            if not json.load(f).get("chunks"):
+                raise RuntimeError(f"writing shards to {output_dir} failed: no chunks were written")
+    sidecar = {
+        "label_names": list(datamodule.label_names),
+        "multilabel": bool(datamodule.multilabel),
+        "meta_keys": list(datamodule.meta_keys),
+        "items": len(items),
+        "split": split,
+    }
+    with open(os.path.join(output_dir, SIDECAR), "w") as f:
+        json.dump(sidecar, f, indent=2)
+    return len(items)
+
+
+class ShardDataset(litdata.StreamingDataset):
+    """Streams packed samples and turns them into batch items like :class:`ClipDataset`.
+
+    Unusable audio is dropped from its batch and counted (no substitution: a stream has no
+    random access to draw a replacement from).
+    """
+
+    def __init__(self, input_dir: str, clip: ClipDataset, shuffle: bool, seed: int = 42, **kwargs):
+        super().__init__(input_dir, shuffle=shuffle, seed=seed, **kwargs)
+        self.clip = clip
+
+    def __getitem__(self, index) -> dict:
+        sample = super().__getitem__(index)
+        meta = json.loads(sample["meta"])
+        values = {k: (torch.tensor(v) if k in meta["tensors"] else v) for k, v in meta["values"].items()}
+        labels = tuple(int(x) for x in sample["labels"].split(",") if x)
+        duration = None if sample["duration"] < 0 else sample["duration"]
+        item = Item(sample["id"], None, labels, sample["start"], duration, values)
+        try:
+            wav, rate = read_audio(io.BytesIO(sample["audio"]), item.start, item.duration, name=item.id)
+            wav = prepare_waveform(wav, rate, item.id, self.clip.min_seconds)
+        except BadAudio as error:
+            if self.clip.on_error == "raise":
+                raise
+            return {"_skipped": [(error.reason, error.path)]}
+        return self.clip.finish(item, wav, [])
+
+
+class ShardDataModule(AudioDataModule):
+    """``data=shards``: streams the shard folders written by :func:`write_shards`.
+
+    Waveform mixup needs random access to a partner clip, so it is not available here.
+    """
+
+    def __init__(
+        self,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        shuffle: bool = True,
+        seed: int = 42,
+        max_cache_size: str = "50GB",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if self.mixup:
+            raise ValueError("data.mixup must be 0 with data=shards (mixup needs random access)")
+        self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
+        first = next((d for d in self.dirs.values() if d), None)
+        if first is None:
+            raise ValueError("data: set at least one of train_dir, val_dir, test_dir")
+        sidecar = self._sidecar(first)
+        self.label_names = sidecar["label_names"]
+        self.multilabel = sidecar["multilabel"]
+        self.meta_keys = tuple(sidecar["meta_keys"])
+        self.shuffle = shuffle
+        self.seed = seed
+        self.max_cache_size = max_cache_size
+
+    @staticmethod
+    def _sidecar(directory: str) -> dict:
+        path = os.path.join(directory, SIDECAR)
+        if "://" in directory:  # remote shards: the label set travels with the config instead
+            raise ValueError(f"copy {SIDECAR} next to the config for remote shards ({directory})")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {directory!r} a folder written by ssamba.data.streaming?")
+        with open(path) as f:
+            return json.load(f)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(split for split, directory in self.dirs.items() if directory)
+
+    def make_dataset(self, split: str) -> ShardDataset:
+        train = split == "train"
+        clip = ClipDataset(
+            [], self.num_classes, self.train_front_end if train else self.eval_front_end, train=train,
+            features_on_device=self.features_on_device, on_error=self.on_error, min_seconds=self.min_seconds,
+        )
+        return ShardDataset(self.dirs[split], clip, shuffle=train and self.shuffle, seed=self.seed,
+                            max_cache_size=self.max_cache_size)
+
+    def dataloader(self, split: str, shuffle: bool | None = None) -> litdata.StreamingDataLoader:
+        if split not in self.splits:
+            raise ValueError(f"{type(self).__name__} has no {split!r} split (has: {', '.join(self.splits)})")
+        if split not in self.datasets:
+            self.datasets[split] = self.make_dataset(split)
+        train = split == "train"
+        return litdata.StreamingDataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=Collate(self.target_length, self.num_classes, self.features_on_device, self.meta_keys),
+            pin_memory=self.pin_memory,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="train", help="split of the data config to pack")
+    parser.add_argument("--out", required=True, help="output folder (local path or s3://...)")
+    parser.add_argument("--chunk-bytes", default="64MB")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args, overrides = parser.parse_known_args(argv)
+    count = write_shards(instantiate_data(overrides), args.split, args.out, args.chunk_bytes, args.workers)
+    print(f"wrote {count} items of the {args.split} split to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
