@@ -343,3 +343,46 @@ def test_summary_command_counts_skipped_files(audioset, capsys):
     assert out["splits"]["train"] == {"items": 1, "hours": round(0.7 / 3600, 4), "labels": {"Alpha": 1},
                                       "skipped": {"missing": 1, "unreadable": 1}}
     assert out["total"]["skipped"] == {"missing": 1, "unreadable": 1}
+
+
+def test_asli_config_composes_nested_sources(audioset, tmp_path):
+    from hydra.utils import instantiate
+
+    from ssamba.data.cli import compose_data_config
+
+    write_wav(tmp_path / "ls" / "LibriSpeech" / "dev-clean" / "1" / "2" / "1-2-0.flac", seconds=0.3)
+    write_wav(tmp_path / "ls" / "LibriSpeech" / "train-clean-100" / "1" / "2" / "1-2-1.flac", seconds=0.3)
+    cfg = compose_data_config(["data=asli", f"data.sources.audioset.root={audioset}",
+                               f"data.sources.librispeech.root={tmp_path / 'ls'}",
+                               "data.sources.librispeech.train_subsets=[train-clean-100]",
+                               "data.num_workers=0", "data.target_length=32", "data.batch_size=8"])
+    dm = instantiate(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.dataloader("train", shuffle=False)))
+    assert batch["id"] == ["audioset/a.wav", "audioset/sub/b.wav", f"audioset/{audioset}/c.wav", "librispeech/1-2-1"]
+    assert batch["target"].shape == (4, 1)
+    assert len(dm.datasets["val"]) == 2
+
+
+def test_mixup_mixes_waveforms_and_labels(audioset):
+    torch.manual_seed(0)
+    dm = manifest_module(audioset, mixup=1.0)
+    dm.setup("fit")
+    targets = torch.stack([dm.datasets["train"][1]["target"] for _ in range(20)])  # item labelled Beta only
+    assert (targets[:, 1] > 0.2).all() and (targets[:, 1] < 1).any()  # lambda ~ Beta(10, 10) around 0.5
+    assert not dm.datasets["val"].mixup
+
+
+def test_stats_utility_on_a_known_signal(tmp_path):
+    from ssamba.data.features import kaldi_fbank, to_mono_16k
+    from ssamba.data.stats import fbank_stats
+
+    paths = [write_wav(tmp_path / f"{i}.wav", seconds=0.5, seed=i) for i in range(3)]
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": p.name} for p in paths]}))
+    dm = ManifestDataModule(train_manifest=str(tmp_path / "m.json"), root=str(tmp_path), target_length=48)
+    stats = fbank_stats(dm, items=10)
+    values = torch.cat([kaldi_fbank(to_mono_16k(torch.from_numpy(sf.read(p, dtype="float32")[0])[None], 16000))
+                        for p in paths])  # 48 frames each: no padding
+    assert stats["items"] == 3
+    assert stats["norm_mean"] == pytest.approx(values.mean().item(), abs=1e-3)
+    assert stats["norm_std"] == pytest.approx(values.std().item(), abs=1e-3)

@@ -299,7 +299,7 @@ class AudioDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=Collate(self.target_length, self.num_classes, self.features_on_device, self.meta_keys),
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=self.drop_last and train,
             persistent_workers=self.num_workers > 0,
         )

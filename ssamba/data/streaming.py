@@ -175,7 +175,7 @@ class ShardDataModule(AudioDataModule):
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers,
             collate_fn=Collate(self.target_length, self.num_classes, self.features_on_device, self.meta_keys),
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
         )
 
 
