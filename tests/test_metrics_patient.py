@@ -32,14 +32,14 @@ ROWS = [
 
 def columns(rows):
     items, patients, recordings, logits, target, outcome = zip(*rows)
-    return dict(
-        logits=torch.tensor(logits),
-        target=torch.tensor(target),
-        patient=list(patients),
-        recording=list(recordings),
-        item=list(items),
-        outcome=torch.tensor(outcome),
-    )
+    return {
+        "logits": torch.tensor(logits),
+        "target": torch.tensor(target),
+        "patient": list(patients),
+        "recording": list(recordings),
+        "id": list(items),
+        "outcome": torch.tensor(outcome),
+    }
 
 
 def scores(rows, rule="hierarchical", **drop):
@@ -91,7 +91,7 @@ def test_duplicated_items_are_counted_once():
     # a sampler that pads by repeating 100_AV#1 would otherwise tip recording 100_AV to Unknown
     rows = ROWS + [ROWS[1], ROWS[1], ROWS[1]]
     assert scores(rows) == pytest.approx(scores(ROWS), nan_ok=True)
-    assert scores(rows, item=None)["recall_Present"].item() == 0.0
+    assert scores(rows, id=None)["recall_Present"].item() == 0.0
 
 
 def test_single_patient_and_single_class():
@@ -140,7 +140,11 @@ def test_several_batches_with_a_patient_split_across_them():
 @pytest.mark.parametrize(
     ("rows", "kwargs", "match"),
     [
-        ([("x", "1", "r", [0.0, 0.0, 1.0], A, NOR), ("y", "2", "r", [0.0, 0.0, 1.0], A, NOR)], {}, "more than one patient"),
+        (
+            [("x", "1", "r", [0.0, 0.0, 1.0], A, NOR), ("y", "2", "r", [0.0, 0.0, 1.0], A, NOR)],
+            {},
+            "more than one patient",
+        ),
         ([("x", "1", "r", [0.0, 0.0, 1.0], A, NOR), ("y", "1", "r", [0.0, 0.0, 1.0], A, ABN)], {}, "different outcome"),
     ],
 )
@@ -175,14 +179,18 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
         batch = columns(shard)
         item_metric = MurmurWeightedAccuracy()
         item_metric.update(batch["logits"], batch["target"])
-        torch.save({"patient": patient_metric.compute(), "item": item_metric.compute()}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"patient": patient_metric.compute(), "item": item_metric.compute()}, os.path.join(out_dir, f"{rank}.pt")
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_gathers_items_across_processes(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    expected_items = MurmurWeightedAccuracy()(*(columns(ROWS[:2] + ROWS[2:] + [ROWS[0]])[k] for k in ("logits", "target")))
+    expected_items = MurmurWeightedAccuracy()(
+        *(columns(ROWS[:2] + ROWS[2:] + [ROWS[0]])[k] for k in ("logits", "target"))
+    )
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt")
         assert result["patient"] == pytest.approx(scores(ROWS), nan_ok=True)

@@ -64,7 +64,9 @@ def class_indices(values: Tensor, num_classes: int, name: str) -> Tensor:
             raise ValueError(f"{name} has {values.shape[1]} columns, expected num_classes={num_classes}")
         return values.argmax(dim=1)
     if values.ndim != 1:
-        raise ValueError(f"{name} must be class indices [N] or scores [N, {num_classes}], got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"{name} must be class indices [N] or scores [N, {num_classes}], got shape {tuple(values.shape)}"
+        )
     if values.is_floating_point():
         if not torch.equal(values, values.round()):
             raise ValueError(f"{name} is a float vector that is not integral; pass scores as [N, {num_classes}]")
@@ -104,7 +106,9 @@ def accuracy(confmat: Tensor) -> Tensor:
     return confmat.trace() / total if total > 0 else torch.tensor(math.nan, dtype=torch.float64, device=confmat.device)
 
 
-def challenge_cost(true_pos: Tensor | float, false_pos: Tensor | float, false_neg: Tensor | float, true_neg: Tensor | float) -> Tensor:
+def challenge_cost(
+    true_pos: Tensor | float, false_pos: Tensor | float, false_neg: Tensor | float, true_neg: Tensor | float
+) -> Tensor:
     """Mean cost per patient of the Challenge's referral model (see the module docstring)."""
     tp, fp, fn, tn = (torch.as_tensor(v, dtype=torch.float64) for v in (true_pos, false_pos, false_neg, true_neg))
     n = tp + fp + fn + tn
@@ -128,7 +132,10 @@ def cost_from_predictions(preds: Tensor, outcome: Tensor, class_names: Sequence[
     referred = referral_mask(class_names).to(preds.device)[preds]
     abnormal = outcome == OUTCOME_CLASSES.index("Abnormal")
     return challenge_cost(
-        (referred & abnormal).sum(), (referred & ~abnormal).sum(), (~referred & abnormal).sum(), (~referred & ~abnormal).sum()
+        (referred & abnormal).sum(),
+        (referred & ~abnormal).sum(),
+        (~referred & abnormal).sum(),
+        (~referred & ~abnormal).sum(),
     )
 
 
@@ -144,7 +151,9 @@ def macro_auroc(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return nan, nan[0]
     with warnings.catch_warnings():  # undefined classes are masked below
         warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
-        per_class = multiclass_auroc(probs.float(), target, num_classes, average=None, thresholds=None).to(torch.float64)
+        per_class = multiclass_auroc(probs.float(), target, num_classes, average=None, thresholds=None).to(
+            torch.float64
+        )
     counts = torch.bincount(target, minlength=num_classes)
     defined = (counts > 0) & (counts < target.numel())
     per_class = torch.where(defined.to(per_class.device), per_class, torch.full_like(per_class, math.nan))
@@ -161,7 +170,9 @@ class _ConfusionMetric(Metric):
         super().__init__(**kwargs)
         self.class_names = check_challenge_classes(class_names)
         self.num_classes = len(self.class_names)
-        self.add_state("confmat", torch.zeros(self.num_classes, self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state(
+            "confmat", torch.zeros(self.num_classes, self.num_classes, dtype=torch.long), dist_reduce_fx="sum"
+        )
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """``preds``: class indices [N] or logits/probabilities [N, C]; ``target``: indices [N] or one-hot [N, C]."""

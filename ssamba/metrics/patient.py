@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from ssamba.metrics.challenge import (
     CLASS_WEIGHTS,
     MURMUR_CLASSES,
     OUTCOME_CLASSES,
-    cat_state,
     accuracy,
+    cat_state,
     check_challenge_classes,
     class_indices,
     cost_from_predictions,
@@ -37,7 +38,6 @@ from ssamba.metrics.challenge import (
     per_class_recall,
     weighted_accuracy,
 )
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 AGGREGATION_RULES = ("hierarchical", "mean")
 _NO_OUTCOME = -1
@@ -64,7 +64,9 @@ def _group(codes: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _group_mean(values: Tensor, groups: Tensor, num_groups: int) -> Tensor:
-    sums = torch.zeros(num_groups, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, groups, values)
+    sums = torch.zeros(num_groups, values.shape[1], dtype=values.dtype, device=values.device).index_add_(
+        0, groups, values
+    )
     counts = torch.bincount(groups, minlength=num_groups).clamp(min=1).unsqueeze(1)
     return sums / counts
 
@@ -162,12 +164,12 @@ def patient_scores(predictions: PatientPredictions, class_names: Sequence[str]) 
 class PatientChallengeMetrics(Metric):
     """Challenge scores at patient level from segment/recording logits, exact under DDP.
 
-    ``update(logits, target, patient, recording=None, item=None, outcome=None)``:
-    ``logits`` ``[N, C]``; ``target`` class indices ``[N]`` or one-hot ``[N, C]``; ``patient``,
-    ``recording``, ``item`` ids (lists of str/int or int64 code tensors). Without ``recording`` all
-    rows of a patient form one recording. ``item`` ids let duplicates be dropped. ``outcome``
-    (Abnormal=0, Normal=1, -1 unknown for every item) enables the Challenge cost for murmur models (outcome models use their
-    own target). ``compute()`` returns a dict of scalar tensors (see ``patient_scores``).
+    ``update(logits, target, patient, recording=None, id=None, outcome=None)`` takes the keys of a
+    CirCor batch: ``logits`` ``[N, C]``; ``target`` class indices ``[N]`` or one-hot ``[N, C]``;
+    ``patient``, ``recording`` and item ``id`` (lists of str/int or int64 code tensors). Without
+    ``recording`` all rows of a patient form one recording; item ids let duplicates be dropped.
+    ``outcome`` (Abnormal=0, Normal=1, -1 unknown) enables the Challenge cost for murmur models
+    (outcome models use their own target). ``compute()`` returns a dict of scalar tensors (see ``patient_scores``).
     """
 
     is_differentiable = False
@@ -190,7 +192,7 @@ class PatientChallengeMetrics(Metric):
         target: Tensor,
         patient: Sequence[str | int] | Tensor,
         recording: Sequence[str | int] | Tensor | None = None,
-        item: Sequence[str | int] | Tensor | None = None,
+        id: Sequence[str | int] | Tensor | None = None,
         outcome: Tensor | None = None,
     ) -> None:
         num_classes = len(self.class_names)
@@ -213,14 +215,17 @@ class PatientChallengeMetrics(Metric):
         self.outcome.append(outcome_codes)
         self.patient.append(patient_codes)
         self.recording.append(recording_codes)
-        self.item.append(torch.zeros(n, dtype=torch.long, device=device) if item is None else _codes(item, "item", n, device))
-        self.has_item.append(torch.full((n,), item is not None, dtype=torch.bool, device=device))
+        self.item.append(torch.zeros(n, dtype=torch.long, device=device) if id is None else _codes(id, "id", n, device))
+        self.has_item.append(torch.full((n,), id is not None, dtype=torch.bool, device=device))
 
     def predictions(self) -> PatientPredictions:
         """Patient-level predictions from everything seen so far (call after a DDP sync or in one process)."""
         num_classes = len(self.class_names)
         logits = cat_state(self.logits, (0, num_classes), torch.float32)
-        columns = {name: cat_state(getattr(self, name), (0,), torch.long) for name in ("target", "outcome", "patient", "recording", "item")}
+        columns = {
+            name: cat_state(getattr(self, name), (0,), torch.long)
+            for name in ("target", "outcome", "patient", "recording", "item")
+        }
         has_item = cat_state(self.has_item, (0,), torch.bool)
         keep = _first_occurrences(columns["item"], has_item)
         logits = logits[keep]
@@ -230,7 +235,12 @@ class PatientChallengeMetrics(Metric):
         if known.any() and not known.all():
             raise ValueError("outcome was given for some items but not for others")
         return aggregate_patients(
-            logits, columns["target"], columns["patient"], columns["recording"], self.rule, outcome if known.any() else None
+            logits,
+            columns["target"],
+            columns["patient"],
+            columns["recording"],
+            self.rule,
+            outcome if known.any() else None,
         )
 
     def compute(self) -> dict[str, Tensor]:

@@ -28,7 +28,11 @@ def challenge_output_rows(probs: Tensor, preds: Tensor, class_names: Sequence[st
     p_abnormal = probs[:, referred].sum(dim=1, keepdim=True)
     outcome_probs = torch.cat([p_abnormal, 1 - p_abnormal], dim=1)
     outcome_labels = torch.stack([referred[preds], ~referred[preds]], dim=1).long()
-    return [*class_names, *OUTCOME_CLASSES], torch.cat([labels, outcome_labels], dim=1), torch.cat([probs, outcome_probs], dim=1)
+    return (
+        [*class_names, *OUTCOME_CLASSES],
+        torch.cat([labels, outcome_labels], dim=1),
+        torch.cat([probs, outcome_probs], dim=1),
+    )
 
 
 def write_challenge_outputs(
@@ -70,7 +74,9 @@ def confusion_figure(preds: Tensor, target: Tensor, class_names: Sequence[str], 
     import matplotlib.pyplot as plt
 
     num_classes = len(class_names)
-    counts = torch.bincount(target.cpu() * num_classes + preds.cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+    counts = torch.bincount(target.cpu() * num_classes + preds.cpu(), minlength=num_classes**2).view(
+        num_classes, num_classes
+    )
     fig, ax = plt.subplots(figsize=(1.2 * num_classes + 2, 1.2 * num_classes + 1.5))
     ax.imshow(counts.numpy(), cmap="Blues")
     ax.set_xticks(range(num_classes), labels=list(class_names))
@@ -85,4 +91,3 @@ def confusion_figure(preds: Tensor, target: Tensor, class_names: Sequence[str], 
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
     fig.tight_layout()
     return fig
-
