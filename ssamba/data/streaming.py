@@ -124,6 +124,7 @@ class ShardDataModule(AudioDataModule):
         shuffle: bool = True,
         seed: int = 42,
         max_cache_size: str = "50GB",
+        sidecar: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -133,7 +134,7 @@ class ShardDataModule(AudioDataModule):
         first = next((d for d in self.dirs.values() if d), None)
         if first is None:
             raise ValueError("data: set at least one of train_dir, val_dir, test_dir")
-        sidecar = self._sidecar(first)
+        sidecar = self._sidecar(sidecar or os.path.join(first, SIDECAR))
         self.label_names = sidecar["label_names"]
         self.multilabel = sidecar["multilabel"]
         self.meta_keys = tuple(sidecar["meta_keys"])
@@ -142,12 +143,11 @@ class ShardDataModule(AudioDataModule):
         self.max_cache_size = max_cache_size
 
     @staticmethod
-    def _sidecar(directory: str) -> dict:
-        path = os.path.join(directory, SIDECAR)
-        if "://" in directory:  # remote shards: the label set travels with the config instead
-            raise ValueError(f"copy {SIDECAR} next to the config for remote shards ({directory})")
+    def _sidecar(path: str) -> dict:
+        if "://" in path:
+            raise ValueError(f"data.sidecar must be a local copy of {SIDECAR} for remote shards, got {path}")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: is {directory!r} a folder written by ssamba.data.streaming?")
+            raise FileNotFoundError(f"{path} not found: shards are written by `python -m ssamba.data.streaming`")
         with open(path) as f:
             return json.load(f)
 
