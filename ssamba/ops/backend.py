@@ -1,17 +1,23 @@
 """Which implementation runs the bidirectional selective scan.
 
 ``torch`` is plain PyTorch and runs everywhere. ``cuda`` uses mamba-ssm's selective-scan kernel
-and causal-conv1d (the ``cuda`` extra) and needs CUDA tensors. ``auto`` takes ``cuda`` when it can
-and says once, in the log, which one it picked.
+and causal-conv1d (the ``cuda`` extra) and needs CUDA tensors. ``triton`` runs fused Triton kernels
+(conv + both scan directions in one pass; see docs/performance.md) and needs CUDA tensors and the
+``triton`` package, nothing compiled ahead. ``auto`` takes the fastest that can run: ``triton``,
+then ``cuda``, then ``torch``, and says once, in the log, which one it picked. If the Triton kernels
+fail to compile on this machine, ``auto`` falls back for the rest of the process.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "triton")
+
+_triton_failure: list[str] = []  # why the Triton kernels could not run here, once they failed
 
 
 @functools.cache
@@ -36,6 +42,23 @@ def _missing_kernel_packages() -> list[str]:
 
 
 @functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package imports (it also needs a CUDA device at run time)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def disable_triton(reason: str) -> None:
+    """Stop ``auto`` from choosing Triton in this process, e.g. after a compile failure."""
+    if not _triton_failure:
+        _triton_failure.append(reason)
+        log.warning("Triton kernels unavailable (%s); backend 'auto' falls back", reason)
+
+
+@functools.cache
 def _announce(choice: str, reason: str) -> None:
     log.info("selective-scan backend: %s (%s)", choice, reason)
 
@@ -46,6 +69,16 @@ def resolve_backend(requested: str, on_cuda: bool) -> str:
         raise ValueError(f"backend={requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "torch":
         return "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise ImportError("backend='triton' needs the triton package; use backend='torch' or 'auto'")
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend='triton' needs the model and its inputs on a CUDA device (or "
+                               "TRITON_INTERPRET=1 for the slow CPU interpreter); use backend='torch' or 'auto' on CPU")
+        return "triton"
+    if requested == "auto" and on_cuda and triton_available() and not _triton_failure:
+        _announce("triton", "triton installed, tensors on CUDA")
+        return "triton"
     kernels = cuda_kernels() is not None
     if requested == "cuda":
         if not kernels:

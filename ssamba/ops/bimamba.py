@@ -3,7 +3,8 @@
 Both directions run in one scan call: the backward branch's input is the time-reversed sequence,
 and since the two directions differ only in their per-channel parameters, ``[x, flip(x)]`` is
 stacked along channels (2E channels) with the two branches' B/C as two groups. One depthwise conv
-and one selective scan then serve both directions.
+and one selective scan then serve both directions. The ``triton`` backend goes further and keeps
+both directions in the original time order (see ``triton_scan``), so no flipped copies are made.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import cuda_kernels, resolve_backend
+from .backend import cuda_kernels, disable_triton, resolve_backend
 from .selective_scan import selective_scan_torch
 
 
@@ -39,9 +40,32 @@ def _causal_conv_silu_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return F.silu(F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
+def _bimamba_inner_triton(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights) -> Tensor:
+    from .triton_bimamba import bimamba_inner_triton
+
+    return bimamba_inner_triton(
+        xz.transpose(1, 2), torch.cat([fwd.conv_weight, bwd.conv_weight]).flatten(1),
+        torch.cat([fwd.conv_bias, bwd.conv_bias]), fwd.x_proj_weight, bwd.x_proj_weight, fwd.dt_proj_weight,
+        bwd.dt_proj_weight, torch.cat([fwd.dt_proj_bias, bwd.dt_proj_bias]), torch.cat([fwd.A_log, bwd.A_log]),
+        torch.cat([fwd.D, bwd.D]))
+
+
 def bimamba_inner(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights, backend: str = "auto") -> Tensor:
-    """``(y_f + flip(y_b)) / 2`` for ``xz = in_proj(h)`` laid out ``[batch, 2E, L]``; returns ``[batch, L, E]``."""
+    """``(y_f + flip(y_b)) / 2`` for ``xz = in_proj(h)`` laid out ``[batch, 2E, L]``; returns ``[batch, L, E]``.
+
+    ``xz`` is best the transposed view of a contiguous ``[batch, L, 2E]`` projection (what the mixer
+    passes): the Triton path then reads it in place.
+    """
+    requested = backend
     backend = resolve_backend(backend, xz.is_cuda)
+    if backend == "triton":
+        try:
+            return _bimamba_inner_triton(xz, fwd, bwd)
+        except Exception as err:  # a Triton compile/launch failure; only 'auto' may fall back
+            if requested != "auto" or isinstance(err, (torch.OutOfMemoryError, ValueError, TypeError)):
+                raise
+            disable_triton(f"{type(err).__name__}: {err}")
+            backend = resolve_backend(requested, xz.is_cuda)
     x, z = xz.chunk(2, dim=1)
     batch, channels, length = x.shape
     d_state = fwd.A_log.shape[1]

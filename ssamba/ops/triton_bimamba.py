@@ -1,0 +1,84 @@
+"""The bimamba-v2 mixer's inner part (in_proj output -> out_proj input) on Triton kernels.
+
+One autograd Function covers conv + SiLU, the per-direction x/dt projections (cuBLAS) and the fused
+bidirectional scan, with a hand-written backward, so the in_proj output's gradient is written in
+place by the kernels instead of being assembled from slices.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .triton_conv import bidir_conv_bwd, bidir_conv_fwd
+from .triton_scan import LOG2E, bimamba_scan_bwd, bimamba_scan_fwd
+
+
+def _bc_views(x_dbl: Tensor, dt_rank: int, d_state: int) -> tuple[Tensor, Tensor]:
+    return x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
+
+
+class BiMambaInnerTriton(torch.autograd.Function):
+    """``xz [batch, L, 2E]`` (channel-last) -> ``(y_f + flip(y_b)) / 2`` as ``[batch, L, E]``."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D,
+                scan_config=None):
+        if xz.stride(-1) != 1:
+            xz = xz.contiguous()
+        dim = xz.shape[-1] // 2
+        dt_rank, d_state = dt_proj_f.shape[1], A_log.shape[1]
+        dtype = xz.dtype
+        x, z = xz[..., :dim], xz[..., dim:]
+        xc = bidir_conv_fwd(x, conv_weight, conv_bias)
+        x_dbl_f = F.linear(xc[..., :dim], x_proj_f.to(dtype))
+        x_dbl_b = F.linear(xc[..., dim:], x_proj_b.to(dtype))
+        dt_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f.to(dtype))
+        dt_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b.to(dtype))
+        A2 = (-torch.exp(A_log.float()) * LOG2E).contiguous()
+        y, ckpt = bimamba_scan_fwd(xc, dt_f, dt_b, *_bc_views(x_dbl_f, dt_rank, d_state),
+                                   *_bc_views(x_dbl_b, dt_rank, d_state), z, A2, D.float().contiguous(),
+                                   dt_bias.float().contiguous(), scan_config)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D,
+                              xc, x_dbl_f, x_dbl_b, dt_f, dt_b, A2, ckpt)
+        ctx.scan_config = scan_config
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        (xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D,
+         xc, x_dbl_f, x_dbl_b, dt_f, dt_b, A2, ckpt) = ctx.saved_tensors
+        dim = xz.shape[-1] // 2
+        dt_rank, d_state = dt_proj_f.shape[1], A_log.shape[1]
+        dtype = xz.dtype
+        dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+        dxc, d_dt_f, d_dt_b, dBC, dA, dD, dbias = bimamba_scan_bwd(
+            xc, dt_f, dt_b, *_bc_views(x_dbl_f, dt_rank, d_state), *_bc_views(x_dbl_b, dt_rank, d_state),
+            xz[..., dim:], A2, D.float().contiguous(), dt_bias.float().contiguous(), ckpt, dy, dxz[..., dim:],
+            ctx.scan_config)
+        grads = []
+        dxc_rows = dxc.view(-1, 2 * dim)
+        for half, (x_dbl, d_dt, x_proj, dt_proj) in enumerate(((x_dbl_f, d_dt_f, x_proj_f, dt_proj_f),
+                                                                (x_dbl_b, d_dt_b, x_proj_b, dt_proj_b))):
+            d_dt_rows = d_dt.view(-1, dim)
+            d_dt_proj = d_dt_rows.t() @ x_dbl[..., :dt_rank].reshape(-1, dt_rank)
+            d_x_dbl = torch.cat([d_dt_rows @ dt_proj.to(dtype), dBC[:, :, half].flatten(0, 1).flatten(1).to(dtype)], 1)
+            xc_half = xc.view(-1, 2 * dim)[:, half * dim:(half + 1) * dim]
+            d_x_proj = d_x_dbl.t() @ xc_half
+            dxc_rows[:, half * dim:(half + 1) * dim].addmm_(d_x_dbl, x_proj.to(dtype))
+            grads.append((d_x_proj.to(x_proj.dtype), d_dt_proj.to(dt_proj.dtype)))
+        d_conv_weight, d_conv_bias = bidir_conv_bwd(xz[..., :dim], conv_weight, conv_bias, dxc, dxz[..., :dim])
+        A = -torch.exp(A_log.float())
+        return (dxz, d_conv_weight.to(conv_weight.dtype), d_conv_bias.to(conv_bias.dtype), grads[0][0], grads[1][0],
+                grads[0][1], grads[1][1], dbias.sum(0).to(dt_bias.dtype), (dA.sum(0) * A).to(A_log.dtype),
+                dD.sum(0).to(D.dtype), None)
+
+
+def bimamba_inner_triton(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj_f: Tensor, x_proj_b: Tensor,
+                         dt_proj_f: Tensor, dt_proj_b: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor,
+                         scan_config: dict | None = None) -> Tensor:
+    """Both branches' parameters stacked forward-first: ``conv_weight [2E, K]``, ``dt_bias, D [2E]``, ``A_log [2E, N]``."""
+    return BiMambaInnerTriton.apply(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias,
+                                    A_log, D, scan_config)
