@@ -25,7 +25,7 @@ from ssamba.data.__main__ import main as summary_main
 from ssamba.data.circor import stratified_split, windows
 
 CIRCOR_MINI = Path(__file__).parent / "data" / "circor-mini"
-FAST = dict(batch_size=4, target_length=64, num_workers=0, pin_memory=False)
+FAST = {"batch_size": 4, "target_length": 64, "num_workers": 0, "pin_memory": False}
 LABEL_CSV = "index,mid,display_name\n0,/m/a,Alpha\n1,/m/b,Beta\n2,/m/c,Gamma\n"
 
 
@@ -252,8 +252,8 @@ def test_earbud_json_labels_and_unlabeled_file(earbud):
 
 
 def circor(**kwargs):
-    args = dict(root=str(CIRCOR_MINI), val_fraction=0.2, test_fraction=0.2, target_length=498,
-                batch_size=64, num_workers=0)
+    args = {"root": str(CIRCOR_MINI), "val_fraction": 0.2, "test_fraction": 0.2, "target_length": 498,
+                "batch_size": 64, "num_workers": 0}
     args.update(kwargs)
     return CirCorDataModule(**args)
 

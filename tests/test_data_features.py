@@ -91,3 +91,18 @@ def test_to_mono_16k_downmixes_resamples_and_removes_mean(rate):
     wav = to_mono_16k(stereo, rate)
     assert wav.dim() == 1 and abs(wav.numel() - 16000) <= 1
     assert abs(wav.mean().item()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_fbank_on_cuda_matches_kaldi_on_cpu():
+    torch.manual_seed(4)
+    lengths = torch.tensor([16000 * 10, 16000 * 4 + 5, 401])
+    wavs = torch.zeros(3, int(lengths.max()))
+    for row, n in enumerate(lengths.tolist()):
+        wav = torch.randn(n) * 0.1
+        wavs[row, :n] = wav - wav.mean()
+    front = FbankFrontEnd(target_length=1024)
+    on_gpu = front.batch(wavs.cuda(), lengths.cuda(), train=False).cpu()
+    reference = torch.stack([front(wavs[row, :n], train=False) for row, n in enumerate(lengths.tolist())])
+    torch.testing.assert_close(on_gpu, reference, atol=2e-4, rtol=1e-4)

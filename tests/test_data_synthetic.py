@@ -12,7 +12,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def small(**overrides):
-    kwargs = dict(num_classes=4, num_train=32, num_val=8, num_test=8, batch_size=8, target_length=128)
+    kwargs = {"num_classes": 4, "num_train": 32, "num_val": 8, "num_test": 8, "batch_size": 8, "target_length": 128}
     kwargs.update(overrides)
     return SyntheticDataModule(**kwargs)
 
@@ -50,7 +50,7 @@ def test_classes_are_separable_by_a_nearest_centroid_rule():
     dm.setup("fit")
     train = next(iter(dm.dataloader("train", shuffle=False)))
     val = next(iter(dm.val_dataloader()))
-    profile = lambda b: b["fbank"].mean(1)  # noqa: E731 - [B, 128] mean spectrum
+    profile = lambda b: b["fbank"].mean(1)
     labels = train["target"].argmax(1)
     centroids = torch.stack([profile(train)[labels == c].mean(0) for c in range(4)])
     predicted = torch.cdist(profile(val), centroids).argmin(1)

@@ -3,7 +3,13 @@
 from ssamba.data.base import AudioDataModule, ClipDataset, Collate, Item
 from ssamba.data.circor import MURMUR_CLASSES, OUTCOME_CLASSES, CirCorDataModule
 from ssamba.data.earbud import EarbudDataModule
-from ssamba.data.features import AUDIOSET_MEAN, AUDIOSET_STD, FbankFrontEnd, batched_fbank, kaldi_fbank
+from ssamba.data.features import (
+    AUDIOSET_MEAN,
+    AUDIOSET_STD,
+    FbankFrontEnd,
+    batched_fbank,
+    kaldi_fbank,
+)
 from ssamba.data.librispeech import LibriSpeechDataModule
 from ssamba.data.manifest import ManifestDataModule
 from ssamba.data.mixture import MixtureDataModule

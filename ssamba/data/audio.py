@@ -37,8 +37,8 @@ def read_audio(
         with sf.SoundFile(source) as f:
             rate = f.samplerate
             if start > 0:
-                f.seek(min(int(round(start * rate)), f.frames))
-            frames = -1 if duration is None else int(round(duration * rate))
+                f.seek(min(round(start * rate), f.frames))
+            frames = -1 if duration is None else round(duration * rate)
             data = f.read(frames=frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
         raise BadAudio("unreadable", name, str(error)) from error

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssamba.data.audio import SKIP_REASONS, BadAudio, audio_duration, check_files_exist, prepare_waveform, read_audio
+from ssamba.data.audio import (
+    SKIP_REASONS,
+    BadAudio,
+    audio_duration,
+    check_files_exist,
+    prepare_waveform,
+    read_audio,
+)
 from ssamba.data.features import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
@@ -365,4 +372,4 @@ class AudioDataModule(L.LightningDataModule):
         return self.eval_front_end(wav, train=False)
 
 
-__all__ = ["AudioDataModule", "ClipDataset", "Collate", "Item", "SAMPLE_RATE", "UNLABELED"]
+__all__ = ["SAMPLE_RATE", "UNLABELED", "AudioDataModule", "ClipDataset", "Collate", "Item"]

@@ -140,7 +140,7 @@ def stratified_split(patients: list[Patient], fractions: dict[str, float], seed:
         order += [ids[i] for i in torch.randperm(len(ids), generator=generator).tolist()]
     total, assignment = len(order), {}
     for split in ("test", "val"):
-        count = min(int(round(fractions.get(split, 0.0) * total)), len(order))
+        count = min(round(fractions.get(split, 0.0) * total), len(order))
         chosen = {k for k in range(len(order)) if (k + 1) * count // len(order) > k * count // len(order)}
         assignment.update({order[k]: split for k in chosen})
         order = [pid for k, pid in enumerate(order) if k not in chosen]
@@ -239,7 +239,7 @@ class CirCorDataModule(AudioDataModule):
 
     @property
     def splits(self) -> tuple[str, ...]:
-        present = set(self.assignment[p.id] for p in self.patients)
+        present = {self.assignment[p.id] for p in self.patients}
         return tuple(s for s in ("train", "val", "test") if s in present)
 
     def split_patients(self, split: str) -> list[Patient]:

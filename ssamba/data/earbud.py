@@ -98,6 +98,6 @@ class EarbudDataModule(AudioDataModule):
         generator = torch.Generator().manual_seed(self.split_seed)
         shuffled = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
         ordered = sorted(shuffled, key=lambda item: item.labels)
-        count = int(round(self.val_fraction * len(ordered)))
+        count = round(self.val_fraction * len(ordered))
         n = len(ordered)
         return {ordered[k].id for k in range(n) if (k + 1) * count // n > k * count // n}

@@ -17,6 +17,7 @@ import torch
 from ssamba.data.base import AudioDataModule, Item
 from ssamba.data.features import SAMPLE_RATE, samples_for_frames
 
+
 class ClassRecipe:
     """Sound parameters of one class, and a few pre-rendered one-second loops of its texture."""
 
@@ -61,7 +62,7 @@ class SyntheticAudio:
 
     def __init__(self, num_classes: int, seconds: float, seed: int, multilabel: bool):
         self.num_classes = num_classes
-        self.samples = int(round(seconds * SAMPLE_RATE))
+        self.samples = round(seconds * SAMPLE_RATE)
         self.seed = seed
         self.multilabel = multilabel
         self._recipes: dict[int, ClassRecipe] = {}
