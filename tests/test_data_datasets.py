@@ -299,6 +299,10 @@ def test_circor_batches_carry_patient_recording_and_labels():
     assert batch["target"].argmax(1).eq(truth["murmur"]).all()
     assert batch["outcome"].eq(truth["outcome"]).all()
     assert dm.label_names == ["Present", "Unknown", "Absent"]
+    metric = dm.extra_metrics()["challenge"]  # what finetuning adds for CirCor
+    fields = {k: batch[k] for k in ("patient", "recording", "id", "outcome")}
+    metric.update(batch["target"] * 5, batch["target"], **fields)  # perfect logits
+    assert metric.compute()["weighted_accuracy"] == 1
 
 
 def test_circor_recording_level_labels_follow_murmur_locations():

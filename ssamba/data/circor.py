@@ -196,6 +196,7 @@ class CirCorDataModule(AudioDataModule):
         crop_hop_seconds: float = 2.5,
         segment_seconds: float = 5.0,
         min_segment_seconds: float = 2.5,
+        aggregation: str = "hierarchical",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -206,6 +207,7 @@ class CirCorDataModule(AudioDataModule):
         if split_file is not None and not os.path.isfile(split_file):
             raise FileNotFoundError(f"data.split_file: no such file: {split_file}")
         self.root = os.path.expanduser(root)
+        self.aggregation = aggregation
         self.task = task
         self.label_level = label_level
         self.label_names = list(TASKS[task])
@@ -255,6 +257,12 @@ class CirCorDataModule(AudioDataModule):
     @staticmethod
     def _outcome_index(patient: Patient) -> int:
         return OUTCOME_CLASSES.index(patient.outcome) if patient.outcome else NO_OUTCOME
+
+    def extra_metrics(self) -> dict:
+        """Patient-level Challenge scores for the finetuning task (segments -> recordings -> patients)."""
+        from ssamba.metrics import PatientChallengeMetrics
+
+        return {"challenge": PatientChallengeMetrics(class_names=tuple(self.label_names), rule=self.aggregation)}
 
     def recording_label(self, patient: Patient, recording: Recording) -> int:
         if self.task == "outcome":
