@@ -100,10 +100,8 @@ def _count_indexed(encoder_state: dict[str, Tensor], container: str) -> int:
 
 
 def _size_name(family: str, width: int) -> str:
-    if width not in _SIZE_BY_WIDTH:
-        raise ConversionError(f"{keys.DATAPARALLEL_PREFIX}v.cls_token has width {width}; released {family} "
-                              f"models have width {', '.join(map(str, _SIZE_BY_WIDTH))}")
-    return f"{family}_{_SIZE_BY_WIDTH[width]}"
+    """Registry name of a released width; other widths (our own small models) build on the tiny entry."""
+    return f"{family}_{_SIZE_BY_WIDTH.get(width, 'tiny')}"
 
 
 def infer_encoder_config(family: str, encoder_state: dict[str, Tensor], grid: dict[str, int],
@@ -122,7 +120,10 @@ def infer_encoder_config(family: str, encoder_state: dict[str, Tensor], grid: di
                       norm="layernorm" if "layers.0.norm.bias" in encoder_state else "rmsnorm")
     else:
         hidden = _require(encoder_state, "blocks.0.mlp.fc1.weight", family).shape[0]
-        fields.update(depth=_count_indexed(encoder_state, "blocks"), num_heads=_SSAST_HEADS[width],
+        if width not in _SSAST_HEADS and "num_heads" not in overrides:
+            raise ConversionError(f"{keys.DATAPARALLEL_PREFIX}v.cls_token has width {width}, not one of the released "
+                                  f"SSAST widths {sorted(_SSAST_HEADS)}: pass num_heads")
+        fields.update(depth=_count_indexed(encoder_state, "blocks"), num_heads=_SSAST_HEADS.get(width),
                       mlp_ratio=hidden / width)
     fields.update(grid)
     fields.update(overrides)
@@ -300,6 +301,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--norm-std", type=float, default=AUDIOSET_STD, help="fbank std used in pretraining")
     for name in ("input-fdim", "input-tdim", "fstride", "tstride"):
         parser.add_argument(f"--{name}", type=int, help="pretraining grid, for files that do not store it")
+    parser.add_argument("--num-heads", type=int, help="SSAST attention heads, for widths other than the released ones")
     return parser.parse_args(argv)
 
 
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(state, args.output)
         print(f"wrote {len(state)} tensors in the released layout to {args.output}")
     else:
-        grid = {k: getattr(args, k) for k in ("input_fdim", "input_tdim", "fstride", "tstride")
+        grid = {k: getattr(args, k) for k in ("input_fdim", "input_tdim", "fstride", "tstride", "num_heads")
                 if getattr(args, k) is not None}
         converted = released_to_ours(read_checkpoint(args.input), args.family, args.norm_mean, args.norm_std,
                                      source=os.path.basename(args.input), **grid)

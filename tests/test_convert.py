@@ -148,3 +148,13 @@ def test_files_with_pickled_code_are_refused(tmp_path):
         load_encoder_state(path)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_encoder_state(tmp_path / "nope.pth")
+
+
+def test_other_widths_round_trip_given_the_heads():
+    torch.manual_seed(0)
+    encoder = build_encoder("ssast_tiny", embed_dim=32, num_heads=2, depth=1, input_tdim=32)
+    released = {f"module.v.{k}": v for k, v in encoder.state_dict().items()}
+    with pytest.raises(ConversionError, match="width 32.*pass num_heads"):
+        released_to_ours(released)
+    converted = released_to_ours(released, num_heads=2)
+    assert converted.encoder_config == dataclasses.asdict(encoder.config)
