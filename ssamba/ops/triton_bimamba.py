@@ -34,14 +34,15 @@ class BiMambaInnerTriton(torch.autograd.Function):
         xc = bidir_conv_fwd(x, conv_weight, conv_bias)
         x_dbl_f = F.linear(xc[..., :dim], x_proj_f.to(dtype))
         x_dbl_b = F.linear(xc[..., dim:], x_proj_b.to(dtype))
-        dt_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f.to(dtype))
-        dt_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b.to(dtype))
+        bias_f, bias_b = dt_bias.to(dtype).chunk(2)
+        raw_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f.to(dtype), bias_f)
+        raw_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b.to(dtype), bias_b)
+        delta_f, delta_b = F.softplus(raw_f).to(dtype), F.softplus(raw_b).to(dtype)
         A2 = (-torch.exp(A_log.float()) * LOG2E).contiguous()
-        y, ckpt = bimamba_scan_fwd(xc, dt_f, dt_b, *_bc_views(x_dbl_f, dt_rank, d_state),
-                                   *_bc_views(x_dbl_b, dt_rank, d_state), z, A2, D.float().contiguous(),
-                                   dt_bias.float().contiguous(), scan_config)
+        y, ckpt = bimamba_scan_fwd(xc, delta_f, delta_b, *_bc_views(x_dbl_f, dt_rank, d_state),
+                                   *_bc_views(x_dbl_b, dt_rank, d_state), z, A2, D.float().contiguous(), scan_config)
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D,
-                              xc, x_dbl_f, x_dbl_b, dt_f, dt_b, A2, ckpt)
+                              xc, x_dbl_f, x_dbl_b, raw_f, raw_b, delta_f, delta_b, A2, ckpt)
         ctx.scan_config = scan_config
         return y
 
@@ -49,20 +50,20 @@ class BiMambaInnerTriton(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         (xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D,
-         xc, x_dbl_f, x_dbl_b, dt_f, dt_b, A2, ckpt) = ctx.saved_tensors
+         xc, x_dbl_f, x_dbl_b, raw_f, raw_b, delta_f, delta_b, A2, ckpt) = ctx.saved_tensors
         dim = xz.shape[-1] // 2
         dt_rank, d_state = dt_proj_f.shape[1], A_log.shape[1]
         dtype = xz.dtype
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
-        dxc, d_dt_f, d_dt_b, dBC, dA, dD, dbias = bimamba_scan_bwd(
-            xc, dt_f, dt_b, *_bc_views(x_dbl_f, dt_rank, d_state), *_bc_views(x_dbl_b, dt_rank, d_state),
-            xz[..., dim:], A2, D.float().contiguous(), dt_bias.float().contiguous(), ckpt, dy, dxz[..., dim:],
-            ctx.scan_config)
-        grads = []
+        dxc, d_delta_f, d_delta_b, dBC, dA, dD = bimamba_scan_bwd(
+            xc, delta_f, delta_b, *_bc_views(x_dbl_f, dt_rank, d_state), *_bc_views(x_dbl_b, dt_rank, d_state),
+            xz[..., dim:], A2, D.float().contiguous(), ckpt, dy, dxz[..., dim:], ctx.scan_config)
+        grads, d_bias = [], []
         dxc_rows = dxc.view(-1, 2 * dim)
-        for half, (x_dbl, d_dt, x_proj, dt_proj) in enumerate(((x_dbl_f, d_dt_f, x_proj_f, dt_proj_f),
-                                                                (x_dbl_b, d_dt_b, x_proj_b, dt_proj_b))):
-            d_dt_rows = d_dt.view(-1, dim)
+        for half, (x_dbl, raw, d_delta, x_proj, dt_proj) in enumerate(((x_dbl_f, raw_f, d_delta_f, x_proj_f, dt_proj_f),
+                                                                       (x_dbl_b, raw_b, d_delta_b, x_proj_b, dt_proj_b))):
+            d_dt_rows = (d_delta * torch.sigmoid(raw)).view(-1, dim)  # through the softplus
+            d_bias.append(d_dt_rows.sum(0, dtype=torch.float32))
             d_dt_proj = d_dt_rows.t() @ x_dbl[..., :dt_rank].reshape(-1, dt_rank)
             d_x_dbl = torch.cat([d_dt_rows @ dt_proj.to(dtype), dBC[:, :, half].flatten(0, 1).flatten(1).to(dtype)], 1)
             xc_half = xc.view(-1, 2 * dim)[:, half * dim:(half + 1) * dim]
@@ -72,7 +73,7 @@ class BiMambaInnerTriton(torch.autograd.Function):
         d_conv_weight, d_conv_bias = bidir_conv_bwd(xz[..., :dim], conv_weight, conv_bias, dxc, dxz[..., :dim])
         A = -torch.exp(A_log.float())
         return (dxz, d_conv_weight.to(conv_weight.dtype), d_conv_bias.to(conv_bias.dtype), grads[0][0], grads[1][0],
-                grads[0][1], grads[1][1], dbias.sum(0).to(dt_bias.dtype), (dA.sum(0) * A).to(A_log.dtype),
+                grads[0][1], grads[1][1], torch.cat(d_bias).to(dt_bias.dtype), (dA.sum(0) * A).to(A_log.dtype),
                 dD.sum(0).to(D.dtype), None)
 
 

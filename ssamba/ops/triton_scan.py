@@ -5,9 +5,11 @@ the same recurrence run from the last time step to the first, so no flipped copi
 output needs no flip back. One program owns a batch row and a block of channels; it runs the
 forward direction over the sequence in chunks of ``T`` steps and then the backward direction, each
 chunk solved by an in-register associative scan seeded with the state carried from the previous
-chunk. Delta bias and softplus, the ``D`` skip, the ``silu(z)`` gate and the ``(y_f + y_b) / 2``
-average are fused; the backward pass restarts each chunk from a state saved by the forward pass
-and recomputes everything else.
+chunk. The ``D`` skip, the ``silu(z)`` gate and the ``(y_f + y_b) / 2`` average are fused; the
+backward pass restarts each chunk from a state saved by the forward pass and recomputes everything
+else. ``delta`` arrives after its bias and softplus: inside the kernel every ``[T, D]`` quantity is
+replicated over the lanes that hold the states, so transcendental per-channel work is cheaper
+outside.
 
 Layouts are channel-last, as the projections produce them: ``u`` is ``[batch, L, 2E]`` (forward
 branch channels first), delta, ``z`` and ``y`` are ``[batch, L, E]``, ``B`` and ``C`` ``[batch, L, N]``
@@ -22,11 +24,6 @@ import triton
 import triton.language as tl
 
 LOG2E = math.log2(math.e)
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
 
 
 @triton.jit
@@ -52,10 +49,10 @@ def _load_bc(b_ptr, c_ptr, row_off, t_mask, offs_n, n_mask):
 
 @triton.jit
 def _bimamba_scan_fwd_kernel(
-        u_ptr, dt_f_ptr, dt_b_ptr, b_f_ptr, c_f_ptr, b_b_ptr, c_b_ptr, z_ptr,
-        a_ptr, d_ptr, bias_ptr, y_ptr, ckpt_ptr,
+        u_ptr, delta_f_ptr, delta_b_ptr, b_f_ptr, c_f_ptr, b_b_ptr, c_b_ptr, z_ptr,
+        a_ptr, d_ptr, y_ptr, ckpt_ptr,
         length, dim, num_chunks,
-        su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, sz_b, sz_l, sy_b, sy_l,
+        su_b, su_l, sdelta_b, sdelta_l, sbc_b, sbc_l, sz_b, sz_l, sy_b, sy_l,
         N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -71,8 +68,7 @@ def _bimamba_scan_fwd_kernel(
         dn_off = ch[:, None] * N + offs_n[None, :]
         A = tl.load(a_ptr + dn_off, mask=dn_mask, other=0.0)[None]  # log2-scaled, [1, D, N]
         d_skip = tl.load(d_ptr + ch, mask=d_mask, other=0.0)
-        bias = tl.load(bias_ptr + ch, mask=d_mask, other=0.0)
-        dt_ptr = tl.where(direction == 0, dt_f_ptr, dt_b_ptr)
+        delta_ptr = tl.where(direction == 0, delta_f_ptr, delta_b_ptr)
         b_ptr = tl.where(direction == 0, b_f_ptr, b_b_ptr)
         c_ptr = tl.where(direction == 0, c_f_ptr, c_b_ptr)
         h = tl.zeros([1, BLOCK_D, NP], dtype=tl.float32)
@@ -84,9 +80,8 @@ def _bimamba_scan_fwd_kernel(
             ckpt = ckpt_ptr + (pid_b * num_chunks + chunk) * 2 * dim * N + dn_off
             tl.store(ckpt[None], h, mask=dn_mask[None])
             u = tl.load(u_ptr + pid_b * su_b + t[:, None] * su_l + ch[None, :], mask=td_mask, other=0.0).to(tl.float32)
-            raw = tl.load(dt_ptr + pid_b * sdt_b + t[:, None] * sdt_l + offs_d[None, :], mask=td_mask,
-                          other=0.0).to(tl.float32)
-            delta = tl.where(td_mask, _softplus(raw + bias[None, :]), 0.0)
+            delta = tl.load(delta_ptr + pid_b * sdelta_b + t[:, None] * sdelta_l + offs_d[None, :], mask=td_mask,
+                            other=0.0).to(tl.float32)
             B, C = _load_bc(b_ptr, c_ptr, pid_b * sbc_b + t * sbc_l, t_mask, offs_n, n_mask)
             decay = tl.exp2(_expand_td(delta) * A)
             drive = _expand_td(delta * u) * B
@@ -105,11 +100,11 @@ def _bimamba_scan_fwd_kernel(
 
 @triton.jit
 def _bimamba_scan_bwd_kernel(
-        u_ptr, dt_f_ptr, dt_b_ptr, b_f_ptr, c_f_ptr, b_b_ptr, c_b_ptr, z_ptr,
-        a_ptr, d_ptr, bias_ptr, dy_ptr, ckpt_ptr,
-        du_ptr, ddt_f_ptr, ddt_b_ptr, dbc_ptr, dz_ptr, da_ptr, dd_ptr, dbias_ptr,
+        u_ptr, delta_f_ptr, delta_b_ptr, b_f_ptr, c_f_ptr, b_b_ptr, c_b_ptr, z_ptr,
+        a_ptr, d_ptr, dy_ptr, ckpt_ptr,
+        du_ptr, ddelta_f_ptr, ddelta_b_ptr, dbc_ptr, dz_ptr, da_ptr, dd_ptr,
         length, dim, num_chunks,
-        su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
+        su_b, su_l, sdelta_b, sdelta_l, sbc_b, sbc_l, sz_b, sz_l, sy_b, sy_l, sdz_b, sdz_l,
         N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -124,15 +119,13 @@ def _bimamba_scan_bwd_kernel(
         dn_off = ch[:, None] * N + offs_n[None, :]
         A = tl.load(a_ptr + dn_off, mask=dn_mask, other=0.0)[None]  # log2-scaled
         d_skip = tl.load(d_ptr + ch, mask=d_mask, other=0.0)
-        bias = tl.load(bias_ptr + ch, mask=d_mask, other=0.0)
-        dt_ptr = tl.where(direction == 0, dt_f_ptr, dt_b_ptr)
-        ddt_ptr = tl.where(direction == 0, ddt_f_ptr, ddt_b_ptr)
+        delta_ptr = tl.where(direction == 0, delta_f_ptr, delta_b_ptr)
+        ddelta_ptr = tl.where(direction == 0, ddelta_f_ptr, ddelta_b_ptr)
         b_ptr = tl.where(direction == 0, b_f_ptr, b_b_ptr)
         c_ptr = tl.where(direction == 0, c_f_ptr, c_b_ptr)
         lam_carry = tl.zeros([1, BLOCK_D, NP], dtype=tl.float32)
         dA_acc = tl.zeros([1, BLOCK_D, NP], dtype=tl.float32)
         dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in range(num_chunks):
             chunk = num_chunks - 1 - i  # the adjoint runs against the scan
             p = chunk * T + offs_t
@@ -141,15 +134,12 @@ def _bimamba_scan_bwd_kernel(
             td_mask = t_mask[:, None] & d_mask[None, :]
             h0 = tl.load(ckpt_ptr + (pid_b * num_chunks + chunk) * 2 * dim * N + dn_off, mask=dn_mask, other=0.0)
             u = tl.load(u_ptr + pid_b * su_b + t[:, None] * su_l + ch[None, :], mask=td_mask, other=0.0).to(tl.float32)
-            dt_rows = dt_ptr + pid_b * sdt_b + offs_d[None, :]
-            raw = tl.load(dt_rows + t[:, None] * sdt_l, mask=td_mask, other=0.0).to(tl.float32)
-            sp_in = raw + bias[None, :]
-            delta = tl.where(td_mask, _softplus(sp_in), 0.0)
+            delta_rows = delta_ptr + pid_b * sdelta_b + offs_d[None, :]
+            delta = tl.load(delta_rows + t[:, None] * sdelta_l, mask=td_mask, other=0.0).to(tl.float32)
             # decay of the step after p, which the adjoint crosses on its way back
             next_mask = (p + 1 < length)[:, None] & d_mask[None, :]
             t_next = tl.where(direction == 0, t + 1, t - 1)
-            raw_next = tl.load(dt_rows + t_next[:, None] * sdt_l, mask=next_mask, other=0.0).to(tl.float32)
-            delta_next = tl.where(next_mask, _softplus(raw_next + bias[None, :]), 0.0)
+            delta_next = tl.load(delta_rows + t_next[:, None] * sdelta_l, mask=next_mask, other=0.0).to(tl.float32)
             B, C = _load_bc(b_ptr, c_ptr, pid_b * sbc_b + t * sbc_l, t_mask, offs_n, n_mask)
             z = tl.load(z_ptr + pid_b * sz_b + t[:, None] * sz_l + offs_d[None, :], mask=td_mask,
                         other=0.0).to(tl.float32)
@@ -175,10 +165,8 @@ def _bimamba_scan_bwd_kernel(
             d_delta = tl.sum(lam_carried * A, axis=2) * 0.6931471805599453 + u * lam_B
             dA_acc += tl.sum(lam_carried * _expand_td(delta), axis=0, keep_dims=True)
             dD_acc += tl.sum(g * u, axis=0)
-            d_raw = tl.where(td_mask, d_delta * tl.sigmoid(sp_in), 0.0)
-            dbias_acc += tl.sum(d_raw, axis=0)
-            tl.store(ddt_ptr + pid_b * sdt_b + t[:, None] * sdt_l + offs_d[None, :],
-                     d_raw.to(ddt_ptr.dtype.element_ty), mask=td_mask)
+            tl.store(ddelta_ptr + pid_b * sdelta_b + t[:, None] * sdelta_l + offs_d[None, :],
+                     d_delta.to(ddelta_ptr.dtype.element_ty), mask=td_mask)
             du = delta * lam_B + d_skip[None, :] * g
             tl.store(du_ptr + pid_b * su_b + t[:, None] * su_l + ch[None, :], du.to(du_ptr.dtype.element_ty),
                      mask=td_mask)
@@ -196,7 +184,6 @@ def _bimamba_scan_bwd_kernel(
             tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=td_mask)
         tl.store(da_ptr + pid_b * 2 * dim * N + dn_off[None], dA_acc, mask=dn_mask[None])
         tl.store(dd_ptr + pid_b * 2 * dim + ch, dD_acc, mask=d_mask)
-        tl.store(dbias_ptr + pid_b * 2 * dim + ch, dbias_acc, mask=d_mask)
         tl.debug_barrier()  # the backward branch adds to the forward branch's dz
 
 
@@ -211,14 +198,14 @@ def _config(dim: int, d_state: int) -> dict:
     return dict(T=16, BLOCK_D=min(16, triton.next_power_of_2(dim)), NP=np2, num_warps=4)
 
 
-def bimamba_scan_fwd(u, dt_f, dt_b, B_f, C_f, B_b, C_b, z, A2, D, bias, config: dict | None = None):
-    """Fused bidirectional scan; returns ``y [batch, L, E]`` (dtype of ``z``) and the chunk-entry states."""
+def bimamba_scan_fwd(u, delta_f, delta_b, B_f, C_f, B_b, C_b, z, A2, D, config: dict | None = None):
+    """Fused bidirectional scan of ``delta = softplus(dt + bias)``; returns ``y [batch, L, E]`` (dtype of ``z``) and the chunk-entry states."""
     batch, length, dim2 = u.shape
     dim, d_state = dim2 // 2, A2.shape[1]
-    for name, t in (("u", u), ("dt_f", dt_f), ("dt_b", dt_b), ("B_f", B_f), ("C_f", C_f), ("B_b", B_b),
+    for name, t in (("u", u), ("delta_f", delta_f), ("delta_b", delta_b), ("B_f", B_f), ("C_f", C_f), ("B_b", B_b),
                     ("C_b", C_b), ("z", z)):
         _check_channel_last(name, t)
-    if dt_f.stride() != dt_b.stride() or B_f.stride() != C_f.stride() or B_f.stride() != B_b.stride() \
+    if delta_f.stride() != delta_b.stride() or B_f.stride() != C_f.stride() or B_f.stride() != B_b.stride() \
             or B_b.stride() != C_b.stride():
         raise ValueError("the two directions' delta / B / C tensors must share strides")
     cfg = dict(_config(dim, d_state), **(config or {}))
@@ -227,22 +214,22 @@ def bimamba_scan_fwd(u, dt_f, dt_b, B_f, C_f, B_b, C_b, z, A2, D, bias, config: 
     ckpt = torch.empty(batch, num_chunks, dim2, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
     _bimamba_scan_fwd_kernel[grid](
-        u, dt_f, dt_b, B_f, C_f, B_b, C_b, z, A2, D, bias, y, ckpt,
+        u, delta_f, delta_b, B_f, C_f, B_b, C_b, z, A2, D, y, ckpt,
         length, dim, num_chunks,
-        u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), B_f.stride(0), B_f.stride(1),
+        u.stride(0), u.stride(1), delta_f.stride(0), delta_f.stride(1), B_f.stride(0), B_f.stride(1),
         z.stride(0), z.stride(1), y.stride(0), y.stride(1),
         N=d_state, **cfg)
     return y, ckpt
 
 
-def bimamba_scan_bwd(u, dt_f, dt_b, B_f, C_f, B_b, C_b, z, A2, D, bias, ckpt, dy, dz_out,
+def bimamba_scan_bwd(u, delta_f, delta_b, B_f, C_f, B_b, C_b, z, A2, D, ckpt, dy, dz_out,
                      config: dict | None = None):
     """Gradients of :func:`bimamba_scan_fwd`.
 
     Writes dL/dz into ``dz_out`` (a ``[batch, L, E]`` view, e.g. into the in_proj output's gradient)
-    and returns ``du`` (dtype of u), ``d_dt_f, d_dt_b`` (dtype of delta), ``dBC`` fp32
+    and returns ``du`` (dtype of u), ``ddelta_f, ddelta_b`` (dtype of delta), ``dBC`` fp32
     ``[batch, L, 2 (direction), 2 (B, C), N]``, and fp32 per-batch partial sums ``dA [batch, 2E, N]``
-    (w.r.t. the natural-log ``A``), ``dD, dbias [batch, 2E]``.
+    (w.r.t. the natural-log ``A``) and ``dD [batch, 2E]``.
     """
     batch, length, dim2 = u.shape
     dim, d_state = dim2 // 2, A2.shape[1]
@@ -253,21 +240,20 @@ def bimamba_scan_bwd(u, dt_f, dt_b, B_f, C_f, B_b, C_b, z, A2, D, bias, ckpt, dy
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     _check_channel_last("dz_out", dz_out)
     du = torch.empty_like(u)
-    d_dt_f = torch.empty(batch, length, dim, device=u.device, dtype=dt_f.dtype)
-    d_dt_b = torch.empty_like(d_dt_f)
+    ddelta_f = torch.empty(batch, length, dim, device=u.device, dtype=delta_f.dtype)
+    ddelta_b = torch.empty_like(ddelta_f)
     dBC = torch.zeros(batch, length, 2, 2, d_state, device=u.device, dtype=torch.float32)
     dA = torch.empty(batch, dim2, d_state, device=u.device, dtype=torch.float32)
     dD = torch.empty(batch, dim2, device=u.device, dtype=torch.float32)
-    dbias = torch.empty_like(dD)
     grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
-    # d_dt_f / d_dt_b are contiguous while dt_f / dt_b may be views: the kernel shares their strides
-    if dt_f.stride() != d_dt_f.stride():
-        dt_f, dt_b = dt_f.contiguous(), dt_b.contiguous()
+    # ddelta_f / ddelta_b are contiguous while delta_f / delta_b may be views: the kernel shares their strides
+    if delta_f.stride() != ddelta_f.stride():
+        delta_f, delta_b = delta_f.contiguous(), delta_b.contiguous()
     _bimamba_scan_bwd_kernel[grid](
-        u, dt_f, dt_b, B_f, C_f, B_b, C_b, z, A2, D, bias, dy, ckpt,
-        du, d_dt_f, d_dt_b, dBC, dz_out, dA, dD, dbias,
+        u, delta_f, delta_b, B_f, C_f, B_b, C_b, z, A2, D, dy, ckpt,
+        du, ddelta_f, ddelta_b, dBC, dz_out, dA, dD,
         length, dim, num_chunks,
-        u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), B_f.stride(0), B_f.stride(1),
+        u.stride(0), u.stride(1), delta_f.stride(0), delta_f.stride(1), B_f.stride(0), B_f.stride(1),
         z.stride(0), z.stride(1), dy.stride(0), dy.stride(1), dz_out.stride(0), dz_out.stride(1),
         N=d_state, **cfg)
-    return du, d_dt_f, d_dt_b, dBC, dA, dD, dbias
+    return du, ddelta_f, ddelta_b, dBC, dA, dD

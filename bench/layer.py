@@ -1,0 +1,239 @@
+"""One layer, forward + backward, at the pretraining length: stock bidirectional Mamba vs ours vs a ViT block.
+
+Per width (d=192 tiny, d=768 base), batch 64, 513 tokens, bf16 autocast, median of CUDA-event timings
+after warm-up:
+- ``stock``: LayerNorm + two stock ``mamba_ssm.Mamba`` modules, one on ``h`` and one on ``flip(h)``,
+  averaged (what the released Vim/SSAMBA code computes with its patched fork), plus the residual add;
+- ``ours-<backend>``: our ``MambaBlock`` (add -> norm -> bidirectional mixer) per available backend;
+  ``ours`` in the JSON is ``backend=auto``;
+- ``ssast``: the SSAST/ViT pre-norm block (``scaled_dot_product_attention``) of ``ssamba.models.ssast``.
+
+    python bench/layer.py --write           # GPU -> docs/performance/layer.json + table in docs/performance.md
+    python bench/layer.py --sweep           # GPU: scan-kernel configurations, both kernels timed alone
+    python bench/layer.py --smoke           # CPU: tiny sizes, to check the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssamba.models.ssamba import MambaBlock, SSAMBAConfig
+from ssamba.models.ssast import Block as SSASTBlock
+from ssamba.models.ssast import SSASTConfig
+from ssamba.ops.backend import cuda_kernels, resolve_backend, triton_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StockBidirectional(nn.Module):
+    """Residual add + LayerNorm + ``(Mamba_f(h) + flip(Mamba_b(flip(h)))) / 2`` with stock mamba-ssm modules."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        from mamba_ssm import Mamba
+
+        self.norm = nn.LayerNorm(dim)
+        self.forward_mamba = Mamba(dim, d_state=16, d_conv=4, expand=2)
+        self.backward_mamba = Mamba(dim, d_state=16, d_conv=4, expand=2)
+
+    def forward(self, hidden, residual):
+        residual = residual + hidden
+        h = self.norm(residual)
+        return (self.forward_mamba(h) + self.backward_mamba(h.flip(1)).flip(1)) / 2, residual
+
+
+class OursBlock(nn.Module):
+    def __init__(self, dim: int, backend: str):
+        super().__init__()
+        self.block = MambaBlock(SSAMBAConfig(embed_dim=dim, backend=backend), layer_idx=1, drop_path=0.0)
+
+    def forward(self, hidden, residual):
+        return self.block(hidden, residual)
+
+
+class SSASTLayer(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block = SSASTBlock(SSASTConfig(embed_dim=dim, num_heads=max(1, dim // 64)), drop_path=0.0)
+
+    def forward(self, hidden, residual):
+        return (self.block(hidden),)
+
+
+def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``step()`` after ``warmup`` calls: CUDA events on GPU, a host clock on CPU."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_fwd_bwd(layer: nn.Module, batch: int, tokens: int, dim: int, device: torch.device, warmup: int,
+                 iters: int) -> float:
+    """Median milliseconds of one forward + backward (bf16 autocast on CUDA, fp32 on CPU)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(batch, tokens, dim, device=device, generator=gen, requires_grad=True)
+    residual = torch.randn(batch, tokens, dim, device=device, generator=gen, requires_grad=True)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outs = layer(hidden, residual)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    return time_steps(step, device, warmup, iters)
+
+
+def our_backends(device: torch.device) -> list[str]:
+    """``auto`` plus every other backend that can run here (``torch`` only on CPU: it is far too slow on GPU)."""
+    cuda = device.type == "cuda"
+    available = (["triton"] if cuda and triton_available() else []) + (["cuda"] if cuda and cuda_kernels() else [])
+    available += [] if cuda else ["torch"]
+    return ["auto"] + [b for b in available if b != resolve_backend("auto", cuda)]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def replace_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the ``## title`` section of a markdown file, keeping every other section."""
+    text = path.read_text() if path.exists() else "# Performance\n"
+    lines = text.splitlines()
+    heading = f"## {title}"
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [heading, "", *body.strip().splitlines(), ""]
+    else:
+        lines += ["", heading, "", *body.strip().splitlines()]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def run_layers(args, device: torch.device) -> dict:
+    results = {}
+    for dim in args.dims:
+        row = {}
+        candidates = {f"ours-{b}": (lambda b=b: OursBlock(dim, b)) for b in our_backends(device)}
+        if device.type == "cuda" and not args.no_stock and cuda_kernels() is not None:
+            candidates["stock"] = lambda: StockBidirectional(dim)
+        candidates["ssast"] = lambda: SSASTLayer(dim)
+        for name, make in candidates.items():
+            layer = make().to(device)
+            row[name] = time_fwd_bwd(layer, args.batch, args.tokens, dim, device, args.warmup, args.iters)
+            print(f"d={dim} {name}: {row[name]:.3f} ms", flush=True)
+            del layer
+        results[dim] = row
+    return results
+
+
+def write_outputs(results: dict, args, device: torch.device) -> None:
+    name = device_name(device)
+    resolved = resolve_backend("auto", device.type == "cuda")
+    layer_json = {"device": name}
+    for dim, row in results.items():
+        layer_json[f"d{dim}"] = {"stock_ms": row.get("stock"), "ours_ms": row.get("ours-auto"),
+                                 "ssast_ms": row.get("ssast")}
+    out_dir = ROOT / "docs" / "performance"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "layer.json").write_text(json.dumps(layer_json, indent=2) + "\n")
+    names = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "stock", k != "ssast", k))
+    table = [f"`python bench/layer.py --write` on {name}, torch {torch.__version__}: one layer forward + backward, "
+             f"batch {args.batch}, {args.tokens} tokens, bf16 autocast, median of {args.iters} CUDA-event timings "
+             f"after {args.warmup} warm-up steps. `ours-auto` resolved to `{resolved}`. `stock` = LayerNorm + two "
+             "stock `mamba_ssm.Mamba` modules (h and flip(h)) averaged; `ssast` = pre-norm ViT block with "
+             "`scaled_dot_product_attention`. Raw numbers: docs/performance/layer.json.", "",
+             "| layer | " + " | ".join(f"d={d} (ms)" for d in results) + " |",
+             "|---|" + "---|" * len(results)]
+    for key in names:
+        cells = [f"{results[d][key]:.2f}" if key in results[d] else "-" for d in results]
+        table.append(f"| {key} | " + " | ".join(cells) + " |")
+    replace_section(ROOT / "docs" / "performance.md", "Layer", "\n".join(table))
+    print("\n".join(table))
+
+
+SWEEP_CONFIGS = [dict(T=16, BLOCK_D=16, num_warps=4), dict(T=16, BLOCK_D=16, num_warps=8),
+                 dict(T=16, BLOCK_D=32, num_warps=8), dict(T=32, BLOCK_D=16, num_warps=8),
+                 dict(T=8, BLOCK_D=16, num_warps=4), dict(T=16, BLOCK_D=8, num_warps=4)]
+
+
+def sweep(args, device: torch.device) -> None:
+    """Time the scan kernels alone for several tile configurations (same inputs, bf16 in, fp32 inside)."""
+    from triton.testing import do_bench
+
+    from ssamba.ops.triton_scan import bimamba_scan_bwd, bimamba_scan_fwd
+
+    for dim in args.dims:
+        E, N, R = 2 * dim, 16, -(-dim // 16)
+        B, L = args.batch, args.tokens
+        gen = torch.Generator(device=device).manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, device=device, generator=gen).bfloat16()  # noqa: E731
+        u, xz = rnd(B, L, 2 * E), rnd(B, L, 2 * E)
+        x_dbl_f, x_dbl_b = rnd(B, L, R + 2 * N), rnd(B, L, R + 2 * N)
+        dt_f, dt_b, dy = rnd(B, L, E), rnd(B, L, E), rnd(B, L, E)
+        A2 = -torch.rand(2 * E, N, device=device, generator=gen) * 5
+        D = torch.ones(2 * E, device=device)
+        dt_f, dt_b = F.softplus(dt_f.float() - 3).bfloat16(), F.softplus(dt_b.float() - 3).bfloat16()
+        bc = lambda t: (t[..., R:R + N], t[..., R + N:])  # noqa: E731
+        dz = torch.empty_like(xz)[..., E:]
+        for cfg in SWEEP_CONFIGS:
+            full = dict(cfg, NP=N)
+            fwd = lambda: bimamba_scan_fwd(u, dt_f, dt_b, *bc(x_dbl_f), *bc(x_dbl_b), xz[..., E:], A2, D, full)  # noqa: E731
+            _, ckpt = fwd()
+            bwd = lambda: bimamba_scan_bwd(u, dt_f, dt_b, *bc(x_dbl_f), *bc(x_dbl_b), xz[..., E:], A2, D,  # noqa: E731
+                                           ckpt, dy, dz, full)
+            t_f = do_bench(fwd, warmup=50, rep=200, return_mode="median")
+            t_b = do_bench(bwd, warmup=50, rep=200, return_mode="median")
+            print(f"sweep d={dim} {cfg}: scan fwd {t_f:.3f} ms  bwd {t_b:.3f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[192, 768])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=513)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock mamba-ssm composition")
+    parser.add_argument("--sweep", action="store_true", help="time scan-kernel configurations instead")
+    parser.add_argument("--write", action="store_true", help="write docs/performance/layer.json and the table")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, 2 iterations")
+    args = parser.parse_args()
+    if args.smoke:
+        args.device, args.dims, args.batch, args.tokens, args.warmup, args.iters = "cpu", [32], 2, 33, 1, 2
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.sweep:
+        sweep(args, device)
+        return
+    results = run_layers(args, device)
+    if args.write:
+        write_outputs(results, args, device)
+
+
+if __name__ == "__main__":
+    main()
