@@ -1,0 +1,109 @@
+"""What the pretraining and finetuning LightningModules share: the encoder, the configured
+optimizer and scheduler with a linear warm-up, and the checkpoint record of docs/architecture.md."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+DATA_KEYS = ("target_length", "norm_mean", "norm_std", "label_names", "multilabel")
+
+
+def data_info(datamodule: Any) -> dict[str, Any]:
+    """The datamodule attributes a task needs, as plain values (they go into hparams and checkpoints)."""
+    missing = [key for key in DATA_KEYS if not hasattr(datamodule, key)]
+    if missing:
+        raise TypeError(f"{type(datamodule).__name__} lacks the datamodule attribute(s) {missing} "
+                        "(see docs/architecture.md, 'Batches')")
+    return {"target_length": int(datamodule.target_length), "norm_mean": float(datamodule.norm_mean),
+            "norm_std": float(datamodule.norm_std), "label_names": [str(n) for n in datamodule.label_names],
+            "multilabel": bool(datamodule.multilabel)}
+
+
+class EncoderTask(L.LightningModule):
+    """Base class: ``self.encoder`` plus optimisation; subclasses add heads and the steps.
+
+    ``optimizer`` and ``scheduler`` are partials from the config (``_partial_: true``) that get the
+    parameter groups / the optimizer. The warm-up multiplies every group's learning rate by
+    ``min(1, (step + 1) / warmup_steps)`` around each optimizer step only, so schedulers
+    (MultiStepLR, ReduceLROnPlateau, ...) always see and change the un-warmed rate.
+    """
+
+    task_name = "task"
+
+    def __init__(self, encoder: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None, scheduler_config: dict | None = None,
+                 warmup_steps: int = 0, data: dict | None = None):
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"task.warmup_steps={warmup_steps} must be >= 0")
+        self.encoder = encoder
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_config = dict(scheduler_config or {})
+        self.warmup_steps = warmup_steps
+        self.data = dict(data or {})
+
+    # --- optimisation -----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups; subclasses split them (e.g. a head learning-rate multiplier)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def base_lr(self) -> float:
+        keywords = self.optimizer_factory.keywords if isinstance(self.optimizer_factory, functools.partial) else {}
+        if "lr" not in keywords:
+            raise ValueError("task.optimizer.lr must be set (the head multiplier and warm-up scale it)")
+        return float(keywords["lr"])
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), **self.scheduler_config}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def warmup_factor(self) -> float:
+        if self.global_step >= self.warmup_steps:
+            return 1.0
+        return (self.global_step + 1) / self.warmup_steps
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        factor = self.warmup_factor()
+        if factor == 1.0:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        groups = optimizer.param_groups
+        scheduled = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] *= factor
+        try:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            for group, lr in zip(groups, scheduled):
+                group["lr"] = lr
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log_lr()
+
+    def log_lr(self) -> None:
+        """Log the learning rate the coming optimizer step uses (warm-up included), per group."""
+        if not self.trainer.optimizers:
+            return
+        factor = self.warmup_factor()
+        for index, group in enumerate(self.trainer.optimizers[0].param_groups):
+            name = "lr" if index == 0 else f"lr_{group.get('name', index)}"
+            self.log(name, group["lr"] * factor, on_step=True, on_epoch=False, prog_bar=index == 0)
+
+    # --- checkpoint record --------------------------------------------------------------------
+    def checkpoint_record(self) -> dict[str, Any]:
+        """What a finetune or ``ssamba.load`` needs to rebuild the encoder without the training config."""
+        return {"encoder": dataclasses.asdict(self.encoder.config), "norm_mean": self.data.get("norm_mean"),
+                "norm_std": self.data.get("norm_std"), "target_length": self.data.get("target_length"),
+                "task": self.task_name, "label_names": self.data.get("label_names")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ssamba"] = self.checkpoint_record()

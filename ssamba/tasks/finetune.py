@@ -1,0 +1,194 @@
+"""Supervised finetuning (or training from scratch) of an encoder with a classification head.
+
+The encoder comes from one of our pretraining checkpoints (``pretrained``: rebuilt from its
+``checkpoint["ssamba"]`` record, loaded with ``weights_only=True``) or, without one, from the
+model config. Either way the patch grid is then re-laid for this task (``fstride``/``tstride``,
+the data's ``target_length``), which cuts or interpolates the position embedding.
+
+Metrics: ``acc`` (top-1 against the arg-max of the target) and ``mAP`` (macro average precision,
+multi-label or multi-class by the data) on every evaluation split, plus any extra torchmetrics
+given as ``metrics`` (from the config or the datamodule's ``extra_metrics()``). Extra metrics are
+updated as ``metric.update(logits, target, **batch_fields)`` where ``batch_fields`` are the
+batch's list-valued keys (``id``, ``patient``, ``recording``, ...) that the metric's ``update``
+signature names; ``target`` is the batch's ``[B, C]`` target.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAveragePrecision, MultilabelAveragePrecision
+
+from ssamba.models import encoder_from_config
+from ssamba.tasks.base import EncoderTask
+from ssamba.tasks.heads import POOLINGS, ClassificationHead
+from ssamba.utils.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("auto", "bce", "ce")
+UNLABELED = ["unlabeled"]
+
+
+def load_pretrained_encoder(path: str, backend: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Encoder and ``checkpoint["ssamba"]`` record from one of our checkpoints (tensors only are unpickled)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConfigError(f"task.pretrained={path}: cannot be loaded as a checkpoint ({error})") from error
+    record = checkpoint.get("ssamba")
+    if record is None or "encoder" not in record:
+        raise ConfigError(f"task.pretrained={path}: not an ssamba checkpoint (no checkpoint['ssamba'] record)")
+    config = dict(record["encoder"])
+    if backend is not None:
+        config["backend"] = backend
+    encoder = encoder_from_config(config)
+    prefix = "encoder."
+    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(weights, strict=True)
+    return encoder, record
+
+
+class Finetuning(EncoderTask):
+    """Encoder + :class:`ClassificationHead`; BCE or CE; head learning-rate multiplier."""
+
+    task_name = "finetune"
+
+    def __init__(self, optimizer, encoder: nn.Module | Any = None, pretrained: str | None = None,
+                 backend: str | None = None, fstride: int = 10, tstride: int = 10, pooling: str = "mean",
+                 loss: str = "auto", head_lr_multiplier: float = 1.0, num_classes: int | None = None,
+                 scheduler=None, scheduler_config: dict | None = None, warmup_steps: int = 0,
+                 metrics: dict[str, Metric] | None = None, data: dict | None = None):
+        data = dict(data or {})
+        if pretrained:
+            encoder, record = load_pretrained_encoder(pretrained, backend)
+            log.info("finetuning from %s (%s pretraining, grid %s)", pretrained, record["encoder"]["name"],
+                     "x".join(map(str, encoder.grid)))
+        elif encoder is None:
+            raise ConfigError("task.pretrained: no checkpoint and no model config; give task.pretrained=PATH "
+                              "or a model (model=tiny|small|base) to train from scratch")
+        elif not isinstance(encoder, nn.Module):
+            encoder = encoder()  # a factory from the config (model with _partial_)
+        super().__init__(encoder, optimizer, scheduler, scheduler_config, warmup_steps, data)
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler", "metrics"])
+        if pooling not in POOLINGS:
+            raise ConfigError(f"task.pooling={pooling!r}: allowed values are {', '.join(POOLINGS)}")
+        if loss not in LOSSES:
+            raise ConfigError(f"task.loss={loss!r}: allowed values are {', '.join(LOSSES)}")
+        self.num_classes = self._resolve_num_classes(num_classes, data.get("label_names"))
+        self.multilabel = bool(data.get("multilabel", False))
+        self.loss_name = ("bce" if self.multilabel else "ce") if loss == "auto" else loss
+        self.head_lr_multiplier = head_lr_multiplier
+        tdim = data.get("target_length") or self.encoder.config.input_tdim
+        self.encoder.set_grid(input_tdim=tdim, fstride=fstride, tstride=tstride)
+        self.head = ClassificationHead(self.encoder.embed_dim, self.num_classes, pooling,
+                                       self.encoder.num_prefix_tokens)
+        builtin = {"acc": MulticlassAccuracy(self.num_classes, average="micro"),
+                   "mAP": (MultilabelAveragePrecision(self.num_classes, average="macro") if self.multilabel
+                           else MulticlassAveragePrecision(self.num_classes, average="macro"))}
+        self.val_metrics = nn.ModuleDict(builtin)
+        self.test_metrics = nn.ModuleDict({k: m.clone() for k, m in builtin.items()})
+        extra = MetricCollection(dict(metrics or {}), compute_groups=False)
+        self.val_extra = extra.clone(prefix="val/")
+        self.test_extra = extra.clone(prefix="test/")
+
+    @staticmethod
+    def _resolve_num_classes(num_classes: int | None, label_names: list[str] | None) -> int:
+        if label_names is None or list(label_names) == UNLABELED:
+            if label_names is not None:
+                raise ConfigError("data: finetuning needs labeled data, but this datamodule gives none "
+                                  "(label_names=['unlabeled']); choose a labeled data=... config")
+            if num_classes is None:
+                raise ConfigError("task.num_classes: not set and the data gives no label names; set "
+                                  "task.num_classes=N (N >= 2)")
+            resolved = num_classes
+        else:
+            resolved = len(label_names)
+            if num_classes is not None and num_classes != resolved:
+                raise ConfigError(f"task.num_classes={num_classes}: the data has {resolved} classes; "
+                                  f"allowed: null or {resolved}")
+        if resolved < 2:
+            raise ConfigError(f"task.num_classes={resolved}: finetuning needs at least 2 classes")
+        return resolved
+
+    # --- model ------------------------------------------------------------------------------------
+    def forward(self, fbank: Tensor) -> Tensor:
+        return self.head(self.encoder.forward_features(fbank))
+
+    def parameter_groups(self) -> list[dict]:
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head}
+        body = [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
+        return [{"params": body, "name": "encoder"},
+                {"params": head, "name": "head", "lr": self.base_lr() * self.head_lr_multiplier}]
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.loss_name == "bce":
+            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        return F.cross_entropy(logits.float(), target.float())  # soft targets: mixup-mixed labels
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        record = super().checkpoint_record()
+        record["head"] = {"num_classes": self.num_classes, "pooling": self.head.pooling,
+                          "multilabel": self.multilabel, "loss": self.loss_name}
+        return record
+
+    # --- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self(batch["fbank"])
+        loss = self.loss(logits, batch["target"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
+        return loss
+
+    def evaluation_step(self, batch: dict, stage: str) -> None:
+        if batch["fbank"].shape[0] == 0:  # every item of the batch was unusable (counted by the data)
+            return
+        logits = self(batch["fbank"])
+        target = batch["target"]
+        self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, sync_dist=True,
+                 batch_size=logits.shape[0])
+        builtin = self.val_metrics if stage == "val" else self.test_metrics
+        builtin["acc"].update(logits, target.argmax(-1))
+        builtin["mAP"].update(logits, (target > 0.5).long() if self.multilabel else target.argmax(-1))
+        fields = {k: v for k, v in batch.items() if isinstance(v, (list, tuple))}
+        (self.val_extra if stage == "val" else self.test_extra).update(logits, target, **fields)
+
+    def log_evaluation(self, stage: str) -> None:
+        builtin = self.val_metrics if stage == "val" else self.test_metrics
+        extra = self.val_extra if stage == "val" else self.test_extra
+        values = {f"{stage}/{name}": metric.compute() for name, metric in builtin.items()}
+        if len(extra):
+            values.update(_flatten(extra.compute()))
+        self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=stage == "val")
+        for metric in builtin.values():
+            metric.reset()
+        extra.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation("test")
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Tensor]:
+    """Metric results to scalars: nested dicts become ``key/sub``, vectors ``key/0``, ``key/1``, ..."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten({f"{key}/{k}": v for k, v in value.items()}))
+        elif isinstance(value, Tensor) and value.numel() > 1:
+            flat.update({f"{key}/{i}": v for i, v in enumerate(value.flatten())})
+        else:
+            flat[key] = torch.as_tensor(value)
+    return flat

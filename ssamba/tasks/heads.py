@@ -1,0 +1,34 @@
+"""Task heads on top of encoder tokens ``[B, num_prefix_tokens + num_patches, D]``."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+POOLINGS = ("mean", "cls")
+
+
+class ClassificationHead(nn.Module):
+    """Pool the tokens (mean of the patch tokens, or the cls token) -> LayerNorm -> Linear."""
+
+    def __init__(self, embed_dim: int, num_classes: int, pooling: str = "mean", num_prefix_tokens: int = 1):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"task.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+        if pooling == "cls" and num_prefix_tokens < 1:
+            raise ValueError("task.pooling='cls' needs an encoder with a cls token")
+        self.pooling = pooling
+        self.num_prefix_tokens = num_prefix_tokens
+        self.norm = nn.LayerNorm(embed_dim)
+        self.fc = nn.Linear(embed_dim, num_classes)
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        if self.pooling == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.fc(self.norm(self.pool(tokens)))
+
+
+def prediction_head(embed_dim: int, out_dim: int) -> nn.Sequential:
+    """Two-layer MLP of the masked patch heads (``cpred`` / ``gpred``): Linear -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, out_dim))

@@ -1,0 +1,143 @@
+"""Self-supervised masked spectrogram patch modeling (the SSAST joint objective used by SSAMBA).
+
+Masked patch embeddings are replaced by ``mask_embed``; the encoder's output at each masked
+position feeds two heads. ``cpred`` solves a per-clip InfoNCE problem (which of the clip's masked
+patches is mine? negatives are the other masked patches of the same clip), ``gpred`` regresses
+the raw patch values (MSE). Loss ``nce_weight * nce + mse_weight * mse`` (1 and 10 by default).
+
+``joint_passes=2`` (default, as released) runs one encoder pass per head with independent masks;
+``joint_passes=1`` feeds both heads from one pass, halving the encoder compute.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssamba.tasks.base import EncoderTask
+from ssamba.tasks.heads import prediction_head
+from ssamba.tasks.masking import STYLES, make_mask
+from ssamba.utils.config import ConfigError
+
+MASK_DEFAULTS = {"count": 400, "style": "cluster", "cluster_sizes": [3, 4, 5], "reference_quirks": False,
+                 "val_count": None}
+
+
+def masked_patch_nce(preds: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """InfoNCE and accuracy over the masked patches of each clip, batched.
+
+    ``preds``/``targets`` are ``[B, M, P]``. ``scores[b, i, j] = targets[b, i] . preds[b, j]``;
+    the loss is the mean of ``-log_softmax(scores, -1)`` on the diagonal, and prediction ``j`` is
+    correct when the target it scores highest is its own (argmax over dim 1).
+    """
+    scores = torch.bmm(targets.float(), preds.float().transpose(1, 2))  # [B, M, M]
+    nce = -torch.diagonal(F.log_softmax(scores, dim=-1), dim1=1, dim2=2).mean()
+    own = torch.arange(scores.shape[1], device=scores.device)
+    acc = (scores.argmax(dim=1) == own).float().mean()
+    return nce, acc
+
+
+class MaskedPatchPretraining(EncoderTask):
+    """Joint discriminative + generative masked patch modeling on an encoder of ``ssamba.models``."""
+
+    task_name = "pretrain"
+
+    def __init__(self, encoder: nn.Module | Any, optimizer, scheduler=None, scheduler_config: dict | None = None,
+                 warmup_steps: int = 1000, mask: dict | None = None, joint_passes: int = 2, nce_weight: float = 1.0,
+                 mse_weight: float = 10.0, figure_every_n_steps: int = 0, data: dict | None = None):
+        if not isinstance(encoder, nn.Module):
+            encoder = encoder()  # a factory from the config (model with _partial_)
+        super().__init__(encoder, optimizer, scheduler, scheduler_config, warmup_steps, data)
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler"])
+        unknown = sorted(set(mask or {}) - set(MASK_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown mask key(s) {unknown}; allowed: {sorted(MASK_DEFAULTS)}")
+        self.mask_cfg = {**MASK_DEFAULTS, **(mask or {})}
+        if self.mask_cfg["val_count"] is None:
+            self.mask_cfg["val_count"] = self.mask_cfg["count"]
+        if self.mask_cfg["style"] not in STYLES:
+            raise ConfigError(f"mask.style={self.mask_cfg['style']!r} is not one of {', '.join(STYLES)}")
+        num_patches = self.encoder.num_patches
+        for key in ("count", "val_count"):
+            if not 0 < self.mask_cfg[key] < num_patches:
+                grid = "x".join(map(str, self.encoder.grid))
+                raise ConfigError(f"mask.{key}={self.mask_cfg[key]} must be in 1..{num_patches - 1}: the model's "
+                                 f"patch grid is {grid} = {num_patches} patches for "
+                                 f"{self.encoder.config.input_tdim} frames (data.target_length)")
+        if joint_passes not in (1, 2):
+            raise ConfigError(f"task.joint_passes={joint_passes} is not one of 1, 2")
+        self.joint_passes = joint_passes
+        self.nce_weight = nce_weight
+        self.mse_weight = mse_weight
+        self.figure_every_n_steps = figure_every_n_steps
+        dim = self.encoder.embed_dim
+        patch_values = self.encoder.patch_shape[0] * self.encoder.patch_shape[1]
+        self.mask_embed = nn.Parameter(torch.empty(1, 1, dim))
+        nn.init.xavier_normal_(self.mask_embed)
+        self.cpred = prediction_head(dim, patch_values)
+        self.gpred = prediction_head(dim, patch_values)
+
+    # --- masked passes ------------------------------------------------------------------------
+    def sample_mask(self, batch: int, count: int, generator: torch.Generator | None = None) -> Tensor:
+        cfg = self.mask_cfg
+        return make_mask(cfg["style"], batch, self.encoder.grid, count, cfg["cluster_sizes"],
+                         cfg["reference_quirks"], device=self.device, generator=generator)
+
+    def masked_pass(self, fbank: Tensor, count: int, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode with ``count`` masked patches per clip: (features, targets ``[B, M, ...]``, mask)."""
+        batch = fbank.shape[0]
+        mask = self.sample_mask(batch, count, generator)
+        tokens = self.encoder.forward_features(fbank, mask, self.mask_embed)
+        hidden = tokens[:, self.encoder.num_prefix_tokens:][mask].view(batch, count, -1)
+        targets = self.encoder.patchify(fbank)[mask].view(batch, count, -1)
+        return hidden, targets, mask
+
+    def objective(self, fbank: Tensor, count: int, generator=None) -> dict[str, Tensor]:
+        hidden, targets, mask = self.masked_pass(fbank, count, generator)
+        nce, acc = masked_patch_nce(self.cpred(hidden), targets)
+        if self.joint_passes == 2:
+            hidden, targets, mask = self.masked_pass(fbank, count, generator)
+        reconstruction = self.gpred(hidden)
+        mse = F.mse_loss(reconstruction.float(), targets.float())
+        loss = self.nce_weight * nce + self.mse_weight * mse
+        return {"loss": loss, "nce": nce, "mse": mse, "acc": acc,
+                "mask": mask, "reconstruction": reconstruction.detach()}
+
+    # --- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.objective(batch["fbank"], self.mask_cfg["count"])
+        # on_step + on_epoch: Lightning logs train/<name>_step and train/<name>_epoch
+        self.log_dict({f"train/{k}": out[k] for k in ("loss", "nce", "mse", "acc")}, on_step=True, on_epoch=True,
+                      prog_bar=True, batch_size=batch["fbank"].shape[0])
+        if self.figure_every_n_steps and self.global_step % self.figure_every_n_steps == 0:
+            self.log_reconstruction(batch["fbank"][0], out["mask"][0], out["reconstruction"][0])
+        return out["loss"]
+
+    def evaluation_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        # Fixed masks per batch: validation curves compare like with like across epochs.
+        generator = torch.Generator(self.device).manual_seed(1_000_003 * self.global_rank + batch_idx)
+        out = self.objective(batch["fbank"], self.mask_cfg["val_count"], generator)
+        self.log_dict({f"{stage}/{k}": out[k] for k in ("loss", "nce", "mse", "acc")}, on_epoch=True,
+                      prog_bar=stage == "val", sync_dist=True, batch_size=batch["fbank"].shape[0])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "test")
+
+    # --- figures ------------------------------------------------------------------------------------
+    def log_reconstruction(self, fbank: Tensor, mask: Tensor, reconstruction: Tensor) -> None:
+        """Spectrogram, mask and the gpred reconstruction of one clip, to every logger (rank 0)."""
+        if self.global_rank != 0 or not self.loggers:
+            return
+        from ssamba.utils.figures import log_figure, reconstruction_figure
+
+        patches = self.encoder.patchify(fbank[None])[0].clone()
+        patches[mask] = reconstruction.to(patches.dtype)
+        cfg = self.encoder.config
+        figure = reconstruction_figure(fbank, mask.view(self.encoder.grid), patches, (cfg.fshape, cfg.tshape),
+                                       (cfg.fstride, cfg.tstride))
+        log_figure(self.loggers, "train/reconstruction", figure, self.global_step)

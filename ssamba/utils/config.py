@@ -1,0 +1,114 @@
+"""Checks of the composed config that fail before any data is read or model built.
+
+Each problem is a :class:`ConfigError` whose message starts with the offending key and says what
+is allowed, so ``train.py`` can print it as one line. Checks that need the built objects (patch
+grid vs mask count, labels of the data) live next to the code that knows them and raise the same
+error type.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+TASKS = ("pretrain", "finetune")
+MASK_STYLES = ("cluster", "random")
+POOLINGS = ("mean", "cls")
+LOSSES = ("auto", "bce", "ce")
+CPU_BACKENDS = ("gloo",)
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true")
+
+
+class ConfigError(ValueError):
+    """An inconsistent or unknown config value; the message names the key and the allowed values."""
+
+
+def find_config_error(error: BaseException) -> ConfigError | None:
+    """The ConfigError behind an exception (Hydra wraps errors raised while instantiating)."""
+    while error is not None:
+        if isinstance(error, ConfigError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _get(cfg: DictConfig, key: str, default=None):
+    value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+    return default if value is None else value
+
+
+def _require_positive_int(cfg: DictConfig, key: str) -> None:
+    value = _get(cfg, key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{key}={value!r}: must be a positive integer")
+
+
+def _choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
+    value = _get(cfg, key)
+    if value is not None and value not in allowed:
+        raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
+
+
+def _strategy_name(strategy) -> str | None:
+    if isinstance(strategy, str):
+        return strategy
+    if isinstance(strategy, DictConfig):
+        target = str(strategy.get("_target_", ""))
+        return "ddp" if target.endswith("DDPStrategy") else target.rsplit(".", 1)[-1] or None
+    return None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Static checks of a composed training config (``conf/train.yaml`` and its groups)."""
+    missing = sorted(OmegaConf.missing_keys(cfg) - {"hydra"})
+    missing = [key for key in missing if not key.startswith("hydra.")]
+    if missing:
+        raise ConfigError(f"{missing[0]}: is required (???) but not set; set it on the command line, "
+                          f"e.g. {missing[0]}=... (all missing: {', '.join(missing)})")
+    _choice(cfg, "task.name", TASKS)
+    task = _get(cfg, "task.name")
+    if task == "pretrain":
+        _choice(cfg, "mask.style", MASK_STYLES)
+        _require_positive_int(cfg, "mask.count")
+        _require_positive_int(cfg, "mask.val_count")
+        _choice(cfg, "task.joint_passes", (1, 2))
+        if "model" not in cfg or cfg.model is None:
+            raise ConfigError("model: task=pretrain needs a model, allowed: model=tiny|small|base|ssast_*")
+    if task == "finetune":
+        _choice(cfg, "task.pooling", POOLINGS)
+        _choice(cfg, "task.loss", LOSSES)
+        _require_positive_int(cfg, "task.fstride")
+        _require_positive_int(cfg, "task.tstride")
+        if _get(cfg, "task.num_classes") is not None:
+            _require_positive_int(cfg, "task.num_classes")
+        if _get(cfg, "task.head_lr_multiplier", 1.0) <= 0:
+            raise ConfigError(f"task.head_lr_multiplier={cfg.task.head_lr_multiplier}: must be > 0")
+        pretrained = _get(cfg, "task.pretrained")
+        if pretrained is not None and not Path(pretrained).is_file():
+            raise ConfigError(f"task.pretrained={pretrained}: no such checkpoint file")
+    if _get(cfg, "task.warmup_steps", 0) < 0:
+        raise ConfigError(f"task.warmup_steps={cfg.task.warmup_steps}: must be >= 0")
+    ckpt_path = _get(cfg, "ckpt_path")
+    if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (or use 'last' / 'best')")
+    _validate_trainer(cfg)
+
+
+def _validate_trainer(cfg: DictConfig) -> None:
+    trainer = cfg.get("trainer")
+    if trainer is None:
+        raise ConfigError("trainer: missing; allowed: trainer=default|cpu|gpu|ddp|ddp_sim")
+    accelerator = _get(cfg, "trainer.accelerator", "auto")
+    strategy = _strategy_name(trainer.get("strategy"))
+    backend = _get(cfg, "trainer.strategy.process_group_backend")
+    if accelerator == "cpu" and strategy in DDP_STRATEGIES and backend not in (None, *CPU_BACKENDS):
+        raise ConfigError(f"trainer.strategy.process_group_backend={backend}: DDP on CPU needs "
+                          f"{' or '.join(CPU_BACKENDS)} (nccl is GPU only)")
+    precision = str(_get(cfg, "trainer.precision", "32-true"))
+    if accelerator == "cpu" and precision in ("16-mixed", "16", "16-true"):
+        raise ConfigError(f"trainer.precision={precision}: float16 does not run on CPU; allowed there: "
+                          "32-true, bf16-mixed, bf16-true")
+    devices = _get(cfg, "trainer.devices", 1)
+    if accelerator == "cpu" and isinstance(devices, int) and devices > 1 and strategy not in DDP_STRATEGIES:
+        raise ConfigError(f"trainer.devices={devices}: several CPU processes need a DDP strategy "
+                          "(use trainer=ddp_sim)")

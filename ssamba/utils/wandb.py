@@ -1,0 +1,79 @@
+"""Weights & Biases without surprises: offline when there is no key, never fatal to a run.
+
+Keys come only from the environment (``WANDB_API_KEY``) or wandb's own login; nothing is read
+from or written to the configs. With no ``WANDB_API_KEY`` and no ``WANDB_MODE`` the run logs
+offline and says how to upload it later (``wandb sync``); set ``WANDB_MODE=online`` to use a key
+stored by ``wandb login`` instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def choose_wandb_mode() -> str:
+    """Set ``WANDB_MODE=offline`` unless a mode was chosen or an API key is in the environment."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    log.info("W&B: no WANDB_API_KEY in the environment, logging offline "
+             "(export WANDB_API_KEY=... or WANDB_MODE=online to log online)")
+    return "offline"
+
+
+def name_wandb_run(cfg) -> None:
+    """Fill ``logger.wandb.name``/``group`` when unset: jobs of one multirun share a group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    settings = cfg.logger.wandb
+    with open_dict(settings):
+        if settings.get("name") is None:
+            settings.name = cfg.name
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            job = HydraConfig.get().job
+            if settings.get("group") is None:
+                settings.group = f"{cfg.name}-{Path(HydraConfig.get().sweep.dir).name}"
+            settings.name = f"{settings.name}-{job.num}" + (f"-{job.override_dirname}" if job.override_dirname else "")
+
+
+def start_wandb(loggers: list[Logger]) -> list[Logger]:
+    """Start the W&B run now (rank 0); if that fails, warn and go on with the other loggers."""
+    kept = []
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                experiment = logger.experiment
+                if getattr(experiment, "dir", None) and os.environ.get("WANDB_MODE") == "offline":
+                    log.info("W&B offline run in %s; upload it later with: wandb sync %s",
+                             Path(experiment.dir).parent, Path(experiment.dir).parent)
+            except Exception as error:  # no network, bad key, full disk: training goes on without W&B
+                log.warning("W&B could not start (%r); continuing without it (the CSV log is complete)", error)
+                continue
+        kept.append(logger)
+    return kept
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the run so the next job of a multirun starts its own, and repeat the sync hint."""
+    import wandb
+
+    run = wandb.run
+    if run is None:
+        return
+    try:
+        run_dir = Path(run.dir).parent
+        wandb.finish(exit_code=exit_code)
+        if os.environ.get("WANDB_MODE") == "offline":
+            log.info("W&B run saved offline; to upload: wandb sync %s", run_dir)
+    except Exception as error:
+        log.warning("W&B did not close cleanly (%r)", error)

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from ssamba.tasks.masking import cluster_mask, make_mask, random_mask
+
+
+@pytest.mark.parametrize("grid,count", [((8, 64), 400), ((8, 64), 250), ((8, 16), 100), ((12, 5), 59), ((1, 64), 30)])
+@pytest.mark.parametrize("quirks", [False, True])
+def test_cluster_mask_masks_exactly_count(grid, count, quirks):
+    torch.manual_seed(0)
+    mask = cluster_mask(16, grid, count, reference_quirks=quirks)
+    assert mask.shape == (16, grid[0] * grid[1]) and mask.dtype == torch.bool
+    assert (mask.sum(1) == count).all()
+
+
+def test_random_mask_masks_exactly_count_uniformly():
+    torch.manual_seed(0)
+    mask = random_mask(4000, 20, 5)
+    assert (mask.sum(1) == 5).all()
+    frequency = mask.float().mean(0)
+    assert torch.allclose(frequency, torch.full((20,), 0.25), atol=0.03)
+
+
+def test_cluster_mask_is_made_of_blocks():
+    torch.manual_seed(0)
+    grid = (16, 16)
+    mask = cluster_mask(200, grid, 9, cluster_sizes=[3]).view(200, *grid)
+    scattered = random_mask(200, 256, 9).view(200, *grid)
+
+    def with_masked_neighbour(m):
+        padded = torch.nn.functional.pad(m.float(), (1, 1, 1, 1))
+        neighbours = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+        return (neighbours[m] > 0).float().mean()
+
+    # Almost every patch of a block mask touches another masked patch (only the cut-short last
+    # block can leave one alone); few patches of a uniform mask do.
+    assert with_masked_neighbour(mask) > 0.97
+    assert with_masked_neighbour(scattered) < 0.3
+    # A block that fits entirely is exactly 3x3 (the first block drawn covers all 9 patches).
+    rows = mask.any(2).sum(1)
+    cols = mask.any(1).sum(1)
+    assert ((rows == 3) & (cols == 3)).float().mean() > 0.5
+
+
+def test_reference_quirks_never_mask_patch_zero_and_wrap_rows():
+    torch.manual_seed(0)
+    grid = (4, 8)
+    quirky = cluster_mask(3000, grid, 4, cluster_sizes=[2], reference_quirks=True)
+    assert not quirky[:, 0].any()
+    clean = cluster_mask(3000, grid, 4, cluster_sizes=[2])
+    assert clean[:, 0].any()
+    # A flat-index block starting at the end of a time row continues at the start of the next row.
+    wrapped = quirky[:, 7] & quirky[:, 8]  # (f=0, t=7) next to (f=1, t=0)
+    assert wrapped.any()
+    assert not (clean[:, 7] & clean[:, 8] & ~clean[:, 6] & ~clean[:, 15]).all()
+
+
+def test_masks_follow_the_generator():
+    first = make_mask("cluster", 4, (8, 16), 50, generator=torch.Generator().manual_seed(3))
+    second = make_mask("cluster", 4, (8, 16), 50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("count", [0, 128, 500])
+def test_bad_counts_name_the_key(count):
+    with pytest.raises(ValueError, match=r"mask.count=.*1\.\.127"):
+        make_mask("cluster", 2, (8, 16), count)
+
+
+def test_unknown_style_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="mask.style='blocks' is not one of cluster, random"):
+        make_mask("blocks", 2, (8, 16), 10)

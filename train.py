@@ -1,0 +1,73 @@
+"""Train an encoder: ``python train.py model=tiny task=pretrain [group=choice] [key=value]``.
+
+Compose the config, check it, seed, build data / task / callbacks / loggers / trainer, fit, test the
+best checkpoint where the data has a test split, and return the monitored metric (for sweepers).
+Config groups and recipes: docs/training.md.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from ssamba.tasks import build_task
+from ssamba.utils.config import find_config_error, validate_config
+from ssamba.utils.instantiate import instantiate_named
+from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
+                                 with_cpu_quickstart)
+from ssamba.utils.wandb import choose_wandb_mode, finish_wandb, name_wandb_run, start_wandb
+
+log = logging.getLogger("train")
+
+
+def train(cfg: DictConfig) -> float | None:
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    export_job_for_ddp_workers()
+    datamodule = hydra.utils.instantiate(cfg.data)
+    task = build_task(cfg, datamodule)
+    callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
+    if any("WandbLogger" in str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values() if entry):
+        choose_wandb_mode()
+        name_wandb_run(cfg)
+    loggers = start_wandb(instantiate_named(cfg.get("logger"), "logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    exit_code = 1
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if cfg.get("test") and "test" in getattr(datamodule, "splits", ()):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
+        exit_code = 0
+    finally:
+        finish_wandb(exit_code)
+        end_distributed_job()
+    score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if score is None:
+        score = trainer.callback_metrics.get(cfg.task.monitor)
+    if trainer.is_global_zero:
+        log.info("%s = %s; outputs in %s", cfg.task.monitor, None if score is None else f"{float(score):.4f}",
+                 cfg.paths.output_dir)
+    return None if score is None else float(score)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)
+    except Exception as error:
+        config_error = find_config_error(error)
+        if config_error is None:
+            raise
+        log.error("config error: %s", config_error)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    sys.argv = with_cpu_quickstart(ddp_worker_argv(sys.argv))
+    main()
