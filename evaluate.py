@@ -1,0 +1,99 @@
+"""Score a finetuned checkpoint: ``python evaluate.py ckpt_path=... data=circor data.root=... [split=test]``.
+
+Prints the patient-level Challenge scores, writes ``scores.json``, a confusion-matrix figure and one
+``outputs/<PID>.csv`` per patient in the PhysioNet Challenge 2022 output format, and logs scores
+and figure to the configured loggers (``logger=wandb``). Config: ``conf/evaluate.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, open_dict
+
+from ssamba.metrics.evaluation import check_compatible, load_classifier, read_record, score_split
+from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs
+
+log = logging.getLogger("evaluate")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score ``cfg.ckpt_path`` on ``cfg.split``; returns the scores as floats."""
+    record = read_record(cfg.ckpt_path)
+    with open_dict(cfg):  # the model's input: its own frame count and normalisation
+        for key in ("target_length", "norm_mean", "norm_std"):
+            if record.get(key) is not None:
+                cfg.data[key] = record[key]
+    datamodule = hydra.utils.instantiate(cfg.data)
+    check_compatible(record, datamodule.label_names, datamodule.target_length)
+    if cfg.split not in datamodule.splits:
+        raise ValueError(f"split={cfg.split!r}: the data has only {', '.join(datamodule.splits)}")
+    rule = cfg.aggregation or getattr(datamodule, "aggregation", "hierarchical")
+    model, _ = load_classifier(cfg.ckpt_path, backend=cfg.backend)
+    device = resolve_device(cfg.device)
+    metric = score_split(model, datamodule, cfg.split, rule, device, str(cfg.precision))
+    scores = {name: float(value) for name, value in metric.compute().items()}
+    predictions = metric.predictions()
+
+    patient_ids = [metric.patient_id(code) for code in predictions.patient.tolist()]
+    figure = confusion_figure(
+        predictions.preds, predictions.target, datamodule.label_names, f"{cfg.split}: {len(patient_ids)} patients"
+    )
+    log_to_loggers(cfg, scores, figure)  # first: a CSV logger expects an empty folder
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_challenge_outputs(predictions, patient_ids, datamodule.label_names, out_dir / "outputs")
+    figure.savefig(out_dir / "confusion_matrix.png", dpi=100)
+    plain = {name: None if math.isnan(value) else value for name, value in scores.items()}  # strict JSON
+    summary = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "aggregation": rule, "scores": plain}
+    (out_dir / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    from rich.console import Console
+
+    Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {Path(cfg.ckpt_path).name}"))
+    log.info("patient outputs, scores.json and confusion_matrix.png in %s", out_dir)
+    return scores
+
+
+def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:
+    """Scores under ``<split>/challenge/...`` and the figure, to every configured logger."""
+    from ssamba.utils.figures import log_figure
+    from ssamba.utils.instantiate import instantiate_named
+    from ssamba.utils.wandb import choose_wandb_mode, finish_wandb, start_wandb
+
+    if any("WandbLogger" in str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values() if entry):
+        choose_wandb_mode()
+    loggers = start_wandb(instantiate_named(cfg.get("logger"), "logger"))
+    if not loggers:
+        return
+    for logger in loggers:
+        logger.log_hyperparams({"ckpt_path": str(cfg.ckpt_path), "split": cfg.split})
+        logger.log_metrics({f"{cfg.split}/challenge/{k}": v for k, v in scores.items()}, step=0)
+    log_figure(loggers, f"{cfg.split}/confusion_matrix", figure, step=0)
+    for logger in loggers:
+        logger.finalize("success")
+    finish_wandb(0)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["weighted_accuracy"]
+
+
+if __name__ == "__main__":
+    main()

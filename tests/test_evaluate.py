@@ -1,0 +1,105 @@
+"""evaluate.py on the CirCor mini fixture with a small finetuned checkpoint built in the test."""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssamba.data import CirCorDataModule
+from ssamba.metrics.evaluation import check_compatible, load_classifier, read_record
+from ssamba.models import build_encoder
+from ssamba.tasks import Finetuning, data_info
+
+REPO = Path(__file__).resolve().parents[1]
+CIRCOR_MINI = REPO / "tests" / "data" / "circor-mini"
+WEIGHTS = {"Present": 5, "Unknown": 3, "Absent": 1}
+
+
+def save_finetuned(path: Path, **data_overrides) -> Path:
+    """A finetuning checkpoint as train.py writes it: Lightning ``state_dict`` + the ``ssamba`` record."""
+    torch.manual_seed(0)
+    datamodule = CirCorDataModule(root=str(CIRCOR_MINI), target_length=128, num_workers=0, **data_overrides)
+    encoder = build_encoder("tiny", depth=2, embed_dim=16, input_tdim=128, backend="torch")
+    task = Finetuning(
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        encoder=encoder,
+        fstride=16,
+        tstride=16,
+        data=data_info(datamodule),
+    )
+    torch.save({"state_dict": task.state_dict(), "ssamba": task.checkpoint_record()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_finetuned(tmp_path_factory.mktemp("ckpt") / "finetuned.ckpt")
+
+
+def read_output(path: Path):
+    lines = path.read_text().splitlines()
+    classes = lines[1].split(",")
+    labels = dict(zip(classes, map(int, lines[2].split(","))))
+    probs = dict(zip(classes, map(float, lines[3].split(","))))
+    return lines[0], labels, probs
+
+
+def test_cli_scores_a_split_and_writes_challenge_files(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    command = [
+        sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", f"data.root={CIRCOR_MINI}",
+        "data.num_workers=0", "split=test", "logger=csv", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weighted_accuracy" in result.stdout  # the printed table
+
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["split"] == "test" and summary["aggregation"] == "hierarchical"
+    scores = summary["scores"]
+    truth = CirCorDataModule(root=str(CIRCOR_MINI)).patient_targets("test")
+    assert scores["patients"] == len(truth) == 2
+
+    # the written files alone reproduce the weighted accuracy (Challenge formula, by hand)
+    hits = total = 0
+    for pid, labels in truth.items():
+        header, predicted, probs = read_output(out / "outputs" / f"{pid}.csv")
+        assert header == f"#{pid}"
+        assert sum(predicted[c] for c in WEIGHTS) == 1 and sum(predicted[c] for c in ("Abnormal", "Normal")) == 1
+        assert sum(probs[c] for c in WEIGHTS) == pytest.approx(1, abs=1e-5)
+        true_class = ["Present", "Unknown", "Absent"][labels["murmur"]]
+        total += WEIGHTS[true_class]
+        hits += WEIGHTS[true_class] * predicted[true_class]
+    assert scores["weighted_accuracy"] == pytest.approx(hits / total)
+    assert scores["cost"] > 0  # every mini patient has an outcome
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    assert "test/challenge/weighted_accuracy" in (out / "metrics.csv").read_text()
+
+
+def test_loaded_classifier_reproduces_the_task(checkpoint):
+    model, record = load_classifier(str(checkpoint), backend="torch")
+    task_state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    head_weight = next(v for k, v in task_state.items() if k.startswith("head.fc.weight"))
+    assert torch.equal(model.head.fc.weight, head_weight)
+    assert model(torch.zeros(2, 128, 128)).shape == (2, 3)
+    assert record["label_names"] == ["Present", "Unknown", "Absent"]
+
+
+def test_mismatched_data_is_refused(checkpoint, tmp_path):
+    record = read_record(str(checkpoint))
+    with pytest.raises(ValueError, match="label_names"):
+        check_compatible(record, ["Abnormal", "Normal"], 128)
+    with pytest.raises(ValueError, match="target_length"):
+        check_compatible(record, ["Present", "Unknown", "Absent"], 512)
+    pretraining = tmp_path / "pretrain.ckpt"
+    state = torch.load(checkpoint, weights_only=True)
+    record = {key: value for key, value in state["ssamba"].items() if key != "head"} | {"task": "pretrain"}
+    torch.save({"state_dict": state["state_dict"], "ssamba": record}, pretraining)
+    with pytest.raises(ValueError, match="no classification head"):
+        read_record(str(pretraining))
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        read_record(str(tmp_path / "missing.ckpt"))
