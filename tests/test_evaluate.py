@@ -54,7 +54,7 @@ def test_cli_scores_a_split_and_writes_challenge_files(checkpoint, tmp_path):
         sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", f"data.root={CIRCOR_MINI}",
         "data.num_workers=0", "split=test", "logger=csv", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weighted_accuracy" in result.stdout  # the printed table
 
