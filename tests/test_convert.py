@@ -158,3 +158,25 @@ def test_other_widths_round_trip_given_the_heads():
         released_to_ours(released)
     converted = released_to_ours(released, num_heads=2)
     assert converted.encoder_config == dataclasses.asdict(encoder.config)
+
+
+@pytest.mark.parametrize("family", ["ssamba", "ssast"])
+def test_pretraining_task_checkpoint_maps_onto_the_released_names_and_finetunes_from_a_pth(family, tmp_path):
+    import functools
+
+    from ssamba.tasks import Finetuning, MaskedPatchPretraining
+
+    data = {"target_length": 48, "norm_mean": -4.0, "norm_std": 4.0, "label_names": ["a", "b"], "multilabel": False}
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-3)
+    task = MaskedPatchPretraining(make_encoder(family), adamw, mask={"count": 8, "val_count": 8}, data=data)
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+    released, unused = ours_to_released(checkpoint)
+    assert unused == []
+    assert set(released) == set(released_layout(task.encoder, family)) - head_keys(family)
+
+    torch.save(released, tmp_path / "released.pth")
+    finetune = Finetuning(adamw, pretrained=str(tmp_path / "released.pth"), fstride=10, tstride=10, data=data)
+    assert finetune.encoder.grid == (12, 4)
+    torch.testing.assert_close(finetune.encoder.patch_embed.proj.weight, task.encoder.patch_embed.proj.weight)
+    assert finetune(torch.randn(2, 48, 128)).shape == (2, 2)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAveragePrecision, MultilabelAveragePrecision
 
+from ssamba.convert import load_encoder_state
 from ssamba.models import encoder_from_config
 from ssamba.tasks.base import EncoderTask
 from ssamba.tasks.heads import POOLINGS, ClassificationHead
@@ -35,22 +36,17 @@ UNLABELED = ["unlabeled"]
 
 
 def load_pretrained_encoder(path: str, backend: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Encoder and ``checkpoint["ssamba"]`` record from one of our checkpoints (tensors only are unpickled)."""
+    """Encoder and ``checkpoint["ssamba"]`` record from one of our checkpoints or a released SSAMBA/SSAST
+    ``.pth`` (read by :func:`ssamba.convert.load_encoder_state`; tensors only are unpickled)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ConfigError(f"task.pretrained={path}: cannot be loaded as a checkpoint ({error})") from error
-    record = checkpoint.get("ssamba")
-    if record is None or "encoder" not in record:
-        raise ConfigError(f"task.pretrained={path}: not an ssamba checkpoint (no checkpoint['ssamba'] record)")
-    config = dict(record["encoder"])
-    if backend is not None:
+        config, weights, extras = load_encoder_state(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"task.pretrained={path}: {error}") from error
+    if backend is not None and "backend" in config:  # SSAMBA encoders only
         config["backend"] = backend
     encoder = encoder_from_config(config)
-    prefix = "encoder."
-    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     encoder.load_state_dict(weights, strict=True)
-    return encoder, record
+    return encoder, {"encoder": config, **{k: v for k, v in extras.items() if k != "task_state"}}
 
 
 class Finetuning(EncoderTask):
