@@ -32,8 +32,8 @@ def no_tf32():
 
 
 def _relerr(a, b):
-    """Relative error; an exactly-zero reference (e.g. dA at length 1) is compared absolutely."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-6)).item()
+    """Relative error; a (near-)zero reference such as dA at length 1 is compared absolutely."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-3)).item()
 
 
 def _weights(E, N, R, K, gen, zero_bias=False):

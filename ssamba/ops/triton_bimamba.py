@@ -34,10 +34,11 @@ class BiMambaInnerTriton(torch.autograd.Function):
         xc = bidir_conv_fwd(x, conv_weight, conv_bias)
         x_dbl_f = F.linear(xc[..., :dim], x_proj_f.to(dtype))
         x_dbl_b = F.linear(xc[..., dim:], x_proj_b.to(dtype))
-        bias_f, bias_b = dt_bias.to(dtype).chunk(2)
-        raw_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f.to(dtype), bias_f)
-        raw_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b.to(dtype), bias_b)
-        delta_f, delta_b = F.softplus(raw_f).to(dtype), F.softplus(raw_b).to(dtype)
+        # the bias is added and the softplus taken in fp32 (in bf16 the bias would swamp small dt)
+        bias_f, bias_b = dt_bias.float().chunk(2)
+        raw_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f.to(dtype))
+        raw_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b.to(dtype))
+        delta_f, delta_b = F.softplus(raw_f.float() + bias_f), F.softplus(raw_b.float() + bias_b)
         A2 = (-torch.exp(A_log.float()) * LOG2E).contiguous()
         y, ckpt = bimamba_scan_fwd(xc, delta_f, delta_b, *_bc_views(x_dbl_f, dt_rank, d_state),
                                    *_bc_views(x_dbl_b, dt_rank, d_state), z, A2, D.float().contiguous(), scan_config)
@@ -60,10 +61,12 @@ class BiMambaInnerTriton(torch.autograd.Function):
             xz[..., dim:], A2, D.float().contiguous(), ckpt, dy, dxz[..., dim:], ctx.scan_config)
         grads, d_bias = [], []
         dxc_rows = dxc.view(-1, 2 * dim)
+        biases = dt_bias.float().chunk(2)
         for half, (x_dbl, raw, d_delta, x_proj, dt_proj) in enumerate(((x_dbl_f, raw_f, d_delta_f, x_proj_f, dt_proj_f),
                                                                        (x_dbl_b, raw_b, d_delta_b, x_proj_b, dt_proj_b))):
-            d_dt_rows = (d_delta * torch.sigmoid(raw)).view(-1, dim)  # through the softplus
-            d_bias.append(d_dt_rows.sum(0, dtype=torch.float32))
+            d_raw = (d_delta * torch.sigmoid(raw.float() + biases[half])).view(-1, dim)  # through the softplus
+            d_bias.append(d_raw.sum(0))
+            d_dt_rows = d_raw.to(dtype)
             d_dt_proj = d_dt_rows.t() @ x_dbl[..., :dt_rank].reshape(-1, dt_rank)
             d_x_dbl = torch.cat([d_dt_rows @ dt_proj.to(dtype), dBC[:, :, half].flatten(0, 1).flatten(1).to(dtype)], 1)
             xc_half = xc.view(-1, 2 * dim)[:, half * dim:(half + 1) * dim]

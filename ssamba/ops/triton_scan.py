@@ -227,7 +227,7 @@ def bimamba_scan_bwd(u, delta_f, delta_b, B_f, C_f, B_b, C_b, z, A2, D, ckpt, dy
     """Gradients of :func:`bimamba_scan_fwd`.
 
     Writes dL/dz into ``dz_out`` (a ``[batch, L, E]`` view, e.g. into the in_proj output's gradient)
-    and returns ``du`` (dtype of u), ``ddelta_f, ddelta_b`` (dtype of delta), ``dBC`` fp32
+    and returns ``du`` (dtype of u), fp32 ``ddelta_f, ddelta_b``, ``dBC`` fp32
     ``[batch, L, 2 (direction), 2 (B, C), N]``, and fp32 per-batch partial sums ``dA [batch, 2E, N]``
     (w.r.t. the natural-log ``A``) and ``dD [batch, 2E]``.
     """
@@ -240,7 +240,7 @@ def bimamba_scan_bwd(u, delta_f, delta_b, B_f, C_f, B_b, C_b, z, A2, D, ckpt, dy
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     _check_channel_last("dz_out", dz_out)
     du = torch.empty_like(u)
-    ddelta_f = torch.empty(batch, length, dim, device=u.device, dtype=delta_f.dtype)
+    ddelta_f = torch.empty(batch, length, dim, device=u.device, dtype=torch.float32)  # feeds weight grads
     ddelta_b = torch.empty_like(ddelta_f)
     dBC = torch.zeros(batch, length, 2, 2, d_state, device=u.device, dtype=torch.float32)
     dA = torch.empty(batch, dim2, d_state, device=u.device, dtype=torch.float32)
