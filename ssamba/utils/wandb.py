@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -65,9 +66,8 @@ def start_wandb(loggers: list[Logger]) -> list[Logger]:
 
 def finish_wandb(exit_code: int = 0) -> None:
     """Close the run so the next job of a multirun starts its own, and repeat the sync hint."""
-    import wandb
-
-    run = wandb.run
+    wandb = sys.modules.get("wandb")  # never imported: no run to close (and wandb may not be installed)
+    run = None if wandb is None else wandb.run
     if run is None:
         return
     try:
