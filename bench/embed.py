@@ -37,7 +37,7 @@ def frames_for_tokens(tokens: int, mel_patches: int = 8, patch: int = 16) -> int
 
 def build(mode: str, size: str, frames: int, smoke: bool):
     family = "ssamba" if mode == "ssamba" else "ssast"
-    small = dict(depth=2, embed_dim=32) | ({"num_heads": 2} if family == "ssast" else {}) if smoke else {}
+    small = {"depth": 2, "embed_dim": 32} | ({"num_heads": 2} if family == "ssast" else {}) if smoke else {}
     tdim = min(frames, WINDOW_FRAMES) if mode == "ssast-windowed" else frames
     return build_encoder(f"{family}_{size}", input_tdim=tdim, **small)
 

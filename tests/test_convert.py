@@ -6,12 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from ssamba.convert import (ConversionError, load_encoder_state, main, ours_to_released, released_to_ours,
-                            to_lightning_checkpoint)
+from ssamba.convert import (
+    ConversionError,
+    load_encoder_state,
+    main,
+    ours_to_released,
+    released_to_ours,
+    to_lightning_checkpoint,
+)
 from ssamba.models import build_encoder, encoder_from_config
 
 # Released widths (the converter names the size from it), shallow and short so tests stay fast.
-SMALL = {"ssamba": dict(depth=2, d_state=4, input_tdim=48), "ssast": dict(depth=2, input_tdim=48)}
+SMALL = {"ssamba": {"depth": 2, "d_state": 4, "input_tdim": 48}, "ssast": {"depth": 2, "input_tdim": 48}}
 
 
 def make_encoder(family):

@@ -15,8 +15,8 @@ from ssamba.data.features import FbankFrontEnd, samples_for_frames
 from ssamba.embed import AudioEmbedder, main
 from ssamba.models import build_encoder
 
-TINY = {"ssamba_tiny": dict(embed_dim=32, depth=4, d_state=4, input_tdim=64, backend="torch"),
-        "ssast_tiny": dict(embed_dim=32, depth=2, num_heads=4, input_tdim=64)}
+TINY = {"ssamba_tiny": {"embed_dim": 32, "depth": 4, "d_state": 4, "input_tdim": 64, "backend": "torch"},
+        "ssast_tiny": {"embed_dim": 32, "depth": 2, "num_heads": 4, "input_tdim": 64}}
 MEAN, STD = -3.0, 4.0
 
 

@@ -9,8 +9,8 @@ from ssamba.models.ssast import SSASTEncoder
 
 # Small overrides per family so every registered model runs in well under a second on CPU.
 _TINY = {
-    "ssamba": dict(embed_dim=32, depth=2, d_state=4, input_tdim=64, backend="torch"),
-    "ssast": dict(embed_dim=32, depth=2, num_heads=4, input_tdim=64),
+    "ssamba": {"embed_dim": 32, "depth": 2, "d_state": 4, "input_tdim": 64, "backend": "torch"},
+    "ssast": {"embed_dim": 32, "depth": 2, "num_heads": 4, "input_tdim": 64},
 }
 
 

@@ -16,8 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (DropPath, PatchEmbed, adapt_patch_pos_embed, apply_patch_mask, fbank_to_image,
-                     grid_shape, unfold_patches)
+from .layers import (
+    DropPath,
+    PatchEmbed,
+    adapt_patch_pos_embed,
+    apply_patch_mask,
+    fbank_to_image,
+    grid_shape,
+    unfold_patches,
+)
 from .registry import config_overrides, register_model
 
 
