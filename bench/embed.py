@@ -7,7 +7,7 @@ The paper reports SSAMBA-tiny 92.7% faster with 95.4% less memory than SSAST-tin
 - ``ssast-math``: one pass with the materialised attention matrix (the attention of the paper's time);
 - ``ssast-windowed``: windows of 1024 frames (512 tokens), as ``ssamba.embed`` runs SSAST.
 
-    python bench/embed.py                      # GPU: 4k, 22k, 100k tokens -> docs/performance_embed.{md,json}
+    python bench/embed.py                      # GPU: 4k, 22k, 100k tokens -> docs/performance/embed.{md,json}
     python bench/embed.py --smoke              # CPU: a few small sizes, to check the script runs
 """
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (default: float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny widths, few tokens, one repeat (checks the script)")
-    parser.add_argument("--out", default="docs/performance_embed", help="writes OUT.md and OUT.json ('' to skip)")
+    parser.add_argument("--out", default="docs/performance/embed", help="writes OUT.md and OUT.json ('' to skip)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.tokens, args.warmup, args.repeats = [64, 256], 0, 1
