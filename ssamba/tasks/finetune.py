@@ -9,8 +9,9 @@ Metrics: ``acc`` (top-1 against the arg-max of the target) and ``mAP`` (macro av
 multi-label or multi-class by the data) on every evaluation split, plus any extra torchmetrics
 given as ``metrics`` (from the config or the datamodule's ``extra_metrics()``). Extra metrics are
 updated as ``metric.update(logits, target, **batch_fields)`` where ``batch_fields`` are the
-batch's list-valued keys (``id``, ``patient``, ``recording``, ...) that the metric's ``update``
-signature names; ``target`` is the batch's ``[B, C]`` target.
+batch's per-item keys (lists such as ``id``, ``patient``, ``recording`` and 1-D tensors such as
+CirCor's ``outcome``) that the metric's ``update`` signature names; ``target`` is the batch's
+``[B, C]`` target.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class Finetuning(EncoderTask):
     def __init__(self, optimizer, encoder: nn.Module | Any = None, pretrained: str | None = None,
                  backend: str | None = None, fstride: int = 10, tstride: int = 10, pooling: str = "mean",
                  loss: str = "auto", head_lr_multiplier: float = 1.0, num_classes: int | None = None,
-                 scheduler=None, scheduler_config: dict | None = None, warmup_steps: int = 0,
+                 class_weights: list[float] | None = None, scheduler=None,
+                 scheduler_config: dict | None = None, warmup_steps: int = 0,
                  metrics: dict[str, Metric] | None = None, data: dict | None = None):
         data = dict(data or {})
         if pretrained:
@@ -79,6 +81,11 @@ class Finetuning(EncoderTask):
         self.multilabel = bool(data.get("multilabel", False))
         self.loss_name = ("bce" if self.multilabel else "ce") if loss == "auto" else loss
         self.head_lr_multiplier = head_lr_multiplier
+        if class_weights is not None and len(class_weights) != self.num_classes:
+            raise ConfigError(f"task.class_weights has {len(class_weights)} entries; the data has "
+                              f"{self.num_classes} classes (one weight per class, in label order)")
+        weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float)
+        self.register_buffer("class_weights", weights, persistent=False)
         tdim = data.get("target_length") or self.encoder.config.input_tdim
         self.encoder.set_grid(input_tdim=tdim, fstride=fstride, tstride=tstride)
         self.head = ClassificationHead(self.encoder.embed_dim, self.num_classes, pooling,
@@ -124,8 +131,9 @@ class Finetuning(EncoderTask):
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.loss_name == "bce":
-            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-        return F.cross_entropy(logits.float(), target.float())  # soft targets: mixup-mixed labels
+            return F.binary_cross_entropy_with_logits(logits.float(), target.float(), weight=self.class_weights)
+        # soft targets: mixup-mixed labels
+        return F.cross_entropy(logits.float(), target.float(), weight=self.class_weights)
 
     def checkpoint_record(self) -> dict[str, Any]:
         record = super().checkpoint_record()
@@ -150,7 +158,8 @@ class Finetuning(EncoderTask):
         builtin = self.val_metrics if stage == "val" else self.test_metrics
         builtin["acc"].update(logits, target.argmax(-1))
         builtin["mAP"].update(logits, (target > 0.5).long() if self.multilabel else target.argmax(-1))
-        fields = {k: v for k, v in batch.items() if isinstance(v, (list, tuple))}
+        fields = {k: v for k, v in batch.items()  # per-item fields: id lists and 1-D tensors (outcome)
+                  if isinstance(v, (list, tuple)) or (isinstance(v, Tensor) and v.ndim == 1)}
         (self.val_extra if stage == "val" else self.test_extra).update(logits, target, **fields)
 
     def log_evaluation(self, stage: str) -> None:
