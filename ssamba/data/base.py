@@ -32,6 +32,7 @@ from ssamba.data.features import (
     mix_waveforms,
     sample_mixup_lambda,
 )
+from ssamba.data.resumable import ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -299,17 +300,19 @@ class AudioDataModule(L.LightningDataModule):
             self.datasets[split] = self.make_dataset(split)
         train = split == "train"
         sampler = self.train_sampler(self.datasets[split]) if train else None
-        return DataLoader(
-            self.datasets[split],
+        options = dict(
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=(train if shuffle is None else shuffle) and sampler is None,
-            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=Collate(self.target_length, self.num_classes, self.features_on_device, self.meta_keys),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=self.drop_last and train,
             persistent_workers=self.num_workers > 0,
         )
+        if train and sampler is None:  # seeded order that a resumed run continues mid-epoch
+            shuffle = True if shuffle is None else shuffle
+            return ResumableDataLoader(self.datasets[split], shuffle=shuffle, trainer=self.trainer, **options)
+        shuffle = (train if shuffle is None else shuffle) and sampler is None
+        return DataLoader(self.datasets[split], shuffle=shuffle, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")

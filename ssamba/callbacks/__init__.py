@@ -1,0 +1,8 @@
+"""Lightning callbacks that keep long runs safe: exact resume, pre-emption checkpoints, non-finite steps."""
+from ssamba.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from ssamba.callbacks.periodic import PeriodicCheckpoint
+from ssamba.callbacks.preemption import PreemptionCheckpoint
+from ssamba.callbacks.random_state import RandomStateCheckpoint
+
+__all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "PeriodicCheckpoint", "PreemptionCheckpoint",
+           "RandomStateCheckpoint"]

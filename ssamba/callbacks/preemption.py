@@ -1,0 +1,97 @@
+"""Checkpoint at the next resumable point when the job is told to stop, then stop.
+
+* SIGTERM (``kill``, Kubernetes, SLURM at pre-emption or at the time limit): Lightning's handler only notes it.
+  This callback lets the current batch finish (and the validation due right after it, if any), writes
+  ``<checkpoints>/last.ckpt`` and ends the process with exit status 143 (128 + SIGTERM).
+* SLURM's requeue signal (SIGUSR1 by default; ask for it with ``#SBATCH --signal=SIGUSR1@120``): Lightning's
+  ``SLURMEnvironment`` handler saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``. Run inside the signal
+  handler, that save could catch an optimizer step half-way, so this callback defers Lightning's handler to the
+  resumable point as well, writes ``last.ckpt`` too and stops the run; the requeued job resumes
+  (docs/reliability.md).
+
+A second signal that arrives during a validation stops the run there (Lightning's behaviour); the resumed run then
+starts from the previous ``last.ckpt``, which periodic saves keep recent.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ssamba.callbacks.resume_points import ResumePointCallback, last_checkpoint_path
+
+log = logging.getLogger(__name__)
+
+EXIT_STATUS = 128 + signal.SIGTERM
+
+
+class PreemptionCheckpoint(ResumePointCallback):
+    """See the module docstring."""
+
+    def __init__(self):
+        super().__init__()
+        self._requeue_signal: int | None = None
+        self._requeue_handler: Any = None
+        self._requeue_received = False
+        self._requeue = False
+        self._stop = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+            return
+        handler = signal.getsignal(environment.requeue_signal)
+        if callable(handler):  # Lightning's requeue handler: run it at the resumable point instead
+            self._requeue_signal, self._requeue_handler = environment.requeue_signal, handler
+            signal.signal(environment.requeue_signal, self._note_requeue_signal)
+
+    def _note_requeue_signal(self, signum, frame) -> None:
+        log.info("received signal %d: checkpoint and requeue after the current batch", signum)
+        self._requeue_received = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._stop or self._pending:
+            return
+        self._requeue = _agreed(trainer, self._requeue_received)
+        if not (self._requeue or _agreed(trainer, trainer.received_sigterm)):
+            return
+        # a validation due now runs to its end instead of being cut by Lightning's own SIGTERM check
+        trainer._signal_connector.received_sigterm = False
+        self.request(trainer)
+
+    def at_resume_point(self, trainer) -> None:
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path, weights_only=False)
+        if self._requeue:
+            self._requeue_handler(self._requeue_signal, None)  # Lightning: hpc checkpoint + scontrol requeue
+        log.warning("stopping at global step %d on %s; checkpoint %s (resume with ckpt_path=%s)",
+                    trainer.global_step, "SLURM's requeue signal" if self._requeue else "SIGTERM", path, path)
+        self._stop = True  # exit at the next hook, once the other callbacks (ModelCheckpoint) have seen this point
+
+    def _exit_if_stopping(self) -> None:
+        if self._stop:
+            raise SIGTERMException(EXIT_STATUS)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._exit_if_stopping()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._exit_if_stopping()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._exit_if_stopping()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and not self._stop:
+            log.warning("stopped before a checkpoint could be written (signal during validation?); resume from "
+                        "the last saved one, %s", last_checkpoint_path(trainer))
+
+
+def _agreed(trainer, flag: bool) -> bool:
+    """The same decision on every rank (a signal may reach ranks a moment apart)."""
+    if trainer.world_size == 1:
+        return bool(flag)
+    return trainer.strategy.reduce_boolean_decision(bool(flag), all=False)

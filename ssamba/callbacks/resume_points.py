@@ -1,0 +1,62 @@
+"""Where a checkpoint can be taken so that a resumed run repeats nothing and skips nothing.
+
+Lightning restarts correctly from a checkpoint written at the end of a training batch *unless* validation or the
+end of the epoch comes right after that batch: resumed from there, it counts the validation as done without
+running it (so the plateau schedule, the best checkpoint and the RNG stream change), or skips the next epoch's
+batches. Checkpoints requested at such a batch are therefore written where Lightning's ``ModelCheckpoint`` writes
+``last.ckpt``: after a mid-epoch validation (``on_validation_end``), or at the end of the epoch
+(``on_train_epoch_end``; after the epoch's validation).
+"""
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+
+def last_checkpoint_path(trainer) -> str:
+    """``last.ckpt`` in the first ModelCheckpoint's folder (``<run>/checkpoints`` with conf/callbacks/default)."""
+    folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    folder = folders[0] if folders else os.path.join(trainer.default_root_dir, "checkpoints")
+    return os.path.join(folder, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
+
+
+def _after_batch(trainer) -> str | None:
+    """At ``on_train_batch_end``: what follows this batch -- ``"epoch_end"``, ``"validation"`` or nothing.
+
+    Asks the training loop's own validation schedule (a Lightning internal, covered by tests/test_resume.py).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if epoch_loop.batch_progress.is_last_batch:
+        return "epoch_end"
+    if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        return "validation"
+    return None
+
+
+class ResumePointCallback(Callback):
+    """Base: ``request(trainer)`` at a batch end runs :meth:`at_resume_point` there, or after the validation that
+    follows the batch, or at the end of the epoch when the batch was its last (where ModelCheckpoint saves too)."""
+
+    def __init__(self):
+        self._pending: str | None = None
+
+    def at_resume_point(self, trainer) -> None:
+        raise NotImplementedError
+
+    def request(self, trainer) -> None:
+        self._pending = _after_batch(trainer)
+        if self._pending is None:
+            self.at_resume_point(trainer)
+
+    def _flush(self, trainer) -> None:
+        self._pending = None
+        self.at_resume_point(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._pending == "validation" and not trainer.sanity_checking:
+            self._flush(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._pending:
+            self._flush(trainer)

@@ -1,0 +1,43 @@
+"""Faults injected into real train.py runs by the reliability tests (``+callbacks.fault={_target_: ...}`` with
+this folder on PYTHONPATH): a signal at a given step, NaN inputs, infinite gradients."""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SignalAtStep(Callback):
+    """Send ``signal_name`` to this process when the optimizer step ``step`` is about to run."""
+
+    def __init__(self, step: int, signal_name: str):
+        self.step = step
+        self.signal = getattr(signal, signal_name)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+
+class NanInputAtSteps(Callback):
+    """Replace the batch's features by NaN at the given optimizer steps (a non-finite loss)."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            batch["fbank"].fill_(float("nan"))
+
+
+class InfGradientAtSteps(Callback):
+    """Make one gradient infinite at the given optimizer steps (finite loss, non-finite gradients)."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step in self.steps:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
