@@ -1,0 +1,114 @@
+"""Pretraining throughput (samples/s) of the real training stack, several models in one run.
+
+Composes ``conf/train.yaml`` with the given overrides (synthetic data, the pretraining task), runs
+``trainer.fit`` for a fixed number of optimizer steps and times the last ones with the device
+synchronised, so data loading, both encoder passes, the heads, the optimizer and Lightning's own
+overhead are all inside the figure.
+
+    python bench/train_throughput.py                       # GPU: ssamba_tiny (2 and 1 passes), ssast_tiny
+    python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
+    python bench/train_throughput.py --write               # also docs/performance/train.json + section
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ssamba.tasks import build_task  # noqa: E402
+import hydra  # noqa: E402
+
+CASES = {  # label -> overrides
+    "ssamba_tiny, 2 passes (released objective)": ["model=tiny", "task.joint_passes=2"],
+    "ssamba_tiny, 1 pass (joint_passes=1)": ["model=tiny", "task.joint_passes=1"],
+    "ssast_tiny, 2 passes": ["model=ssast_tiny", "task.joint_passes=2"],
+}
+
+
+class StepTimer(L.Callback):
+    """Wall time of optimizer steps ``warmup .. warmup + steps``, device synchronised at both ends."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.timed = warmup, None, None, 0
+
+    def _sync(self, module):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            self._sync(module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self._sync(module)
+            self.end = time.perf_counter()
+            self.timed = trainer.global_step - self.warmup
+
+
+def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool) -> dict:
+    common = ["~callbacks", "data=synthetic", "task=pretrain", f"data.batch_size={batch}", "logger=none", "test=false",
+              f"trainer.max_steps={warmup + steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+              "+trainer.enable_checkpointing=false", "task.figure_every_n_steps=0",
+              f"data.num_train={batch * (warmup + steps + 1)}", f"paths.output_dir={tempfile.mkdtemp()}"]
+    common += ["trainer=gpu", "data.num_workers=12"] if gpu else ["trainer=cpu", "data.num_workers=1"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=common + overrides)
+    L.seed_everything(0)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    task = build_task(cfg, datamodule)
+    timer = StepTimer(warmup)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=False, enable_progress_bar=False,
+                                      enable_model_summary=False)
+    trainer.fit(task, datamodule=datamodule)
+    seconds = timer.end - timer.start
+    return {"samples_per_s": timer.timed * batch / seconds, "ms_per_step": 1000 * seconds / timer.timed,
+            "steps_timed": timer.timed, "batch": batch, "tokens": task.encoder.num_patches + task.encoder.num_prefix_tokens,
+            "backend": getattr(task.encoder.config, "backend", "-")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available() and not args.smoke
+    device = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
+    results = {}
+    for label, overrides in CASES.items():
+        if args.smoke:
+            overrides = overrides + ["data.target_length=128", "mask='40'", "+model.depth=2"]
+            steps, warmup, batch = 3, 1, 2
+        else:
+            steps, warmup, batch = args.steps, args.warmup, args.batch
+        results[label] = measure(overrides, steps, warmup, batch, gpu)
+        print(f"{label}: {results[label]['samples_per_s']:.1f} samples/s "
+              f"({results[label]['ms_per_step']:.1f} ms/step)", flush=True)
+    lines = [f"| run | backend | tokens | ms / step | samples / s |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['backend']} | {v['tokens']} | {v['ms_per_step']:.1f} | {v['samples_per_s']:.1f} |"
+              for k, v in results.items()]
+    table = "\n".join(lines)
+    print(f"\n{device}, torch {torch.__version__}, batch {batch}\n{table}")
+    if args.write:
+        out = ROOT / "docs" / "performance" / "train.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": device, "torch": torch.__version__, "runs": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
