@@ -35,9 +35,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; returns the scores as floats."""
     record = read_record(cfg.ckpt_path)
     with open_dict(cfg):  # the model's input: its own frame count and normalisation
-        for key in ("target_length", "norm_mean", "norm_std"):
-            if record.get(key) is not None:
-                cfg.data[key] = record[key]
+        for key, kind in (("target_length", int), ("norm_mean", float), ("norm_std", float)):
+            if record.get(key) is not None:  # numbers only: a config node from a file could name a _target_
+                cfg.data[key] = _number(record[key], kind, f"checkpoint['ssamba'][{key!r}]")
     datamodule = hydra.utils.instantiate(cfg.data)
     check_compatible(record, datamodule.label_names, datamodule.target_length)
     if cfg.split not in datamodule.splits:
@@ -68,6 +68,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {Path(cfg.ckpt_path).name}"))
     log.info("patient outputs, scores.json and confusion_matrix.png in %s", out_dir)
     return scores
+
+
+def _number(value, kind: type, name: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r}: expected a number")
+    return kind(value)
 
 
 def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:

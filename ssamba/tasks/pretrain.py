@@ -116,6 +116,8 @@ class MaskedPatchPretraining(EncoderTask):
         return out["loss"]
 
     def evaluation_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        if batch["fbank"].shape[0] == 0:  # every item of the batch was unusable (counted by the data)
+            return
         # Fixed masks per batch: validation curves compare like with like across epochs.
         generator = torch.Generator(self.device).manual_seed(1_000_003 * self.global_rank + batch_idx)
         out = self.objective(batch["fbank"], self.mask_cfg["val_count"], generator)
