@@ -39,10 +39,11 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int | None = None,
-                 trainer: Any | None = None):
-        distributed = dist.is_available() and dist.is_initialized()
-        replicas, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle,
+                 trainer: Any | None = None, num_replicas: int | None = None, rank: int | None = None):
+        if num_replicas is None:  # the process group's, or one process
+            distributed = dist.is_available() and dist.is_initialized()
+            num_replicas, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
                          seed=run_seed() if seed is None else seed, drop_last=True)
         self.trainer = trainer
         self.skip = 0  # items to leave out at the start of the next iteration (one-shot, set on resume)
