@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ssamba.callbacks.resume_points import last_checkpoint_path
+from ssamba.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_consecutive: int = 10, warn_first: int = 5):
         if max_consecutive < 1:
-            raise ValueError(f"callbacks.nonfinite_guard.max_consecutive={max_consecutive}: must be >= 1")
+            raise ConfigError(f"callbacks.nonfinite_guard.max_consecutive={max_consecutive}: must be >= 1")
         self.max_consecutive = max_consecutive
         self.warn_first = warn_first
         self.skipped = 0       # non-finite steps over the whole run (kept across resumes)

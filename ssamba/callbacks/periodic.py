@@ -3,6 +3,7 @@ killer) loses at most N steps and resumes exactly (docs/reliability.md)."""
 from __future__ import annotations
 
 from ssamba.callbacks.resume_points import ResumePointCallback, last_checkpoint_path
+from ssamba.utils.config import ConfigError
 
 
 class PeriodicCheckpoint(ResumePointCallback):
@@ -11,7 +12,7 @@ class PeriodicCheckpoint(ResumePointCallback):
     def __init__(self, every_n_train_steps: int = 500):
         super().__init__()
         if every_n_train_steps < 1:
-            raise ValueError(f"callbacks.periodic_checkpoint.every_n_train_steps={every_n_train_steps}: "
+            raise ConfigError(f"callbacks.periodic_checkpoint.every_n_train_steps={every_n_train_steps}: "
                              "must be >= 1")
         self.every_n_train_steps = every_n_train_steps
         self._last_requested = -1

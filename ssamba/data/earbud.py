@@ -17,6 +17,7 @@ import torch
 
 from ssamba.data.base import AudioDataModule, Item
 from ssamba.data.manifest import read_label_csv
+from ssamba.utils.config import ConfigError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -60,7 +61,7 @@ class EarbudDataModule(AudioDataModule):
         self.root = os.path.expanduser(root)
         on_disk = sorted(v for v in self.VARIANTS if os.path.isdir(os.path.join(self.root, v)))
         if variant not in on_disk:
-            raise ValueError(f"data.variant={variant!r} is not on disk under {self.root!r}; available: {on_disk}")
+            raise ConfigError(f"data.variant={variant!r} is not on disk under {self.root!r}; available: {on_disk}")
         for key, path in (("labels", labels), ("label_csv", label_csv)):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"data.{key}: no such file: {path}")
