@@ -17,8 +17,8 @@ from ssamba.tasks import build_task
 from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
-                                 with_cpu_quickstart)
-from ssamba.utils.wandb import choose_wandb_mode, finish_wandb, name_wandb_run, start_wandb
+                                 quote_numeric_choices, with_cpu_quickstart)
+from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
 
 log = logging.getLogger("train")
 
@@ -30,16 +30,15 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = hydra.utils.instantiate(cfg.data)
     task = build_task(cfg, datamodule)
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
-    if any("WandbLogger" in str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values() if entry):
-        choose_wandb_mode()
-        name_wandb_run(cfg)
+    prepare_wandb(cfg)
     loggers = start_wandb(instantiate_named(cfg.get("logger"), "logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    exit_code = 1
+    exit_code, score = 1, None
     try:
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        score = _monitored(trainer, cfg.task.monitor)
         if cfg.get("test") and "test" in getattr(datamodule, "splits", ()):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
@@ -47,12 +46,16 @@ def train(cfg: DictConfig) -> float | None:
     finally:
         finish_wandb(exit_code)
         end_distributed_job()
+    if trainer.is_global_zero:
+        log.info("%s = %s; outputs in %s", cfg.task.monitor, score, cfg.paths.output_dir)
+    return score
+
+
+def _monitored(trainer: L.Trainer, monitor: str) -> float | None:
+    """The best checkpoint's score, else the last logged value (fast_dev_run saves no checkpoints)."""
     score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if score is None:
-        score = trainer.callback_metrics.get(cfg.task.monitor)
-    if trainer.is_global_zero:
-        log.info("%s = %s; outputs in %s", cfg.task.monitor, None if score is None else f"{float(score):.4f}",
-                 cfg.paths.output_dir)
+        score = trainer.callback_metrics.get(monitor)
     return None if score is None else float(score)
 
 
@@ -69,5 +72,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = with_cpu_quickstart(ddp_worker_argv(sys.argv))
+    sys.argv = with_cpu_quickstart(quote_numeric_choices(ddp_worker_argv(sys.argv)))
     main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 TASKS = ("pretrain", "finetune")
 MASK_STYLES = ("cluster", "random")
@@ -30,6 +30,23 @@ def find_config_error(error: BaseException) -> ConfigError | None:
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def missing_keys(node, prefix: str = "") -> list[str]:
+    """Keys set to ``???`` (interpolations to them are reported at their source, not resolved)."""
+    found = []
+    if isinstance(node, DictConfig):
+        items = [(str(key), key) for key in node.keys() if not (prefix == "" and key == "hydra")]
+    elif isinstance(node, ListConfig):
+        items = [(str(index), index) for index in range(len(node))]
+    else:
+        return found
+    for name, key in items:
+        if OmegaConf.is_missing(node, key):
+            found.append(prefix + name)
+        elif not OmegaConf.is_interpolation(node, key):
+            found.extend(missing_keys(node._get_node(key), f"{prefix}{name}."))
+    return found
 
 
 def _get(cfg: DictConfig, key: str, default=None):
@@ -60,8 +77,7 @@ def _strategy_name(strategy) -> str | None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Static checks of a composed training config (``conf/train.yaml`` and its groups)."""
-    missing = sorted(OmegaConf.missing_keys(cfg) - {"hydra"})
-    missing = [key for key in missing if not key.startswith("hydra.")]
+    missing = missing_keys(cfg)
     if missing:
         raise ConfigError(f"{missing[0]}: is required (???) but not set; set it on the command line, "
                           f"e.g. {missing[0]}=... (all missing: {', '.join(missing)})")
@@ -92,6 +108,17 @@ def validate_config(cfg: DictConfig) -> None:
     if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (or use 'last' / 'best')")
     _validate_trainer(cfg)
+    _validate_loggers(cfg)
+
+
+def _validate_loggers(cfg: DictConfig) -> None:
+    targets = [str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values() if entry]
+    if any(target.endswith("TensorBoardLogger") for target in targets):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("logger=tensorboard needs the tensorboard package (pip install tensorboard); "
+                              "allowed without it: logger=wandb|csv|none") from None
 
 
 def _validate_trainer(cfg: DictConfig) -> None:

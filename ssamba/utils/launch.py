@@ -1,27 +1,49 @@
 """Command-line and process plumbing around ``train.py``.
 
+* Numeric choices: Hydra parses ``mask=250`` as an integer, which cannot name a config file, so
+  ``mask=250`` and sweeps like ``mask=250,300,400`` are quoted before Hydra sees them.
 * CPU quick start: with no GPU and no ``trainer=``/``experiment=`` on the command line, a run gets
   ``experiment=quickstart_cpu`` (a real pretraining sized to finish in minutes on a laptop).
 * DDP inside Hydra multiruns: Lightning starts DDP workers by re-running the script with the
   original command line, which for ``-m`` would start the whole sweep again in every worker. The
   job exports its own overrides and output folder, and a worker started for it runs just that job.
-* Between multirun jobs the process group is torn down, so the next job's workers can join a new one.
+* Between multirun jobs the process group is torn down and the launcher's environment variables are
+  removed, so the next job starts its own workers on a fresh port.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 
 import torch
 
 log = logging.getLogger(__name__)
 
 JOB_ENV = "SSAMBA_DDP_JOB_ARGS"
-PORT_ENV_OWNED = "SSAMBA_OWNS_MASTER_PORT"
+# Set by Lightning's launcher in the process that starts the workers; left behind, they make the
+# next job think its workers were started externally (LOCAL_RANK) and never start them.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_launcher_env_to_clear: list[str] = []
 QUICKSTART = "experiment=quickstart_cpu"
 _CHOICE_PREFIXES = ("trainer=", "experiment=", "+experiment=", "~experiment")
 _LIGHTNING_CHILD_ARGS = ("hydra.job.name=", "hydra.output_subdir=")
+
+
+NUMERIC_GROUPS = ("mask",)
+_NUMERIC_CHOICE = re.compile(rf"^(\+?(?:{'|'.join(NUMERIC_GROUPS)}))=(\d+(?:,\d+)*)$")
+
+
+def quote_numeric_choices(argv: list[str]) -> list[str]:
+    """``mask=250,300`` -> ``mask="250","300"`` (config groups whose file names are numbers)."""
+    quoted = []
+    for arg in argv:
+        match = _NUMERIC_CHOICE.match(arg)
+        if match:
+            arg = f"{match[1]}=" + ",".join(f'"{value}"' for value in match[2].split(","))
+        quoted.append(arg)
+    return quoted
 
 
 def with_cpu_quickstart(argv: list[str]) -> list[str]:
@@ -57,13 +79,13 @@ def export_job_for_ddp_workers() -> None:
         return
     args = [*hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
     os.environ[JOB_ENV] = json.dumps(args)
-    if "MASTER_PORT" not in os.environ:
-        os.environ[PORT_ENV_OWNED] = "1"  # Lightning will pick a port; we may drop it after the job
+    _launcher_env_to_clear[:] = [key for key in LAUNCHER_ENV if key not in os.environ]
 
 
 def end_distributed_job() -> None:
-    """Leave the process group and forget the port we picked, so the next multirun job starts clean."""
+    """Leave the process group and drop what the launcher set, so the next multirun job starts clean."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    if os.environ.pop(PORT_ENV_OWNED, None):
-        os.environ.pop("MASTER_PORT", None)
+    for key in _launcher_env_to_clear:
+        os.environ.pop(key, None)
+    _launcher_env_to_clear.clear()

@@ -30,6 +30,14 @@ def choose_wandb_mode() -> str:
     return "offline"
 
 
+def prepare_wandb(cfg) -> None:
+    """Before the loggers are built: pick the W&B mode and name the run (no-op without logger.wandb)."""
+    if (cfg.get("logger") or {}).get("wandb") is None:
+        return
+    choose_wandb_mode()
+    name_wandb_run(cfg)
+
+
 def name_wandb_run(cfg) -> None:
     """Fill ``logger.wandb.name``/``group`` when unset: jobs of one multirun share a group."""
     from hydra.core.hydra_config import HydraConfig

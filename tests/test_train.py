@@ -1,0 +1,175 @@
+"""train.py end to end on synthetic data with a tiny encoder (CPU)."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2 layers of width 32 on 64 frames (8 x 4 = 32 patches), a few clips, no workers.
+TINY = ["trainer=cpu", "logger=csv", "+model.depth=2", "+model.embed_dim=32", "model.backend=torch",
+        "data.target_length=64", "data.num_train=8", "data.num_val=4", "data.num_test=4", "data.batch_size=4",
+        "data.num_workers=0", "mask.count=12", "mask.val_count=12", "task.warmup_steps=2",
+        "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "callbacks.model_summary=null"]
+FINETUNE = ["task=finetune", "task.fstride=16", "task.tstride=16", "data.num_classes=3"]
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_train(output_dir, *overrides):
+    """Compose like ``python train.py`` and run in this process, writing to ``output_dir``."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"paths.output_dir={output_dir}", *overrides])
+    return load_train_module().train(cfg)
+
+
+def read_metrics(folder):
+    with open(Path(folder) / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def column(rows, name):
+    return [float(row[name]) for row in rows if row.get(name)]
+
+
+def cli(tmp_path, *args, env=None, timeout=600):
+    environment = {**os.environ, "SSAMBA_OUTPUTS": str(tmp_path), **(env or {})}
+    environment.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+def test_fast_dev_run_pretrain(tmp_path):
+    score = run_train(tmp_path, "trainer.fast_dev_run=true")  # val/acc of the one validation batch
+    assert score is not None and 0.0 <= score <= 1.0
+
+
+def test_fast_dev_run_finetune_from_scratch(tmp_path):
+    score = run_train(tmp_path, *FINETUNE, "trainer.fast_dev_run=true")
+    assert score is not None and 0.0 <= score <= 1.0
+
+
+def test_pretrain_checkpoint_hands_off_to_finetune(tmp_path):
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    run_train(pre)
+    checkpoints = sorted(p.name for p in (pre / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
+    assert (pre / "metrics.csv").is_file() and (pre / "hparams.yaml").is_file()
+    assert list((pre / "figures").glob("train_reconstruction_step*.png"))
+    checkpoint = torch.load(pre / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    record = checkpoint["ssamba"]
+    assert record["task"] == "pretrain" and record["encoder"]["depth"] == 2 and record["target_length"] == 64
+    assert record["norm_mean"] == pytest.approx(-3.325)
+
+    from ssamba.data import SyntheticDataModule
+    from ssamba.tasks import build_task
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, *FINETUNE, "paths.output_dir=unused",
+                                          f"task.pretrained={pre / 'checkpoints' / 'last.ckpt'}"])
+    task = build_task(cfg, SyntheticDataModule(num_classes=3, target_length=64))
+    pretrained = checkpoint["state_dict"]["encoder.layers.1.mixer.in_proj.weight"]
+    assert torch.equal(task.encoder.layers[1].mixer.in_proj.weight, pretrained)
+
+    score = run_train(fine, *FINETUNE, f"task.pretrained={pre / 'checkpoints' / 'last.ckpt'}")
+    assert score is not None
+    finetuned = torch.load(fine / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert finetuned["ssamba"]["task"] == "finetune" and finetuned["ssamba"]["head"]["num_classes"] == 3
+    assert column(read_metrics(fine), "test/acc")
+
+
+def test_resume_continues_step_count_and_schedule(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    warmup = ["task.warmup_steps=6", "task.optimizer.lr=1e-3"]
+    run_train(first, *warmup)  # 2 steps per epoch, 1 epoch
+    last = first / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+    run_train(second, *warmup, f"ckpt_path={last}", "trainer.max_epochs=3")
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 6 and resumed["epoch"] == 2
+    rows = read_metrics(second)
+    steps = [int(row["step"]) for row in rows if row.get("lr")]
+    assert min(steps) == 2  # the resumed run starts where the first stopped
+    lr_at = {int(row["step"]): float(row["lr"]) for row in rows if row.get("lr")}
+    assert lr_at[2] == pytest.approx(1e-3 * 3 / 6)  # warm-up continues: third optimizer step
+
+
+def test_bad_mask_count_fails_before_training(tmp_path):
+    from ssamba.utils.config import ConfigError
+
+    with pytest.raises(Exception) as error:
+        run_train(tmp_path, "mask.count=32")
+    assert "mask.count=32 must be in 1..31" in str(error.value) or isinstance(error.value.__cause__, ConfigError)
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_mask_sweep_cli_makes_one_folder_and_wandb_run_per_job(tmp_path):
+    """-m mask=250,300,400 with a grid of 16 x 26 = 416 patches (8 x 8 patches, 208 frames); W&B offline."""
+    args = ["-m", "mask=250,300,400", *[a for a in TINY if not a.startswith(("logger=", "mask.", "data.target"))],
+            "logger=wandb", "data.target_length=208", "model.fshape=8", "model.tshape=8", "model.fstride=8",
+            "model.tstride=8", "mask.val_count=300"]
+    result = cli(tmp_path, *args, env={"WANDB_MODE": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((tmp_path / "pretrain_tiny" / "multiruns").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    for job, count in zip(jobs, (250, 300, 400)):
+        assert f'mask="{count}"' in (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"count: {count}" in (job / ".hydra" / "config.yaml").read_text()
+        assert column(read_metrics(job), "val/acc")
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert list((job / "wandb").glob("offline-run-*")), "each job is its own offline W&B run"
+    assert "wandb sync" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_sim_runs_two_processes(tmp_path):
+    result = cli(tmp_path, *TINY, "trainer=ddp_sim", "data.num_train=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next((tmp_path / "pretrain_tiny" / "runs").iterdir())
+    assert (run / "train_ddp_process_1.log").is_file(), sorted(p.name for p in run.iterdir())
+    assert column(read_metrics(run), "val/acc") and (run / "checkpoints" / "last.ckpt").is_file()
+    # Each of the 2 processes saw half of the 16 training clips: 2 steps of batch 4.
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_sim_multirun_runs_each_job_once(tmp_path):
+    result = cli(tmp_path, "-m", *TINY, "trainer=ddp_sim", "mask.count=8,12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "pretrain_tiny" / "multiruns").iterdir())
+    assert len(sweeps) == 1, "DDP workers must not start sweeps of their own"
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert (job / "train_ddp_process_1.log").is_file() and column(read_metrics(job), "val/acc")
+    assert not (tmp_path / "pretrain_tiny" / "runs").exists()
+
+
+def test_wandb_failure_does_not_stop_the_run(tmp_path):
+    """Online mode without a key cannot start W&B: the run warns and goes on with the CSV log."""
+    result = cli(tmp_path, *[a for a in TINY if a != "logger=csv"], "logger=wandb",
+                 env={"WANDB_MODE": "online", "HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B could not start" in result.stdout + result.stderr
+    run = next((tmp_path / "pretrain_tiny" / "runs").iterdir())
+    assert column(read_metrics(run), "val/acc")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_run(tmp_path):
+    score = run_train(tmp_path, "trainer=gpu", "model.backend=auto")
+    assert score is not None
