@@ -82,7 +82,7 @@ def main() -> None:
     if args.num_train % (2 * args.batch):
         parser.error("--num-train must be a multiple of 2 x --batch (equal optimizer steps)")
     two, one = ("ddp_sim", "cpu") if args.cpu else ("ddp", "gpu")
-    common = ["logger=csv", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
+    common = ["logger=csv", "++callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
               f"trainer.max_epochs={args.epochs}", f"data.num_train={args.num_train}", f"data.num_val={args.num_val}",
               "data.num_test=0", "trainer.num_sanity_val_steps=0", "task.figure_every_n_steps=0", *args.overrides]
     record = f"+callbacks.sample_ids={{_target_: ddp_equivalence.RecordSampleIds, out: {args.out / 'ids'}}}"

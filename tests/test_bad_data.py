@@ -65,7 +65,7 @@ TINY_RUN = ["trainer=cpu", "logger=csv", "+model.depth=2", "+model.embed_dim=32"
             "data=audioset", "data.label_csv=null", "data.target_length=64", "data.batch_size=4",
             "data.num_workers=0", "mask.count=12", "mask.val_count=12", "task.warmup_steps=1",
             "task.figure_every_n_steps=0", "trainer.max_epochs=2", "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+            "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null", "++callbacks.model_summary=null"]
 
 
 def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

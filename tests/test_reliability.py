@@ -84,7 +84,7 @@ def test_nonfinite_stop_through_train_py(tmp_path):
         [sys.executable, "train.py", "trainer=cpu", "logger=csv", "+model.depth=2", "+model.embed_dim=32",
          "model.backend=torch", "data.target_length=64", "mask.count=12", "mask.val_count=12", "data.num_train=16",
          "data.num_val=4", "data.num_test=0", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=2",
-         "task.figure_every_n_steps=0", "trainer.num_sanity_val_steps=0", "callbacks.progress_bar=null",
+         "task.figure_every_n_steps=0", "trainer.num_sanity_val_steps=0", "++callbacks.progress_bar=null",
          "trainer.enable_progress_bar=false", "callbacks.nonfinite_guard.max_consecutive=2",
          "+callbacks.fault={_target_: reliability_faults.NanInputAtSteps, steps: [1, 2, 3]}",
          f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -227,7 +227,7 @@ def test_wandb_key_never_lands_in_configs_logs_or_checkpoints(tmp_path):
         [sys.executable, "train.py", "trainer=cpu", "logger=wandb", "+model.depth=2", "+model.embed_dim=32",
          "model.backend=torch", "data.target_length=64", "mask.count=12", "mask.val_count=12", "data.num_train=8",
          "data.num_val=4", "data.num_test=0", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
-         "task.figure_every_n_steps=0", "trainer.num_sanity_val_steps=0", "callbacks.progress_bar=null",
+         "task.figure_every_n_steps=0", "trainer.num_sanity_val_steps=0", "++callbacks.progress_bar=null",
          "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -74,7 +74,7 @@ TINY_RUN = ["trainer=cpu", "logger=csv", "+model.depth=2", "+model.embed_dim=32"
             "data.target_length=64", "mask.count=12", "mask.val_count=12", "data.num_train=16", "data.num_val=8",
             "data.num_test=0", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=2",
             "task.warmup_steps=2", "task.figure_every_n_steps=0", "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "callbacks.model_summary=null",
+            "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null", "++callbacks.model_summary=null",
             "callbacks.periodic_checkpoint.every_n_train_steps=2"]
 
 
