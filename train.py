@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssamba.tasks import build_task
 from ssamba.utils.config import find_config_error, validate_config
-from ssamba.utils.instantiate import instantiate_named
+from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
                                  quote_numeric_choices, with_cpu_quickstart)
 from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
@@ -29,7 +29,7 @@ def train(cfg: DictConfig) -> float | None:
     export_job_for_ddp_workers()
     datamodule = hydra.utils.instantiate(cfg.data)
     task = build_task(cfg, datamodule)
-    callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
+    callbacks = build_callbacks(cfg)
     prepare_wandb(cfg)
     loggers = start_wandb(instantiate_named(cfg.get("logger"), "logger"))
     exit_code, score = 1, None

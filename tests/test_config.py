@@ -99,3 +99,38 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
     assert len(errors) == 1
     assert "mask.count=40 must be in 1..31" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_cpu_quickstart_is_added_only_when_nothing_was_chosen(monkeypatch):
+    from ssamba.utils import launch
+
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
+    assert launch.with_cpu_quickstart(["train.py", "model=tiny"])[-1] == "experiment=quickstart_cpu"
+    for chosen in ("trainer=cpu", "experiment=pretrain_asli", "--cfg"):
+        assert launch.with_cpu_quickstart(["train.py", chosen]) == ["train.py", chosen]
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
+    assert launch.with_cpu_quickstart(["train.py", "model=tiny"]) == ["train.py", "model=tiny"]
+
+
+def test_numeric_mask_choices_are_quoted_for_hydra():
+    from ssamba.utils.launch import quote_numeric_choices
+
+    assert quote_numeric_choices(["train.py", "-m", "mask=250,300,400", "mask.count=7", "model=tiny"]) == [
+        "train.py", "-m", 'mask="250","300","400"', "mask.count=7", "model=tiny"]
+    cfg = compose_train('mask="300"')
+    assert cfg.mask.count == 300 and cfg.mask.val_count == 400
+
+
+def test_ddp_worker_of_a_multirun_job_runs_only_that_job(monkeypatch):
+    import json
+
+    from ssamba.utils.launch import JOB_ENV, ddp_worker_argv
+
+    argv = ["train.py", "-m", "mask.count=8,12", 'hydra.run.dir="x"', "hydra.job.name=train_ddp_process_1",
+            "hydra.output_subdir=null"]
+    monkeypatch.setenv(JOB_ENV, json.dumps(["mask.count=12", 'hydra.run.dir="/runs/1"']))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert ddp_worker_argv(argv) == argv  # the launching process keeps its sweep
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert ddp_worker_argv(argv) == ["train.py", "mask.count=12", 'hydra.run.dir="/runs/1"',
+                                     "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]

@@ -41,6 +41,7 @@ def reconstruction_figure(fbank: Tensor, mask_grid: Tensor, patches: Tensor, sha
     axes[2].set_title("masked patches replaced by the generative head's prediction")
     for axis in axes:
         axis.set_ylabel("mel bin" if axis is not axes[1] else "freq patch")
+    axes[1].set_xlabel("time patch")
     axes[2].set_xlabel("frame")
     return figure
 

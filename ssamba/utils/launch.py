@@ -77,7 +77,7 @@ def export_job_for_ddp_workers() -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
-    args = [*hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
+    args = [*hydra_cfg.overrides.task, f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"']
     os.environ[JOB_ENV] = json.dumps(args)
     _launcher_env_to_clear[:] = [key for key in LAUNCHER_ENV if key not in os.environ]
 
