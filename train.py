@@ -11,6 +11,7 @@ import sys
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from ssamba.tasks import build_task
@@ -39,7 +40,7 @@ def train(cfg: DictConfig) -> float | None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         score = _monitored(trainer, cfg.task.monitor)
-        if cfg.get("test") and "test" in getattr(datamodule, "splits", ()):
+        if cfg.get("test") and _has_test_split(datamodule):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
         exit_code = 0
@@ -49,6 +50,12 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         log.info("%s = %s; outputs in %s", cfg.task.monitor, score, cfg.paths.output_dir)
     return score
+
+
+def _has_test_split(datamodule) -> bool:
+    if hasattr(datamodule, "splits"):  # ssamba datamodules list the splits their config provides
+        return "test" in datamodule.splits
+    return is_overridden("test_dataloader", datamodule)
 
 
 def _monitored(trainer: L.Trainer, monitor: str) -> float | None:

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -30,7 +31,11 @@ def test_every_choice_composes_resolves_and_validates(group, choice):
         overrides.append("task.pretrained=null")
     cfg = compose_train(*overrides)
     OmegaConf.resolve(cfg)
-    validate_config(cfg)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu: no CUDA device on this machine"):
+            validate_config(cfg)
+    else:
+        validate_config(cfg)
 
 
 @pytest.mark.parametrize("experiment", choices("experiment"))

@@ -173,3 +173,16 @@ def test_wandb_failure_does_not_stop_the_run(tmp_path):
 def test_gpu_bf16_run(tmp_path):
     score = run_train(tmp_path, "trainer=gpu", "model.backend=auto")
     assert score is not None
+    assert column(read_metrics(tmp_path), "val/acc")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_ddp_on_two_gpus_bf16(tmp_path):
+    """trainer=ddp: 2 GPU processes (NCCL, bf16-mixed); metrics reduced over both; one folder."""
+    result = cli(tmp_path, *[a for a in TINY if a != "trainer=cpu"], "trainer=ddp", "trainer.devices=2",
+                 "model.backend=auto", "data.num_train=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next((tmp_path / "pretrain_tiny" / "runs").iterdir())
+    assert (run / "train_ddp_process_1.log").is_file() and column(read_metrics(run), "val/acc")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -126,6 +126,12 @@ def _validate_trainer(cfg: DictConfig) -> None:
     if trainer is None:
         raise ConfigError("trainer: missing; allowed: trainer=default|cpu|gpu|ddp|ddp_sim")
     accelerator = _get(cfg, "trainer.accelerator", "auto")
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator}: no CUDA device on this machine; allowed here: "
+                              "cpu or auto (trainer=default|cpu|ddp_sim)")
     strategy = _strategy_name(trainer.get("strategy"))
     backend = _get(cfg, "trainer.strategy.process_group_backend")
     if accelerator == "cpu" and strategy in DDP_STRATEGIES and backend not in (None, *CPU_BACKENDS):
