@@ -176,7 +176,7 @@ def run_grid(args: argparse.Namespace) -> None:
     runs = results / "runs"
     common = [
         f"data.root={data_root}", f"data.num_workers={args.num_workers}", f"trainer={args.trainer}",
-        "logger=csv", "test=false", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+        "logger=csv", "test=false", "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null",
         *([f"data.split_file={split_file}"] if split_file else []), *args.override,
     ]  # fmt: skip
     pretrain = ["experiment=circor_pretrain", f"trainer.max_epochs={args.pretrain_epochs}", *args.pretrain_override]
@@ -203,7 +203,8 @@ def run_grid(args: argparse.Namespace) -> None:
             record = {"arm": arm, "seed": seed, "device": device_name(), "settings": settings, "pretrain_seconds": 0.0}
             init: list[str] = []
             if arm == "pretrained":
-                pretrain_seed = args.seeds[0] if args.shared_pretraining else seed
+                pretrain_seed = args.pretrain_seed if args.pretrain_seed is not None else (
+                    args.seeds[0] if args.shared_pretraining else seed)
                 pretrain_dir = runs / f"pretrain_seed{pretrain_seed}"
                 if not (pretrain_dir / "checkpoints" / "last.ckpt").is_file():
                     record["pretrain_seconds"] = train([*pretrain, *common, f"seed={pretrain_seed}"], pretrain_dir)
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     grid.add_argument("--pretrain-epochs", type=int, default=8)
     grid.add_argument("--finetune-epochs", type=int, default=8)
     grid.add_argument("--shared-pretraining", action="store_true", help="one pretraining for all seeds")
+    grid.add_argument("--pretrain-seed", type=int, default=None,
+                      help="finetune from this seed's pretraining (lets several grid processes share one)")
     grid.add_argument("--trainer", default="gpu", help="trainer config group choice (gpu, cpu, default)")
     grid.add_argument("--num-workers", type=int, default=8)
     grid.add_argument("--stop-after-minutes", type=float, default=0.0, help="start no run that would end later")
