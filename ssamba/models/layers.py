@@ -1,6 +1,8 @@
 """Pieces shared by the encoder families: patch embedding, position-embedding adaptation, drop path."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,3 +91,59 @@ def apply_patch_mask(tokens: Tensor, mask: Tensor | None, mask_token: Tensor | N
     if mask.shape != tokens.shape[:2]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match the patch grid {tuple(tokens.shape[:2])}")
     return torch.where(mask.unsqueeze(-1), mask_token.reshape(1, 1, -1).to(tokens.dtype), tokens)
+
+
+class PatchTokenEncoder(nn.Module):
+    """What every encoder family shares: the patch grid, its position embedding, masking and targets.
+
+    A family sets ``config`` (a dataclass with the grid fields), ``grid``, ``patch_embed`` and
+    ``pos_embed`` (prefix positions first), and implements ``prefix_tokens`` and ``forward_features``.
+    """
+
+    num_prefix_tokens: int
+
+    def prefix_tokens(self) -> Tensor:
+        """The learned tokens put before the patches, ``[1, num_prefix_tokens, D]``."""
+        raise NotImplementedError
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        return self.config.fshape, self.config.tshape
+
+    def set_grid(self, input_fdim: int | None = None, input_tdim: int | None = None,
+                 fstride: int | None = None, tstride: int | None = None) -> None:
+        """Re-lay the patch grid (e.g. stride 10 for finetuning), adapting the position embedding."""
+        cfg = self.config
+        new = dataclasses.replace(cfg, input_fdim=input_fdim or cfg.input_fdim, input_tdim=input_tdim or cfg.input_tdim,
+                                  fstride=fstride or cfg.fstride, tstride=tstride or cfg.tstride)
+        new_grid = grid_shape(new.input_fdim, new.input_tdim, new.fshape, new.tshape, new.fstride, new.tstride)
+        prefix = self.num_prefix_tokens
+        with torch.no_grad():
+            patch_pos = adapt_patch_pos_embed(self.pos_embed[:, prefix:], self.grid, new_grid)
+            self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :prefix], patch_pos], dim=1))
+        self.patch_embed.set_stride(new.fstride, new.tstride)
+        for module in self.modules():  # submodules that keep the config see the new grid too
+            if hasattr(module, "cfg"):
+                module.cfg = new
+        self.config, self.grid = new, new_grid
+
+    def patchify(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        return unfold_patches(x, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+
+    def embed_tokens(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+        """Prefix tokens + (masked) patch embeddings + position embedding, ``[B, P + N, D]``."""
+        tokens = apply_patch_mask(self.patch_embed(fbank_to_image(x)), mask, mask_token)
+        if tokens.shape[1] != self.num_patches:
+            raise ValueError(f"input of {x.shape[1]} frames x {x.shape[2]} bins gives {tokens.shape[1]} patches, "
+                             f"but the encoder is laid out for {self.num_patches} ({self.config.input_tdim} frames "
+                             f"x {self.config.input_fdim} bins); call set_grid() or pad/cut the input")
+        prefix = self.prefix_tokens().expand(x.shape[0], -1, -1).to(tokens.dtype)
+        return torch.cat([prefix, tokens], dim=1) + self.pos_embed
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)

@@ -8,7 +8,6 @@ variants are config options.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,8 +17,7 @@ from torch import Tensor, nn
 
 from ..ops.backend import BACKENDS
 from ..ops.bimamba import BranchWeights, bimamba_inner
-from .layers import (DropPath, PatchEmbed, adapt_patch_pos_embed, apply_patch_mask, fbank_to_image,
-                     grid_shape, unfold_patches)
+from .layers import DropPath, PatchEmbed, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
 
 
@@ -46,7 +44,7 @@ class SSAMBAConfig:
     final_norm: str = "twice"  # the released code applies norm_f twice; "once" is the clean variant
     residual_in_fp32: bool = False
     norm_eps: float = 1e-5
-    backend: str = "auto"  # selective-scan implementation: auto, torch, cuda
+    backend: str = "auto"  # selective-scan implementation: auto, torch, cuda, triton
 
     def __post_init__(self):
         if self.dt_rank is None:
@@ -130,7 +128,7 @@ class MambaBlock(nn.Module):
         return self.mixer(hidden), residual
 
 
-class SSAMBAEncoder(nn.Module):
+class SSAMBAEncoder(PatchTokenEncoder):
     """Patch embedding + cls token + position embedding + bidirectional Mamba layers + final norm."""
 
     num_prefix_tokens = 1
@@ -151,38 +149,13 @@ class SSAMBAEncoder(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def patch_shape(self) -> tuple[int, int]:
-        return self.config.fshape, self.config.tshape
+    def prefix_tokens(self) -> Tensor:
+        return self.cls_token
 
     def set_backend(self, backend: str) -> None:
         """Switch the selective-scan implementation; the weights are the same for all of them."""
         self.config.backend = backend
         SSAMBAConfig.__post_init__(self.config)
-
-    def set_grid(self, input_fdim: int | None = None, input_tdim: int | None = None,
-                 fstride: int | None = None, tstride: int | None = None) -> None:
-        """Re-lay the patch grid (e.g. stride 10 for finetuning), adapting the position embedding."""
-        cfg = self.config
-        new = dataclasses.replace(cfg, input_fdim=input_fdim or cfg.input_fdim, input_tdim=input_tdim or cfg.input_tdim,
-                                  fstride=fstride or cfg.fstride, tstride=tstride or cfg.tstride)
-        new_grid = grid_shape(new.input_fdim, new.input_tdim, new.fshape, new.tshape, new.fstride, new.tstride)
-        with torch.no_grad():
-            patch_pos = adapt_patch_pos_embed(self.pos_embed[:, 1:], self.grid, new_grid)
-            self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], patch_pos], dim=1))
-        self.patch_embed.set_stride(new.fstride, new.tstride)
-        for module in self.modules():
-            if hasattr(module, "cfg"):
-                module.cfg = new
-        self.config, self.grid = new, new_grid
-
-    def patchify(self, x: Tensor) -> Tensor:
-        cfg = self.config
-        return unfold_patches(x, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
                          return_hidden_states: bool = False):
@@ -191,12 +164,7 @@ class SSAMBAEncoder(nn.Module):
         With ``return_hidden_states`` also returns the residual stream after every layer (every
         pair of layers with the published pairing).
         """
-        tokens = apply_patch_mask(self.patch_embed(fbank_to_image(x)), mask, mask_token)
-        if tokens.shape[1] != self.num_patches:
-            raise ValueError(f"input of {x.shape[1]} frames x {x.shape[2]} bins gives {tokens.shape[1]} patches, "
-                             f"but the encoder is laid out for {self.num_patches} ({self.config.input_tdim} frames "
-                             f"x {self.config.input_fdim} bins); call set_grid() or pad/cut the input")
-        hidden = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1) + self.pos_embed
+        hidden = self.embed_tokens(x, mask, mask_token)
         residual, states = None, []
         if self.config.pairing == "published":
             for fwd, bwd in zip(self.layers[0::2], self.layers[1::2]):
@@ -214,9 +182,6 @@ class SSAMBAEncoder(nn.Module):
         if self.config.final_norm == "twice":
             out = self.norm_f(out)
         return (out, states) if return_hidden_states else out
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_features(x)
 
 
 _SIZES = {"tiny": 192, "small": 384, "base": 768}

@@ -9,22 +9,13 @@ docs/architecture.md, so both families run under the same pretraining and finetu
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (
-    DropPath,
-    PatchEmbed,
-    adapt_patch_pos_embed,
-    apply_patch_mask,
-    fbank_to_image,
-    grid_shape,
-    unfold_patches,
-)
+from .layers import DropPath, PatchEmbed, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
 
 
@@ -95,7 +86,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class SSASTEncoder(nn.Module):
+class SSASTEncoder(PatchTokenEncoder):
     """Patch embedding + cls and distillation tokens + position embedding + ViT blocks + final norm."""
 
     num_prefix_tokens = 2
@@ -124,31 +115,8 @@ class SSASTEncoder(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def patch_shape(self) -> tuple[int, int]:
-        return self.config.fshape, self.config.tshape
-
-    def set_grid(self, input_fdim: int | None = None, input_tdim: int | None = None,
-                 fstride: int | None = None, tstride: int | None = None) -> None:
-        """Re-lay the patch grid (e.g. stride 10 for finetuning), adapting the position embedding."""
-        cfg = self.config
-        new = dataclasses.replace(cfg, input_fdim=input_fdim or cfg.input_fdim, input_tdim=input_tdim or cfg.input_tdim,
-                                  fstride=fstride or cfg.fstride, tstride=tstride or cfg.tstride)
-        new_grid = grid_shape(new.input_fdim, new.input_tdim, new.fshape, new.tshape, new.fstride, new.tstride)
-        prefix = self.num_prefix_tokens
-        with torch.no_grad():
-            patch_pos = adapt_patch_pos_embed(self.pos_embed[:, prefix:], self.grid, new_grid)
-            self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :prefix], patch_pos], dim=1))
-        self.patch_embed.set_stride(new.fstride, new.tstride)
-        self.config, self.grid = new, new_grid
-
-    def patchify(self, x: Tensor) -> Tensor:
-        cfg = self.config
-        return unfold_patches(x, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+    def prefix_tokens(self) -> Tensor:
+        return torch.cat([self.cls_token, self.dist_token], dim=1)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
                          return_hidden_states: bool = False):
@@ -156,14 +124,7 @@ class SSASTEncoder(nn.Module):
 
         With ``return_hidden_states`` also returns every block's output (before the final norm).
         """
-        tokens = apply_patch_mask(self.patch_embed(fbank_to_image(x)), mask, mask_token)
-        if tokens.shape[1] != self.num_patches:
-            raise ValueError(f"input of {x.shape[1]} frames x {x.shape[2]} bins gives {tokens.shape[1]} patches, "
-                             f"but the encoder is laid out for {self.num_patches} ({self.config.input_tdim} frames "
-                             f"x {self.config.input_fdim} bins); call set_grid() or pad/cut the input")
-        batch = x.shape[0]
-        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(batch, -1, -1).to(tokens.dtype)
-        hidden = torch.cat([prefix, tokens], dim=1) + self.pos_embed
+        hidden = self.embed_tokens(x, mask, mask_token)
         states = []
         for block in self.blocks:
             hidden = block(hidden)
@@ -171,9 +132,6 @@ class SSASTEncoder(nn.Module):
                 states.append(hidden)
         out = self.norm(hidden)
         return (out, states) if return_hidden_states else out
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_features(x)
 
 
 _SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
