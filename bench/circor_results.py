@@ -8,11 +8,11 @@ used to pick checkpoints. The report gives mean +- std over seeds of the murmur 
 UAR, the Challenge cost (murmur predictions against outcomes) and macro AUROC, with the card and
 the wall time of each training.
 
-    # here: split the data set into parts that each fit one device call (64 MiB with the tree)
-    python bench/circor_results.py stage --src ../shared/data/circor-dev --dst .gpudata/circor --max-mib 40
-    # GPU machine, parts carried over consecutive calls; runs resume, so a grid can span calls:
+    # where the data lives: split it into parts of bounded size (for machines that take bounded uploads)
+    python bench/circor_results.py stage --src <circor-dev folder> --dst .gpudata/circor --max-mib 40
+    # on the GPU machine, once the parts are there; runs resume, so a grid can span several jobs:
     python bench/circor_results.py run --data .gpudata/circor/part* --results .gpudata/circor-runs \\
-        --seeds 0 1 2 --pretrain-epochs 8 --finetune-epochs 8 --stop-after-minutes 9 --out $OUT/circor-results.md
+        --seeds 0 1 2 --pretrain-epochs 8 --finetune-epochs 8 --stop-after-minutes 9 --out circor-results.md
     # anywhere, from the per-run JSON files:
     python bench/circor_results.py report --results .gpudata/circor-runs --out docs/circor-results.md
 
