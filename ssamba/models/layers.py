@@ -96,11 +96,21 @@ def apply_patch_mask(tokens: Tensor, mask: Tensor | None, mask_token: Tensor | N
 class PatchTokenEncoder(nn.Module):
     """What every encoder family shares: the patch grid, its position embedding, masking and targets.
 
-    A family sets ``config`` (a dataclass with the grid fields), ``grid``, ``patch_embed`` and
-    ``pos_embed`` (prefix positions first), and implements ``prefix_tokens`` and ``forward_features``.
+    It builds the patch embedding, the cls token and the position embedding (prefix positions first)
+    from ``config`` (a dataclass with the grid fields); a family adds its blocks and implements
+    ``prefix_tokens`` and ``forward_features``.
     """
 
     num_prefix_tokens: int
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.embed_dim = cfg.embed_dim
+        self.grid = grid_shape(cfg.input_fdim, cfg.input_tdim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+        self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_patches, cfg.embed_dim))
 
     def prefix_tokens(self) -> Tensor:
         """The learned tokens put before the patches, ``[1, num_prefix_tokens, D]``."""

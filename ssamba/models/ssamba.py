@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..ops.backend import BACKENDS
 from ..ops.bimamba import BranchWeights, bimamba_inner
-from .layers import DropPath, PatchEmbed, PatchTokenEncoder, grid_shape
+from .layers import DropPath, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
 
 
@@ -134,13 +134,8 @@ class SSAMBAEncoder(PatchTokenEncoder):
     num_prefix_tokens = 1
 
     def __init__(self, config: SSAMBAConfig):
-        super().__init__()
-        self.config = cfg = config
-        self.embed_dim = cfg.embed_dim
-        self.grid = grid_shape(cfg.input_fdim, cfg.input_tdim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
-        self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, cfg.embed_dim))
+        super().__init__(config)
+        cfg = config
         rates = [0.0] + torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.layers = nn.ModuleList(MambaBlock(cfg, i, rates[i]) for i in range(cfg.depth))
         norm_cls = nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm

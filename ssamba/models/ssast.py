@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import DropPath, PatchEmbed, PatchTokenEncoder, grid_shape
+from .layers import DropPath, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
 
 
@@ -92,14 +92,9 @@ class SSASTEncoder(PatchTokenEncoder):
     num_prefix_tokens = 2
 
     def __init__(self, config: SSASTConfig):
-        super().__init__()
-        self.config = cfg = config
-        self.embed_dim = cfg.embed_dim
-        self.grid = grid_shape(cfg.input_fdim, cfg.input_tdim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
-        self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.fshape, cfg.tshape, cfg.fstride, cfg.tstride)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        super().__init__(config)
+        cfg = config
         self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + self.num_prefix_tokens, cfg.embed_dim))
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
