@@ -212,3 +212,17 @@ def test_epoch_range_averaging_averages_the_chosen_epochs(tmp_path):
     assert torch.allclose(model.layer.weight, (snapshots[1] + snapshots[2]) / 2, atol=1e-6)
     assert averaging.should_update(epoch_idx=2) and not averaging.should_update(epoch_idx=3)
     assert not averaging.should_update(step_idx=5)
+
+
+def test_ddp_ranks_draw_different_masks_from_one_seed():
+    from types import SimpleNamespace
+
+    def first_mask(rank, world_size):
+        torch.manual_seed(7)
+        task = pretraining()
+        task._trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+        task.on_fit_start()
+        return task.sample_mask(4, 8)
+
+    assert not torch.equal(first_mask(0, 2), first_mask(1, 2))
+    assert torch.equal(first_mask(0, 1), first_mask(0, 1))  # one process: the seeded stream is untouched

@@ -49,6 +49,16 @@ class EncoderTask(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.data = dict(data or {})
 
+    def on_fit_start(self) -> None:
+        """Give every DDP rank its own random stream.
+
+        All ranks are seeded alike so that they build identical initial weights; left that way they
+        would also draw identical masks, drop-path and augmentation every step. A resumed run
+        restores each rank's saved stream afterwards (``RandomStateCheckpoint.on_train_start``).
+        """
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
     # --- optimisation -----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
         """Optimizer parameter groups; subclasses split them (e.g. a head learning-rate multiplier)."""
