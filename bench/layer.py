@@ -10,6 +10,7 @@ after warm-up:
 
     python bench/layer.py --write           # GPU -> docs/performance/layer.json + table in docs/performance.md
     python bench/layer.py --sweep           # GPU: scan-kernel configurations, both kernels timed alone
+    python bench/layer.py --profile         # GPU: per-kernel CUDA time of ``ours-auto`` (torch.profiler)
     python bench/layer.py --smoke           # CPU: tiny sizes, to check the script runs
 """
 from __future__ import annotations
@@ -208,6 +209,22 @@ def sweep(args, device: torch.device) -> None:
             print(f"sweep d={dim} {cfg}: scan fwd {t_f:.3f} ms  bwd {t_b:.3f} ms", flush=True)
 
 
+def profile(args, device: torch.device) -> None:
+    """Per-kernel device time of one ``ours-auto`` layer step, to see where the milliseconds go."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for dim in args.dims:
+        layer = OursBlock(dim, "auto").to(device)
+        time_fwd_bwd(layer, args.batch, args.tokens, dim, device, args.warmup, 1)
+        with torch_profile(activities=activities) as prof:
+            time_fwd_bwd(layer, args.batch, args.tokens, dim, device, 0, 5)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"d={dim}, 5 steps:")
+        print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[192, 768])
@@ -218,6 +235,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock mamba-ssm composition")
     parser.add_argument("--sweep", action="store_true", help="time scan-kernel configurations instead")
+    parser.add_argument("--profile", action="store_true", help="per-kernel device time of ours-auto instead")
     parser.add_argument("--write", action="store_true", help="write docs/performance/layer.json and the table")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, 2 iterations")
     args = parser.parse_args()
@@ -229,6 +247,9 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     if args.sweep:
         sweep(args, device)
+        return
+    if args.profile:
+        profile(args, device)
         return
     results = run_layers(args, device)
     if args.write:
