@@ -135,15 +135,32 @@ def _check_mixer_inner(length):
         assert got is not None and _relerr(got, want) < 1e-5, name
 
 
-@check("conv")
-def _check_conv():
-    """Causal conv on x and anti-causal conv (= causal conv on flip(x)) with SiLU, and their gradients."""
+# (batch, length, E, K, dtype): the backward kernel writes dx for 32 - (K-1) rows per program and the
+# channel block is min(64, next_pow2(E)), so these cover one and several time/channel blocks, partial
+# last blocks, an exact multiple of the row block, lengths below K and of 1, a non-power-of-2 K, bf16
+CONV_CASES = {
+    "conv": (2, 9, 5, 4, torch.float32),
+    "conv-length-1": (2, 1, 3, 4, torch.float32),
+    "conv-shorter-than-kernel": (1, 3, 6, 4, torch.float32),
+    "conv-several-time-and-channel-blocks": (2, 70, 70, 4, torch.float32),
+    "conv-whole-row-blocks": (1, 58, 64, 4, torch.float32),
+    "conv-kernel-3": (2, 33, 12, 3, torch.float32),
+    "conv-bf16": (2, 61, 20, 4, torch.bfloat16),
+}
+
+
+def _check_conv(batch, length, E, K, dtype):
+    """Causal conv on x and anti-causal conv (= causal conv on flip(x)) with SiLU, and their gradients.
+
+    x and dx are the first halves of ``[batch, L, 2E]`` tensors (row stride 2E), like xz's x half; the
+    reference is autograd in float64 on the same (rounded) inputs.
+    """
     conv = _kernels()[1]
-    g = torch.Generator().manual_seed(7)
-    batch, length, E, K = 2, 9, 5, 4
-    x = torch.randn(batch, length, 2 * E, generator=g)[..., :E].requires_grad_()  # strided like xz's x half
-    w = torch.randn(2 * E, K, generator=g).requires_grad_()
-    b = torch.randn(2 * E, generator=g).requires_grad_()
+    g = torch.Generator().manual_seed(length * 100 + E)
+    x = torch.randn(batch, length, 2 * E, generator=g).to(dtype)[..., :E]
+    w = torch.randn(2 * E, K, generator=g)
+    b = torch.randn(2 * E, generator=g)
+    dout = torch.randn(batch, length, 2 * E, generator=g).to(dtype)
 
     def ref(x, w, b):
         xt = x.transpose(1, 2)
@@ -152,16 +169,23 @@ def _check_conv():
         y_b = conv(xt.flip(-1), w[E:, None], b[E:], padding=K - 1, groups=E)[..., :length].flip(-1)
         return torch.nn.functional.silu(torch.cat([y_f, y_b], 1)).transpose(1, 2)
 
-    y_ref = ref(x, w, b)
-    y = conv.bidir_conv_fwd(x.detach(), w.detach(), b.detach())
-    assert _relerr(y, y_ref) < 1e-6
-    dout = torch.randn(batch, length, 2 * E, generator=g)
-    gx, gw, gb = torch.autograd.grad(y_ref, (x, w, b), dout)
-    dx = torch.full((batch, length, E), math.nan)
-    dw, db = conv.bidir_conv_bwd(x.detach(), w.detach(), b.detach(), dout, dx)
-    assert _relerr(dx, gx) < 1e-6 and _relerr(dw, gw) < 1e-6 and _relerr(db, gb) < 1e-6
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    y_ref = ref(*leaves)
+    gx, gw, gb = torch.autograd.grad(y_ref, leaves, dout.double())
+    # outputs rounded to bf16 are off by up to 2^-9 each; fp32 accumulation of bf16 inputs stays exact-ish
+    out_tol = 1e-6 if dtype == torch.float32 else 1e-2
+    y = conv.bidir_conv_fwd(x, w, b)
+    assert y.dtype == dtype and _relerr(y, y_ref) < out_tol, "y"
+    dxz = torch.full((batch, length, 2 * E), math.nan, dtype=dtype)
+    dw, db = conv.bidir_conv_bwd(x, w, b, dout, dxz[..., :E])  # every element of the view must be written
+    assert _relerr(dxz[..., :E], gx) < out_tol, "dx"
+    assert dxz[..., E:].isnan().all(), "dx wrote outside its view"
+    assert dw.shape == (2 * E, K) and db.shape == (2 * E,)
+    assert _relerr(dw, gw) < 1e-5 and _relerr(db, gb) < 1e-5, "dw/db"
 
 
+for _name, _case in CONV_CASES.items():
+    check(_name)(lambda case=_case: _check_conv(*case))
 for _name, _case in SCAN_CASES.items():
     check(_name)(lambda case=_case: _check_scan(*case))
 for _length in (7, 13):
