@@ -9,16 +9,22 @@ import torch
 from ssamba.models import build_encoder
 from ssamba.models.ssamba import BiMambaMixer, SSAMBAConfig
 from ssamba.ops import BranchWeights, bimamba_inner
-from ssamba.ops.backend import cuda_kernels, triton_available
+from ssamba.ops import bimamba as bimamba_module
+from ssamba.ops.backend import cuda_kernels, gluon_scan_usable, triton_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def _available(backend):
-    if backend == "triton" and not triton_available():
+def _available(backend, monkeypatch):
+    """The backend name to run. ``triton-plain`` is the ``triton`` backend with its plain-Triton scan,
+    what runs where the Gluon scan cannot (``triton`` itself uses Gluon on this GPU)."""
+    if backend.startswith("triton") and not triton_available():
         pytest.skip("triton not installed")
     if backend == "cuda" and cuda_kernels() is None:
         pytest.skip("mamba-ssm / causal-conv1d not installed")
+    if backend == "triton-plain":
+        monkeypatch.setattr(bimamba_module, "gluon_scan_usable", lambda *args: False)
+        return "triton"
     return backend
 
 
@@ -46,35 +52,34 @@ def _weights(E, N, R, K, gen, zero_bias=False):
                          rnd(E, R, scale=R ** -0.5), dt_bias.requires_grad_(), A_log.requires_grad_(), rnd(E))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "triton-plain", "cuda"])
 @pytest.mark.parametrize("batch,length,E,N,R", [(2, 37, 32, 16, 2), (3, 513, 64, 16, 4), (2, 100, 48, 8, 3),
-                                                (1, 1, 16, 16, 1)])
-def test_inner_fp32_matches_torch(backend, batch, length, E, N, R):
-    _available(backend)
+                                                (1, 1, 16, 16, 1), (2, 70, 40, 16, 3)])
+def test_inner_fp32_matches_torch(backend, batch, length, E, N, R, monkeypatch):
+    name = _available(backend, monkeypatch)
     gen = torch.Generator(device="cuda").manual_seed(length * 7 + E)
     fwd, bwd = _weights(E, N, R, 4, gen), _weights(E, N, R, 4, gen, zero_bias=True)
     xz = torch.randn(batch, length, 2 * E, generator=gen, device="cuda").requires_grad_()
     params = [xz, *fwd, *bwd]
     dy = torch.randn(batch, length, E, generator=gen, device="cuda")
     results = {}
-    for name in ("torch", backend):
-        y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend=name)
-        results[name] = (y, torch.autograd.grad(y, params, dy))
-    (y, grads), (y_ref, grads_ref) = results[backend], results["torch"]
+    for run in ("torch", name):
+        y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend=run)
+        results[run] = (y, torch.autograd.grad(y, params, dy))
+    (y, grads), (y_ref, grads_ref) = results[name], results["torch"]
     assert torch.isfinite(y).all() and _relerr(y, y_ref) <= 1e-4
     names = ["xz"] + [f"fwd.{f}" for f in BranchWeights._fields] + [f"bwd.{f}" for f in BranchWeights._fields]
-    for name, g, g_ref in zip(names, grads, grads_ref):
-        assert _relerr(g, g_ref) <= 1e-4, f"{backend} grad {name}: {_relerr(g, g_ref):.2e}"
+    for param, g, g_ref in zip(names, grads, grads_ref):
+        assert _relerr(g, g_ref) <= 1e-4, f"{backend} grad {param}: {_relerr(g, g_ref):.2e}"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-def test_inner_fp32_against_float64_at_the_pretraining_length(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-plain", "cuda"])
+def test_inner_fp32_against_float64_at_the_pretraining_length(backend, monkeypatch):
     """Ground truth for the 513-token case: each fp32 path against the PyTorch path in float64.
 
     Where the fp32 backends disagree with each other, this says which one is off.
     """
-    if backend != "torch":
-        _available(backend)
+    name = backend if backend == "torch" else _available(backend, monkeypatch)
     batch, length, E, N, R = 3, 513, 64, 16, 4
     gen = torch.Generator(device="cuda").manual_seed(length * 7 + E)
     fwd, bwd = _weights(E, N, R, 4, gen), _weights(E, N, R, 4, gen, zero_bias=True)
@@ -84,19 +89,19 @@ def test_inner_fp32_against_float64_at_the_pretraining_length(backend):
     exact = [p.detach().double().requires_grad_() for p in params]
     y_ref = bimamba_inner(exact[0].transpose(1, 2), BranchWeights(*exact[1:8]), BranchWeights(*exact[8:]), "torch")
     grads_ref = torch.autograd.grad(y_ref, exact, dy.double())
-    y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend=backend)
+    y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend=name)
     grads = torch.autograd.grad(y, params, dy)
     assert _relerr(y, y_ref) <= 1e-4
     names = ["xz"] + [f"fwd.{f}" for f in BranchWeights._fields] + [f"bwd.{f}" for f in BranchWeights._fields]
-    errors = {name: _relerr(g, g_ref) for name, g, g_ref in zip(names, grads, grads_ref)}
+    errors = {param: _relerr(g, g_ref) for param, g, g_ref in zip(names, grads, grads_ref)}
     assert max(errors.values()) <= 1e-4, f"{backend} vs float64: {errors}"
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "triton-plain", "cuda"])
 @pytest.mark.parametrize("length", [513, 77])
-def test_mixer_bf16_matches_fp32_torch(backend, length):
+def test_mixer_bf16_matches_fp32_torch(backend, length, monkeypatch):
     """bf16 autocast mixer vs the fp32 PyTorch mixer on the same weights."""
-    _available(backend)
+    name = _available(backend, monkeypatch)
     torch.manual_seed(length)
     cfg = SSAMBAConfig(embed_dim=192, depth=2, backend="torch")
     mixer = BiMambaMixer(cfg, layer_idx=0).cuda()
@@ -107,15 +112,15 @@ def test_mixer_bf16_matches_fp32_torch(backend, length):
     params = [hidden, *mixer.parameters()]
     out_ref = mixer(hidden)
     grads_ref = torch.autograd.grad(out_ref, params, dy)
-    mixer.cfg.backend = backend
+    mixer.cfg.backend = name
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = mixer(hidden)
     assert out.dtype == torch.bfloat16
     grads = torch.autograd.grad(out, params, dy)
     assert _relerr(out, out_ref) <= 1e-2
     names = ["hidden"] + [n for n, _ in mixer.named_parameters()]
-    for name, g, g_ref in zip(names, grads, grads_ref):
-        assert _relerr(g, g_ref) <= 1e-2, f"{backend} grad {name}: {_relerr(g, g_ref):.2e}"
+    for param, g, g_ref in zip(names, grads, grads_ref):
+        assert _relerr(g, g_ref) <= 1e-2, f"{backend} grad {param}: {_relerr(g, g_ref):.2e}"
 
 
 def _encoder_run(encoder, fbank, backend, dtype):
@@ -127,21 +132,21 @@ def _encoder_run(encoder, fbank, backend, dtype):
     return out.detach().double(), grads.double()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_encoder_fp32_as_accurate_as_torch(backend):
+@pytest.mark.parametrize("backend", ["triton", "triton-plain", "cuda"])
+def test_encoder_fp32_as_accurate_as_torch(backend, monkeypatch):
     """The full 24-layer tiny encoder at the pretraining grid (513 tokens), outputs and all parameter grads.
 
     The published layer pairing sums the residual streams at every pair, so the encoder amplifies
     rounding: on CPU the fp32 PyTorch path alone is ~5e-3 from float64. Each fp32 backend is therefore
     held to the fp32 PyTorch path's own error against a float64 run of the same weights.
     """
-    _available(backend)
+    name = _available(backend, monkeypatch)
     torch.manual_seed(0)
     encoder = build_encoder("ssamba_tiny", backend="torch").cuda()
     fbank = torch.randn(2, 1024, 128, device="cuda")
     out64, grad64 = _encoder_run(encoder, fbank, "torch", torch.float64)
     out_t, grad_t = _encoder_run(encoder, fbank, "torch", torch.float32)
-    out_b, grad_b = _encoder_run(encoder, fbank, backend, torch.float32)
+    out_b, grad_b = _encoder_run(encoder, fbank, name, torch.float32)
     assert _relerr(out_b, out64) <= max(2 * _relerr(out_t, out64), 1e-4)
     assert _relerr(grad_b, grad64) <= max(2 * _relerr(grad_t, grad64), 1e-4)
 
@@ -151,3 +156,12 @@ def test_auto_prefers_triton_on_cuda():
 
     expected = "triton" if triton_available() else ("cuda" if cuda_kernels() is not None else "torch")
     assert resolve_backend("auto", on_cuda=True) == expected
+
+
+def test_triton_backend_uses_the_gluon_scan_here():
+    """On a compute capability >= 8.0 NVIDIA GPU the fast path is the one the tests above exercise."""
+    if torch.version.hip is not None or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("Gluon scan needs an NVIDIA GPU of compute capability >= 8.0")
+    pytest.importorskip("triton.experimental.gluon")
+    assert gluon_scan_usable(torch.device("cuda"), 16)
+    assert not gluon_scan_usable(torch.device("cuda"), 12)  # the plain-Triton scan pads odd state counts

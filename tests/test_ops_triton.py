@@ -186,6 +186,26 @@ def _check_conv(batch, length, E, K, dtype):
 
 for _name, _case in CONV_CASES.items():
     check(_name)(lambda case=_case: _check_conv(*case))
+@check("gate")
+def _check_gate():
+    """The output gate ``(y_f + y_b) / 2 * silu(z)`` and its gradients, z a strided view as in xz."""
+    from ssamba.ops import triton_gate
+
+    g = torch.Generator().manual_seed(11)
+    batch, length, E = 2, 37, 150  # several row and channel blocks, both partial
+    y = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
+    xz = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
+    out_ref = (y[..., :E] + y[..., E:]) * 0.5 * torch.nn.functional.silu(xz[..., E:])
+    out = triton_gate.gate_fwd(y.detach(), xz.detach()[..., E:])
+    assert _relerr(out, out_ref) < 1e-6
+    dout = torch.randn(batch, length, E, generator=g)
+    dy, dxz = torch.autograd.grad(out_ref, (y, xz), dout)
+    dz = torch.full((batch, length, 2 * E), math.nan)
+    dy_either = triton_gate.gate_bwd(dout, y.detach(), xz.detach()[..., E:], dz[..., E:])
+    assert _relerr(dy_either, dy[..., :E]) < 1e-6 and _relerr(dy_either, dy[..., E:]) < 1e-6
+    assert _relerr(dz[..., E:], dxz[..., E:]) < 1e-6 and dz[..., :E].isnan().all()
+
+
 for _name, _case in SCAN_CASES.items():
     check(_name)(lambda case=_case: _check_scan(*case))
 for _length in (7, 13):

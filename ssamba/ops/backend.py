@@ -2,8 +2,9 @@
 
 ``torch`` is plain PyTorch and runs everywhere. ``cuda`` uses mamba-ssm's selective-scan kernel
 and causal-conv1d (the ``cuda`` extra) and needs CUDA tensors. ``triton`` runs fused Triton kernels
-(conv + both scan directions in one pass; see docs/performance.md) and needs CUDA tensors and the
-``triton`` package, nothing compiled ahead. ``auto`` takes the fastest that can run: ``triton``,
+(conv + both scan directions; the scan in Gluon, Triton's explicit-layout dialect, on NVIDIA GPUs of
+compute capability >= 8.0, else in plain Triton; see docs/performance.md) and needs CUDA tensors and
+the ``triton`` package, nothing compiled ahead. ``auto`` takes the fastest that can run: ``triton``,
 then ``cuda``, then ``torch``, and says once, in the log, which one it picked. If the Triton kernels
 fail to compile on this machine, ``auto`` falls back for the rest of the process.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,26 @@ def triton_available() -> bool:
     """Whether the ``triton`` package imports (it also needs a CUDA device at run time)."""
     try:
         import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gluon_scan_usable(device: torch.device, d_state: int) -> bool:
+    """Whether the Gluon scan kernels (``gluon_scan``) can run here; otherwise the ``triton`` backend
+    uses its plain-Triton scan. Gluon needs a compiled (not interpreted) NVIDIA GPU of compute
+    capability 8.0 or newer, and the kernels hold a power-of-two number (<= 32) of states per channel."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda" or not _gluon_importable():
+        return False
+    if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    return 2 <= d_state <= 32 and d_state & (d_state - 1) == 0
+
+
+@functools.cache
+def _gluon_importable() -> bool:
+    try:
+        from triton.experimental import gluon  # noqa: F401
     except ImportError:
         return False
     return True

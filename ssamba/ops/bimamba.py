@@ -4,7 +4,8 @@ Both directions run in one scan call: the backward branch's input is the time-re
 and since the two directions differ only in their per-channel parameters, ``[x, flip(x)]`` is
 stacked along channels (2E channels) with the two branches' B/C as two groups. One depthwise conv
 and one selective scan then serve both directions. The ``triton`` backend goes further and keeps
-both directions in the original time order (see ``triton_scan``), so no flipped copies are made.
+both directions in the original time order (see ``gluon_scan`` and ``triton_scan``), so no flipped
+copies are made.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import cuda_kernels, disable_triton, resolve_backend
+from .backend import cuda_kernels, disable_triton, gluon_scan_usable, resolve_backend
 from .selective_scan import selective_scan_torch
 
 
@@ -41,6 +42,10 @@ def _causal_conv_silu_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def _bimamba_inner_triton(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights) -> Tensor:
+    if gluon_scan_usable(xz.device, fwd.A_log.shape[1]):
+        from .gluon_bimamba import bimamba_inner_gluon
+
+        return bimamba_inner_gluon(xz.transpose(1, 2), fwd, bwd)
     from .triton_bimamba import bimamba_inner_triton
 
     return bimamba_inner_triton(
