@@ -63,10 +63,20 @@ def _put_column(tile, values, offs, i: gl.constexpr):
 
 
 @gluon.jit
-def _put_row(tile, values, offs, i: gl.constexpr):
-    """``tile[i, :] = values``."""
-    row = gl.convert_layout(values, gl.SliceLayout(0, tile.type.layout))
-    return gl.where(offs[:, None] == i, row[None, :], tile)
+def _pair(first, second, offs):
+    """Two per-channel vectors as the columns of a ``[BD, 2]`` tile (layout of ``offs``' parent)."""
+    layout: gl.constexpr = gl.SliceLayout(1, offs.type.layout.parent)
+    a = gl.convert_layout(first, layout)[:, None]
+    b = gl.convert_layout(second, layout)[:, None]
+    return gl.where(offs[None, :] == 0, a, b)
+
+
+@gluon.jit
+def _pair_rows(first, second, offs, layout: gl.constexpr):
+    """Two per-state vectors as the rows of a ``[2, N]`` tile."""
+    a = gl.convert_layout(first, gl.SliceLayout(0, layout))[None, :]
+    b = gl.convert_layout(second, gl.SliceLayout(0, layout))[None, :]
+    return gl.where(offs[:, None] == 0, a, b)
 
 
 @gluon.jit
@@ -133,17 +143,57 @@ def _scan_fwd_kernel(
 
 
 @gluon.jit
+def _step_inputs(u_base, dt_base, g_base, bc_base, bias, offs_n, d_mask, p, length, forward, su_l, sdt_l, sg_l, sbc_l,
+                 N: gl.constexpr):
+    """One scan position's inputs for a block of channels (zeros past the end): u, pre-bias dt + bias,
+    delta, g, B, C, the time index and the validity mask."""
+    valid = p < length
+    t = gl.where(forward, p, length - 1 - p)
+    m = d_mask & valid
+    u = gl.load(u_base + t * su_l, mask=m, other=0.0).to(gl.float32)
+    x = gl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(gl.float32) + bias
+    delta = gl.where(m, _softplus(x), 0.0)
+    g = gl.load(g_base + t * sg_l, mask=m, other=0.0).to(gl.float32)
+    n_mask = (offs_n < N) & valid
+    B = gl.load(bc_base + t * sbc_l, mask=n_mask, other=0.0).to(gl.float32)
+    C = gl.load(bc_base + t * sbc_l + N, mask=n_mask, other=0.0).to(gl.float32)
+    return u, x, delta, g, B, C, m
+
+
+@gluon.jit
+def _adjoint_step(lam_next, h_prev, h_cur, decay, A, u, x, delta, g, B, C, m, d_skip, reduce_layout: gl.constexpr):
+    """One step of the adjoint: ``lam = dL/dh`` at this step from the next step's decayed one.
+
+    Returns the decayed ``lam`` for the step before, this step's ``du``, ``d(dt before bias)``, the
+    contributions to ``dA`` (``lam * dh/dA``), and the channel sums ``dB``, ``dC``.
+    """
+    drive = delta * u
+    lam = lam_next + g[:, None] * C[None, :]
+    lam_B = gl.sum(lam * B[None, :], axis=1)
+    carried = lam * decay * h_prev
+    d_delta = gl.sum(carried * A, axis=1) * LN2 + u * lam_B
+    d_raw = gl.where(m, d_delta * _sigmoid(x), 0.0)
+    du = delta * lam_B + d_skip * g
+    dB = gl.sum(gl.convert_layout(lam * drive[:, None], reduce_layout), axis=0)
+    dC = gl.sum(gl.convert_layout(h_cur * g[:, None], reduce_layout), axis=0)
+    return decay * lam, du, d_raw, carried * delta[:, None], dB, dC
+
+
+@gluon.jit
 def _scan_bwd_kernel(
         u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
         g_ptr, ckpt_ptr, du_ptr, ddt_f_ptr, ddt_b_ptr, dbc_ptr, dparam_ptr,
         length, dim, num_chunks,
         su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, sg_b, sg_l,
-        N: gl.constexpr, T: gl.constexpr, TS: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr):
+        N: gl.constexpr, T: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr):
+    """The adjoint walks each chunk's positions in pairs ``(e, e + 1)``, last pair first. Only the state
+    before each even position is kept in shared memory (half the memory, so more warps fit): the state
+    before ``e + 1`` is one step from it, with inputs the pair loads anyway."""
     state_layout: gl.constexpr = gl.BlockedLayout([1, N // SPLIT], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
-    tile_layout: gl.constexpr = gl.BlockedLayout([1, TS], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
+    pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
     # channels in registers, states on lanes: the sum over channels for dB / dC is mostly in-thread
     reduce_layout: gl.constexpr = gl.BlockedLayout([N // SPLIT, 1], [32 // N, N], [WARPS, 1], [0, 1])
-    bc_tile_layout: gl.constexpr = gl.BlockedLayout([TS, 1], [32 // N, N], [WARPS, 1], [0, 1])
+    bc_pair_layout: gl.constexpr = gl.BlockedLayout([2, 1], [32 // N, N], [WARPS, 1], [0, 1])
     history_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0, 1])  # channels fastest
     BD: gl.constexpr = 32 // SPLIT * WARPS
     pid_d = gl.program_id(0)
@@ -151,9 +201,9 @@ def _scan_bwd_kernel(
     direction = gl.program_id(2)
     offs_d = pid_d * BD + gl.arange(0, BD, layout=gl.SliceLayout(1, state_layout))
     offs_n = gl.arange(0, N, layout=gl.SliceLayout(0, state_layout))
-    offs_t = gl.arange(0, TS, layout=gl.SliceLayout(0, tile_layout))
-    offs_tr = gl.arange(0, TS, layout=gl.SliceLayout(1, bc_tile_layout))
-    offs_nr = gl.arange(0, N, layout=gl.SliceLayout(0, bc_tile_layout))
+    offs_pair = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
+    offs_pair_r = gl.arange(0, 2, layout=gl.SliceLayout(1, bc_pair_layout))
+    offs_nr = gl.arange(0, N, layout=gl.SliceLayout(0, bc_pair_layout))
     d_mask = offs_d < dim
     ch = offs_d + direction * dim
     dn_off = ch[:, None] * N + offs_n[None, :]
@@ -165,12 +215,12 @@ def _scan_bwd_kernel(
     dt_base = gl.where(forward, dt_f_ptr, dt_b_ptr) + pid_b * sdt_b + offs_d
     bc_base = gl.where(forward, bc_f_ptr, bc_b_ptr) + pid_b * sbc_b + offs_n
     g_base = g_ptr + pid_b * sg_b + offs_d
-    du_rows = _tile_rows(du_ptr + pid_b * su_b, ch, tile_layout)
-    ddt_rows = _tile_rows(gl.where(forward, ddt_f_ptr, ddt_b_ptr) + pid_b * sdt_b, offs_d, tile_layout)
-    tile_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, tile_layout))[:, None]
+    du_rows = _tile_rows(du_ptr + pid_b * su_b, ch, pair_layout)
+    ddt_rows = _tile_rows(gl.where(forward, ddt_f_ptr, ddt_b_ptr) + pid_b * sdt_b, offs_d, pair_layout)
+    pair_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, pair_layout))[:, None]
     dbc_base = dbc_ptr + (pid_b * length * 2 + direction) * 2 * N + offs_nr[None, :]
     ckpt_base = ckpt_ptr + pid_b * num_chunks * 2 * dim * N + dn_off
-    history = gl.allocate_shared_memory(gl.float32, [T, BD, N], history_layout)
+    history = gl.allocate_shared_memory(gl.float32, [T // 2, BD, N], history_layout)
 
     lam_next = gl.zeros([BD, N], gl.float32, state_layout)  # decay_{p+1} * dL/dh_{p+1}
     dA_acc = gl.zeros([BD, N], gl.float32, state_layout)
@@ -178,12 +228,12 @@ def _scan_bwd_kernel(
     dbias_acc = gl.zeros([BD], gl.float32, gl.SliceLayout(1, state_layout))
     for k in range(num_chunks):
         chunk = num_chunks - 1 - k  # the adjoint runs against the scan
-        # states of the chunk, restarted from the saved chunk-entry state; history[i] = h before step i
+        # the chunk's states, restarted from the saved chunk-entry state; history[i] = h before step 2i
         h = gl.load(ckpt_base + chunk * 2 * dim * N, mask=dn_mask, other=0.0)
-        for group in range(T // TS):
-            for i in gl.static_range(TS):
-                step = group * TS + i
-                p = chunk * T + step
+        for pair in range(T // 2):
+            history.index(pair).store(h)
+            for i in gl.static_range(2):
+                p = chunk * T + 2 * pair + i
                 valid = p < length
                 t = gl.where(forward, p, length - 1 - p)
                 m = d_mask & valid
@@ -191,58 +241,39 @@ def _scan_bwd_kernel(
                 raw = gl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(gl.float32)
                 delta = gl.where(m, _softplus(raw + bias), 0.0)
                 B = gl.load(bc_base + t * sbc_l, mask=(offs_n < N) & valid, other=0.0).to(gl.float32)
-                history.index(step).store(h)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
-        # the adjoint back through the chunk, TS unrolled steps at a time, their outputs written together
-        for group in range(T // TS):
-            first = T - TS - group * TS  # first step of this group within the chunk
-            p0 = chunk * T + first
-            du_tile = gl.zeros([BD, TS], gl.float32, tile_layout)
-            ddt_tile = gl.zeros([BD, TS], gl.float32, tile_layout)
-            dB_tile = gl.zeros([TS, N], gl.float32, bc_tile_layout)
-            dC_tile = gl.zeros([TS, N], gl.float32, bc_tile_layout)
-            for j in gl.static_range(TS):
-                p = p0 + (TS - 1 - j)
-                valid = p < length
-                t = gl.where(forward, p, length - 1 - p)
-                m = d_mask & valid
-                u = gl.load(u_base + t * su_l, mask=m, other=0.0).to(gl.float32)
-                x = gl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(gl.float32) + bias
-                delta = gl.where(m, _softplus(x), 0.0)
-                g = gl.load(g_base + t * sg_l, mask=m, other=0.0).to(gl.float32)
-                n_mask = (offs_n < N) & valid
-                B = gl.load(bc_base + t * sbc_l, mask=n_mask, other=0.0).to(gl.float32)
-                C = gl.load(bc_base + t * sbc_l + N, mask=n_mask, other=0.0).to(gl.float32)
-                decay = gl.exp2(delta[:, None] * A)
-                h_prev = history.index(first + (TS - 1 - j)).load(state_layout)
-                drive = delta * u
-                lam = lam_next + g[:, None] * C[None, :]
-                lam_B = gl.sum(lam * B[None, :], axis=1)
-                carried = lam * decay * h_prev
-                d_delta = gl.sum(carried * A, axis=1) * LN2 + u * lam_B
-                d_raw = gl.where(m, d_delta * _sigmoid(x), 0.0)
-                dA_acc += carried * delta[:, None]
-                dD_acc += g * u
-                dbias_acc += d_raw
-                du_tile = _put_column(du_tile, delta * lam_B + d_skip * g, offs_t, TS - 1 - j)
-                ddt_tile = _put_column(ddt_tile, d_raw, offs_t, TS - 1 - j)
-                h_cur = decay * h_prev + drive[:, None] * B[None, :]
-                dB = gl.sum(gl.convert_layout(lam * drive[:, None], reduce_layout), axis=0)
-                dC = gl.sum(gl.convert_layout(h_cur * g[:, None], reduce_layout), axis=0)
-                dB_tile = _put_row(dB_tile, dB, offs_tr, TS - 1 - j)
-                dC_tile = _put_row(dC_tile, dC, offs_tr, TS - 1 - j)
-                lam_next = decay * lam
-            p_t = p0 + offs_t
+        for q in range(T // 2):
+            pair = T // 2 - 1 - q
+            p0 = chunk * T + 2 * pair
+            u0, x0, delta0, g0, B0, C0, m0 = _step_inputs(u_base, dt_base, g_base, bc_base, bias, offs_n, d_mask, p0,
+                                                          length, forward, su_l, sdt_l, sg_l, sbc_l, N)
+            u1, x1, delta1, g1, B1, C1, m1 = _step_inputs(u_base, dt_base, g_base, bc_base, bias, offs_n, d_mask,
+                                                          p0 + 1, length, forward, su_l, sdt_l, sg_l, sbc_l, N)
+            h0 = history.index(pair).load(state_layout)  # before p0
+            decay0 = gl.exp2(delta0[:, None] * A)
+            h1 = decay0 * h0 + (delta0 * u0)[:, None] * B0[None, :]  # after p0, before p0 + 1
+            decay1 = gl.exp2(delta1[:, None] * A)
+            h2 = decay1 * h1 + (delta1 * u1)[:, None] * B1[None, :]
+            lam_next, du1, d_raw1, dA1, dB1, dC1 = _adjoint_step(lam_next, h1, h2, decay1, A, u1, x1, delta1, g1, B1,
+                                                                 C1, m1, d_skip, reduce_layout)
+            lam_next, du0, d_raw0, dA0, dB0, dC0 = _adjoint_step(lam_next, h0, h1, decay0, A, u0, x0, delta0, g0, B0,
+                                                                 C0, m0, d_skip, reduce_layout)
+            dA_acc += dA0 + dA1
+            dD_acc += g0 * u0 + g1 * u1
+            dbias_acc += d_raw0 + d_raw1
+            # both positions' outputs written together (a store between them would hold back the loads)
+            p_t = p0 + offs_pair
             t_t = gl.where(forward, p_t, length - 1 - p_t)
-            t_mask = tile_mask & (p_t < length)[None, :]
-            gl.store(du_rows + t_t[None, :] * su_l, du_tile.to(du_ptr.dtype.element_ty), mask=t_mask)
-            gl.store(ddt_rows + t_t[None, :] * sdt_l, ddt_tile.to(ddt_f_ptr.dtype.element_ty), mask=t_mask)
-            p_r = p0 + offs_tr
+            t_mask = pair_mask & (p_t < length)[None, :]
+            gl.store(du_rows + t_t[None, :] * su_l, _pair(du0, du1, offs_pair).to(du_ptr.dtype.element_ty), mask=t_mask)
+            gl.store(ddt_rows + t_t[None, :] * sdt_l, _pair(d_raw0, d_raw1, offs_pair).to(ddt_f_ptr.dtype.element_ty),
+                     mask=t_mask)
+            p_r = p0 + offs_pair_r
             t_r = gl.where(forward, p_r, length - 1 - p_r)
             r_mask = (p_r < length)[:, None] & (offs_nr[None, :] < N)
             dbc_rows = dbc_base + t_r[:, None] * 4 * N
-            gl.atomic_add(dbc_rows, dB_tile, mask=r_mask, sem="relaxed")
-            gl.atomic_add(dbc_rows + N, dC_tile, mask=r_mask, sem="relaxed")
+            gl.atomic_add(dbc_rows, _pair_rows(dB0, dB1, offs_pair_r, bc_pair_layout), mask=r_mask, sem="relaxed")
+            gl.atomic_add(dbc_rows + N, _pair_rows(dC0, dC1, offs_pair_r, bc_pair_layout), mask=r_mask, sem="relaxed")
     # parameter gradients summed over the batch: dL/dA_log = dL/dA * A, A = A2 * ln 2
     gl.atomic_add(dparam_ptr + dn_off, dA_acc * A * LN2, mask=dn_mask, sem="relaxed")
     gl.atomic_add(dparam_ptr + 2 * dim * N + ch, dD_acc, mask=d_mask, sem="relaxed")
@@ -250,13 +281,15 @@ def _scan_bwd_kernel(
 
 
 def _config(dim: int, d_state: int) -> dict:
-    """Chunk of ``T`` steps between saved states (its history lives in shared memory in the backward);
-    outputs leave registers every ``TS`` steps; one warp per program."""
-    return dict(T=16, TS=2, SPLIT=2, WARPS=1)
+    """Chunk of ``T`` steps between saved states (half of their states live in shared memory in the
+    backward); forward outputs leave registers every ``TS`` steps; ``SPLIT`` threads share a channel's
+    states (two for narrow models, whose few channels would leave the GPU short of warps); one warp per
+    program. Measured in docs/performance.md (optimisation log)."""
+    return dict(T=16, TS=2, SPLIT=2 if dim < 1024 else 1, WARPS=1)
 
 
-def _launch_options(cfg: dict) -> dict:
-    options = {key: cfg[key] for key in ("T", "TS", "SPLIT", "WARPS")}
+def _launch_options(cfg: dict, keys=("T", "TS", "SPLIT", "WARPS")) -> dict:
+    options = {key: cfg[key] for key in keys}
     options["num_warps"] = cfg["WARPS"]
     if cfg.get("maxnreg"):  # caps registers so more warps fit on a multiprocessor
         options["maxnreg"] = cfg["maxnreg"]
@@ -329,7 +362,7 @@ def scan_bwd(u, dt_f, dt_b, bc_f, bc_b, params, ckpt, g, config: dict | None = N
         u, dt_f, dt_b, bc_f, bc_b, *params, g, ckpt, du, ddt_f, ddt_b, dBC, dparam,
         length, dim, num_chunks,
         u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), bc_f.stride(0), bc_f.stride(1),
-        g.stride(0), g.stride(1), N=d_state, **_launch_options(cfg))
+        g.stride(0), g.stride(1), N=d_state, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
     dA_log = dparam[:n_a].view(2, dim, d_state)
     dD, dbias = dparam[n_a:].view(2, 2, dim).unbind(0)
     return du, ddt_f, ddt_b, dBC, dA_log, dD, dbias
