@@ -9,7 +9,8 @@ after warm-up:
 - ``ssast``: the SSAST/ViT pre-norm block (``scaled_dot_product_attention``) of ``ssamba.models.ssast``.
 
     python bench/layer.py --write           # GPU -> docs/performance/layer.json + table in docs/performance.md
-    python bench/layer.py --sweep           # GPU: scan-kernel configurations, both kernels timed alone
+    python bench/layer.py --sweep           # GPU: Gluon scan configurations, both kernels timed alone
+    python bench/layer.py --overhead        # GPU: host vs device time of one layer step (CUDA graph)
     python bench/layer.py --profile         # GPU: per-kernel CUDA time of ``ours-auto`` (torch.profiler)
     python bench/layer.py --smoke           # CPU: tiny sizes, to check the script runs
 """
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssamba.models.ssamba import MambaBlock, SSAMBAConfig
@@ -174,39 +174,72 @@ def write_outputs(results: dict, args, device: torch.device) -> None:
     print("\n".join(table))
 
 
-SWEEP_CONFIGS = [dict(T=16, BLOCK_D=16, num_warps=4), dict(T=16, BLOCK_D=16, num_warps=8),
-                 dict(T=16, BLOCK_D=32, num_warps=8), dict(T=32, BLOCK_D=16, num_warps=8),
-                 dict(T=8, BLOCK_D=16, num_warps=4), dict(T=16, BLOCK_D=8, num_warps=4)]
+SWEEP_CONFIGS = [dict(T=16, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=1, WARPS=1),
+                 dict(T=16, TS=4, SPLIT=2, WARPS=1), dict(T=8, TS=2, SPLIT=2, WARPS=1),
+                 dict(T=32, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=128)]
 
 
 def sweep(args, device: torch.device) -> None:
-    """Time the scan kernels alone for several tile configurations (same inputs, bf16 in, fp32 inside)."""
+    """Time the Gluon scan kernels alone for several configurations (bf16 inputs, fp32 inside)."""
     from triton.testing import do_bench
 
-    from ssamba.ops.triton_scan import bimamba_scan_bwd, bimamba_scan_fwd
+    from ssamba.ops.gluon_scan import scan_bwd, scan_fwd
 
     for dim in args.dims:
-        E, N, R = 2 * dim, 16, -(-dim // 16)
-        B, L = args.batch, args.tokens
+        E, N, B, L = 2 * dim, 16, args.batch, args.tokens
         gen = torch.Generator(device=device).manual_seed(0)
-        rnd = lambda *s: torch.randn(*s, device=device, generator=gen).bfloat16()  # noqa: E731
-        u, xz = rnd(B, L, 2 * E), rnd(B, L, 2 * E)
-        x_dbl_f, x_dbl_b = rnd(B, L, R + 2 * N), rnd(B, L, R + 2 * N)
-        dt_f, dt_b, dy = rnd(B, L, E), rnd(B, L, E), rnd(B, L, E)
-        A2 = -torch.rand(2 * E, N, device=device, generator=gen) * 5
-        D = torch.ones(2 * E, device=device)
-        dt_f, dt_b = F.softplus(dt_f.float() - 3).bfloat16(), F.softplus(dt_b.float() - 3).bfloat16()
-        bc = lambda t: (t[..., R:R + N], t[..., R + N:])  # noqa: E731
-        dz = torch.empty_like(xz)[..., E:]
+        rnd = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
+        u, dt_f, dt_b = rnd(B, L, 2 * E).bfloat16(), rnd(B, L, E).bfloat16(), rnd(B, L, E).bfloat16()
+        bc = rnd(B, L, 2, 2 * N).bfloat16()
+        A_log = torch.log(torch.rand(2, E, N, device=device, generator=gen) * 15 + 1)
+        params = (A_log[0], A_log[1], torch.ones(E, device=device), torch.ones(E, device=device),
+                  torch.full((E,), -3.0, device=device), torch.full((E,), -3.0, device=device))
+        g = rnd(B, L, E)
         for cfg in SWEEP_CONFIGS:
-            full = dict(cfg, NP=N)
-            fwd = lambda: bimamba_scan_fwd(u, dt_f, dt_b, *bc(x_dbl_f), *bc(x_dbl_b), xz[..., E:], A2, D, full)  # noqa: E731
+            fwd = lambda: scan_fwd(u, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params, cfg)  # noqa: E731
             _, ckpt = fwd()
-            bwd = lambda: bimamba_scan_bwd(u, dt_f, dt_b, *bc(x_dbl_f), *bc(x_dbl_b), xz[..., E:], A2, D,  # noqa: E731
-                                           ckpt, dy, dz, full)
+            bwd = lambda: scan_bwd(u, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params, ckpt, g, cfg)  # noqa: E731
             t_f = do_bench(fwd, warmup=50, rep=200, return_mode="median")
             t_b = do_bench(bwd, warmup=50, rep=200, return_mode="median")
             print(f"sweep d={dim} {cfg}: scan fwd {t_f:.3f} ms  bwd {t_b:.3f} ms", flush=True)
+
+
+def overhead(args, device: torch.device) -> None:
+    """Split one layer step into host and device time: CUDA events around an eager step, the host's
+    time to issue a step (no synchronisation), and a CUDA-graph replay of the step (device only)."""
+    for dim in args.dims:
+        for name, layer in (("ours-auto", OursBlock(dim, "auto")), ("ssast", SSASTLayer(dim))):
+            layer = layer.to(device)
+            gen = torch.Generator(device=device).manual_seed(0)
+            hidden = torch.randn(args.batch, args.tokens, dim, device=device, generator=gen, requires_grad=True)
+            residual = torch.randn(args.batch, args.tokens, dim, device=device, generator=gen, requires_grad=True)
+
+            def step():
+                for p in layer.parameters():
+                    p.grad = None  # as after optimizer.zero_grad(): no accumulation kernels
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    outs = layer(hidden, residual)
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+            eager = time_steps(step, device, args.warmup, args.iters)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            host = (time.perf_counter() - start) / args.iters * 1e3
+            torch.cuda.synchronize()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            replay = time_steps(graph.replay, device, 3, args.iters)
+            print(f"d={dim} {name}: eager {eager:.3f} ms | host issue {host:.3f} ms | graph replay {replay:.3f} ms",
+                  flush=True)
 
 
 def profile(args, device: torch.device) -> None:
@@ -236,6 +269,7 @@ def main() -> None:
     parser.add_argument("--no-stock", action="store_true", help="skip the stock mamba-ssm composition")
     parser.add_argument("--sweep", action="store_true", help="time scan-kernel configurations instead")
     parser.add_argument("--profile", action="store_true", help="per-kernel device time of ours-auto instead")
+    parser.add_argument("--overhead", action="store_true", help="host vs device time of one layer step instead")
     parser.add_argument("--write", action="store_true", help="write docs/performance/layer.json and the table")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, 2 iterations")
     args = parser.parse_args()
@@ -250,6 +284,9 @@ def main() -> None:
         return
     if args.profile:
         profile(args, device)
+        return
+    if args.overhead:
+        overhead(args, device)
         return
     results = run_layers(args, device)
     if args.write:

@@ -7,7 +7,7 @@ overhead are all inside the figure.
 
     python bench/train_throughput.py                       # GPU: ssamba_tiny (2 and 1 passes), ssast_tiny
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
-    python bench/train_throughput.py --write               # also docs/performance/train.json + section
+    python bench/train_throughput.py --write               # also docs/performance/train.json
 """
 from __future__ import annotations
 
