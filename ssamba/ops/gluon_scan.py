@@ -3,15 +3,16 @@
 Triton's implicit layouts spread the state axis over lanes, so every per-channel quantity was
 computed once per state and every sum over states took shuffles (docs/performance.md, optimisation
 log). Gluon fixes the layout by hand: a thread owns one channel of one direction and all ``N`` of
-its states, so the recurrence, the softplus of ``delta``, the sums over states and the ``D`` skip
-are plain register arithmetic, and time is a sequential loop whose loads do not depend on the
-state (the compiler issues a whole chunk's loads ahead).
+its states (or half of them, ``SPLIT=2``, for narrow models), so the recurrence, the softplus of
+``delta``, the sums over states and the ``D`` skip are register arithmetic, and time is a
+sequential loop whose loads do not depend on the state (the compiler issues a group's loads ahead).
 
 The two directions run in separate programs over the original time order (the backward branch
 walks from the last step to the first), each writing its own half of ``y [batch, L, 2E]``; gating
 and the average happen outside, where both halves meet. The forward pass saves the state at the
 start of every chunk of ``T`` steps. The backward pass walks the chunks in reverse: it recomputes a
-chunk's states from the saved one into shared memory, then runs the adjoint back through it. The
+chunk's states from the saved one, keeping every other one in shared memory, then runs the adjoint
+back through it in pairs of steps. The
 only cross-channel sums (the gradients of ``B`` and ``C``, shared by all channels of a direction)
 are reduced across the program's channels, then added into fp32 buffers atomically.
 

@@ -1,4 +1,5 @@
-"""The bimamba-v2 mixer's inner part (in_proj output -> out_proj input) on Triton kernels.
+"""The bimamba-v2 mixer's inner part on plain Triton kernels, where the Gluon scan cannot run
+(Triton's CPU interpreter, GPUs older than compute capability 8.0).
 
 One autograd Function covers conv + SiLU, the per-direction x/dt projections (cuBLAS) and the fused
 bidirectional scan, with a hand-written backward, so the in_proj output's gradient is written in
@@ -23,8 +24,7 @@ class BiMambaInnerTriton(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D,
-                scan_config=None):
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D):
         if xz.stride(-1) != 1:
             xz = xz.contiguous()
         dim = xz.shape[-1] // 2
@@ -41,10 +41,9 @@ class BiMambaInnerTriton(torch.autograd.Function):
         delta_f, delta_b = F.softplus(raw_f.float() + bias_f), F.softplus(raw_b.float() + bias_b)
         A2 = (-torch.exp(A_log.float()) * LOG2E).contiguous()
         y, ckpt = bimamba_scan_fwd(xc, delta_f, delta_b, *_bc_views(x_dbl_f, dt_rank, d_state),
-                                   *_bc_views(x_dbl_b, dt_rank, d_state), z, A2, D.float().contiguous(), scan_config)
+                                   *_bc_views(x_dbl_b, dt_rank, d_state), z, A2, D.float().contiguous())
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias, A_log, D,
                               xc, x_dbl_f, x_dbl_b, raw_f, raw_b, delta_f, delta_b, A2, ckpt)
-        ctx.scan_config = scan_config
         return y
 
     @staticmethod
@@ -58,7 +57,7 @@ class BiMambaInnerTriton(torch.autograd.Function):
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
         dxc, d_delta_f, d_delta_b, dBC, dA, dD = bimamba_scan_bwd(
             xc, delta_f, delta_b, *_bc_views(x_dbl_f, dt_rank, d_state), *_bc_views(x_dbl_b, dt_rank, d_state),
-            xz[..., dim:], A2, D.float().contiguous(), ckpt, dy, dxz[..., dim:], ctx.scan_config)
+            xz[..., dim:], A2, D.float().contiguous(), ckpt, dy, dxz[..., dim:])
         grads, d_bias = [], []
         dxc_rows = dxc.view(-1, 2 * dim)
         biases = dt_bias.float().chunk(2)
@@ -77,12 +76,11 @@ class BiMambaInnerTriton(torch.autograd.Function):
         A = -torch.exp(A_log.float())
         return (dxz, d_conv_weight.to(conv_weight.dtype), d_conv_bias.to(conv_bias.dtype), grads[0][0], grads[1][0],
                 grads[0][1], grads[1][1], torch.cat(d_bias).to(dt_bias.dtype), (dA.sum(0) * A).to(A_log.dtype),
-                dD.sum(0).to(D.dtype), None)
+                dD.sum(0).to(D.dtype))
 
 
 def bimamba_inner_triton(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj_f: Tensor, x_proj_b: Tensor,
-                         dt_proj_f: Tensor, dt_proj_b: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor,
-                         scan_config: dict | None = None) -> Tensor:
+                         dt_proj_f: Tensor, dt_proj_b: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor) -> Tensor:
     """Both branches' parameters stacked forward-first: ``conv_weight [2E, K]``, ``dt_bias, D [2E]``, ``A_log [2E, N]``."""
     return BiMambaInnerTriton.apply(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, dt_bias,
-                                    A_log, D, scan_config)
+                                    A_log, D)
