@@ -107,6 +107,36 @@ def test_inner_fp32_against_float64_at_the_pretraining_length(backend, monkeypat
     assert max(errors.values()) <= 1e-4, f"{backend} vs float64: {errors}"
 
 
+def test_cuda_backend_gap_is_in_causal_conv1d(monkeypatch):
+    """Localises the 513-token gap above: with causal-conv1d swapped for the PyTorch conv, mamba-ssm's
+    selective-scan kernel alone is expected to match float64 like the other paths. If this fails, the
+    gap is in the selective-scan kernel instead."""
+    _available("cuda", monkeypatch)
+    selective_scan_fn, _ = cuda_kernels()
+
+    def conv_silu(x, weight, bias, activation):
+        assert activation == "silu"
+        k = weight.shape[-1]
+        return torch.nn.functional.silu(torch.nn.functional.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1,
+                                                                   groups=x.shape[1])[..., :x.shape[-1]])
+
+    monkeypatch.setattr(bimamba_module, "cuda_kernels", lambda: (selective_scan_fn, conv_silu))
+    batch, length, E, N, R = 3, 513, 64, 16, 4
+    gen = torch.Generator(device="cuda").manual_seed(length * 7 + E)
+    fwd, bwd = _weights(E, N, R, 4, gen), _weights(E, N, R, 4, gen, zero_bias=True)
+    xz = torch.randn(batch, length, 2 * E, generator=gen, device="cuda").requires_grad_()
+    dy = torch.randn(batch, length, E, generator=gen, device="cuda")
+    params = [xz, *fwd, *bwd]
+    exact = [p.detach().double().requires_grad_() for p in params]
+    y_ref = bimamba_inner(exact[0].transpose(1, 2), BranchWeights(*exact[1:8]), BranchWeights(*exact[8:]), "torch")
+    grads_ref = torch.autograd.grad(y_ref, exact, dy.double())
+    y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend="cuda")
+    grads = torch.autograd.grad(y, params, dy)
+    names = ["xz"] + [f"fwd.{f}" for f in BranchWeights._fields] + [f"bwd.{f}" for f in BranchWeights._fields]
+    errors = {param: _relerr(g, g_ref) for param, g, g_ref in zip(names, grads, grads_ref)}
+    assert _relerr(y, y_ref) <= 1e-4 and max(errors.values()) <= 1e-4, errors
+
+
 @pytest.mark.parametrize("backend", ["triton", "triton-plain", "cuda"])
 @pytest.mark.parametrize("length", [513, 77])
 def test_mixer_bf16_matches_fp32_torch(backend, length, monkeypatch):
