@@ -124,16 +124,8 @@ def _scan_fwd_kernel(
             p0 = chunk * T + group * TS
             y_tile = gl.zeros([BD, TS], gl.float32, tile_layout)
             for i in gl.static_range(TS):
-                p = p0 + i  # position in scan order
-                valid = p < length
-                t = gl.where(forward, p, length - 1 - p)
-                m = d_mask & valid
-                u = gl.load(u_base + t * su_l, mask=m, other=0.0).to(gl.float32)
-                raw = gl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(gl.float32)
-                delta = gl.where(m, _softplus(raw + bias), 0.0)
-                n_mask = (offs_n < N) & valid
-                B = gl.load(bc_base + t * sbc_l, mask=n_mask, other=0.0).to(gl.float32)
-                C = gl.load(bc_base + t * sbc_l + N, mask=n_mask, other=0.0).to(gl.float32)
+                u, x, delta, B, C, m, t = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p0 + i, length,
+                                                       forward, su_l, sdt_l, sbc_l, N)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
                 y = gl.sum(h * C[None, :], axis=1) + d_skip * u
                 y_tile = _put_column(y_tile, y, offs_t, i)
@@ -144,21 +136,20 @@ def _scan_fwd_kernel(
 
 
 @gluon.jit
-def _step_inputs(u_base, dt_base, g_base, bc_base, bias, offs_n, d_mask, p, length, forward, su_l, sdt_l, sg_l, sbc_l,
+def _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p, length, forward, su_l, sdt_l, sbc_l,
                  N: gl.constexpr):
-    """One scan position's inputs for a block of channels (zeros past the end): u, pre-bias dt + bias,
-    delta, g, B, C, the time index and the validity mask."""
+    """One scan position's inputs for a block of channels (zeros past the end): u, dt before the
+    softplus (bias added), delta, B, C, the validity mask and the time index."""
     valid = p < length
     t = gl.where(forward, p, length - 1 - p)
     m = d_mask & valid
     u = gl.load(u_base + t * su_l, mask=m, other=0.0).to(gl.float32)
     x = gl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(gl.float32) + bias
     delta = gl.where(m, _softplus(x), 0.0)
-    g = gl.load(g_base + t * sg_l, mask=m, other=0.0).to(gl.float32)
     n_mask = (offs_n < N) & valid
     B = gl.load(bc_base + t * sbc_l, mask=n_mask, other=0.0).to(gl.float32)
     C = gl.load(bc_base + t * sbc_l + N, mask=n_mask, other=0.0).to(gl.float32)
-    return u, x, delta, g, B, C, m
+    return u, x, delta, B, C, m, t
 
 
 @gluon.jit
@@ -234,22 +225,18 @@ def _scan_bwd_kernel(
         for pair in range(T // 2):
             history.index(pair).store(h)
             for i in gl.static_range(2):
-                p = chunk * T + 2 * pair + i
-                valid = p < length
-                t = gl.where(forward, p, length - 1 - p)
-                m = d_mask & valid
-                u = gl.load(u_base + t * su_l, mask=m, other=0.0).to(gl.float32)
-                raw = gl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(gl.float32)
-                delta = gl.where(m, _softplus(raw + bias), 0.0)
-                B = gl.load(bc_base + t * sbc_l, mask=(offs_n < N) & valid, other=0.0).to(gl.float32)
+                u, x, delta, B, C, m, t = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask,
+                                                       chunk * T + 2 * pair + i, length, forward, su_l, sdt_l, sbc_l, N)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
         for q in range(T // 2):
             pair = T // 2 - 1 - q
             p0 = chunk * T + 2 * pair
-            u0, x0, delta0, g0, B0, C0, m0 = _step_inputs(u_base, dt_base, g_base, bc_base, bias, offs_n, d_mask, p0,
-                                                          length, forward, su_l, sdt_l, sg_l, sbc_l, N)
-            u1, x1, delta1, g1, B1, C1, m1 = _step_inputs(u_base, dt_base, g_base, bc_base, bias, offs_n, d_mask,
-                                                          p0 + 1, length, forward, su_l, sdt_l, sg_l, sbc_l, N)
+            u0, x0, delta0, B0, C0, m0, t0 = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p0, length,
+                                                          forward, su_l, sdt_l, sbc_l, N)
+            u1, x1, delta1, B1, C1, m1, t1 = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p0 + 1,
+                                                          length, forward, su_l, sdt_l, sbc_l, N)
+            g0 = gl.load(g_base + t0 * sg_l, mask=m0, other=0.0).to(gl.float32)
+            g1 = gl.load(g_base + t1 * sg_l, mask=m1, other=0.0).to(gl.float32)
             h0 = history.index(pair).load(state_layout)  # before p0
             decay0 = gl.exp2(delta0[:, None] * A)
             h1 = decay0 * h0 + (delta0 * u0)[:, None] * B0[None, :]  # after p0, before p0 + 1
