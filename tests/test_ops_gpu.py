@@ -81,15 +81,9 @@ def test_inner_fp32_matches_torch(backend, batch, length, E, N, R, monkeypatch, 
         assert _relerr(g, g_ref) <= 1e-4, f"{backend} grad {param}: {_relerr(g, g_ref):.2e}"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-plain", "cuda"])
-def test_inner_fp32_against_float64_at_the_pretraining_length(backend, monkeypatch, request):
-    """Ground truth for the 513-token case: each fp32 path against the PyTorch path in float64.
-
-    Where the fp32 backends disagree with each other, this says which one is off.
-    """
-    name = backend if backend == "torch" else _available(backend, monkeypatch)
-    if backend == "cuda":
-        request.applymarker(CUDA_513_GRAD)
+def _errors_against_float64_at_513(backend):
+    """The output's and every gradient's relative error of one backend in fp32 against the PyTorch
+    path in float64, on the 513-token case."""
     batch, length, E, N, R = 3, 513, 64, 16, 4
     gen = torch.Generator(device="cuda").manual_seed(length * 7 + E)
     fwd, bwd = _weights(E, N, R, 4, gen), _weights(E, N, R, 4, gen, zero_bias=True)
@@ -99,11 +93,23 @@ def test_inner_fp32_against_float64_at_the_pretraining_length(backend, monkeypat
     exact = [p.detach().double().requires_grad_() for p in params]
     y_ref = bimamba_inner(exact[0].transpose(1, 2), BranchWeights(*exact[1:8]), BranchWeights(*exact[8:]), "torch")
     grads_ref = torch.autograd.grad(y_ref, exact, dy.double())
-    y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend=name)
+    y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend=backend)
     grads = torch.autograd.grad(y, params, dy)
-    assert _relerr(y, y_ref) <= 1e-4
     names = ["xz"] + [f"fwd.{f}" for f in BranchWeights._fields] + [f"bwd.{f}" for f in BranchWeights._fields]
-    errors = {param: _relerr(g, g_ref) for param, g, g_ref in zip(names, grads, grads_ref)}
+    return _relerr(y, y_ref), {param: _relerr(g, g_ref) for param, g, g_ref in zip(names, grads, grads_ref)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-plain", "cuda"])
+def test_inner_fp32_against_float64_at_the_pretraining_length(backend, monkeypatch, request):
+    """Ground truth for the 513-token case: each fp32 path against the PyTorch path in float64.
+
+    Where the fp32 backends disagree with each other, this says which one is off.
+    """
+    name = backend if backend == "torch" else _available(backend, monkeypatch)
+    if backend == "cuda":
+        request.applymarker(CUDA_513_GRAD)
+    out_error, errors = _errors_against_float64_at_513(name)
+    assert out_error <= 1e-4
     assert max(errors.values()) <= 1e-4, f"{backend} vs float64: {errors}"
 
 
@@ -114,27 +120,13 @@ def test_cuda_backend_gap_is_in_causal_conv1d(monkeypatch):
     _available("cuda", monkeypatch)
     selective_scan_fn, _ = cuda_kernels()
 
-    def conv_silu(x, weight, bias, activation):
+    def conv_silu(x, weight, bias, activation):  # causal_conv1d_fn's interface on the torch backend's conv
         assert activation == "silu"
-        k = weight.shape[-1]
-        return torch.nn.functional.silu(torch.nn.functional.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1,
-                                                                   groups=x.shape[1])[..., :x.shape[-1]])
+        return bimamba_module._causal_conv_silu_torch(x, weight.unsqueeze(1), bias)
 
     monkeypatch.setattr(bimamba_module, "cuda_kernels", lambda: (selective_scan_fn, conv_silu))
-    batch, length, E, N, R = 3, 513, 64, 16, 4
-    gen = torch.Generator(device="cuda").manual_seed(length * 7 + E)
-    fwd, bwd = _weights(E, N, R, 4, gen), _weights(E, N, R, 4, gen, zero_bias=True)
-    xz = torch.randn(batch, length, 2 * E, generator=gen, device="cuda").requires_grad_()
-    dy = torch.randn(batch, length, E, generator=gen, device="cuda")
-    params = [xz, *fwd, *bwd]
-    exact = [p.detach().double().requires_grad_() for p in params]
-    y_ref = bimamba_inner(exact[0].transpose(1, 2), BranchWeights(*exact[1:8]), BranchWeights(*exact[8:]), "torch")
-    grads_ref = torch.autograd.grad(y_ref, exact, dy.double())
-    y = bimamba_inner(xz.transpose(1, 2), fwd, bwd, backend="cuda")
-    grads = torch.autograd.grad(y, params, dy)
-    names = ["xz"] + [f"fwd.{f}" for f in BranchWeights._fields] + [f"bwd.{f}" for f in BranchWeights._fields]
-    errors = {param: _relerr(g, g_ref) for param, g, g_ref in zip(names, grads, grads_ref)}
-    assert _relerr(y, y_ref) <= 1e-4 and max(errors.values()) <= 1e-4, errors
+    out_error, errors = _errors_against_float64_at_513("cuda")
+    assert out_error <= 1e-4 and max(errors.values()) <= 1e-4, errors
 
 
 @pytest.mark.parametrize("backend", ["triton", "triton-plain", "cuda"])

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .gluon_scan import scan_bwd, scan_fwd
 from .triton_conv import bidir_conv_bwd, bidir_conv_fwd
+from .triton_bimamba import branch_projection_grads
 from .triton_gate import gate_bwd, gate_fwd
 
 
@@ -58,23 +59,15 @@ class BiMambaInnerGluon(torch.autograd.Function):
         (xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f, x_dbl_b, bc,
          dt_f, dt_b, y, ckpt, *params) = ctx.saved_tensors
         dim = xz.shape[-1] // 2
-        dt_rank = dt_proj_f.shape[1]
         dtype = xz.dtype
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
         g = gate_bwd(dout, y, xz[..., dim:], dxz[..., dim:])
         dxc, ddt_f, ddt_b, dBC, dA_log, dD, d_bias = scan_bwd(xc, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params,
                                                               ckpt, g)
-        projection_grads = []
-        dxc_rows = dxc.view(-1, 2 * dim)
-        for half, (x_dbl, ddt, x_proj, dt_proj) in enumerate(((x_dbl_f, ddt_f, x_proj_f, dt_proj_f),
-                                                              (x_dbl_b, ddt_b, x_proj_b, dt_proj_b))):
-            ddt_rows = ddt.view(-1, dim).to(dtype)
-            d_dt_proj = ddt_rows.t() @ x_dbl[..., :dt_rank].reshape(-1, dt_rank)
-            d_x_dbl = torch.cat([ddt_rows @ dt_proj.to(dtype), dBC[:, :, half].flatten(0, 1).flatten(1).to(dtype)], 1)
-            xc_half = xc.view(-1, 2 * dim)[:, half * dim:(half + 1) * dim]
-            d_x_proj = d_x_dbl.t() @ xc_half
-            dxc_rows[:, half * dim:(half + 1) * dim].addmm_(d_x_dbl, x_proj.to(dtype))
-            projection_grads.append((d_x_proj, d_dt_proj))
+        projection_grads = [
+            branch_projection_grads(xc, half, x_dbl, ddt.view(-1, dim).to(dtype), dBC[:, :, half], x_proj, dt_proj, dxc)
+            for half, (x_dbl, ddt, x_proj, dt_proj) in enumerate(((x_dbl_f, ddt_f, x_proj_f, dt_proj_f),
+                                                                  (x_dbl_b, ddt_b, x_proj_b, dt_proj_b)))]
         d_conv_weight, d_conv_bias = bidir_conv_bwd(xz[..., :dim], conv_weight, conv_bias, dxc, dxz[..., :dim])
         grads = []
         for half in range(2):

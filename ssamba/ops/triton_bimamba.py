@@ -19,6 +19,23 @@ def _bc_views(x_dbl: Tensor, dt_rank: int, d_state: int) -> tuple[Tensor, Tensor
     return x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
 
 
+def branch_projection_grads(xc: Tensor, half: int, x_dbl: Tensor, ddt_rows: Tensor, dBC: Tensor, x_proj: Tensor,
+                            dt_proj: Tensor, dxc: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of one branch's x_proj and dt_proj (``half`` 0: forward branch, 1: backward branch).
+
+    ``ddt_rows [batch * L, E]`` is the gradient of the dt_proj output (after the softplus backward)
+    and ``dBC [batch, L, 2, N]`` that of B and C. Adds the gradient w.r.t. this branch's half of
+    ``xc [batch, L, 2E]`` into ``dxc`` and returns the two weight gradients (dtype of ``xc``).
+    """
+    dim, dt_rank, dtype = xc.shape[-1] // 2, dt_proj.shape[1], xc.dtype
+    cols = slice(half * dim, (half + 1) * dim)
+    d_dt_proj = ddt_rows.t() @ x_dbl[..., :dt_rank].reshape(-1, dt_rank)
+    d_x_dbl = torch.cat([ddt_rows @ dt_proj.to(dtype), dBC.flatten(0, 1).flatten(1).to(dtype)], 1)
+    d_x_proj = d_x_dbl.t() @ xc.view(-1, 2 * dim)[:, cols]
+    dxc.view(-1, 2 * dim)[:, cols].addmm_(d_x_dbl, x_proj.to(dtype))
+    return d_x_proj, d_dt_proj
+
+
 class BiMambaInnerTriton(torch.autograd.Function):
     """``xz [batch, L, 2E]`` (channel-last) -> ``(y_f + flip(y_b)) / 2`` as ``[batch, L, E]``."""
 
@@ -59,18 +76,13 @@ class BiMambaInnerTriton(torch.autograd.Function):
             xc, delta_f, delta_b, *_bc_views(x_dbl_f, dt_rank, d_state), *_bc_views(x_dbl_b, dt_rank, d_state),
             xz[..., dim:], A2, D.float().contiguous(), ckpt, dy, dxz[..., dim:])
         grads, d_bias = [], []
-        dxc_rows = dxc.view(-1, 2 * dim)
         biases = dt_bias.float().chunk(2)
         for half, (x_dbl, raw, d_delta, x_proj, dt_proj) in enumerate(((x_dbl_f, raw_f, d_delta_f, x_proj_f, dt_proj_f),
                                                                        (x_dbl_b, raw_b, d_delta_b, x_proj_b, dt_proj_b))):
             d_raw = (d_delta * torch.sigmoid(raw.float() + biases[half])).view(-1, dim)  # through the softplus
             d_bias.append(d_raw.sum(0))
-            d_dt_rows = d_raw.to(dtype)
-            d_dt_proj = d_dt_rows.t() @ x_dbl[..., :dt_rank].reshape(-1, dt_rank)
-            d_x_dbl = torch.cat([d_dt_rows @ dt_proj.to(dtype), dBC[:, :, half].flatten(0, 1).flatten(1).to(dtype)], 1)
-            xc_half = xc.view(-1, 2 * dim)[:, half * dim:(half + 1) * dim]
-            d_x_proj = d_x_dbl.t() @ xc_half
-            dxc_rows[:, half * dim:(half + 1) * dim].addmm_(d_x_dbl, x_proj.to(dtype))
+            d_x_proj, d_dt_proj = branch_projection_grads(xc, half, x_dbl, d_raw.to(dtype), dBC[:, :, half], x_proj,
+                                                          dt_proj, dxc)
             grads.append((d_x_proj.to(x_proj.dtype), d_dt_proj.to(dt_proj.dtype)))
         d_conv_weight, d_conv_bias = bidir_conv_bwd(xz[..., :dim], conv_weight, conv_bias, dxc, dxz[..., :dim])
         A = -torch.exp(A_log.float())
