@@ -5,7 +5,8 @@ Composes ``conf/train.yaml`` with the given overrides (synthetic data, the pretr
 synchronised, so data loading, both encoder passes, the heads, the optimizer and Lightning's own
 overhead are all inside the figure.
 
-    python bench/train_throughput.py                       # GPU: ssamba_tiny (2 and 1 passes), ssast_tiny
+    python bench/train_throughput.py                       # GPU: ssamba_tiny (2 and 1 passes), ssast_tiny,
+                                                           # both also with task.cuda_graphs=true
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
     python bench/train_throughput.py --write               # also docs/performance/train.json
 """
@@ -33,6 +34,8 @@ CASES = {  # label -> overrides
     "ssamba_tiny, 2 passes (released objective)": ["model=tiny", "task.joint_passes=2"],
     "ssamba_tiny, 1 pass (joint_passes=1)": ["model=tiny", "task.joint_passes=1"],
     "ssast_tiny, 2 passes": ["model=ssast_tiny", "task.joint_passes=2"],
+    "ssamba_tiny, 2 passes, CUDA graphs": ["model=tiny", "task.joint_passes=2", "task.cuda_graphs=true"],
+    "ssast_tiny, 2 passes, CUDA graphs": ["model=ssast_tiny", "task.joint_passes=2", "task.cuda_graphs=true"],
 }
 
 
@@ -91,6 +94,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
     results = {}
     for label, overrides in CASES.items():
+        if "task.cuda_graphs=true" in overrides and not gpu:
+            continue  # CUDA graphs need a GPU
         if args.smoke:
             overrides = overrides + ["data.target_length=128", "mask='40'", "+model.depth=2"]
             steps, warmup, batch = 3, 1, 2

@@ -177,6 +177,24 @@ def test_gpu_bf16_run(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_run_with_cuda_graphs(tmp_path):
+    """Both encoder passes replayed as CUDA graphs through a whole fit (bf16-mixed, drop path on)."""
+    score = run_train(tmp_path, "trainer=gpu", "model.backend=auto", "task.cuda_graphs=true")
+    assert score is not None
+    losses = column(read_metrics(tmp_path), "train/loss_step")
+    assert losses and all(torch.isfinite(torch.tensor(float(v))) for v in losses)
+
+
+def test_cuda_graphs_on_a_cpu_model_fail_before_training(tmp_path):
+    """accelerator=auto resolving to CPU: the task refuses at fit start with the key to change."""
+    if torch.cuda.is_available():
+        pytest.skip("auto resolves to the GPU here")
+    with pytest.raises(Exception, match="task.cuda_graphs=true needs a CUDA device"):
+        run_train(tmp_path, "trainer=default", "task.cuda_graphs=true")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_ddp_on_two_gpus_bf16(tmp_path):
     """trainer=ddp: 2 GPU processes (NCCL, bf16-mixed); metrics reduced over both; one folder."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.tasks.base import EncoderTask
+from ssamba.tasks.cuda_graphs import GraphedPasses
 from ssamba.tasks.heads import prediction_head
 from ssamba.tasks.masking import STYLES, make_mask
 from ssamba.utils.config import ConfigError
@@ -46,7 +47,8 @@ class MaskedPatchPretraining(EncoderTask):
 
     def __init__(self, encoder: nn.Module | Any, optimizer, scheduler=None, scheduler_config: dict | None = None,
                  warmup_steps: int = 1000, mask: dict | None = None, joint_passes: int = 2, nce_weight: float = 1.0,
-                 mse_weight: float = 10.0, figure_every_n_steps: int = 0, data: dict | None = None):
+                 mse_weight: float = 10.0, figure_every_n_steps: int = 0, cuda_graphs: bool = False,
+                 data: dict | None = None):
         if not isinstance(encoder, nn.Module):
             encoder = encoder()  # a factory from the config (model with _partial_)
         super().__init__(encoder, optimizer, scheduler, scheduler_config, warmup_steps, data)
@@ -69,6 +71,8 @@ class MaskedPatchPretraining(EncoderTask):
         if joint_passes not in (1, 2):
             raise ConfigError(f"task.joint_passes={joint_passes} is not one of 1, 2")
         self.joint_passes = joint_passes
+        # CUDA-graph replays of the encoder passes (the encoder is shared, not registered twice)
+        self.graphed_passes = GraphedPasses(self.encoder, joint_passes) if cuda_graphs else None
         self.nce_weight = nce_weight
         self.mse_weight = mse_weight
         self.figure_every_n_steps = figure_every_n_steps
@@ -85,11 +89,22 @@ class MaskedPatchPretraining(EncoderTask):
         return make_mask(cfg["style"], batch, self.encoder.grid, count, cfg["cluster_sizes"],
                          cfg["reference_quirks"], device=self.device, generator=generator)
 
-    def masked_pass(self, fbank: Tensor, count: int, generator=None) -> tuple[Tensor, Tensor, Tensor]:
-        """Encode with ``count`` masked patches per clip: (features, targets ``[B, M, ...]``, mask)."""
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.graphed_passes is not None and self.device.type != "cuda":
+            raise ConfigError(f"task.cuda_graphs=true needs a CUDA device, but the model is on {self.device.type}; "
+                              "use trainer=gpu or task.cuda_graphs=false")
+
+    def masked_pass(self, fbank: Tensor, count: int, generator=None, index: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode with ``count`` masked patches per clip: (features, targets ``[B, M, ...]``, mask).
+
+        ``index`` numbers the passes of one step (each has its own CUDA graph with ``cuda_graphs``)."""
         batch = fbank.shape[0]
         mask = self.sample_mask(batch, count, generator)
-        tokens = self.encoder.forward_features(fbank, mask, self.mask_embed)
+        if self.graphed_passes is not None:
+            tokens = self.graphed_passes.encode(index, fbank, mask, self.mask_embed)
+        else:
+            tokens = self.encoder.forward_features(fbank, mask, self.mask_embed)
         hidden = tokens[:, self.encoder.num_prefix_tokens:][mask].view(batch, count, -1)
         targets = self.encoder.patchify(fbank)[mask].view(batch, count, -1)
         return hidden, targets, mask
@@ -98,7 +113,7 @@ class MaskedPatchPretraining(EncoderTask):
         hidden, targets, mask = self.masked_pass(fbank, count, generator)
         nce, acc = masked_patch_nce(self.cpred(hidden), targets)
         if self.joint_passes == 2:
-            hidden, targets, mask = self.masked_pass(fbank, count, generator)
+            hidden, targets, mask = self.masked_pass(fbank, count, generator, index=1)
         reconstruction = self.gpred(hidden)
         mse = F.mse_loss(reconstruction.float(), targets.float())
         loss = self.nce_weight * nce + self.mse_weight * mse

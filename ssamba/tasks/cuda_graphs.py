@@ -1,0 +1,71 @@
+"""Encoder passes of a training step replayed as CUDA graphs (``task.cuda_graphs=true``).
+
+At the tiny width a layer's forward + backward costs the host about as long to issue as the GPU
+takes to run it (docs/performance.md), so an eager training step waits on Python and kernel-launch
+overhead. ``torch.cuda.make_graphed_callables`` captures each encoder pass of the step, forward and
+backward, once and replays it afterwards; the heads, losses and optimizer stay eager.
+
+Each pass of a step gets its own graph and memory pool (the two masked passes of the released
+objective keep their activations apart until the backward), captured for the first training
+batch's shapes. A batch of
+any other shape (a short last batch), evaluation and inference run the encoder eagerly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class _EncoderPass(nn.Module):
+    """One graphed pass; the encoder's parameters are shared, not copied."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+        return self.encoder.forward_features(x, mask, mask_token)
+
+
+class GraphedPasses:
+    """``encode(index, x, mask, mask_token)`` for pass ``index`` of a training step.
+
+    Captures lazily on the first call in training mode with gradients on a CUDA device; the capture
+    runs under autocast without its weight cache (graphs cannot hold it), in the step's autocast dtype.
+    """
+
+    def __init__(self, encoder: nn.Module, passes: int, warmup_iters: int = 3):
+        self.encoder = encoder
+        self.passes = passes
+        self.warmup_iters = warmup_iters
+        self.key: tuple | None = None
+        self.graphed: tuple | None = None
+        self.eager_calls = 0  # passes that could not replay (other shapes), for tests and logs
+
+    @staticmethod
+    def _key(x: Tensor, mask: Tensor, mask_token: Tensor) -> tuple:
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        return tuple(x.shape), x.dtype, tuple(mask.shape), mask_token.dtype, x.device, autocast
+
+    def _capture(self, x: Tensor, mask: Tensor, mask_token: Tensor, key: tuple) -> None:
+        # one capture (and memory pool) per pass, so their replays may run in any order
+        autocast_dtype = key[-1]
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                            cache_enabled=False):
+            self.graphed = tuple(
+                torch.cuda.make_graphed_callables(_EncoderPass(self.encoder), (x.detach().clone(), mask.clone(),
+                                                                               mask_token),
+                                                  num_warmup_iters=self.warmup_iters)
+                for _ in range(self.passes))
+        self.key = key
+
+    def encode(self, index: int, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+        if not (x.is_cuda and self.encoder.training and torch.is_grad_enabled()):
+            return self.encoder.forward_features(x, mask, mask_token)
+        key = self._key(x, mask, mask_token)
+        if self.key is None:
+            self._capture(x, mask, mask_token, key)
+        if key != self.key:
+            self.eager_calls += 1
+            return self.encoder.forward_features(x, mask, mask_token)
+        return self.graphed[index](x, mask, mask_token)
