@@ -90,23 +90,44 @@ def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:
 
 def time_fwd_bwd(layer: nn.Module, batch: int, tokens: int, dim: int, device: torch.device, warmup: int,
                  iters: int) -> float:
-    """Median milliseconds of one forward + backward (bf16 autocast on CUDA, fp32 on CPU)."""
+    """Median milliseconds of one forward + backward (bf16 autocast on CUDA, fp32 on CPU).
+
+    Gradients are reset to None before each step, as ``optimizer.zero_grad()`` leaves them in training,
+    so no step pays for accumulating into the previous step's gradients."""
+    return time_steps(layer_step(layer, batch, tokens, dim, device), device, warmup, iters)
+
+
+def layer_step(layer: nn.Module, batch: int, tokens: int, dim: int, device: torch.device):
+    """A closure running one training-like forward + backward of ``layer`` on fixed random inputs."""
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(batch, tokens, dim, device=device, generator=gen, requires_grad=True)
     residual = torch.randn(batch, tokens, dim, device=device, generator=gen, requires_grad=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        grad_outputs = [torch.ones_like(o) for o in layer(hidden, residual)]
+    leaves = [hidden, residual, *layer.parameters()]
 
     def step():
+        for leaf in leaves:
+            leaf.grad = None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outs = layer(hidden, residual)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        torch.autograd.backward(outs, grad_outputs)
 
-    return time_steps(step, device, warmup, iters)
+    return step
+
+
+def stock_available() -> bool:
+    """The stock composition runs ``mamba_ssm.Mamba``'s fused path, which needs causal-conv1d too."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d"))
 
 
 def our_backends(device: torch.device) -> list[str]:
     """``auto`` plus every other backend that can run here (``torch`` only on CPU: it is far too slow on GPU)."""
     cuda = device.type == "cuda"
-    available = (["triton"] if cuda and triton_available() else []) + (["cuda"] if cuda and cuda_kernels() else [])
+    available = ["triton"] if cuda and triton_available() else []
+    available += ["cuda"] if cuda and cuda_kernels() else []
     available += [] if cuda else ["torch"]
     return ["auto"] + [b for b in available if b != resolve_backend("auto", cuda)]
 
@@ -137,7 +158,7 @@ def run_layers(args, device: torch.device) -> dict:
     for dim in args.dims:
         row = {}
         candidates = {f"ours-{b}": (lambda b=b: OursBlock(dim, b)) for b in our_backends(device)}
-        if device.type == "cuda" and not args.no_stock and cuda_kernels() is not None:
+        if device.type == "cuda" and not args.no_stock and stock_available():
             candidates["stock"] = lambda: StockBidirectional(dim)
         candidates["ssast"] = lambda: SSASTLayer(dim)
         for name, make in candidates.items():
@@ -175,8 +196,9 @@ def write_outputs(results: dict, args, device: torch.device) -> None:
 
 
 SWEEP_CONFIGS = [dict(T=16, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=1, WARPS=1),
-                 dict(T=16, TS=4, SPLIT=2, WARPS=1), dict(T=8, TS=2, SPLIT=2, WARPS=1),
-                 dict(T=32, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=128)]
+                 dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=128), dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=112),
+                 dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=96), dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=128),
+                 dict(T=8, TS=2, SPLIT=2, WARPS=1, maxnreg=128), dict(T=16, TS=2, SPLIT=4, WARPS=1)]
 
 
 def sweep(args, device: torch.device) -> None:
@@ -210,17 +232,7 @@ def overhead(args, device: torch.device) -> None:
     for dim in args.dims:
         for name, layer in (("ours-auto", OursBlock(dim, "auto")), ("ssast", SSASTLayer(dim))):
             layer = layer.to(device)
-            gen = torch.Generator(device=device).manual_seed(0)
-            hidden = torch.randn(args.batch, args.tokens, dim, device=device, generator=gen, requires_grad=True)
-            residual = torch.randn(args.batch, args.tokens, dim, device=device, generator=gen, requires_grad=True)
-
-            def step():
-                for p in layer.parameters():
-                    p.grad = None  # as after optimizer.zero_grad(): no accumulation kernels
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    outs = layer(hidden, residual)
-                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-
+            step = layer_step(layer, args.batch, args.tokens, dim, device)
             eager = time_steps(step, device, args.warmup, args.iters)
             torch.cuda.synchronize()
             start = time.perf_counter()

@@ -39,16 +39,18 @@ class BiMambaInnerGluon(torch.autograd.Function):
         conv_weight = torch.cat([fwd[0], bwd[0]]).flatten(1)
         conv_bias = torch.cat([fwd[1], bwd[1]])
         xc = bidir_conv_fwd(x, conv_weight, conv_bias)
-        x_dbl_f = F.linear(xc[..., :dim], fwd[2].to(dtype))
-        x_dbl_b = F.linear(xc[..., dim:], bwd[2].to(dtype))
+        # the projections' weights in the activations' dtype, cast once and kept for the backward
+        x_proj_f, x_proj_b, dt_proj_f, dt_proj_b = (w.to(dtype) for w in (fwd[2], bwd[2], fwd[3], bwd[3]))
+        x_dbl_f = F.linear(xc[..., :dim], x_proj_f)
+        x_dbl_b = F.linear(xc[..., dim:], x_proj_b)
         # B and C of both directions in one aligned buffer [batch, L, 2 (direction), 2N]
         bc = torch.stack((x_dbl_f[..., dt_rank:], x_dbl_b[..., dt_rank:]), dim=2)
-        dt_f = F.linear(x_dbl_f[..., :dt_rank], fwd[3].to(dtype))
-        dt_b = F.linear(x_dbl_b[..., :dt_rank], bwd[3].to(dtype))
+        dt_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f)
+        dt_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b)
         params = tuple(t.contiguous() for t in (fwd[5], bwd[5], fwd[6], bwd[6], fwd[4], bwd[4]))
         y, ckpt = scan_fwd(xc, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params)
         out = gate_fwd(y, z)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, fwd[2], bwd[2], fwd[3], bwd[3], xc, x_dbl_f, x_dbl_b, bc,
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f, x_dbl_b, bc,
                               dt_f, dt_b, y, ckpt, *params)
         ctx.param_dtypes = [t.dtype for t in weights]
         return out
