@@ -9,8 +9,9 @@ measure seed noise -- and checks:
    at least ``--tolerance``);
 2. no training item is seen twice within an epoch across the two ranks, and every rank sees the same count;
 3. a ``-m`` sweep of two jobs under DDP makes one folder per job, each with its own metrics and checkpoint.
-Also prints samples/s of each run; with ``--scaling`` a 1 x B run gives the scaling efficiency
-``throughput(2 x B) / (2 x throughput(1 x B))``. Writes ``summary.json`` in ``--out``; exits 1 on a failed check.
+Also prints samples/s of each run, over the whole run and in steady state (median step time after the
+first 10 steps); with ``--scaling`` a 1 x B run gives the scaling efficiency
+``throughput(2 x B) / (2 x throughput(1 x B))`` both ways. Writes ``summary.json`` in ``--out``; exits 1 on a failed check.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +44,33 @@ class RecordSampleIds(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         Path(self.out).mkdir(parents=True, exist_ok=True)
         Path(self.out, f"ids-rank{trainer.global_rank}.json").write_text(json.dumps(self.ids))
+
+
+class RecordStepTimes(Callback):
+    """Rank 0 writes the wall time at the end of every optimizer step (device synchronised) to
+    ``<out>/step_times.json``; the median step time gives a steady-state throughput that leaves out
+    start-up, compilation and validation."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.times.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+            Path(self.out, "step_times.json").write_text(json.dumps(self.times))
+
+
+def median_step_seconds(run_dir: Path, skip: int = 10) -> float:
+    """Median of the step-to-step intervals after the first ``skip`` steps (half the steps in short runs)."""
+    times = json.loads((run_dir / "step_times.json").read_text())
+    times = times[min(skip, len(times) // 2):]
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 def train(run_dir: Path, overrides: list[str], timeout: float, multirun: bool = False) -> float | None:
@@ -96,12 +126,15 @@ def main() -> None:
                        f"trainer.max_steps={args.epochs * args.num_train // (2 * args.batch)}"]
     summary: dict = {"device": "cpu (ddp_sim)" if args.cpu else "gpu", "runs": {}}
     for name, overrides in runs.items():
-        seconds = train(args.out / name, common + overrides, args.timeout)
+        timer = f"+callbacks.step_times={{_target_: ddp_equivalence.RecordStepTimes, out: {args.out / name}}}"
+        seconds = train(args.out / name, common + overrides + [timer], args.timeout)
         if seconds is None:
             sys.exit(f"{name} hung")
         samples = args.epochs * args.num_train if name != "1xB" else args.epochs * args.num_train // 2
+        global_batch = args.batch if name == "1xB" else 2 * args.batch
         summary["runs"][name] = {"metrics": final_metrics(args.out / name), "seconds": seconds,
-                                 "samples_per_s": samples / seconds}
+                                 "samples_per_s": samples / seconds,
+                                 "steady_samples_per_s": global_batch / median_step_seconds(args.out / name)}
         print(name, summary["runs"][name], flush=True)
 
     checks = {}
@@ -126,8 +159,9 @@ def main() -> None:
             (p / "metrics.csv").is_file() and (p / "checkpoints" / "last.ckpt").is_file() for p in jobs)
 
     if args.scaling:
-        summary["scaling_efficiency"] = summary["runs"]["2xB"]["samples_per_s"] / (
-            2 * summary["runs"]["1xB"]["samples_per_s"])
+        for key, label in (("samples_per_s", "scaling_efficiency_whole_run"),
+                           ("steady_samples_per_s", "scaling_efficiency_steady")):
+            summary[label] = summary["runs"]["2xB"][key] / (2 * summary["runs"]["1xB"][key])
     summary["checks"] = checks
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))

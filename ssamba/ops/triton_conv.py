@@ -48,74 +48,70 @@ def _silu_grad(pre, grad):
 
 
 @triton.jit
-def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, length, dim,
-                           sx_b, sx_l, sg_b, sg_l, sdx_b, sdx_l,
-                           K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program per (time block, channel block, batch row); each SiLU gradient is computed once per program.
-
-    The forward branch's output at ``s`` reads ``x[s-K+1 .. s]`` and the backward branch's reads
-    ``x[s .. s+K-1]``, so ``dx[t]`` collects forward-branch gradients from ``s = t .. t+K-1`` and
-    backward-branch ones from ``s = t-K+1 .. t``. A program writes ``dx`` for ``BLOCK_T - (K-1)`` rows
-    starting at ``t0`` and computes the forward-branch gradient on ``t0 + i`` and the backward-branch
-    one on ``t0 - (K-1) + i`` (``i < BLOCK_T``): both tiles then read ``x`` at ``t0 + i - d`` for
-    ``d < K``, and ``dx`` is a sum of row-shifted copies of them (the ``K-1`` halo rows are recomputed
-    by the neighbouring program). Weight and bias gradients are per-program partials, each position
-    counted by the program that writes its ``dx``.
-    """
+def _conv_pre_grad_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, g_ptr, dw_ptr, dbias_ptr, length, dim,
+                          sx_b, sx_l, sd_b, sd_l, sg_b, sg_l,
+                          K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First half of the backward, per (time block, channel block, batch row): each branch's gradient
+    w.r.t. its conv output before the SiLU, ``g [batch, L, 2E]``, and per-program partial sums of the
+    weight and bias gradients (positions this program owns)."""
     pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    rows_out: tl.constexpr = BLOCK_T - (K - 1)
-    t0 = pid_t * rows_out
-    i = tl.arange(0, BLOCK_T)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < dim
     x_rows = x_ptr + pid_b * sx_b + c[None, :]
-    g_rows = dout_ptr + pid_b * sg_b + c[None, :]
     pre_f = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
     pre_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + dim + c, mask=c_mask,
                                                                      other=0.0)[None, :]
-    for d in tl.static_range(K):
-        # forward tap K-1-d and backward tap d both read x[t0 + i - d]
-        src = t0 + i - d
-        x = tl.load(x_rows + src[:, None] * sx_l, mask=((src >= 0) & (src < length))[:, None] & c_mask[None, :],
-                    other=0.0).to(tl.float32)
-        pre_f += tl.load(w_ptr + c * K + (K - 1 - d), mask=c_mask, other=0.0)[None, :] * x
-        pre_b += tl.load(w_ptr + (dim + c) * K + d, mask=c_mask, other=0.0)[None, :] * x
-    s_f = t0 + i
-    s_b = t0 - (K - 1) + i
-    mask_f = (s_f < length)[:, None] & c_mask[None, :]
-    mask_b = ((s_b >= 0) & (s_b < length))[:, None] & c_mask[None, :]
-    g_f = _silu_grad(pre_f, tl.load(g_rows + s_f[:, None] * sg_l, mask=mask_f, other=0.0).to(tl.float32))
-    g_b = _silu_grad(pre_b, tl.load(g_rows + dim + s_b[:, None] * sg_l, mask=mask_b, other=0.0).to(tl.float32))
-    g_f = tl.where(mask_f, g_f, 0.0)
-    g_b = tl.where(mask_b, g_b, 0.0)
-
-    # dx[t0 + i] = sum_m w_f[K-1-m] g_f[t0 + i + m] + w_b[m] g_b[t0 - (K-1) + i + m]: tile rows i + m
-    dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for m in tl.static_range(K):
-        h = (tl.load(w_ptr + c * K + (K - 1 - m), mask=c_mask, other=0.0)[None, :] * g_f
-             + tl.load(w_ptr + (dim + c) * K + m, mask=c_mask, other=0.0)[None, :] * g_b)
-        if m == 0:
-            dx += h
-        else:
-            rows = tl.minimum(i + m, BLOCK_T - 1)
-            dx += tl.gather(h, tl.broadcast_to(rows[:, None], [BLOCK_T, BLOCK_C]), axis=0)
-    t = t0 + i
-    out_mask = ((i < rows_out) & (t < length))[:, None] & c_mask[None, :]
-    tl.store(dx_ptr + pid_b * sdx_b + t[:, None] * sdx_l + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
-
-    # partials over the positions this program owns: forward tile rows i < rows_out, backward tile rows i >= K-1
-    g_f = tl.where((i < rows_out)[:, None], g_f, 0.0)
-    g_b = tl.where((i >= K - 1)[:, None], g_b, 0.0)
+    for k in tl.static_range(K):
+        src_f = t - (K - 1) + k
+        src_b = t + (K - 1) - k
+        pre_f += tl.load(w_ptr + c * K + k, mask=c_mask, other=0.0)[None, :] * tl.load(
+            x_rows + src_f[:, None] * sx_l, mask=((src_f >= 0) & (src_f < length))[:, None] & c_mask[None, :],
+            other=0.0).to(tl.float32)
+        pre_b += tl.load(w_ptr + (dim + c) * K + k, mask=c_mask, other=0.0)[None, :] * tl.load(
+            x_rows + src_b[:, None] * sx_l, mask=(src_b < length)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    mask = (t < length)[:, None] & c_mask[None, :]
+    d_rows = dout_ptr + pid_b * sd_b + t[:, None] * sd_l + c[None, :]
+    g_f = tl.where(mask, _silu_grad(pre_f, tl.load(d_rows, mask=mask, other=0.0).to(tl.float32)), 0.0)
+    g_b = tl.where(mask, _silu_grad(pre_b, tl.load(d_rows + dim, mask=mask, other=0.0).to(tl.float32)), 0.0)
+    g_rows = g_ptr + pid_b * sg_b + t[:, None] * sg_l + c[None, :]
+    tl.store(g_rows, g_f.to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_rows + dim, g_b.to(g_ptr.dtype.element_ty), mask=mask)
     part = (pid_t * tl.num_programs(2) + pid_b) * 2 * dim
     tl.store(dbias_ptr + part + c, tl.sum(g_f, axis=0), mask=c_mask)
     tl.store(dbias_ptr + part + dim + c, tl.sum(g_b, axis=0), mask=c_mask)
-    for d in tl.static_range(K):
-        src = t0 + i - d
-        x = tl.load(x_rows + src[:, None] * sx_l, mask=((src >= 0) & (src < length))[:, None] & c_mask[None, :],
-                    other=0.0).to(tl.float32)
-        dw_rows = dw_ptr + part * K
-        tl.store(dw_rows + (K - 1 - d) * 2 * dim + c, tl.sum(g_f * x, axis=0), mask=c_mask)
-        tl.store(dw_rows + d * 2 * dim + dim + c, tl.sum(g_b * x, axis=0), mask=c_mask)
+    for k in tl.static_range(K):  # the shifted x tiles are the ones loaded above (L1 hits)
+        src_f = t - (K - 1) + k
+        src_b = t + (K - 1) - k
+        x_f = tl.load(x_rows + src_f[:, None] * sx_l, mask=((src_f >= 0) & (src_f < length))[:, None] & c_mask[None, :],
+                      other=0.0).to(tl.float32)
+        x_b = tl.load(x_rows + src_b[:, None] * sx_l, mask=(src_b < length)[:, None] & c_mask[None, :],
+                      other=0.0).to(tl.float32)
+        tl.store(dw_ptr + part * K + k * 2 * dim + c, tl.sum(g_f * x_f, axis=0), mask=c_mask)
+        tl.store(dw_ptr + part * K + k * 2 * dim + dim + c, tl.sum(g_b * x_b, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _conv_input_grad_kernel(w_ptr, g_ptr, dx_ptr, length, dim, sg_b, sg_l, sdx_b, sdx_l,
+                            K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second half: ``dx[t] = sum_m w_f[K-1-m] g_f[t+m] + w_b[m] g_b[t-(K-1)+m]`` from row-shifted
+    loads of ``g`` (neighbouring rows come from L1/L2, not from other threads' registers)."""
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < dim
+    g_rows = g_ptr + pid_b * sg_b + c[None, :]
+    dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for m in tl.static_range(K):
+        s_f = t + m
+        s_b = t - (K - 1) + m
+        g_f = tl.load(g_rows + s_f[:, None] * sg_l, mask=(s_f < length)[:, None] & c_mask[None, :], other=0.0)
+        g_b = tl.load(g_rows + dim + s_b[:, None] * sg_l, mask=((s_b >= 0) & (s_b < length))[:, None] & c_mask[None, :],
+                      other=0.0)
+        dx += (tl.load(w_ptr + c * K + (K - 1 - m), mask=c_mask, other=0.0)[None, :] * g_f.to(tl.float32)
+               + tl.load(w_ptr + (dim + c) * K + m, mask=c_mask, other=0.0)[None, :] * g_b.to(tl.float32))
+    mask = (t < length)[:, None] & c_mask[None, :]
+    tl.store(dx_ptr + pid_b * sdx_b + t[:, None] * sdx_l + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def bidir_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -133,20 +129,26 @@ def bidir_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 
 def bidir_conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dout: torch.Tensor,
                    dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Writes dL/dx into ``dx`` (a ``[batch, L, E]`` view) and returns fp32 ``dweight [2E, K]``, ``dbias [2E]``."""
+    """Writes dL/dx into ``dx`` (a ``[batch, L, E]`` view) and returns fp32 ``dweight [2E, K]``, ``dbias [2E]``.
+
+    Two passes: the SiLU-backward of both branches goes through a ``[batch, L, 2E]`` buffer in the
+    dtype of ``dout`` (what autocast's own conv backward would hold), and ``dx`` is summed from it."""
     batch, length, dim = x.shape
     if x.stride(-1) != 1 or dx.stride(-1) != 1:
         raise ValueError(f"x and dx must have unit channel stride, got strides {x.stride()} and {dx.stride()}")
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     K = weight.shape[1]
-    block_t, block_c = max(32, triton.next_power_of_2(2 * K)), min(64, triton.next_power_of_2(dim))
-    time_blocks = triton.cdiv(length, block_t - (K - 1))
+    block_t, block_c = 32, min(64, triton.next_power_of_2(dim))
+    time_blocks = triton.cdiv(length, block_t)
+    g = torch.empty(batch, length, 2 * dim, device=x.device, dtype=dout.dtype)
     # partials laid out channel-last ([K, 2E] per program) so the kernel's stores are coalesced
     dw = torch.empty(time_blocks * batch, K, 2 * dim, device=x.device, dtype=torch.float32)
     db = torch.empty(time_blocks * batch, 2 * dim, device=x.device, dtype=torch.float32)
     grid = (time_blocks, triton.cdiv(dim, block_c), batch)
-    _bidir_conv_bwd_kernel[grid](x, weight, bias, dout, dx, dw, db, length, dim, x.stride(0), x.stride(1),
-                                 dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-                                 K=K, BLOCK_T=block_t, BLOCK_C=block_c)
+    _conv_pre_grad_kernel[grid](x, weight, bias, dout, g, dw, db, length, dim, x.stride(0), x.stride(1),
+                                dout.stride(0), dout.stride(1), g.stride(0), g.stride(1),
+                                K=K, BLOCK_T=block_t, BLOCK_C=block_c)
+    _conv_input_grad_kernel[grid](weight, g, dx, length, dim, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
+                                  K=K, BLOCK_T=block_t, BLOCK_C=block_c)
     return dw.sum(0).t().contiguous(), db.sum(0)
