@@ -50,8 +50,8 @@ class BiMambaInnerGluon(torch.autograd.Function):
         params = tuple(t.contiguous() for t in (fwd[5], bwd[5], fwd[6], bwd[6], fwd[4], bwd[4]))
         y, ckpt = scan_fwd(xc, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params)
         out = gate_fwd(y, z)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f, x_dbl_b, bc,
-                              dt_f, dt_b, y, ckpt, *params)
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f,
+                              x_dbl_b, bc, dt_f, dt_b, y, ckpt, *params)
         ctx.param_dtypes = [t.dtype for t in weights]
         return out
 

@@ -7,13 +7,17 @@ backward, once and replays it afterwards; the heads, losses and optimizer stay e
 
 Each pass of a step gets its own graph and memory pool (the two masked passes of the released
 objective keep their activations apart until the backward), captured for the first training
-batch's shapes. A batch of
-any other shape (a short last batch), evaluation and inference run the encoder eagerly.
+batch's shapes. A batch of any other shape (a short last batch; logged once), evaluation and
+inference run the encoder eagerly.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 class _EncoderPass(nn.Module):
@@ -40,7 +44,7 @@ class GraphedPasses:
         self.warmup_iters = warmup_iters
         self.key: tuple | None = None
         self.graphed: tuple | None = None
-        self.eager_calls = 0  # passes that could not replay (other shapes), for tests and logs
+        self.eager_calls = 0  # passes that ran eagerly for want of a graph of their shape
 
     @staticmethod
     def _key(x: Tensor, mask: Tensor, mask_token: Tensor) -> tuple:
@@ -48,7 +52,8 @@ class GraphedPasses:
         return tuple(x.shape), x.dtype, tuple(mask.shape), mask_token.dtype, x.device, autocast
 
     def _capture(self, x: Tensor, mask: Tensor, mask_token: Tensor, key: tuple) -> None:
-        # one capture (and memory pool) per pass, so their replays may run in any order
+        # one capture (memory pool, static input copies) per pass, so their replays may run in any
+        # order and a later pass's inputs do not overwrite those an earlier pass's backward reads
         autocast_dtype = key[-1]
         with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=False):
@@ -66,6 +71,9 @@ class GraphedPasses:
         if self.key is None:
             self._capture(x, mask, mask_token, key)
         if key != self.key:
+            if not self.eager_calls:
+                log.warning("CUDA graphs were captured for input %s, mask %s; a batch of input %s, mask %s runs "
+                            "eagerly (logged once)", self.key[0], self.key[2], key[0], key[2])
             self.eager_calls += 1
             return self.encoder.forward_features(x, mask, mask_token)
         return self.graphed[index](x, mask, mask_token)
