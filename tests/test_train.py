@@ -204,3 +204,16 @@ def test_ddp_on_two_gpus_bf16(tmp_path):
     run = next((tmp_path / "pretrain_tiny" / "runs").iterdir())
     assert (run / "train_ddp_process_1.log").is_file() and column(read_metrics(run), "val/acc")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_ddp_on_two_gpus_with_cuda_graphs(tmp_path):
+    """trainer=ddp with task.cuda_graphs=true: each rank captures its own graphs; the gradients still
+    reach DDP's all-reduce (the run would fail or hang otherwise) and the losses stay finite."""
+    result = cli(tmp_path, *[a for a in TINY if a != "trainer=cpu"], "trainer=ddp", "trainer.devices=2",
+                 "model.backend=auto", "data.num_train=32", "task.cuda_graphs=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next((tmp_path / "pretrain_tiny" / "runs").iterdir())
+    losses = column(read_metrics(run), "train/loss_step")
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses)
