@@ -13,6 +13,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _shifted_x(x_rows, src, c_mask, length, sx_l, ahead: tl.constexpr):
+    """The ``x`` rows at time indices ``src`` (zero outside the sequence), in fp32. ``ahead``: ``src``
+    is at or after the tile's own rows, so only the end of the sequence needs a bound."""
+    valid = src < length if ahead else (src >= 0) & (src < length)
+    return tl.load(x_rows + src[:, None] * sx_l, mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_activations(x_rows, w_ptr, bias_ptr, t, c, c_mask, length, dim, sx_l,
+                     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Both branches' conv outputs before the SiLU on time rows ``t``: the forward branch reads
+    ``x[t-K+1 .. t]``, the backward branch ``x[t .. t+K-1]`` (its taps in reverse)."""
+    pre_f = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
+    pre_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + dim + c, mask=c_mask,
+                                                                     other=0.0)[None, :]
+    for k in tl.static_range(K):
+        w_f = tl.load(w_ptr + c * K + k, mask=c_mask, other=0.0)
+        w_b = tl.load(w_ptr + (dim + c) * K + k, mask=c_mask, other=0.0)
+        pre_f += w_f[None, :] * _shifted_x(x_rows, t - (K - 1) + k, c_mask, length, sx_l, False)
+        pre_b += w_b[None, :] * _shifted_x(x_rows, t + (K - 1) - k, c_mask, length, sx_l, True)
+    return pre_f, pre_b
+
+
+@triton.jit
 def _bidir_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, length, dim,
                            sx_b, sx_l, so_b, so_l,
                            K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -21,20 +45,7 @@ def _bidir_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, length, dim,
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < dim
     x_rows = x_ptr + pid_b * sx_b + c[None, :]
-    acc_f = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
-    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + dim + c, mask=c_mask,
-                                                                     other=0.0)[None, :]
-    for k in tl.static_range(K):
-        w_f = tl.load(w_ptr + c * K + k, mask=c_mask, other=0.0)
-        w_b = tl.load(w_ptr + (dim + c) * K + k, mask=c_mask, other=0.0)
-        src_f = t - (K - 1) + k
-        src_b = t + (K - 1) - k
-        x_f = tl.load(x_rows + src_f[:, None] * sx_l, mask=((src_f >= 0) & (src_f < length))[:, None] & c_mask[None, :],
-                      other=0.0).to(tl.float32)
-        x_b = tl.load(x_rows + src_b[:, None] * sx_l, mask=(src_b < length)[:, None] & c_mask[None, :],
-                      other=0.0).to(tl.float32)
-        acc_f += w_f[None, :] * x_f
-        acc_b += w_b[None, :] * x_b
+    acc_f, acc_b = _pre_activations(x_rows, w_ptr, bias_ptr, t, c, c_mask, length, dim, sx_l, K, BLOCK_T, BLOCK_C)
     mask = (t < length)[:, None] & c_mask[None, :]
     out_rows = out_ptr + pid_b * so_b + t[:, None] * so_l + c[None, :]
     tl.store(out_rows, (acc_f * tl.sigmoid(acc_f)).to(out_ptr.dtype.element_ty), mask=mask)
@@ -59,17 +70,7 @@ def _conv_pre_grad_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, g_ptr, dw_ptr, dbias
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < dim
     x_rows = x_ptr + pid_b * sx_b + c[None, :]
-    pre_f = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
-    pre_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + dim + c, mask=c_mask,
-                                                                     other=0.0)[None, :]
-    for k in tl.static_range(K):
-        src_f = t - (K - 1) + k
-        src_b = t + (K - 1) - k
-        pre_f += tl.load(w_ptr + c * K + k, mask=c_mask, other=0.0)[None, :] * tl.load(
-            x_rows + src_f[:, None] * sx_l, mask=((src_f >= 0) & (src_f < length))[:, None] & c_mask[None, :],
-            other=0.0).to(tl.float32)
-        pre_b += tl.load(w_ptr + (dim + c) * K + k, mask=c_mask, other=0.0)[None, :] * tl.load(
-            x_rows + src_b[:, None] * sx_l, mask=(src_b < length)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    pre_f, pre_b = _pre_activations(x_rows, w_ptr, bias_ptr, t, c, c_mask, length, dim, sx_l, K, BLOCK_T, BLOCK_C)
     mask = (t < length)[:, None] & c_mask[None, :]
     d_rows = dout_ptr + pid_b * sd_b + t[:, None] * sd_l + c[None, :]
     g_f = tl.where(mask, _silu_grad(pre_f, tl.load(d_rows, mask=mask, other=0.0).to(tl.float32)), 0.0)
@@ -81,12 +82,8 @@ def _conv_pre_grad_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, g_ptr, dw_ptr, dbias
     tl.store(dbias_ptr + part + c, tl.sum(g_f, axis=0), mask=c_mask)
     tl.store(dbias_ptr + part + dim + c, tl.sum(g_b, axis=0), mask=c_mask)
     for k in tl.static_range(K):  # the shifted x tiles are the ones loaded above (L1 hits)
-        src_f = t - (K - 1) + k
-        src_b = t + (K - 1) - k
-        x_f = tl.load(x_rows + src_f[:, None] * sx_l, mask=((src_f >= 0) & (src_f < length))[:, None] & c_mask[None, :],
-                      other=0.0).to(tl.float32)
-        x_b = tl.load(x_rows + src_b[:, None] * sx_l, mask=(src_b < length)[:, None] & c_mask[None, :],
-                      other=0.0).to(tl.float32)
+        x_f = _shifted_x(x_rows, t - (K - 1) + k, c_mask, length, sx_l, False)
+        x_b = _shifted_x(x_rows, t + (K - 1) - k, c_mask, length, sx_l, True)
         tl.store(dw_ptr + part * K + k * 2 * dim + c, tl.sum(g_f * x_f, axis=0), mask=c_mask)
         tl.store(dw_ptr + part * K + k * 2 * dim + dim + c, tl.sum(g_b * x_b, axis=0), mask=c_mask)
 
