@@ -87,19 +87,15 @@ def _tile_rows(base, ch, tile_layout: gl.constexpr):
 
 
 @gluon.jit
-def _scan_fwd_kernel(
-        u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
-        y_ptr, ckpt_ptr,
-        length, dim, num_chunks,
-        su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, sy_b, sy_l,
-        N: gl.constexpr, T: gl.constexpr, TS: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr):
-    state_layout: gl.constexpr = gl.BlockedLayout([1, N // SPLIT], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
-    tile_layout: gl.constexpr = gl.BlockedLayout([1, TS], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])  # TS steps of one channel per thread
-    BD: gl.constexpr = 32 // SPLIT * WARPS
-    pid_d = gl.program_id(0)
+def _program_channels(u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr,
+                      bias_b_ptr, ckpt_ptr, dim, num_chunks, su_b, sdt_b, sbc_b,
+                      N: gl.constexpr, BD: gl.constexpr, state_layout: gl.constexpr):
+    """What both kernels derive from the program id: the batch row, the direction, this block of
+    channels with its masks, the direction's ``A``, ``D`` and dt bias, and the row bases of ``u``, dt,
+    B/C and the saved chunk-entry states."""
     pid_b = gl.program_id(1).to(gl.int64)
     direction = gl.program_id(2)
-    offs_d = pid_d * BD + gl.arange(0, BD, layout=gl.SliceLayout(1, state_layout))
+    offs_d = gl.program_id(0) * BD + gl.arange(0, BD, layout=gl.SliceLayout(1, state_layout))
     offs_n = gl.arange(0, N, layout=gl.SliceLayout(0, state_layout))
     d_mask = offs_d < dim
     ch = offs_d + direction * dim
@@ -112,6 +108,24 @@ def _scan_fwd_kernel(
     dt_base = gl.where(forward, dt_f_ptr, dt_b_ptr) + pid_b * sdt_b + offs_d
     bc_base = gl.where(forward, bc_f_ptr, bc_b_ptr) + pid_b * sbc_b + offs_n
     ckpt_base = ckpt_ptr + pid_b * num_chunks * 2 * dim * N + dn_off
+    return (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, u_base, dt_base,
+            bc_base, ckpt_base)
+
+
+@gluon.jit
+def _scan_fwd_kernel(
+        u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
+        y_ptr, ckpt_ptr,
+        length, dim, num_chunks,
+        su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, sy_b, sy_l,
+        N: gl.constexpr, T: gl.constexpr, TS: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr):
+    state_layout: gl.constexpr = gl.BlockedLayout([1, N // SPLIT], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
+    tile_layout: gl.constexpr = gl.BlockedLayout([1, TS], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])  # TS steps of one channel per thread
+    BD: gl.constexpr = 32 // SPLIT * WARPS
+    (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, u_base, dt_base, bc_base,
+     ckpt_base) = _program_channels(u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr,
+                                    bias_f_ptr, bias_b_ptr, ckpt_ptr, dim, num_chunks, su_b, sdt_b, sbc_b, N, BD,
+                                    state_layout)
     offs_t = gl.arange(0, TS, layout=gl.SliceLayout(0, tile_layout))
     y_rows = _tile_rows(y_ptr + pid_b * sy_b, ch, tile_layout)
     tile_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, tile_layout))[:, None]
@@ -188,30 +202,18 @@ def _scan_bwd_kernel(
     bc_pair_layout: gl.constexpr = gl.BlockedLayout([2, 1], [32 // N, N], [WARPS, 1], [0, 1])
     history_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0, 1])  # channels fastest
     BD: gl.constexpr = 32 // SPLIT * WARPS
-    pid_d = gl.program_id(0)
-    pid_b = gl.program_id(1).to(gl.int64)
-    direction = gl.program_id(2)
-    offs_d = pid_d * BD + gl.arange(0, BD, layout=gl.SliceLayout(1, state_layout))
-    offs_n = gl.arange(0, N, layout=gl.SliceLayout(0, state_layout))
+    (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, u_base, dt_base, bc_base,
+     ckpt_base) = _program_channels(u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr,
+                                    bias_f_ptr, bias_b_ptr, ckpt_ptr, dim, num_chunks, su_b, sdt_b, sbc_b, N, BD,
+                                    state_layout)
     offs_pair = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
     offs_pair_r = gl.arange(0, 2, layout=gl.SliceLayout(1, bc_pair_layout))
     offs_nr = gl.arange(0, N, layout=gl.SliceLayout(0, bc_pair_layout))
-    d_mask = offs_d < dim
-    ch = offs_d + direction * dim
-    dn_off = ch[:, None] * N + offs_n[None, :]
-    dn_mask = d_mask[:, None] & (offs_n[None, :] < N)
-    forward = direction == 0
-    A, d_skip, bias = _branch_params(a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, forward, offs_d,
-                                     offs_n, d_mask, dn_mask, N)
-    u_base = u_ptr + pid_b * su_b + ch
-    dt_base = gl.where(forward, dt_f_ptr, dt_b_ptr) + pid_b * sdt_b + offs_d
-    bc_base = gl.where(forward, bc_f_ptr, bc_b_ptr) + pid_b * sbc_b + offs_n
     g_base = g_ptr + pid_b * sg_b + offs_d
     du_rows = _tile_rows(du_ptr + pid_b * su_b, ch, pair_layout)
     ddt_rows = _tile_rows(gl.where(forward, ddt_f_ptr, ddt_b_ptr) + pid_b * sdt_b, offs_d, pair_layout)
     pair_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, pair_layout))[:, None]
     dbc_base = dbc_ptr + (pid_b * length * 2 + direction) * 2 * N + offs_nr[None, :]
-    ckpt_base = ckpt_ptr + pid_b * num_chunks * 2 * dim * N + dn_off
     history = gl.allocate_shared_memory(gl.float32, [T // 2, BD, N], history_layout)
 
     lam_next = gl.zeros([BD, N], gl.float32, state_layout)  # decay_{p+1} * dL/dh_{p+1}
