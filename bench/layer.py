@@ -202,7 +202,9 @@ SWEEP_CONFIGS = [dict(T=16, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=1, W
 
 
 def sweep(args, device: torch.device) -> None:
-    """Time the Gluon scan kernels alone for several configurations (bf16 inputs, fp32 inside)."""
+    """Time the Gluon scan kernels alone for several configurations (bf16 inputs, fp32 inside). A config
+    without ``maxnreg`` keeps each kernel's default (the forward's 128-register cap); ``maxnreg=None``
+    lifts it."""
     from triton.testing import do_bench
 
     from ssamba.ops.gluon_scan import scan_bwd, scan_fwd
