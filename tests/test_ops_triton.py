@@ -135,16 +135,19 @@ def _check_mixer_inner(length):
         assert got is not None and _relerr(got, want) < 1e-5, name
 
 
-# (batch, length, E, K, dtype): the backward kernel writes dx for 32 - (K-1) rows per program and the
-# channel block is min(64, next_pow2(E)), so these cover one and several time/channel blocks, partial
-# last blocks, an exact multiple of the row block, lengths below K and of 1, a non-power-of-2 K, bf16
+# (batch, length, E, K, dtype): the kernels walk time in segments of at most 64 steps (two per
+# program) with a 3-row halo each side, over channel blocks of 128, so these cover one and several
+# segments (exactly 64, just over), a partial pair of segments, several and partial channel blocks,
+# lengths below K and of 1, kernels shorter than 4 taps (zero-padded), bf16
 CONV_CASES = {
     "conv": (2, 9, 5, 4, torch.float32),
     "conv-length-1": (2, 1, 3, 4, torch.float32),
     "conv-shorter-than-kernel": (1, 3, 6, 4, torch.float32),
-    "conv-several-time-and-channel-blocks": (2, 70, 70, 4, torch.float32),
-    "conv-whole-row-blocks": (1, 58, 64, 4, torch.float32),
+    "conv-several-segments-and-channel-blocks": (3, 130, 150, 4, torch.float32),
+    "conv-one-whole-segment": (1, 64, 64, 4, torch.float32),
+    "conv-two-segments-just-over-one": (1, 65, 20, 4, torch.float32),
     "conv-kernel-3": (2, 33, 12, 3, torch.float32),
+    "conv-kernel-2-several-segments": (2, 70, 12, 2, torch.float32),
     "conv-bf16": (2, 61, 20, 4, torch.bfloat16),
 }
 
@@ -186,6 +189,18 @@ def _check_conv(batch, length, E, K, dtype):
 
 for _name, _case in CONV_CASES.items():
     check(_name)(lambda case=_case: _check_conv(*case))
+
+
+@check("conv-more-than-4-taps")
+def _check_conv_taps():
+    conv = _kernels()[1]
+    x = torch.randn(1, 8, 6)
+    try:
+        conv.bidir_conv_fwd(x[..., :3], torch.randn(6, 5), torch.randn(6))
+    except ValueError as err:
+        assert "d_conv" in str(err)
+    else:
+        raise AssertionError("a 5-tap conv was accepted")
 @check("gate")
 def _check_gate():
     """The output gate ``(y_f + y_b) / 2 * silu(z)`` and its gradients, z a strided view as in xz."""

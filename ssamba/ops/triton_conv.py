@@ -4,6 +4,13 @@ The forward branch convolves ``x`` causally; the backward branch convolves ``fli
 which in the original time order is an anti-causal convolution of ``x``. One kernel computes both
 from a single read of ``x`` (channel-last ``[batch, L, E]``, any row stride) and writes
 ``[batch, L, 2E]`` with the forward branch's channels first, in the original time order.
+
+Each program walks time through a few sequence segments at once (``[segments, channels]`` tiles),
+keeping the rows the taps need in registers and sliding them by one row a step: every element is
+read from memory once (plus a few halo rows per segment), and the weight gradients are summed per
+thread, so no tile is re-read at shifted offsets and no step needs a cross-thread reduction. Loads
+run two steps ahead of their use, so a step's store never holds back the next loads.
+Kernels up to 4 taps (the released ``d_conv``) are supported; shorter ones are zero-padded.
 """
 from __future__ import annotations
 
@@ -11,45 +18,69 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _shifted_x(x_rows, src, c_mask, length, sx_l, ahead: tl.constexpr):
-    """The ``x`` rows at time indices ``src`` (zero outside the sequence), in fp32. ``ahead``: ``src``
-    is at or after the tile's own rows, so only the end of the sequence needs a bound."""
-    valid = src < length if ahead else (src >= 0) & (src < length)
-    return tl.load(x_rows + src[:, None] * sx_l, mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+TAPS = 4  # the kernels' tap count; shorter convolutions get leading zero taps
+SEGMENT = 64  # longest time segment one program row walks; the halo costs 2 * (TAPS - 1) extra steps
+BLOCK_S, BLOCK_C, NUM_WARPS = 2, 128, 4
 
 
 @triton.jit
-def _pre_activations(x_rows, w_ptr, bias_ptr, t, c, c_mask, length, dim, sx_l,
-                     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Both branches' conv outputs before the SiLU on time rows ``t``: the forward branch reads
-    ``x[t-K+1 .. t]``, the backward branch ``x[t .. t+K-1]`` (its taps in reverse)."""
-    pre_f = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
-    pre_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32) + tl.load(bias_ptr + dim + c, mask=c_mask,
-                                                                     other=0.0)[None, :]
-    for k in tl.static_range(K):
-        w_f = tl.load(w_ptr + c * K + k, mask=c_mask, other=0.0)
-        w_b = tl.load(w_ptr + (dim + c) * K + k, mask=c_mask, other=0.0)
-        pre_f += w_f[None, :] * _shifted_x(x_rows, t - (K - 1) + k, c_mask, length, sx_l, False)
-        pre_b += w_b[None, :] * _shifted_x(x_rows, t + (K - 1) - k, c_mask, length, sx_l, True)
-    return pre_f, pre_b
+def _row(rows, t, row_mask, c_mask, length, stride_l):
+    """The rows at time ``t [segments]`` of a ``[segments, channels]`` tile, fp32, zero outside the sequence."""
+    valid = (t >= 0) & (t < length) & row_mask
+    return tl.load(rows + t[:, None] * stride_l, mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _bidir_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, length, dim,
-                           sx_b, sx_l, so_b, so_l,
-                           K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _tap(ptr, c, c_mask, k: tl.constexpr):
+    return tl.load(ptr + c * 4 + k, mask=c_mask, other=0.0)[None, :]
+
+
+@triton.jit
+def _segments(pid_s, n_rows, n_seg, seg_len, BLOCK_S: tl.constexpr):
+    """Batch row, first time step and validity of the program's segments."""
+    j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    return (j // n_seg).to(tl.int64), (j % n_seg) * seg_len, j < n_rows
+
+
+@triton.jit
+def _bidir_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, length, dim, n_rows, n_seg, seg_len,
+                           sx_b, sx_l, so_b, so_l, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < dim
-    x_rows = x_ptr + pid_b * sx_b + c[None, :]
-    acc_f, acc_b = _pre_activations(x_rows, w_ptr, bias_ptr, t, c, c_mask, length, dim, sx_l, K, BLOCK_T, BLOCK_C)
-    mask = (t < length)[:, None] & c_mask[None, :]
-    out_rows = out_ptr + pid_b * so_b + t[:, None] * so_l + c[None, :]
-    tl.store(out_rows, (acc_f * tl.sigmoid(acc_f)).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_rows + dim, (acc_b * tl.sigmoid(acc_b)).to(out_ptr.dtype.element_ty), mask=mask)
+    b, t0, row_mask = _segments(tl.program_id(1), n_rows, n_seg, seg_len, BLOCK_S)
+    x_rows = x_ptr + b[:, None] * sx_b + c[None, :]
+    out_rows = out_ptr + b[:, None] * so_b + c[None, :]
+    wf0, wf1, wf2, wf3 = _tap(w_ptr, c, c_mask, 0), _tap(w_ptr, c, c_mask, 1), _tap(w_ptr, c, c_mask, 2), \
+        _tap(w_ptr, c, c_mask, 3)
+    wb0, wb1, wb2, wb3 = _tap(w_ptr + dim * 4, c, c_mask, 0), _tap(w_ptr + dim * 4, c, c_mask, 1), \
+        _tap(w_ptr + dim * 4, c, c_mask, 2), _tap(w_ptr + dim * 4, c, c_mask, 3)
+    bias_f = tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
+    bias_b = tl.load(bias_ptr + dim + c, mask=c_mask, other=0.0)[None, :]
+    # x at t-3 .. t+5 (a..i); step t uses a..g and loads the row two steps ahead
+    xa = _row(x_rows, t0 - 3, row_mask, c_mask, length, sx_l)
+    xb = _row(x_rows, t0 - 2, row_mask, c_mask, length, sx_l)
+    xc = _row(x_rows, t0 - 1, row_mask, c_mask, length, sx_l)
+    xd = _row(x_rows, t0, row_mask, c_mask, length, sx_l)
+    xe = _row(x_rows, t0 + 1, row_mask, c_mask, length, sx_l)
+    xf = _row(x_rows, t0 + 2, row_mask, c_mask, length, sx_l)
+    xg = _row(x_rows, t0 + 3, row_mask, c_mask, length, sx_l)
+    xh = _row(x_rows, t0 + 4, row_mask, c_mask, length, sx_l)
+    mask = row_mask[:, None] & c_mask[None, :]
+    for i in range(0, seg_len):
+        t = t0 + i
+        xi = _row(x_rows, t + 5, row_mask, c_mask, length, sx_l)
+        pre_f = bias_f + wf0 * xa + wf1 * xb + wf2 * xc + wf3 * xd
+        pre_b = bias_b + wb0 * xg + wb1 * xf + wb2 * xe + wb3 * xd
+        out = out_rows + t[:, None] * so_l
+        ok = mask & (t < length)[:, None]
+        tl.store(out, (pre_f * tl.sigmoid(pre_f)).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + dim, (pre_b * tl.sigmoid(pre_b)).to(out_ptr.dtype.element_ty), mask=ok)
+        xa, xb, xc, xd, xe, xf, xg, xh = xb, xc, xd, xe, xf, xg, xh, xi
+
+
+@triton.jit
+def _zeros(BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    return tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
 
 
 @triton.jit
@@ -59,56 +90,109 @@ def _silu_grad(pre, grad):
 
 
 @triton.jit
-def _conv_pre_grad_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, g_ptr, dw_ptr, dbias_ptr, length, dim,
-                          sx_b, sx_l, sd_b, sd_l, sg_b, sg_l,
-                          K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """First half of the backward, per (time block, channel block, batch row): each branch's gradient
-    w.r.t. its conv output before the SiLU, ``g [batch, L, 2E]``, and per-program partial sums of the
-    weight and bias gradients (positions this program owns)."""
-    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, length, dim, n_rows, n_seg,
+                           seg_len, sx_b, sx_l, sd_b, sd_l, sdx_b, sdx_l,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass: each step recomputes both pre-activations, takes the SiLU backward (``g``), adds
+    ``g`` times the tap inputs to the weight gradients and emits ``dx`` three steps behind, once the
+    ``g`` rows it needs exist. A segment starts three steps early (the ``g`` rows before it) and ends
+    three steps late; only the rows it owns count towards the weight gradients."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < dim
-    x_rows = x_ptr + pid_b * sx_b + c[None, :]
-    pre_f, pre_b = _pre_activations(x_rows, w_ptr, bias_ptr, t, c, c_mask, length, dim, sx_l, K, BLOCK_T, BLOCK_C)
-    mask = (t < length)[:, None] & c_mask[None, :]
-    d_rows = dout_ptr + pid_b * sd_b + t[:, None] * sd_l + c[None, :]
-    g_f = tl.where(mask, _silu_grad(pre_f, tl.load(d_rows, mask=mask, other=0.0).to(tl.float32)), 0.0)
-    g_b = tl.where(mask, _silu_grad(pre_b, tl.load(d_rows + dim, mask=mask, other=0.0).to(tl.float32)), 0.0)
-    g_rows = g_ptr + pid_b * sg_b + t[:, None] * sg_l + c[None, :]
-    tl.store(g_rows, g_f.to(g_ptr.dtype.element_ty), mask=mask)
-    tl.store(g_rows + dim, g_b.to(g_ptr.dtype.element_ty), mask=mask)
-    part = (pid_t * tl.num_programs(2) + pid_b) * 2 * dim
-    tl.store(dbias_ptr + part + c, tl.sum(g_f, axis=0), mask=c_mask)
-    tl.store(dbias_ptr + part + dim + c, tl.sum(g_b, axis=0), mask=c_mask)
-    for k in tl.static_range(K):  # the shifted x tiles are the ones loaded above (L1 hits)
-        x_f = _shifted_x(x_rows, t - (K - 1) + k, c_mask, length, sx_l, False)
-        x_b = _shifted_x(x_rows, t + (K - 1) - k, c_mask, length, sx_l, True)
-        tl.store(dw_ptr + part * K + k * 2 * dim + c, tl.sum(g_f * x_f, axis=0), mask=c_mask)
-        tl.store(dw_ptr + part * K + k * 2 * dim + dim + c, tl.sum(g_b * x_b, axis=0), mask=c_mask)
+    b, t0, row_mask = _segments(tl.program_id(1), n_rows, n_seg, seg_len, BLOCK_S)
+    x_rows = x_ptr + b[:, None] * sx_b + c[None, :]
+    d_rows = dout_ptr + b[:, None] * sd_b + c[None, :]
+    dx_rows = dx_ptr + b[:, None] * sdx_b + c[None, :]
+    wf0, wf1, wf2, wf3 = _tap(w_ptr, c, c_mask, 0), _tap(w_ptr, c, c_mask, 1), _tap(w_ptr, c, c_mask, 2), \
+        _tap(w_ptr, c, c_mask, 3)
+    wb0, wb1, wb2, wb3 = _tap(w_ptr + dim * 4, c, c_mask, 0), _tap(w_ptr + dim * 4, c, c_mask, 1), \
+        _tap(w_ptr + dim * 4, c, c_mask, 2), _tap(w_ptr + dim * 4, c, c_mask, 3)
+    bias_f = tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
+    bias_b = tl.load(bias_ptr + dim + c, mask=c_mask, other=0.0)[None, :]
+    start = t0 - 3
+    xa = _row(x_rows, start - 3, row_mask, c_mask, length, sx_l)
+    xb = _row(x_rows, start - 2, row_mask, c_mask, length, sx_l)
+    xc = _row(x_rows, start - 1, row_mask, c_mask, length, sx_l)
+    xd = _row(x_rows, start, row_mask, c_mask, length, sx_l)
+    xe = _row(x_rows, start + 1, row_mask, c_mask, length, sx_l)
+    xf = _row(x_rows, start + 2, row_mask, c_mask, length, sx_l)
+    xg = _row(x_rows, start + 3, row_mask, c_mask, length, sx_l)
+    xh = _row(x_rows, start + 4, row_mask, c_mask, length, sx_l)
+    df0 = _row(d_rows, start, row_mask, c_mask, length, sd_l)
+    db0 = _row(d_rows + dim, start, row_mask, c_mask, length, sd_l)
+    df1 = _row(d_rows, start + 1, row_mask, c_mask, length, sd_l)
+    db1 = _row(d_rows + dim, start + 1, row_mask, c_mask, length, sd_l)
+    # g_f at t-3 .. t-1 and g_b at t-6 .. t-1 (the rows dx[t-3] needs besides step t's own). Each
+    # loop-carried tile starts from its own zeros: Triton's frontend takes a name assigned another
+    # name's initial value (``gf3 = gf2``) as unchanged, and drops it from the loop, when both
+    # started from the same tensor.
+    gf1, gf2, gf3 = _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C)
+    gb1, gb2, gb3 = _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C)
+    gb4, gb5, gb6 = _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C)
+    dwf0, dwf1, dwf2, dwf3 = _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C), \
+        _zeros(BLOCK_S, BLOCK_C)
+    dwb0, dwb1, dwb2, dwb3 = _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C), \
+        _zeros(BLOCK_S, BLOCK_C)
+    dbf, dbb = _zeros(BLOCK_S, BLOCK_C), _zeros(BLOCK_S, BLOCK_C)
+    mask = row_mask[:, None] & c_mask[None, :]
+    for i in range(0, seg_len + 6):
+        t = start + i
+        xi = _row(x_rows, t + 5, row_mask, c_mask, length, sx_l)
+        df2 = _row(d_rows, t + 2, row_mask, c_mask, length, sd_l)
+        db2 = _row(d_rows + dim, t + 2, row_mask, c_mask, length, sd_l)
+        g_f = _silu_grad(bias_f + wf0 * xa + wf1 * xb + wf2 * xc + wf3 * xd, df0)
+        g_b = _silu_grad(bias_b + wb0 * xg + wb1 * xf + wb2 * xe + wb3 * xd, db0)
+        own = (i >= 3) & (i < seg_len + 3)  # outside the sequence g is zero already (dout is masked)
+        o_f = tl.where(own, g_f, 0.0)
+        o_b = tl.where(own, g_b, 0.0)
+        dwf0 += o_f * xa
+        dwf1 += o_f * xb
+        dwf2 += o_f * xc
+        dwf3 += o_f * xd
+        dwb0 += o_b * xg
+        dwb1 += o_b * xf
+        dwb2 += o_b * xe
+        dwb3 += o_b * xd
+        dbf += o_f
+        dbb += o_b
+        dx = wf3 * gf3 + wf2 * gf2 + wf1 * gf1 + wf0 * g_f + wb0 * gb6 + wb1 * gb5 + wb2 * gb4 + wb3 * gb3
+        s = t - 3  # rows before t0 (i < 6) belong to the previous segment
+        tl.store(dx_rows + s[:, None] * sdx_l, dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask & (s < length)[:, None] & (i >= 6))
+        gf3, gf2, gf1 = gf2, gf1, g_f
+        gb6, gb5, gb4, gb3, gb2, gb1 = gb5, gb4, gb3, gb2, gb1, g_b
+        xa, xb, xc, xd, xe, xf, xg, xh = xb, xc, xd, xe, xf, xg, xh, xi
+        df0, df1, db0, db1 = df1, df2, db1, db2
+    # per-program partial sums laid out [5, 2E] (4 taps, then the bias) so the stores are coalesced
+    part = dw_ptr + tl.program_id(1).to(tl.int64) * 10 * dim + c
+    tl.store(part, tl.sum(dwf0, axis=0), mask=c_mask)
+    tl.store(part + 2 * dim, tl.sum(dwf1, axis=0), mask=c_mask)
+    tl.store(part + 4 * dim, tl.sum(dwf2, axis=0), mask=c_mask)
+    tl.store(part + 6 * dim, tl.sum(dwf3, axis=0), mask=c_mask)
+    tl.store(part + 8 * dim, tl.sum(dbf, axis=0), mask=c_mask)
+    tl.store(part + dim, tl.sum(dwb0, axis=0), mask=c_mask)
+    tl.store(part + 3 * dim, tl.sum(dwb1, axis=0), mask=c_mask)
+    tl.store(part + 5 * dim, tl.sum(dwb2, axis=0), mask=c_mask)
+    tl.store(part + 7 * dim, tl.sum(dwb3, axis=0), mask=c_mask)
+    tl.store(part + 9 * dim, tl.sum(dbb, axis=0), mask=c_mask)
 
 
-@triton.jit
-def _conv_input_grad_kernel(w_ptr, g_ptr, dx_ptr, length, dim, sg_b, sg_l, sdx_b, sdx_l,
-                            K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Second half: ``dx[t] = sum_m w_f[K-1-m] g_f[t+m] + w_b[m] g_b[t-(K-1)+m]`` from row-shifted
-    loads of ``g`` (neighbouring rows come from L1/L2, not from other threads' registers)."""
-    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < dim
-    g_rows = g_ptr + pid_b * sg_b + c[None, :]
-    dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for m in tl.static_range(K):
-        s_f = t + m
-        s_b = t - (K - 1) + m
-        g_f = tl.load(g_rows + s_f[:, None] * sg_l, mask=(s_f < length)[:, None] & c_mask[None, :], other=0.0)
-        g_b = tl.load(g_rows + dim + s_b[:, None] * sg_l, mask=((s_b >= 0) & (s_b < length))[:, None] & c_mask[None, :],
-                      other=0.0)
-        dx += (tl.load(w_ptr + c * K + (K - 1 - m), mask=c_mask, other=0.0)[None, :] * g_f.to(tl.float32)
-               + tl.load(w_ptr + (dim + c) * K + m, mask=c_mask, other=0.0)[None, :] * g_b.to(tl.float32))
-    mask = (t < length)[:, None] & c_mask[None, :]
-    tl.store(dx_ptr + pid_b * sdx_b + t[:, None] * sdx_l + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """``[2E, K]`` weights as ``[2E, 4]``, zero taps in front (the oldest inputs) when K < 4."""
+    K = weight.shape[1]
+    if K > TAPS:
+        raise ValueError(f"the triton conv kernels take up to {TAPS} taps (d_conv), got {K}; use backend=torch")
+    if K < TAPS:
+        weight = torch.cat([weight.new_zeros(weight.shape[0], TAPS - K), weight], 1)
+    return weight.contiguous()
+
+
+def _launch_shape(batch: int, length: int, dim: int) -> tuple[int, int, int, tuple[int, int]]:
+    """Segments per sequence, segment length, segment rows and the grid."""
+    n_seg = triton.cdiv(length, SEGMENT)
+    seg_len = triton.cdiv(length, n_seg)
+    rows = batch * n_seg
+    return n_seg, seg_len, rows, (triton.cdiv(dim, BLOCK_C), triton.cdiv(rows, BLOCK_S))
 
 
 def bidir_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -117,35 +201,25 @@ def bidir_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     if x.stride(-1) != 1:
         raise ValueError(f"x must have unit channel stride, got strides {x.stride()}")
     out = torch.empty(batch, length, 2 * dim, device=x.device, dtype=x.dtype)
-    block_t, block_c = 32, min(64, triton.next_power_of_2(dim))
-    grid = (triton.cdiv(length, block_t), triton.cdiv(dim, block_c), batch)
-    _bidir_conv_fwd_kernel[grid](x, weight, bias, out, length, dim, x.stride(0), x.stride(1),
-                                 out.stride(0), out.stride(1), K=weight.shape[1], BLOCK_T=block_t, BLOCK_C=block_c)
+    n_seg, seg_len, rows, grid = _launch_shape(batch, length, dim)
+    _bidir_conv_fwd_kernel[grid](x, _taps(weight), bias, out, length, dim, rows, n_seg, seg_len, x.stride(0),
+                                 x.stride(1), out.stride(0), out.stride(1), BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return out
 
 
 def bidir_conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dout: torch.Tensor,
                    dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Writes dL/dx into ``dx`` (a ``[batch, L, E]`` view) and returns fp32 ``dweight [2E, K]``, ``dbias [2E]``.
-
-    Two passes: the SiLU-backward of both branches goes through a ``[batch, L, 2E]`` buffer in the
-    dtype of ``dout`` (what autocast's own conv backward would hold), and ``dx`` is summed from it."""
+    """Writes dL/dx into ``dx`` (a ``[batch, L, E]`` view) and returns fp32 ``dweight [2E, K]``, ``dbias [2E]``."""
     batch, length, dim = x.shape
     if x.stride(-1) != 1 or dx.stride(-1) != 1:
         raise ValueError(f"x and dx must have unit channel stride, got strides {x.stride()} and {dx.stride()}")
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     K = weight.shape[1]
-    block_t, block_c = 32, min(64, triton.next_power_of_2(dim))
-    time_blocks = triton.cdiv(length, block_t)
-    g = torch.empty(batch, length, 2 * dim, device=x.device, dtype=dout.dtype)
-    # partials laid out channel-last ([K, 2E] per program) so the kernel's stores are coalesced
-    dw = torch.empty(time_blocks * batch, K, 2 * dim, device=x.device, dtype=torch.float32)
-    db = torch.empty(time_blocks * batch, 2 * dim, device=x.device, dtype=torch.float32)
-    grid = (time_blocks, triton.cdiv(dim, block_c), batch)
-    _conv_pre_grad_kernel[grid](x, weight, bias, dout, g, dw, db, length, dim, x.stride(0), x.stride(1),
-                                dout.stride(0), dout.stride(1), g.stride(0), g.stride(1),
-                                K=K, BLOCK_T=block_t, BLOCK_C=block_c)
-    _conv_input_grad_kernel[grid](weight, g, dx, length, dim, g.stride(0), g.stride(1), dx.stride(0), dx.stride(1),
-                                  K=K, BLOCK_T=block_t, BLOCK_C=block_c)
-    return dw.sum(0).t().contiguous(), db.sum(0)
+    n_seg, seg_len, rows, grid = _launch_shape(batch, length, dim)
+    partial = torch.empty(grid[1], TAPS + 1, 2 * dim, device=x.device, dtype=torch.float32)
+    _bidir_conv_bwd_kernel[grid](x, _taps(weight), bias, dout, dx, partial, length, dim, rows, n_seg, seg_len,
+                                 x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+                                 BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    sums = partial.sum(0)
+    return sums[TAPS - K:TAPS].t().contiguous(), sums[TAPS]
