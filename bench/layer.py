@@ -33,21 +33,31 @@ from ssamba.ops.backend import cuda_kernels, resolve_backend, triton_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class StockBidirectional(nn.Module):
-    """Residual add + LayerNorm + ``(Mamba_f(h) + flip(Mamba_b(flip(h)))) / 2`` with stock mamba-ssm modules."""
+class StockMixer(nn.Module):
+    """``(Mamba_f(h) + flip(Mamba_b(flip(h)))) / 2`` with two stock ``mamba_ssm.Mamba`` modules."""
 
     def __init__(self, dim: int):
         super().__init__()
         from mamba_ssm import Mamba
 
-        self.norm = nn.LayerNorm(dim)
         self.forward_mamba = Mamba(dim, d_state=16, d_conv=4, expand=2)
         self.backward_mamba = Mamba(dim, d_state=16, d_conv=4, expand=2)
 
+    def forward(self, h):
+        return (self.forward_mamba(h) + self.backward_mamba(h.flip(1)).flip(1)) / 2
+
+
+class StockBidirectional(nn.Module):
+    """Residual add + LayerNorm + :class:`StockMixer`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mixer = StockMixer(dim)
+
     def forward(self, hidden, residual):
         residual = residual + hidden
-        h = self.norm(residual)
-        return (self.forward_mamba(h) + self.backward_mamba(h.flip(1)).flip(1)) / 2, residual
+        return self.mixer(self.norm(residual)), residual
 
 
 class OursBlock(nn.Module):

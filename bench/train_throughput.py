@@ -28,10 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssamba.tasks import build_task  # noqa: E402
+from layer import stock_available  # noqa: E402  (bench/ is the script's directory)
 import hydra  # noqa: E402
 
+STOCK = "stock composition"  # marks a case whose mixers are swapped for bench/layer.py's StockMixer
 CASES = {  # label -> overrides
     "ssamba_tiny, 2 passes (released objective)": ["model=tiny", "task.joint_passes=2"],
+    "stock composition (two mamba_ssm.Mamba per layer), 2 passes": ["model=tiny", "task.joint_passes=2", STOCK],
     "ssamba_tiny, 1 pass (joint_passes=1)": ["model=tiny", "task.joint_passes=1"],
     "ssast_tiny, 2 passes": ["model=ssast_tiny", "task.joint_passes=2"],
     "ssamba_tiny, 2 passes, CUDA graphs": ["model=tiny", "task.joint_passes=2", "task.cuda_graphs=true"],
@@ -61,7 +64,18 @@ class StepTimer(L.Callback):
             self.timed = trainer.global_step - self.warmup
 
 
+def use_stock_mixers(encoder) -> None:
+    """Every layer's mixer replaced by two stock mamba-ssm modules (h and flip(h), averaged): the
+    composition the released code runs, with our add + norm around it."""
+    from layer import StockMixer
+
+    for layer in encoder.layers:
+        layer.mixer = StockMixer(encoder.config.embed_dim)
+
+
 def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool) -> dict:
+    stock = STOCK in overrides
+    overrides = [o for o in overrides if o != STOCK]
     common = ["~callbacks", "data=synthetic", "task=pretrain", f"data.batch_size={batch}", "logger=none", "test=false",
               f"trainer.max_steps={warmup + steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
               "+trainer.enable_checkpointing=false", "task.figure_every_n_steps=0",
@@ -72,6 +86,8 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     L.seed_everything(0)
     datamodule = hydra.utils.instantiate(cfg.data)
     task = build_task(cfg, datamodule)
+    if stock:
+        use_stock_mixers(task.encoder)
     timer = StepTimer(warmup)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=False, enable_progress_bar=False,
                                       enable_model_summary=False)
@@ -79,7 +95,7 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     seconds = timer.end - timer.start
     return {"samples_per_s": timer.timed * batch / seconds, "ms_per_step": 1000 * seconds / timer.timed,
             "steps_timed": timer.timed, "batch": batch, "tokens": task.encoder.num_patches + task.encoder.num_prefix_tokens,
-            "backend": getattr(task.encoder.config, "backend", "-")}
+            "backend": "mamba_ssm.Mamba" if stock else getattr(task.encoder.config, "backend", "-")}
 
 
 def main() -> None:
@@ -96,6 +112,9 @@ def main() -> None:
     for label, overrides in CASES.items():
         if "task.cuda_graphs=true" in overrides and not gpu:
             continue  # CUDA graphs need a GPU
+        if STOCK in overrides and not (gpu and stock_available()):
+            print(f"{label}: skipped (needs a GPU and mamba-ssm)")
+            continue
         if args.smoke:
             overrides = overrides + ["data.target_length=128", "mask='40'", "+model.depth=2"]
             steps, warmup, batch = 3, 1, 2

@@ -70,3 +70,14 @@ def test_bad_counts_name_the_key(count):
 def test_unknown_style_names_the_allowed_ones():
     with pytest.raises(ValueError, match="mask.style='blocks' is not one of cluster, random"):
         make_mask("blocks", 2, (8, 16), 10)
+
+
+@pytest.mark.parametrize("style", ["cluster", "random"])
+def test_masked_positions_select_like_boolean_indexing(style):
+    """The pretraining task gathers the masked patches by index (no host sync); same rows, same order."""
+    from ssamba.tasks.pretrain import _rows_at, masked_positions
+
+    torch.manual_seed(0)
+    mask = make_mask(style, 4, (8, 64), 100)
+    x = torch.randn(4, 8 * 64, 5)
+    torch.testing.assert_close(_rows_at(x, masked_positions(mask, 100)), x[mask].view(4, 100, 5), rtol=0, atol=0)

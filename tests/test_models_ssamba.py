@@ -182,6 +182,26 @@ def test_hidden_states_one_per_pair():
     assert len(stacked.forward_features(torch.randn(1, 64, 32), return_hidden_states=True)[1]) == 4
 
 
+@pytest.mark.parametrize("first_layer", [False, True])
+def test_reverse_block_is_the_block_on_flipped_time(first_layer):
+    """The published pairing's second layer runs ``reverse=True`` on the original order instead of on
+    flipped copies: the same function (the branches' parameters swap roles)."""
+    from ssamba.models.ssamba import MambaBlock, SSAMBAConfig
+
+    torch.manual_seed(0)
+    block = MambaBlock(SSAMBAConfig(embed_dim=32, depth=2, backend="torch"), layer_idx=1, drop_path=0.0).double()
+    with torch.no_grad():  # make the two branches differ everywhere
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hidden = torch.randn(2, 11, 32, dtype=torch.float64)
+    residual = None if first_layer else torch.randn(2, 11, 32, dtype=torch.float64)
+    out_ref, res_ref = block(hidden.flip(1), None if residual is None else residual.flip(1))
+    out, res = block(hidden, residual, reverse=True)
+    torch.testing.assert_close(out, out_ref.flip(1))
+    torch.testing.assert_close(res, res_ref.flip(1))
+    assert not torch.allclose(out, block(hidden, residual)[0])  # reverse is not a no-op
+
+
 def test_patchify_is_token_ordered():
     encoder = ssamba.build_encoder("tiny", **SMALL)
     x = torch.arange(64 * 32, dtype=torch.float32).reshape(1, 64, 32)  # [frames, bins]
@@ -189,6 +209,18 @@ def test_patchify_is_token_ordered():
     assert patches.shape == (1, 8, 256)
     # token 5 is frequency row 1, time column 1: bins 16..31, frames 16..31
     torch.testing.assert_close(patches[0, 5].reshape(16, 16), x[0, 16:32, 16:32].T)
+
+
+@pytest.mark.parametrize("frames,bins,shape,stride", [(64, 32, (16, 16), (16, 16)), (70, 37, (16, 16), (16, 16)),
+                                                      (64, 32, (16, 16), (10, 10)), (20, 128, (128, 2), (128, 2))])
+def test_unfold_patches_matches_unfold(frames, bins, shape, stride):
+    """The reshape used for non-overlapping patches gives ``F.unfold``'s values and order (partial
+    patches at the edges dropped), and overlapping patches still go through ``F.unfold``."""
+    from ssamba.models.layers import fbank_to_image, unfold_patches
+
+    x = torch.randn(3, frames, bins)
+    want = torch.nn.functional.unfold(fbank_to_image(x), kernel_size=shape, stride=stride).transpose(1, 2)
+    torch.testing.assert_close(unfold_patches(x, *shape, *stride), want, rtol=0, atol=0)
 
 
 def test_cuda_backend_errors_clearly_without_kernels():

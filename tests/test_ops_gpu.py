@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssamba.models import build_encoder
-from ssamba.models.ssamba import BiMambaMixer, SSAMBAConfig
+from ssamba.models.ssamba import BiMambaMixer, MambaBlock, SSAMBAConfig
 from ssamba.ops import BranchWeights, bimamba_inner
 from ssamba.ops import bimamba as bimamba_module
 from ssamba.ops.backend import cuda_kernels, gluon_scan_usable, triton_available
@@ -127,6 +127,37 @@ def test_mixer_bf16_matches_fp32_torch(backend, length, monkeypatch):
     names = ["hidden"] + [n for n, _ in mixer.named_parameters()]
     for param, g, g_ref in zip(names, grads, grads_ref):
         assert _relerr(g, g_ref) <= 1e-2, f"{backend} grad {param}: {_relerr(g, g_ref):.2e}"
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("first_layer", [False, True])
+def test_block_fused_add_norm_matches_torch(norm, first_layer):
+    """The ``triton`` block (fused residual add + norm, then the mixer) vs the PyTorch block under bf16
+    autocast, training mode with drop path (the same per-sample draw on both paths)."""
+    if not triton_available():
+        pytest.skip("triton not installed")
+    torch.manual_seed(0)
+    cfg = SSAMBAConfig(embed_dim=64, depth=2, norm=norm, backend="torch")
+    block = MambaBlock(cfg, layer_idx=1, drop_path=0.5).cuda().train()
+    hidden = torch.randn(6, 77, 64, device="cuda", requires_grad=True)
+    residual = None if first_layer else torch.randn(6, 77, 64, device="cuda", requires_grad=True)
+    d_out, d_res = torch.randn(6, 77, 64, device="cuda"), torch.randn(6, 77, 64, device="cuda")
+    inputs = [hidden] + ([] if first_layer else [residual]) + list(block.parameters())
+
+    def run(backend):
+        cfg.backend = backend
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, res = block(hidden, residual)
+        return out, res, torch.autograd.grad((out.float() * d_out).sum() + (res.float() * d_res).sum(), inputs)
+
+    out_ref, res_ref, grads_ref = run("torch")
+    out, res, grads = run("triton")
+    assert out.dtype == out_ref.dtype and res.dtype == res_ref.dtype
+    assert _relerr(out, out_ref) <= 1e-2 and _relerr(res, res_ref) <= 1e-5
+    names = ["hidden"] + ([] if first_layer else ["residual"]) + [n for n, _ in block.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert _relerr(g, g_ref) <= 1e-2, f"grad {name}: {_relerr(g, g_ref):.2e}"
 
 
 def _encoder_run(encoder, fbank, backend, dtype):

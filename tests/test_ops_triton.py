@@ -201,6 +201,54 @@ def _check_conv_taps():
         assert "d_conv" in str(err)
     else:
         raise AssertionError("a 5-tap conv was accepted")
+# (batch, length, D, norm, residual, drop-path scale, hidden dtype): rows not a multiple of the row
+# tile, D below and at a power of two, more row tiles than backward programs (each loops), the first
+# layer (no residual), RMSNorm, a bf16 branch added to an fp32 residual stream
+ADD_NORM_CASES = {
+    "add-norm-layernorm-drop-path": (3, 7, 24, "layer", True, True, torch.float32),
+    "add-norm-rmsnorm": (2, 9, 32, "rms", True, False, torch.float32),
+    "add-norm-first-layer": (2, 5, 20, "layer", False, False, torch.float32),
+    "add-norm-bf16-branch-many-tiles": (4, 300, 16, "layer", True, True, torch.bfloat16),
+}
+
+
+def _check_add_norm(batch, length, D, norm, with_residual, with_scale, dtype):
+    """``residual + hidden * scale`` then the norm, outputs and all gradients vs float64 autograd."""
+    from ssamba.ops.triton_norm import add_norm
+
+    g = torch.Generator().manual_seed(batch * 1000 + length * 10 + D)
+    hidden = torch.randn(batch, length, D, generator=g).to(dtype)
+    residual = torch.randn(batch, length, D, generator=g) if with_residual else None
+    scale = torch.tensor([0.0, 1.25, 1.25, 0.0][:batch]) if with_scale else None
+    weight = torch.randn(D, generator=g)
+    bias = torch.randn(D, generator=g) if norm == "layer" else None
+    d_normed, d_res = torch.randn(batch, length, D, generator=g), torch.randn(batch, length, D, generator=g)
+    leaves = [t.double().requires_grad_() for t in (hidden, residual, weight, bias) if t is not None]
+    h64, r64 = leaves[0], leaves[1] if with_residual else None
+    w64, b64 = leaves[-2:] if bias is not None else (leaves[-1], None)
+    x64 = h64 if r64 is None else r64 + h64 * (scale.double()[:, None, None] if with_scale else 1.0)
+    if norm == "layer":
+        y64 = torch.nn.functional.layer_norm(x64, (D,), w64, b64, 1e-5)
+    else:
+        y64 = torch.nn.functional.rms_norm(x64, (D,), w64, 1e-5)
+    want = torch.autograd.grad((y64 * d_normed.double()).sum() + (x64 * d_res.double()).sum(), leaves)
+    ins = [t.clone().requires_grad_() for t in (hidden, residual, weight, bias) if t is not None]
+    h, r = ins[0], ins[1] if with_residual else None
+    w, b = ins[-2:] if bias is not None else (ins[-1], None)
+    y, x = add_norm(h, r, w, b, 1e-5, scale)
+    assert y.dtype == torch.float32 and x.dtype == (torch.float32 if with_residual else dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _relerr(y, y64) < 1e-5 and _relerr(x, x64) < tol, "outputs"
+    got = torch.autograd.grad((y * d_normed).sum() + (x * d_res).sum(), ins)
+    for name, a, e in zip(["hidden", "residual", "weight", "bias"][:len(got)], got, want):
+        assert a.dtype == (dtype if name == "hidden" else torch.float32), name
+        assert _relerr(a, e) < tol, f"d{name}: {_relerr(a, e):.2e}"
+
+
+for _name, _case in ADD_NORM_CASES.items():
+    check(_name)(lambda case=_case: _check_add_norm(*case))
+
+
 @check("gate")
 def _check_gate():
     """The output gate ``(y_f + y_b) / 2 * silu(z)`` and its gradients, z a strided view as in xz."""

@@ -179,8 +179,10 @@ def test_gpu_bf16_run(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_run_with_cuda_graphs(tmp_path):
-    """Both encoder passes replayed as CUDA graphs through a whole fit (bf16-mixed, drop path on)."""
-    score = run_train(tmp_path, "trainer=gpu", "model.backend=auto", "task.cuda_graphs=true")
+    """Both encoder passes replayed as CUDA graphs through a whole fit (bf16-mixed, drop path on),
+    with loader workers and pinned memory, so the pin-memory thread works during the capture."""
+    score = run_train(tmp_path, "trainer=gpu", "model.backend=auto", "task.cuda_graphs=true", "data.num_workers=2",
+                      "data.pin_memory=true", "data.num_train=64")
     assert score is not None
     losses = column(read_metrics(tmp_path), "train/loss_step")
     assert losses and all(torch.isfinite(torch.tensor(float(v))) for v in losses)

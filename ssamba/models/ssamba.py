@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.backend import BACKENDS
+from ..ops.backend import BACKENDS, resolve_backend, triton_or_fallback
 from ..ops.bimamba import BranchWeights, bimamba_inner
 from .layers import DropPath, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
@@ -103,9 +103,13 @@ class BiMambaMixer(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight /= math.sqrt(cfg.depth)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, reverse: bool = False) -> Tensor:
+        """``reverse=True``: ``mixer(hidden.flip(1)).flip(1)`` without the flips. Reversing time turns
+        each direction's scan (and conv) into the other's, so it is the mixer with the two branches'
+        parameters swapped; everything else is per token."""
         xz = F.linear(hidden, self.in_proj.weight).transpose(1, 2)  # [B, 2E, L]
-        y = bimamba_inner(xz, _branch_params(self, ""), _branch_params(self, "_b"), self.cfg.backend)
+        branches = _branch_params(self, ""), _branch_params(self, "_b")
+        y = bimamba_inner(xz, *(branches[::-1] if reverse else branches), self.cfg.backend)
         return self.out_proj(y)
 
 
@@ -120,12 +124,29 @@ class MambaBlock(nn.Module):
         self.mixer = BiMambaMixer(cfg, layer_idx)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, residual: Tensor | None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+        """``reverse``: the block applied to the time-reversed stream, output in the original order
+        (what the published pairing's second layer computes, see ``BiMambaMixer.forward``)."""
+        if hidden.is_cuda and resolve_backend(self.cfg.backend, on_cuda=True) == "triton":
+            normed, residual = triton_or_fallback(self.cfg.backend, lambda: self._add_norm_triton(hidden, residual),
+                                                  lambda: self._add_norm(hidden, residual))
+        else:
+            normed, residual = self._add_norm(hidden, residual)
+        return self.mixer(normed, reverse), residual
+
+    def _add_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        hidden = self.norm(residual.to(self.norm.weight.dtype))
-        if self.cfg.residual_in_fp32:
-            residual = residual.float()
-        return self.mixer(hidden), residual
+        normed = self.norm(residual.to(self.norm.weight.dtype))
+        return normed, residual.float() if self.cfg.residual_in_fp32 else residual
+
+    def _add_norm_triton(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The same in one Triton kernel each way (``ops.triton_norm``)."""
+        from ..ops.triton_norm import add_norm
+
+        scale = None if residual is None else self.drop_path.sample_scale(hidden.shape[0], hidden.device)
+        bias = self.norm.bias if isinstance(self.norm, nn.LayerNorm) else None
+        return add_norm(hidden, residual, self.norm.weight, bias, self.cfg.norm_eps, scale,
+                        torch.float32 if self.cfg.residual_in_fp32 else None)
 
 
 class SSAMBAEncoder(PatchTokenEncoder):
@@ -162,10 +183,12 @@ class SSAMBAEncoder(PatchTokenEncoder):
         hidden = self.embed_tokens(x, mask, mask_token)
         residual, states = None, []
         if self.config.pairing == "published":
+            # layer 2i+1 runs on the time-reversed stream and its outputs are flipped back; every op
+            # but the mixer is per token, so it runs in the original order with reverse=True
             for fwd, bwd in zip(self.layers[0::2], self.layers[1::2]):
                 h_f, r_f = fwd(hidden, residual)
-                h_b, r_b = bwd(hidden.flip(1), None if residual is None else residual.flip(1))
-                hidden, residual = h_f + h_b.flip(1), r_f + r_b.flip(1)
+                h_b, r_b = bwd(hidden, residual, reverse=True)
+                hidden, residual = h_f + h_b, r_f + r_b
                 if return_hidden_states:
                     states.append(residual + hidden)
         else:

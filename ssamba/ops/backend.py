@@ -81,6 +81,18 @@ def disable_triton(reason: str) -> None:
         log.warning("Triton kernels unavailable (%s); backend 'auto' falls back", reason)
 
 
+def triton_or_fallback(requested: str, fast, fallback):
+    """``fast()`` (Triton kernels); under ``auto`` a compile or launch failure disables Triton for the
+    process and runs ``fallback()`` instead. Errors of the inputs themselves are raised either way."""
+    try:
+        return fast()
+    except Exception as err:
+        if requested != "auto" or isinstance(err, (torch.OutOfMemoryError, ValueError, TypeError)):
+            raise
+        disable_triton(f"{type(err).__name__}: {err}")
+        return fallback()
+
+
 @functools.cache
 def _announce(choice: str, reason: str) -> None:
     log.info("selective-scan backend: %s (%s)", choice, reason)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import cuda_kernels, disable_triton, gluon_scan_usable, resolve_backend
+from .backend import cuda_kernels, gluon_scan_usable, resolve_backend, triton_or_fallback
 from .selective_scan import selective_scan_torch
 
 
@@ -64,13 +64,8 @@ def bimamba_inner(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights, backend: s
     requested = backend
     backend = resolve_backend(backend, xz.is_cuda)
     if backend == "triton":
-        try:
-            return _bimamba_inner_triton(xz, fwd, bwd)
-        except Exception as err:  # a Triton compile/launch failure; only 'auto' may fall back
-            if requested != "auto" or isinstance(err, (torch.OutOfMemoryError, ValueError, TypeError)):
-                raise
-            disable_triton(f"{type(err).__name__}: {err}")
-            backend = resolve_backend(requested, xz.is_cuda)
+        return triton_or_fallback(requested, lambda: _bimamba_inner_triton(xz, fwd, bwd),
+                                  lambda: bimamba_inner(xz, fwd, bwd, requested))
     x, z = xz.chunk(2, dim=1)
     batch, channels, length = x.shape
     d_state = fwd.A_log.shape[1]

@@ -12,12 +12,30 @@ inference run the encoder eagerly.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _thread_local_capture():
+    """``make_graphed_callables`` captures in CUDA's ``global`` mode, in which a CUDA call from any
+    other thread, such as the DataLoader's pin-memory thread pinning the next batch, invalidates the
+    capture. Its captures here use ``thread_local`` mode: only this thread's calls are checked."""
+    original = torch.cuda.graph.__init__
+
+    def init(self, cuda_graph, pool=None, stream=None, capture_error_mode="thread_local"):
+        original(self, cuda_graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode)
+
+    torch.cuda.graph.__init__ = init
+    try:
+        yield
+    finally:
+        torch.cuda.graph.__init__ = original
 
 
 class _EncoderPass(nn.Module):
@@ -56,7 +74,7 @@ class GraphedPasses:
         # order and a later pass's inputs do not overwrite those an earlier pass's backward reads
         autocast_dtype = key[-1]
         with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
-                            cache_enabled=False):
+                            cache_enabled=False), _thread_local_capture():
             self.graphed = tuple(
                 torch.cuda.make_graphed_callables(_EncoderPass(self.encoder), (x.detach().clone(), mask.clone(),
                                                                                mask_token),

@@ -40,6 +40,16 @@ def masked_patch_nce(preds: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return nce, acc
 
 
+def masked_positions(mask: Tensor, count: int) -> Tensor:
+    """``[B, count]`` patch indices where ``mask [B, num_patches]`` (``count`` True per row) is True,
+    ascending: the order of ``x[mask]``, without the host sync boolean indexing costs."""
+    return torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :count]
+
+
+def _rows_at(x: Tensor, index: Tensor) -> Tensor:
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class MaskedPatchPretraining(EncoderTask):
     """Joint discriminative + generative masked patch modeling on an encoder of ``ssamba.models``."""
 
@@ -105,8 +115,9 @@ class MaskedPatchPretraining(EncoderTask):
             tokens = self.graphed_passes.encode(index, fbank, mask, self.mask_embed)
         else:
             tokens = self.encoder.forward_features(fbank, mask, self.mask_embed)
-        hidden = tokens[:, self.encoder.num_prefix_tokens:][mask].view(batch, count, -1)
-        targets = self.encoder.patchify(fbank)[mask].view(batch, count, -1)
+        positions = masked_positions(mask, count)
+        hidden = _rows_at(tokens, positions + self.encoder.num_prefix_tokens)
+        targets = _rows_at(self.encoder.patchify(fbank), positions)
         return hidden, targets, mask
 
     def objective(self, fbank: Tensor, count: int, generator=None) -> dict[str, Tensor]:
