@@ -43,7 +43,9 @@ class StockMixer(nn.Module):
         self.forward_mamba = Mamba(dim, d_state=16, d_conv=4, expand=2)
         self.backward_mamba = Mamba(dim, d_state=16, d_conv=4, expand=2)
 
-    def forward(self, h):
+    def forward(self, h, reverse: bool = False):
+        if reverse:  # the published pairing's second layer, on the time-reversed stream as released
+            return self.forward(h.flip(1)).flip(1)
         return (self.forward_mamba(h) + self.backward_mamba(h.flip(1)).flip(1)) / 2
 
 
