@@ -33,10 +33,11 @@ import hydra  # noqa: E402
 
 STOCK = "stock composition"  # marks a case whose mixers are swapped for bench/layer.py's StockMixer
 CASES = {  # label -> overrides
-    "ssamba_tiny, 2 passes (released objective)": ["model=tiny", "task.joint_passes=2"],
-    "stock composition (two mamba_ssm.Mamba per layer), 2 passes": ["model=tiny", "task.joint_passes=2", STOCK],
-    "ssamba_tiny, 1 pass (joint_passes=1)": ["model=tiny", "task.joint_passes=1"],
-    "ssast_tiny, 2 passes": ["model=ssast_tiny", "task.joint_passes=2"],
+    "ssamba_tiny, 2 passes (released objective)": ["model=tiny", "task.joint_passes=2", "task.cuda_graphs=false"],
+    "stock composition (two mamba_ssm.Mamba per layer), 2 passes": ["model=tiny", "task.joint_passes=2",
+                                                                      "task.cuda_graphs=false", STOCK],
+    "ssamba_tiny, 1 pass (joint_passes=1)": ["model=tiny", "task.joint_passes=1", "task.cuda_graphs=false"],
+    "ssast_tiny, 2 passes": ["model=ssast_tiny", "task.joint_passes=2", "task.cuda_graphs=false"],
     "ssamba_tiny, 2 passes, CUDA graphs": ["model=tiny", "task.joint_passes=2", "task.cuda_graphs=true"],
     "ssast_tiny, 2 passes, CUDA graphs": ["model=ssast_tiny", "task.joint_passes=2", "task.cuda_graphs=true"],
 }

@@ -57,3 +57,23 @@ def test_graphed_passes_match_the_eager_encoder(model):
     x, mask = _inputs(3, gen, "cuda", encoder)
     torch.testing.assert_close(graphed.encode(0, x, mask, token), encoder.forward_features(x, mask, token))
     assert graphed.eager_calls == 1
+
+
+def test_auto_graphs_the_ssamba_family_only_and_only_on_a_gpu():
+    """``task.cuda_graphs=auto``: SSAMBA encoders (host-bound steps) get graph replays, SSAST does not.
+    (On a CPU, auto drops them at fit start: every CPU run of tests/test_train.py uses the default.)"""
+    from ssamba.models import build_encoder
+    from ssamba.tasks.pretrain import MaskedPatchPretraining
+    from ssamba.utils.config import ConfigError
+
+    def task(name, cuda_graphs):
+        heads = {"num_heads": 2} if name.startswith("ssast") else {}
+        encoder = build_encoder(name, depth=2, embed_dim=32, input_tdim=64, **heads)
+        return MaskedPatchPretraining(encoder, torch.optim.AdamW, mask={"count": 4}, cuda_graphs=cuda_graphs)
+
+    auto = task("ssamba_tiny", "auto")
+    assert auto.graphed_passes is not None and task("ssast_tiny", "auto").graphed_passes is None
+    assert task("ssamba_tiny", False).graphed_passes is None
+    assert task("ssast_tiny", True).graphed_passes is not None
+    with pytest.raises(ConfigError, match="one of true, false, auto"):
+        task("ssamba_tiny", "yes")

@@ -171,7 +171,7 @@ def test_wandb_failure_does_not_stop_the_run(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_run(tmp_path):
-    score = run_train(tmp_path, "trainer=gpu", "model.backend=auto")
+    score = run_train(tmp_path, "trainer=gpu", "model.backend=auto", "task.cuda_graphs=false")
     assert score is not None
     assert column(read_metrics(tmp_path), "val/acc")
 
@@ -201,7 +201,7 @@ def test_cuda_graphs_on_a_cpu_model_fail_before_training(tmp_path):
 def test_ddp_on_two_gpus_bf16(tmp_path):
     """trainer=ddp: 2 GPU processes (NCCL, bf16-mixed); metrics reduced over both; one folder."""
     result = cli(tmp_path, *[a for a in TINY if a != "trainer=cpu"], "trainer=ddp", "trainer.devices=2",
-                 "model.backend=auto", "data.num_train=16")
+                 "model.backend=auto", "data.num_train=16", "task.cuda_graphs=false")
     assert result.returncode == 0, result.stderr[-3000:]
     run = next((tmp_path / "pretrain_tiny" / "runs").iterdir())
     assert (run / "train_ddp_process_1.log").is_file() and column(read_metrics(run), "val/acc")

@@ -57,7 +57,7 @@ class MaskedPatchPretraining(EncoderTask):
 
     def __init__(self, encoder: nn.Module | Any, optimizer, scheduler=None, scheduler_config: dict | None = None,
                  warmup_steps: int = 1000, mask: dict | None = None, joint_passes: int = 2, nce_weight: float = 1.0,
-                 mse_weight: float = 10.0, figure_every_n_steps: int = 0, cuda_graphs: bool = False,
+                 mse_weight: float = 10.0, figure_every_n_steps: int = 0, cuda_graphs: bool | str = "auto",
                  data: dict | None = None):
         if not isinstance(encoder, nn.Module):
             encoder = encoder()  # a factory from the config (model with _partial_)
@@ -81,8 +81,14 @@ class MaskedPatchPretraining(EncoderTask):
         if joint_passes not in (1, 2):
             raise ConfigError(f"task.joint_passes={joint_passes} is not one of 1, 2")
         self.joint_passes = joint_passes
-        # CUDA-graph replays of the encoder passes (the encoder is shared, not registered twice)
-        self.graphed_passes = GraphedPasses(self.encoder, joint_passes) if cuda_graphs else None
+        # CUDA-graph replays of the encoder passes (the encoder is shared, not registered twice).
+        # "auto": for encoders whose training step is bound by the host's kernel launches (the
+        # encoder's ``prefers_cuda_graphs``, measured in docs/performance.md), when on a GPU
+        if cuda_graphs not in (True, False, "auto"):
+            raise ConfigError(f"task.cuda_graphs={cuda_graphs!r} is not one of true, false, auto")
+        self.cuda_graphs = cuda_graphs
+        wanted = cuda_graphs is True or (cuda_graphs == "auto" and getattr(self.encoder, "prefers_cuda_graphs", False))
+        self.graphed_passes = GraphedPasses(self.encoder, joint_passes) if wanted else None
         self.nce_weight = nce_weight
         self.mse_weight = mse_weight
         self.figure_every_n_steps = figure_every_n_steps
@@ -102,6 +108,9 @@ class MaskedPatchPretraining(EncoderTask):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.graphed_passes is not None and self.device.type != "cuda":
+            if self.cuda_graphs == "auto":
+                self.graphed_passes = None
+                return
             raise ConfigError(f"task.cuda_graphs=true needs a CUDA device, but the model is on {self.device.type}; "
                               "use trainer=gpu or task.cuda_graphs=false")
 

@@ -88,7 +88,7 @@ def validate_config(cfg: DictConfig) -> None:
         _require_positive_int(cfg, "mask.count")
         _require_positive_int(cfg, "mask.val_count")
         _choice(cfg, "task.joint_passes", (1, 2))
-        if _get(cfg, "task.cuda_graphs", False) and _get(cfg, "trainer.accelerator", "auto") == "cpu":
+        if _get(cfg, "task.cuda_graphs", False) is True and _get(cfg, "trainer.accelerator", "auto") == "cpu":
             raise ConfigError("task.cuda_graphs=true: CUDA graphs need a GPU, but trainer.accelerator=cpu; "
                               "allowed: task.cuda_graphs=false, or trainer=gpu|ddp")
         if "model" not in cfg or cfg.model is None:
