@@ -204,7 +204,7 @@ def test_epoch_range_averaging_averages_the_chosen_epochs(tmp_path):
     torch.manual_seed(0)
     model = BoringModel()
     averaging = EpochRangeAveraging(start_epoch=1, end_epoch=2)
-    trainer = L.Trainer(max_epochs=4, limit_train_batches=2, limit_val_batches=1, logger=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=4, limit_train_batches=2, limit_val_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Snapshot(), averaging], default_root_dir=tmp_path)
     trainer.fit(model)
