@@ -32,6 +32,7 @@ def _row(rows, t, row_mask, c_mask, length, stride_l):
 
 @triton.jit
 def _tap(ptr, c, c_mask, k: tl.constexpr):
+    """Tap ``k`` of each channel's ``TAPS`` (4) weights, as a ``[1, channels]`` row."""
     return tl.load(ptr + c * 4 + k, mask=c_mask, other=0.0)[None, :]
 
 
@@ -110,6 +111,7 @@ def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, len
     bias_f = tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
     bias_b = tl.load(bias_ptr + dim + c, mask=c_mask, other=0.0)[None, :]
     start = t0 - 3
+    # x at t-3 .. t+5 (a..i) and each branch's output gradient (of*, ob*) at t .. t+2, loaded ahead
     xa = _row(x_rows, start - 3, row_mask, c_mask, length, sx_l)
     xb = _row(x_rows, start - 2, row_mask, c_mask, length, sx_l)
     xc = _row(x_rows, start - 1, row_mask, c_mask, length, sx_l)
@@ -118,10 +120,10 @@ def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, len
     xf = _row(x_rows, start + 2, row_mask, c_mask, length, sx_l)
     xg = _row(x_rows, start + 3, row_mask, c_mask, length, sx_l)
     xh = _row(x_rows, start + 4, row_mask, c_mask, length, sx_l)
-    df0 = _row(d_rows, start, row_mask, c_mask, length, sd_l)
-    db0 = _row(d_rows + dim, start, row_mask, c_mask, length, sd_l)
-    df1 = _row(d_rows, start + 1, row_mask, c_mask, length, sd_l)
-    db1 = _row(d_rows + dim, start + 1, row_mask, c_mask, length, sd_l)
+    of0 = _row(d_rows, start, row_mask, c_mask, length, sd_l)
+    ob0 = _row(d_rows + dim, start, row_mask, c_mask, length, sd_l)
+    of1 = _row(d_rows, start + 1, row_mask, c_mask, length, sd_l)
+    ob1 = _row(d_rows + dim, start + 1, row_mask, c_mask, length, sd_l)
     # g_f at t-3 .. t-1 and g_b at t-6 .. t-1 (the rows dx[t-3] needs besides step t's own). Each
     # loop-carried tile starts from its own zeros: Triton's frontend takes a name assigned another
     # name's initial value (``gf3 = gf2``) as unchanged, and drops it from the loop, when both
@@ -138,10 +140,10 @@ def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, len
     for i in range(0, seg_len + 6):
         t = start + i
         xi = _row(x_rows, t + 5, row_mask, c_mask, length, sx_l)
-        df2 = _row(d_rows, t + 2, row_mask, c_mask, length, sd_l)
-        db2 = _row(d_rows + dim, t + 2, row_mask, c_mask, length, sd_l)
-        g_f = _silu_grad(bias_f + wf0 * xa + wf1 * xb + wf2 * xc + wf3 * xd, df0)
-        g_b = _silu_grad(bias_b + wb0 * xg + wb1 * xf + wb2 * xe + wb3 * xd, db0)
+        of2 = _row(d_rows, t + 2, row_mask, c_mask, length, sd_l)
+        ob2 = _row(d_rows + dim, t + 2, row_mask, c_mask, length, sd_l)
+        g_f = _silu_grad(bias_f + wf0 * xa + wf1 * xb + wf2 * xc + wf3 * xd, of0)
+        g_b = _silu_grad(bias_b + wb0 * xg + wb1 * xf + wb2 * xe + wb3 * xd, ob0)
         own = (i >= 3) & (i < seg_len + 3)  # outside the sequence g is zero already (dout is masked)
         o_f = tl.where(own, g_f, 0.0)
         o_b = tl.where(own, g_b, 0.0)
@@ -162,7 +164,7 @@ def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, len
         gf3, gf2, gf1 = gf2, gf1, g_f
         gb6, gb5, gb4, gb3, gb2, gb1 = gb5, gb4, gb3, gb2, gb1, g_b
         xa, xb, xc, xd, xe, xf, xg, xh = xb, xc, xd, xe, xf, xg, xh, xi
-        df0, df1, db0, db1 = df1, df2, db1, db2
+        of0, of1, ob0, ob1 = of1, of2, ob1, ob2
     # per-program partial sums laid out [5, 2E] (4 taps, then the bias) so the stores are coalesced
     part = dw_ptr + tl.program_id(1).to(tl.int64) * 10 * dim + c
     tl.store(part, tl.sum(dwf0, axis=0), mask=c_mask)
