@@ -1,7 +1,8 @@
 """Whole encoders, forward + backward, at the pretraining input (1024 frames -> 512 patches + prefix tokens).
 
-SSAMBA tiny/base per selective-scan backend next to SSAST tiny/base, batch 64, bf16 autocast, median
-of CUDA-event timings after warm-up; reports ms per step and samples/s.
+SSAMBA tiny/base per selective-scan backend, and with every mixer swapped for two stock
+``mamba_ssm.Mamba`` modules (where mamba-ssm is installed), next to SSAST tiny/base, batch 64, bf16
+autocast, median of CUDA-event timings after warm-up; reports ms per step and samples/s.
 
     python bench/encoder.py --write          # GPU -> table in docs/performance.md (section "Encoder")
     python bench/encoder.py --smoke          # CPU: 2-layer width-32 models, to check the script runs
@@ -13,9 +14,14 @@ import json
 
 import torch
 
-from layer import ROOT, device_name, replace_section, time_steps
+from layer import ROOT, device_name, replace_section, stock_available, time_steps, use_stock_mixers
 from ssamba.models import build_encoder
 from ssamba.ops.backend import cuda_kernels, resolve_backend, triton_available
+
+
+def _stock(encoder):
+    use_stock_mixers(encoder)
+    return encoder
 
 
 def candidates(sizes, frames: int, device: torch.device, smoke: bool) -> dict:
@@ -25,6 +31,9 @@ def candidates(sizes, frames: int, device: torch.device, smoke: bool) -> dict:
     backends = [b for b in backends if b != "cuda" or cuda_kernels() is not None]
     models = {}
     for size in sizes:
+        if device.type == "cuda" and stock_available():
+            models[f"ssamba_{size}, stock mixers (mamba_ssm.Mamba)"] = lambda s=size: _stock(build_encoder(
+                f"ssamba_{s}", **small).to(device))
         for backend in backends:
             models[f"ssamba_{size} ({backend})"] = lambda s=size, b=backend: build_encoder(f"ssamba_{s}", backend=b,
                                                                                             **small)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssamba.tasks import build_task  # noqa: E402
-from layer import stock_available  # noqa: E402  (bench/ is the script's directory)
+from layer import stock_available, use_stock_mixers  # noqa: E402  (bench/ is the script's directory)
 import hydra  # noqa: E402
 
 STOCK = "stock composition"  # marks a case whose mixers are swapped for bench/layer.py's StockMixer
@@ -63,15 +63,6 @@ class StepTimer(L.Callback):
             self._sync(module)
             self.end = time.perf_counter()
             self.timed = trainer.global_step - self.warmup
-
-
-def use_stock_mixers(encoder) -> None:
-    """Every layer's mixer replaced by two stock mamba-ssm modules (h and flip(h), averaged): the
-    composition the released code runs, with our add + norm around it."""
-    from layer import StockMixer
-
-    for layer in encoder.layers:
-        layer.mixer = StockMixer(encoder.config.embed_dim)
 
 
 def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool) -> dict:
