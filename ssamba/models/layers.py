@@ -92,7 +92,7 @@ class DropPath(nn.Module):
         scale = self.sample_scale(x.shape[0], x.device)
         if scale is None:
             return x
-        return x * scale.view((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
+        return (x * scale.view((-1,) + (1,) * (x.dim() - 1))).to(x.dtype)  # the factor kept in fp32
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

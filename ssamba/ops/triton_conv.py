@@ -205,7 +205,8 @@ def bidir_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     out = torch.empty(batch, length, 2 * dim, device=x.device, dtype=x.dtype)
     n_seg, seg_len, rows, grid = _launch_shape(batch, length, dim)
     _bidir_conv_fwd_kernel[grid](x, _taps(weight), bias, out, length, dim, rows, n_seg, seg_len, x.stride(0),
-                                 x.stride(1), out.stride(0), out.stride(1), BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+                                 x.stride(1), out.stride(0), out.stride(1), BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C,
+                                 num_warps=NUM_WARPS)
     return out
 
 

@@ -58,8 +58,8 @@ def _add_norm_fwd_kernel(h_ptr, r_ptr, scale_ptr, w_ptr, b_ptr, y_ptr, res_ptr, 
 @triton.jit
 def _add_norm_bwd_kernel(dy_ptr, dres_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, scale_ptr, dr_ptr, dh_ptr, dw_ptr,
                          rows, dim, length, tiles_per_program,
-                         HAS_RESIDUAL: tl.constexpr, HAS_DRES: tl.constexpr, HAS_SCALE: tl.constexpr, IS_RMS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, HAS_DRES: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         IS_RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``x`` is the saved sum (the norm's input). Writes the gradients of ``residual`` (``dr``, if there
     was one) and of ``hidden`` (``dh``, drop-path factor applied) and this program's partial weight /
     bias gradients."""
@@ -133,7 +133,7 @@ class AddNorm(torch.autograd.Function):
             HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None, IS_RMS=bias is None,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
         ctx.save_for_backward(new_residual, weight, mean, rstd, scale)
-        ctx.dtypes = hidden.dtype, residual.dtype if residual is not None else None
+        ctx.input_dtypes = hidden.dtype, residual.dtype if residual is not None else None
         ctx.is_rms = bias is None
         return normed, new_residual
 
@@ -141,13 +141,13 @@ class AddNorm(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_normed, d_residual):
         x, weight, mean, rstd, scale = ctx.saved_tensors
-        hidden_dtype, residual_dtype = ctx.dtypes
+        hidden_dtype, residual_in_dtype = ctx.input_dtypes
         batch, length, dim = x.shape
         rows = batch * length
         d_normed = d_normed.contiguous()
         d_residual = d_residual.contiguous() if d_residual is not None else None
         d_hidden = torch.empty(x.shape, device=x.device, dtype=hidden_dtype)
-        d_res_in = torch.empty(x.shape, device=x.device, dtype=residual_dtype) if residual_dtype else d_hidden
+        d_res_in = torch.empty(x.shape, device=x.device, dtype=residual_in_dtype) if residual_in_dtype else d_hidden
         block_m, block_d, warps = _tile(dim)
         tiles = triton.cdiv(rows, block_m)
         programs = min(tiles, BACKWARD_PROGRAMS_PER_SM * _multiprocessors(x.device))
@@ -157,12 +157,12 @@ class AddNorm(torch.autograd.Function):
         _add_norm_bwd_kernel[(programs,)](
             d_normed, d_residual if d_residual is not None else d_normed, x, weight, mean, rstd,
             scale if scale is not None else x, d_res_in, d_hidden, partial, rows, dim, length, per_program,
-            HAS_RESIDUAL=residual_dtype is not None, HAS_DRES=d_residual is not None, HAS_SCALE=scale is not None, IS_RMS=ctx.is_rms,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+            HAS_RESIDUAL=residual_in_dtype is not None, HAS_DRES=d_residual is not None, HAS_SCALE=scale is not None,
+            IS_RMS=ctx.is_rms, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
         sums = partial.sum(0)
         d_weight = sums[0].to(weight.dtype)
         d_bias = None if ctx.is_rms else sums[1].to(weight.dtype)
-        return d_hidden, d_res_in if residual_dtype else None, None, d_weight, d_bias, None, None
+        return d_hidden, d_res_in if residual_in_dtype else None, None, d_weight, d_bias, None, None
 
 
 def add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float,
@@ -172,7 +172,7 @@ def add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, bias: Tens
     ``bias=None`` means RMSNorm, else LayerNorm. Returns ``(normed, new_residual)``: ``normed`` in
     autocast's dtype under autocast (what the in_proj would cast it to), else the weight's;
     ``new_residual`` in ``residual_dtype`` (default: the promoted dtype of the inputs). With no
-    ``residual`` the new residual is ``hidden`` itself (the first layer), and ``scale`` must be None.
+    ``residual`` (the first layer) the new residual is a copy of ``hidden`` and ``scale`` must be None.
     """
     if residual is None and scale is not None:
         raise ValueError("drop path applies to the branch added to a residual; the first layer has none")
