@@ -77,3 +77,15 @@ def test_auto_graphs_the_ssamba_family_only_and_only_on_a_gpu():
     assert task("ssast_tiny", True).graphed_passes is not None
     with pytest.raises(ConfigError, match="one of true, false, auto"):
         task("ssamba_tiny", "yes")
+
+
+def test_thread_local_capture_is_scoped():
+    """The capture-mode default is changed only while the encoder passes are captured."""
+    from ssamba.tasks.cuda_graphs import _thread_local_capture
+
+    original = torch.cuda.graph.__init__
+    with _thread_local_capture():
+        import inspect
+
+        assert inspect.signature(torch.cuda.graph.__init__).parameters["capture_error_mode"].default == "thread_local"
+    assert torch.cuda.graph.__init__ is original

@@ -45,3 +45,26 @@ def test_scan_keeps_bfloat16_io():
     args = _inputs(1, 4, 9, 3, None, dtype=torch.float32, seed=4)
     args["u"] = args["u"].detach().bfloat16()
     assert selective_scan_torch(**args).dtype == torch.bfloat16
+
+
+def test_triton_failure_falls_back_only_under_auto(monkeypatch):
+    """A Triton compile or launch failure under ``auto`` disables Triton for the process and runs the
+    fallback; an explicit ``triton`` raises, and so do errors of the inputs themselves."""
+    from ssamba.ops import backend
+
+    monkeypatch.setattr(backend, "_triton_failure", [])
+
+    def broken():
+        raise RuntimeError("PTX compile failed")
+
+    def bad_input():
+        raise ValueError("x must have unit channel stride")
+
+    with pytest.raises(RuntimeError):
+        backend.triton_or_fallback("triton", broken, lambda: "fallback")
+    assert not backend._triton_failure
+    with pytest.raises(ValueError):
+        backend.triton_or_fallback("auto", bad_input, lambda: "fallback")
+    assert backend.triton_or_fallback("auto", broken, lambda: "fallback") == "fallback"
+    assert backend._triton_failure and "PTX compile failed" in backend._triton_failure[0]
+    assert backend.resolve_backend("auto", on_cuda=True) != "triton"
