@@ -37,6 +37,33 @@ def _tap(ptr, c, c_mask, k: tl.constexpr):
 
 
 @triton.jit
+def _branch_weights(w_ptr, bias_ptr, c, c_mask):
+    """One branch's four taps and bias, each a ``[1, channels]`` row (``w_ptr``/``bias_ptr`` at its first channel)."""
+    return (_tap(w_ptr, c, c_mask, 0), _tap(w_ptr, c, c_mask, 1), _tap(w_ptr, c, c_mask, 2), _tap(w_ptr, c, c_mask, 3),
+            tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :])
+
+
+@triton.jit
+def _window(rows, first, row_mask, c_mask, length, stride_l):
+    """The eight rows at times ``first .. first + 7``: a step's seven tap inputs and the row loaded ahead."""
+    return (_row(rows, first, row_mask, c_mask, length, stride_l),
+            _row(rows, first + 1, row_mask, c_mask, length, stride_l),
+            _row(rows, first + 2, row_mask, c_mask, length, stride_l),
+            _row(rows, first + 3, row_mask, c_mask, length, stride_l),
+            _row(rows, first + 4, row_mask, c_mask, length, stride_l),
+            _row(rows, first + 5, row_mask, c_mask, length, stride_l),
+            _row(rows, first + 6, row_mask, c_mask, length, stride_l),
+            _row(rows, first + 7, row_mask, c_mask, length, stride_l))
+
+
+@triton.jit
+def _pre_activation(bias, w0, w1, w2, w3, x0, x1, x2, x3):
+    """A branch's conv output before the SiLU: taps 0..3 against ``x0..x3`` (oldest input first for the
+    forward branch, newest first for the backward branch)."""
+    return bias + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+
+
+@triton.jit
 def _segments(pid_s, n_rows, n_seg, seg_len, BLOCK_S: tl.constexpr):
     """Batch row, first time step and validity of the program's segments."""
     j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -51,27 +78,16 @@ def _bidir_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, length, dim, n_rows,
     b, t0, row_mask = _segments(tl.program_id(1), n_rows, n_seg, seg_len, BLOCK_S)
     x_rows = x_ptr + b[:, None] * sx_b + c[None, :]
     out_rows = out_ptr + b[:, None] * so_b + c[None, :]
-    wf0, wf1, wf2, wf3 = _tap(w_ptr, c, c_mask, 0), _tap(w_ptr, c, c_mask, 1), _tap(w_ptr, c, c_mask, 2), \
-        _tap(w_ptr, c, c_mask, 3)
-    wb0, wb1, wb2, wb3 = _tap(w_ptr + dim * 4, c, c_mask, 0), _tap(w_ptr + dim * 4, c, c_mask, 1), \
-        _tap(w_ptr + dim * 4, c, c_mask, 2), _tap(w_ptr + dim * 4, c, c_mask, 3)
-    bias_f = tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
-    bias_b = tl.load(bias_ptr + dim + c, mask=c_mask, other=0.0)[None, :]
+    wf0, wf1, wf2, wf3, bias_f = _branch_weights(w_ptr, bias_ptr, c, c_mask)
+    wb0, wb1, wb2, wb3, bias_b = _branch_weights(w_ptr + dim * 4, bias_ptr + dim, c, c_mask)
     # x at t-3 .. t+5 (a..i); step t uses a..g and loads the row two steps ahead
-    xa = _row(x_rows, t0 - 3, row_mask, c_mask, length, sx_l)
-    xb = _row(x_rows, t0 - 2, row_mask, c_mask, length, sx_l)
-    xc = _row(x_rows, t0 - 1, row_mask, c_mask, length, sx_l)
-    xd = _row(x_rows, t0, row_mask, c_mask, length, sx_l)
-    xe = _row(x_rows, t0 + 1, row_mask, c_mask, length, sx_l)
-    xf = _row(x_rows, t0 + 2, row_mask, c_mask, length, sx_l)
-    xg = _row(x_rows, t0 + 3, row_mask, c_mask, length, sx_l)
-    xh = _row(x_rows, t0 + 4, row_mask, c_mask, length, sx_l)
+    xa, xb, xc, xd, xe, xf, xg, xh = _window(x_rows, t0 - 3, row_mask, c_mask, length, sx_l)
     mask = row_mask[:, None] & c_mask[None, :]
     for i in range(0, seg_len):
         t = t0 + i
         xi = _row(x_rows, t + 5, row_mask, c_mask, length, sx_l)
-        pre_f = bias_f + wf0 * xa + wf1 * xb + wf2 * xc + wf3 * xd
-        pre_b = bias_b + wb0 * xg + wb1 * xf + wb2 * xe + wb3 * xd
+        pre_f = _pre_activation(bias_f, wf0, wf1, wf2, wf3, xa, xb, xc, xd)
+        pre_b = _pre_activation(bias_b, wb0, wb1, wb2, wb3, xg, xf, xe, xd)
         out = out_rows + t[:, None] * so_l
         ok = mask & (t < length)[:, None]
         tl.store(out, (pre_f * tl.sigmoid(pre_f)).to(out_ptr.dtype.element_ty), mask=ok)
@@ -104,22 +120,11 @@ def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, len
     x_rows = x_ptr + b[:, None] * sx_b + c[None, :]
     d_rows = dout_ptr + b[:, None] * sd_b + c[None, :]
     dx_rows = dx_ptr + b[:, None] * sdx_b + c[None, :]
-    wf0, wf1, wf2, wf3 = _tap(w_ptr, c, c_mask, 0), _tap(w_ptr, c, c_mask, 1), _tap(w_ptr, c, c_mask, 2), \
-        _tap(w_ptr, c, c_mask, 3)
-    wb0, wb1, wb2, wb3 = _tap(w_ptr + dim * 4, c, c_mask, 0), _tap(w_ptr + dim * 4, c, c_mask, 1), \
-        _tap(w_ptr + dim * 4, c, c_mask, 2), _tap(w_ptr + dim * 4, c, c_mask, 3)
-    bias_f = tl.load(bias_ptr + c, mask=c_mask, other=0.0)[None, :]
-    bias_b = tl.load(bias_ptr + dim + c, mask=c_mask, other=0.0)[None, :]
+    wf0, wf1, wf2, wf3, bias_f = _branch_weights(w_ptr, bias_ptr, c, c_mask)
+    wb0, wb1, wb2, wb3, bias_b = _branch_weights(w_ptr + dim * 4, bias_ptr + dim, c, c_mask)
     start = t0 - 3
     # x at t-3 .. t+5 (a..i) and each branch's output gradient (of*, ob*) at t .. t+2, loaded ahead
-    xa = _row(x_rows, start - 3, row_mask, c_mask, length, sx_l)
-    xb = _row(x_rows, start - 2, row_mask, c_mask, length, sx_l)
-    xc = _row(x_rows, start - 1, row_mask, c_mask, length, sx_l)
-    xd = _row(x_rows, start, row_mask, c_mask, length, sx_l)
-    xe = _row(x_rows, start + 1, row_mask, c_mask, length, sx_l)
-    xf = _row(x_rows, start + 2, row_mask, c_mask, length, sx_l)
-    xg = _row(x_rows, start + 3, row_mask, c_mask, length, sx_l)
-    xh = _row(x_rows, start + 4, row_mask, c_mask, length, sx_l)
+    xa, xb, xc, xd, xe, xf, xg, xh = _window(x_rows, start - 3, row_mask, c_mask, length, sx_l)
     of0 = _row(d_rows, start, row_mask, c_mask, length, sd_l)
     ob0 = _row(d_rows + dim, start, row_mask, c_mask, length, sd_l)
     of1 = _row(d_rows, start + 1, row_mask, c_mask, length, sd_l)
@@ -142,8 +147,8 @@ def _bidir_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, len
         xi = _row(x_rows, t + 5, row_mask, c_mask, length, sx_l)
         of2 = _row(d_rows, t + 2, row_mask, c_mask, length, sd_l)
         ob2 = _row(d_rows + dim, t + 2, row_mask, c_mask, length, sd_l)
-        g_f = _silu_grad(bias_f + wf0 * xa + wf1 * xb + wf2 * xc + wf3 * xd, of0)
-        g_b = _silu_grad(bias_b + wb0 * xg + wb1 * xf + wb2 * xe + wb3 * xd, ob0)
+        g_f = _silu_grad(_pre_activation(bias_f, wf0, wf1, wf2, wf3, xa, xb, xc, xd), of0)
+        g_b = _silu_grad(_pre_activation(bias_b, wb0, wb1, wb2, wb3, xg, xf, xe, xd), ob0)
         own = (i >= 3) & (i < seg_len + 3)  # outside the sequence g is zero already (dout is masked)
         o_f = tl.where(own, g_f, 0.0)
         o_b = tl.where(own, g_b, 0.0)
