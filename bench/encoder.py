@@ -19,11 +19,6 @@ from ssamba.models import build_encoder
 from ssamba.ops.backend import cuda_kernels, resolve_backend, triton_available
 
 
-def _stock(encoder):
-    use_stock_mixers(encoder)
-    return encoder
-
-
 def candidates(sizes, frames: int, device: torch.device, smoke: bool) -> dict:
     small = dict(depth=2, embed_dim=32, input_tdim=frames) if smoke else dict(input_tdim=frames)
     backends = ["triton", "cuda"] if device.type == "cuda" else ["torch"]
@@ -32,7 +27,7 @@ def candidates(sizes, frames: int, device: torch.device, smoke: bool) -> dict:
     models = {}
     for size in sizes:
         if device.type == "cuda" and stock_available():
-            models[f"ssamba_{size}, stock mixers (mamba_ssm.Mamba)"] = lambda s=size: _stock(build_encoder(
+            models[f"ssamba_{size}, stock mixers (mamba_ssm.Mamba)"] = lambda s=size: use_stock_mixers(build_encoder(
                 f"ssamba_{s}", **small).to(device))
         for backend in backends:
             models[f"ssamba_{size} ({backend})"] = lambda s=size, b=backend: build_encoder(f"ssamba_{s}", backend=b,

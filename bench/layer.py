@@ -49,11 +49,12 @@ class StockMixer(nn.Module):
         return (self.forward_mamba(h) + self.backward_mamba(h.flip(1)).flip(1)) / 2
 
 
-def use_stock_mixers(encoder) -> None:
+def use_stock_mixers(encoder):
     """Every layer's mixer of an SSAMBA encoder replaced by :class:`StockMixer` (new weights): the
-    composition the released code runs, with our add + norm around it."""
+    composition the released code runs, with our add + norm around it. Returns the encoder."""
     for layer in encoder.layers:
         layer.mixer = StockMixer(encoder.config.embed_dim).to(next(encoder.parameters()).device)
+    return encoder
 
 
 class StockBidirectional(nn.Module):
