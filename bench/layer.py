@@ -136,6 +136,22 @@ def layer_step(layer: nn.Module, batch: int, tokens: int, dim: int, device: torc
     return step
 
 
+def graph_replay_ms(step, device: torch.device, iters: int) -> float:
+    """Median milliseconds of ``step`` captured once as a CUDA graph and replayed: its device time alone,
+    without the host's cost of issuing kernels and autograd nodes (what training's graph replays run)."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return time_steps(graph.replay, device, 3, iters)
+
+
 def stock_available() -> bool:
     """The stock composition runs ``mamba_ssm.Mamba``'s fused path, which needs causal-conv1d too."""
     import importlib.util
@@ -183,9 +199,16 @@ def run_layers(args, device: torch.device) -> dict:
         candidates["ssast"] = lambda: SSASTLayer(dim)
         for name, make in candidates.items():
             layer = make().to(device)
-            row[name] = time_fwd_bwd(layer, args.batch, args.tokens, dim, device, args.warmup, args.iters)
-            print(f"d={dim} {name}: {row[name]:.3f} ms", flush=True)
-            del layer
+            step = layer_step(layer, args.batch, args.tokens, dim, device)
+            row[name] = time_steps(step, device, args.warmup, args.iters)
+            if device.type == "cuda":
+                try:
+                    row[f"{name} graph"] = graph_replay_ms(step, device, args.iters)
+                except RuntimeError as error:  # a layer whose kernels cannot be captured keeps its eager time only
+                    print(f"d={dim} {name}: CUDA-graph capture failed: {error}", flush=True)
+            print(f"d={dim} {name}: {row[name]:.3f} ms" + (f", graph replay {row[f'{name} graph']:.3f} ms"
+                                                           if f"{name} graph" in row else ""), flush=True)
+            del layer, step
         results[dim] = row
     return results
 
@@ -196,20 +219,25 @@ def write_outputs(results: dict, args, device: torch.device) -> None:
     layer_json = {"device": name}
     for dim, row in results.items():
         layer_json[f"d{dim}"] = {"stock_ms": row.get("stock"), "ours_ms": row.get("ours-auto"),
-                                 "ssast_ms": row.get("ssast")}
+                                 "ssast_ms": row.get("ssast"), "stock_graph_ms": row.get("stock graph"),
+                                 "ours_graph_ms": row.get("ours-auto graph"), "ssast_graph_ms": row.get("ssast graph")}
     out_dir = ROOT / "docs" / "performance"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "layer.json").write_text(json.dumps(layer_json, indent=2) + "\n")
-    names = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "stock", k != "ssast", k))
+    names = sorted({k for row in results.values() for k in row if not k.endswith(" graph")},
+                   key=lambda k: (k != "stock", k != "ssast", k))
+    graphs = any(k.endswith(" graph") for row in results.values() for k in row)
+    columns = [(d, suffix) for d in results for suffix in (("", " graph") if graphs else ("",))]
     table = [f"`python bench/layer.py --write` on {name}, torch {torch.__version__}: one layer forward + backward, "
              f"batch {args.batch}, {args.tokens} tokens, bf16 autocast, median of {args.iters} CUDA-event timings "
              f"after {args.warmup} warm-up steps. `ours-auto` resolved to `{resolved}`. `stock` = LayerNorm + two "
              "stock `mamba_ssm.Mamba` modules (h and flip(h)) averaged; `ssast` = pre-norm ViT block with "
-             "`scaled_dot_product_attention`. Raw numbers: docs/performance/layer.json.", "",
-             "| layer | " + " | ".join(f"d={d} (ms)" for d in results) + " |",
-             "|---|" + "---|" * len(results)]
+             "`scaled_dot_product_attention`. \"graph\": the same step captured once as a CUDA graph and "
+             "replayed (device time only, as training runs it). Raw numbers: docs/performance/layer.json.", "",
+             "| layer | " + " | ".join(f"d={d}{' graph' if suffix else ''} (ms)" for d, suffix in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for key in names:
-        cells = [f"{results[d][key]:.2f}" if key in results[d] else "-" for d in results]
+        cells = [f"{results[d][key + suffix]:.2f}" if key + suffix in results[d] else "-" for d, suffix in columns]
         table.append(f"| {key} | " + " | ".join(cells) + " |")
     replace_section(ROOT / "docs" / "performance.md", "Layer", "\n".join(table))
     print("\n".join(table))
@@ -240,9 +268,9 @@ def sweep(args, device: torch.device) -> None:
                   torch.full((E,), -3.0, device=device), torch.full((E,), -3.0, device=device))
         g = rnd(B, L, E)
         for cfg in SWEEP_CONFIGS:
-            fwd = lambda: scan_fwd(u, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params, cfg)  # noqa: E731
+            fwd = lambda: scan_fwd(u, dt_f, dt_b, bc, params, cfg)  # noqa: E731
             _, ckpt = fwd()
-            bwd = lambda: scan_bwd(u, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params, ckpt, g, cfg)  # noqa: E731
+            bwd = lambda: scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, cfg)  # noqa: E731
             t_f = do_bench(fwd, warmup=50, rep=200, return_mode="median")
             t_b = do_bench(bwd, warmup=50, rep=200, return_mode="median")
             print(f"sweep d={dim} {cfg}: scan fwd {t_f:.3f} ms  bwd {t_b:.3f} ms", flush=True)
@@ -261,17 +289,7 @@ def overhead(args, device: torch.device) -> None:
             for _ in range(args.iters):
                 step()
             host = (time.perf_counter() - start) / args.iters * 1e3
-            torch.cuda.synchronize()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            replay = time_steps(graph.replay, device, 3, args.iters)
+            replay = graph_replay_ms(step, device, args.iters)
             print(f"d={dim} {name}: eager {eager:.3f} ms | host issue {host:.3f} ms | graph replay {replay:.3f} ms",
                   flush=True)
 

@@ -54,7 +54,8 @@ def _weights(E, N, R, K, gen, zero_bias=False):
 
 @pytest.mark.parametrize("backend", ["triton", "triton-plain", "cuda"])
 @pytest.mark.parametrize("batch,length,E,N,R", [(2, 37, 32, 16, 2), (3, 513, 64, 16, 4), (2, 100, 48, 8, 3),
-                                                (1, 1, 16, 16, 1), (2, 70, 40, 16, 3)])
+                                                (1, 1, 16, 16, 1), (2, 70, 40, 16, 3),
+                                                (2, 45, 42, 16, 3)])
 def test_inner_fp32_matches_torch(backend, batch, length, E, N, R, monkeypatch):
     name = _available(backend, monkeypatch)
     gen = torch.Generator(device="cuda").manual_seed(length * 7 + E)
@@ -104,17 +105,18 @@ def test_inner_fp32_against_float64_at_the_pretraining_length(backend, monkeypat
 
 
 @pytest.mark.parametrize("backend", ["triton", "triton-plain", "cuda"])
-@pytest.mark.parametrize("length", [513, 77])
-def test_mixer_bf16_matches_fp32_torch(backend, length, monkeypatch):
-    """bf16 autocast mixer vs the fp32 PyTorch mixer on the same weights."""
+@pytest.mark.parametrize("length,embed_dim", [(513, 192), (77, 192), (77, 21)])
+def test_mixer_bf16_matches_fp32_torch(backend, length, embed_dim, monkeypatch):
+    """bf16 autocast mixer vs the fp32 PyTorch mixer on the same weights (42 channels per direction:
+    the Gluon scan's row copies narrow to 4 bytes)."""
     name = _available(backend, monkeypatch)
     torch.manual_seed(length)
-    cfg = SSAMBAConfig(embed_dim=192, depth=2, backend="torch")
+    cfg = SSAMBAConfig(embed_dim=embed_dim, depth=2, backend="torch")
     mixer = BiMambaMixer(cfg, layer_idx=0).cuda()
     with torch.no_grad():  # trained-like parameters rather than the init's ones/zeros
         mixer.D.normal_(), mixer.D_b.normal_(), mixer.dt_proj_b.bias.uniform_(-5, -2)
-    hidden = torch.randn(4, length, 192, device="cuda", requires_grad=True)
-    dy = torch.randn(4, length, 192, device="cuda")
+    hidden = torch.randn(4, length, embed_dim, device="cuda", requires_grad=True)
+    dy = torch.randn(4, length, embed_dim, device="cuda")
     params = [hidden, *mixer.parameters()]
     out_ref = mixer(hidden)
     grads_ref = torch.autograd.grad(out_ref, params, dy)
@@ -200,5 +202,6 @@ def test_triton_backend_uses_the_gluon_scan_here():
     if torch.version.hip is not None or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("Gluon scan needs an NVIDIA GPU of compute capability >= 8.0")
     pytest.importorskip("triton.experimental.gluon")
-    assert gluon_scan_usable(torch.device("cuda"), 16)
-    assert not gluon_scan_usable(torch.device("cuda"), 12)  # the plain-Triton scan pads odd state counts
+    assert gluon_scan_usable(torch.device("cuda"), 16, 384)
+    assert not gluon_scan_usable(torch.device("cuda"), 12, 384)  # the plain-Triton scan pads odd state counts
+    assert not gluon_scan_usable(torch.device("cuda"), 16, 35)  # 16-bit rows copied in 4-byte pieces

@@ -54,15 +54,16 @@ def triton_available() -> bool:
     return True
 
 
-def gluon_scan_usable(device: torch.device, d_state: int) -> bool:
+def gluon_scan_usable(device: torch.device, d_state: int, channels: int) -> bool:
     """Whether the Gluon scan kernels (``gluon_scan``) can run here; otherwise the ``triton`` backend
     uses its plain-Triton scan. Gluon needs a compiled (not interpreted) NVIDIA GPU of compute
-    capability 8.0 or newer, and the kernels hold a power-of-two number (<= 32) of states per channel."""
+    capability 8.0 or newer; the kernels hold a power-of-two number (<= 32) of states per channel and
+    copy rows in pieces of at least 4 bytes (an even number of 16-bit channels per direction)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda" or not _gluon_importable():
         return False
     if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 8:
         return False
-    return 2 <= d_state <= 32 and d_state & (d_state - 1) == 0
+    return 2 <= d_state <= 32 and d_state & (d_state - 1) == 0 and channels % 2 == 0
 
 
 @functools.cache

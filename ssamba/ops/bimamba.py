@@ -42,7 +42,7 @@ def _causal_conv_silu_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def _bimamba_inner_triton(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights) -> Tensor:
-    if gluon_scan_usable(xz.device, fwd.A_log.shape[1]):
+    if gluon_scan_usable(xz.device, fwd.A_log.shape[1], fwd.A_log.shape[0]):
         from .gluon_bimamba import bimamba_inner_gluon
 
         return bimamba_inner_gluon(xz.transpose(1, 2), fwd, bwd)

@@ -48,7 +48,7 @@ class BiMambaInnerGluon(torch.autograd.Function):
         dt_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f)
         dt_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b)
         params = tuple(t.contiguous() for t in (fwd[5], bwd[5], fwd[6], bwd[6], fwd[4], bwd[4]))
-        y, ckpt = scan_fwd(xc, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params)
+        y, ckpt = scan_fwd(xc, dt_f, dt_b, bc, params)
         out = gate_fwd(y, z)
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f,
                               x_dbl_b, bc, dt_f, dt_b, y, ckpt, *params)
@@ -64,8 +64,7 @@ class BiMambaInnerGluon(torch.autograd.Function):
         dtype = xz.dtype
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
         g = gate_bwd(dout, y, xz[..., dim:], dxz[..., dim:])
-        dxc, ddt_f, ddt_b, dBC, dA_log, dD, d_bias = scan_bwd(xc, dt_f, dt_b, bc[:, :, 0], bc[:, :, 1], params,
-                                                              ckpt, g)
+        dxc, ddt_f, ddt_b, dBC, dA_log, dD, d_bias = scan_bwd(xc, dt_f, dt_b, bc, params, ckpt, g)
         projection_grads = [
             branch_projection_grads(xc, half, x_dbl, ddt.view(-1, dim).to(dtype), dBC[:, :, half], x_proj, dt_proj, dxc)
             for half, (x_dbl, ddt, x_proj, dt_proj) in enumerate(((x_dbl_f, ddt_f, x_proj_f, dt_proj_f),

@@ -5,20 +5,22 @@ computed once per state and every sum over states took shuffles (docs/performanc
 log). Gluon fixes the layout by hand: a thread owns one channel of one direction and all ``N`` of
 its states (or half of them, ``SPLIT=2``, for narrow models), so the recurrence, the softplus of
 ``delta``, the sums over states and the ``D`` skip are register arithmetic, and time is a
-sequential loop whose loads do not depend on the state (the compiler issues a group's loads ahead).
+sequential loop. A chunk's inputs (``u``, dt, B, C and, backward, the output gradient) are copied
+into shared memory asynchronously while the previous chunk runs, so a step reads shared memory
+instead of waiting on global loads.
 
 The two directions run in separate programs over the original time order (the backward branch
 walks from the last step to the first), each writing its own half of ``y [batch, L, 2E]``; gating
 and the average happen outside, where both halves meet. The forward pass saves the state at the
 start of every chunk of ``T`` steps. The backward pass walks the chunks in reverse: it recomputes a
 chunk's states from the saved one, keeping every other one in shared memory, then runs the adjoint
-back through it in pairs of steps. The
-only cross-channel sums (the gradients of ``B`` and ``C``, shared by all channels of a direction)
-are reduced across the program's channels, then added into fp32 buffers atomically.
+back through it in pairs of steps. The only cross-channel sums (the gradients of ``B`` and ``C``,
+shared by all channels of a direction) are reduced across the program's channels, then added into
+fp32 buffers atomically.
 
 Layouts are channel-last, as the projections produce them: ``u`` is ``[batch, L, 2E]`` (forward
 branch channels first); ``dt_f``, ``dt_b`` (dt_proj outputs before bias and softplus) and ``g`` are
-``[batch, L, E]``; ``bc_f``, ``bc_b`` point at ``B`` of each row with ``C`` the ``N`` entries after it.
+``[batch, L, E]``; ``bc`` is ``[batch, L, 2 (direction), 2N]``, each direction's ``B`` then ``C``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.extra import libdevice
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 LOG2E = gl.constexpr(math.log2(math.e))
 LN2 = gl.constexpr(math.log(2.0))
@@ -43,17 +46,6 @@ def _softplus(x):
 @gluon.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + gl.exp(-x))
-
-
-@gluon.jit
-def _branch_params(a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, forward, offs_d, offs_n, d_mask,
-                   dn_mask, N: gl.constexpr):
-    """This direction's ``A`` (log2-scaled, from ``A_log``), ``D`` and dt bias, in fp32."""
-    a_ptr = gl.where(forward, a_f_ptr, a_b_ptr)
-    A_log = gl.load(a_ptr + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(gl.float32)
-    d_skip = gl.load(gl.where(forward, d_f_ptr, d_b_ptr) + offs_d, mask=d_mask, other=0.0).to(gl.float32)
-    bias = gl.load(gl.where(forward, bias_f_ptr, bias_b_ptr) + offs_d, mask=d_mask, other=0.0).to(gl.float32)
-    return -gl.exp(A_log) * LOG2E, d_skip, bias
 
 
 @gluon.jit
@@ -86,60 +78,145 @@ def _tile_rows(base, ch, tile_layout: gl.constexpr):
     return base + gl.convert_layout(ch, gl.SliceLayout(1, tile_layout))[:, None]
 
 
+@gluon.constexpr_function
+def _copy_layout(width, bits, T, warps):
+    """Layout of a ``[T, width]`` tile for asynchronous copies: each thread moves up to 16 contiguous
+    bytes of a row (at least 4, the smallest copy), rows spread over the remaining lanes and warps."""
+    vec = min(128 // bits, width)
+    while vec * bits > 32 and 32 // min(width // vec, 32) * warps > T:
+        vec //= 2  # narrower copies, so the lanes cover the tile's rows instead of repeating them
+    lanes = min(width // vec, 32)
+    return gl.BlockedLayout([1, vec], [32 // lanes, lanes], [warps, 1], [1, 0])
+
+
 @gluon.jit
-def _program_channels(u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr,
-                      bias_b_ptr, ckpt_ptr, dim, num_chunks, su_b, sdt_b, sbc_b,
-                      N: gl.constexpr, BD: gl.constexpr, state_layout: gl.constexpr):
+def _copy_rows(ptr, first_col, n_cols, width: gl.constexpr, T: gl.constexpr, WARPS: gl.constexpr):
+    """``[1, width]`` pointers to columns ``first_col ...`` of a row at ``ptr``, and their mask."""
+    layout: gl.constexpr = _copy_layout(width, ptr.dtype.element_ty.primitive_bitwidth, T, WARPS)
+    cols = first_col + gl.arange(0, width, layout=gl.SliceLayout(0, layout))
+    return (ptr + cols)[None, :], (cols < n_cols)[None, :]
+
+
+@gluon.jit
+def _staging(dtype: gl.constexpr, width: gl.constexpr, T: gl.constexpr):
+    """Two slots of ``T`` rows each for a chunk's copies, and a view of the same memory as single rows."""
+    slots = gl.allocate_shared_memory(dtype, [2 * T, width], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    return slots, slots._reinterpret(dtype, [2 * T, width], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+
+
+@gluon.jit
+def _stage(slots, slot, rows, mask, stride, chunk, length, forward, T: gl.constexpr):
+    """Starts copying one chunk's rows, in scan order, into slot ``slot`` of ``slots``. Positions past
+    the end of the sequence copy its last row: finite values, which the consumer masks out."""
+    p = chunk * T + gl.arange(0, T, layout=gl.SliceLayout(1, rows.type.layout))
+    src = rows + gl.minimum(gl.maximum(gl.where(forward, p, length - 1 - p), 0), length - 1)[:, None] * stride
+    if slot == 0:  # a copy's destination must be a static slice
+        async_copy.async_copy_global_to_shared(slots.slice(0, T), src, mask=mask)
+    else:
+        async_copy.async_copy_global_to_shared(slots.slice(T, T), src, mask=mask)
+
+
+@gluon.jit
+def _scan_inputs(u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
+                 ckpt_ptr, dim, num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N: gl.constexpr, T: gl.constexpr,
+                 BD: gl.constexpr, WARPS: gl.constexpr, state_layout: gl.constexpr):
     """What both kernels derive from the program id: the batch row, the direction, this block of
-    channels with its masks, the direction's ``A``, ``D`` and dt bias, and the row bases of ``u``, dt,
-    B/C and the saved chunk-entry states."""
+    channels with its masks, the direction's ``A``, ``D`` and dt bias, the base of its saved
+    chunk-entry states, and the rows the chunk copies read (``u``, dt, B, C: pointers and masks)."""
     pid_b = gl.program_id(1).to(gl.int64)
     direction = gl.program_id(2)
-    offs_d = gl.program_id(0) * BD + gl.arange(0, BD, layout=gl.SliceLayout(1, state_layout))
+    first = gl.program_id(0) * BD
+    offs_d = first + gl.arange(0, BD, layout=gl.SliceLayout(1, state_layout))
     offs_n = gl.arange(0, N, layout=gl.SliceLayout(0, state_layout))
     d_mask = offs_d < dim
     ch = offs_d + direction * dim
     dn_off = ch[:, None] * N + offs_n[None, :]
     dn_mask = d_mask[:, None] & (offs_n[None, :] < N)
     forward = direction == 0
-    A, d_skip, bias = _branch_params(a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, forward, offs_d,
-                                     offs_n, d_mask, dn_mask, N)
-    u_base = u_ptr + pid_b * su_b + ch
-    dt_base = gl.where(forward, dt_f_ptr, dt_b_ptr) + pid_b * sdt_b + offs_d
-    bc_base = gl.where(forward, bc_f_ptr, bc_b_ptr) + pid_b * sbc_b + offs_n
+    a_ptr = gl.where(forward, a_f_ptr, a_b_ptr)
+    A_log = gl.load(a_ptr + offs_d[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(gl.float32)
+    d_skip = gl.load(gl.where(forward, d_f_ptr, d_b_ptr) + offs_d, mask=d_mask, other=0.0).to(gl.float32)
+    bias = gl.load(gl.where(forward, bias_f_ptr, bias_b_ptr) + offs_d, mask=d_mask, other=0.0).to(gl.float32)
+    A = -gl.exp(A_log) * LOG2E
     ckpt_base = ckpt_ptr + pid_b * num_chunks * 2 * dim * N + dn_off
-    return (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, u_base, dt_base,
-            bc_base, ckpt_base)
+    u_rows, u_mask = _copy_rows(u_ptr + pid_b * su_b + direction * dim, first, dim, BD, T, WARPS)
+    dt_rows, dt_mask = _copy_rows(gl.where(forward, dt_f_ptr, dt_b_ptr) + pid_b * sdt_b, first, dim, BD, T, WARPS)
+    b_rows, bc_mask = _copy_rows(bc_ptr + pid_b * sbc_b + direction * 2 * N, 0, N, N, T, WARPS)
+    return (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, ckpt_base,
+            u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask)
+
+
+@gluon.jit
+def _stage_chunk(u_s, dt_s, b_s, c_s, slot, u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask, su_l, sdt_l, sbc_l,
+                 chunk, length, forward, N: gl.constexpr, T: gl.constexpr):
+    """Starts the copies of a chunk's ``u``, dt, B and C into one slot of the staging buffers."""
+    _stage(u_s, slot, u_rows, u_mask, su_l, chunk, length, forward, T)
+    _stage(dt_s, slot, dt_rows, dt_mask, sdt_l, chunk, length, forward, T)
+    _stage(b_s, slot, b_rows, bc_mask, sbc_l, chunk, length, forward, T)
+    _stage(c_s, slot, b_rows + N, bc_mask, sbc_l, chunk, length, forward, T)
+
+
+@gluon.jit
+def _staged_step(u_r, dt_r, b_r, c_r, row, m, bias, state_layout: gl.constexpr):
+    """Staged row ``row`` (slot * T + step): u, dt before the softplus (bias added), delta, B and C
+    (``u`` and delta zero where ``m`` is false)."""
+    channels: gl.constexpr = gl.SliceLayout(1, state_layout)
+    states: gl.constexpr = gl.SliceLayout(0, state_layout)
+    u = gl.where(m, u_r.index(row).load(channels).to(gl.float32), 0.0)
+    x = dt_r.index(row).load(channels).to(gl.float32) + bias
+    delta = gl.where(m, _softplus(x), 0.0)
+    B = b_r.index(row).load(states).to(gl.float32)
+    C = c_r.index(row).load(states).to(gl.float32)
+    return u, x, delta, B, C
 
 
 @gluon.jit
 def _scan_fwd_kernel(
-        u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
+        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
         y_ptr, ckpt_ptr,
-        length, dim, num_chunks,
-        su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, sy_b, sy_l,
-        N: gl.constexpr, T: gl.constexpr, TS: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr):
+        length, dim_a, num_chunks,
+        su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sy_b, sy_l,
+        N: gl.constexpr, T: gl.constexpr, TS: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr,
+        ALIGN: gl.constexpr):
+    """``*_a`` arguments are in units of ``ALIGN`` elements, so the compiler knows the copies' alignment."""
+    dim, su_b, su_l, sdt_b, sdt_l = dim_a * ALIGN, su_b_a * ALIGN, su_l_a * ALIGN, sdt_b_a * ALIGN, sdt_l_a * ALIGN
+    sbc_b, sbc_l = sbc_b_a * ALIGN, sbc_l_a * ALIGN
     state_layout: gl.constexpr = gl.BlockedLayout([1, N // SPLIT], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
     tile_layout: gl.constexpr = gl.BlockedLayout([1, TS], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])  # TS steps of one channel per thread
     BD: gl.constexpr = 32 // SPLIT * WARPS
-    (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, u_base, dt_base, bc_base,
-     ckpt_base) = _program_channels(u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr,
-                                    bias_f_ptr, bias_b_ptr, ckpt_ptr, dim, num_chunks, su_b, sdt_b, sbc_b, N, BD,
-                                    state_layout)
+    (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, ckpt_base,
+     u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask) = _scan_inputs(
+        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, ckpt_ptr, dim,
+        num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N, T, BD, WARPS, state_layout)
+    u_s, u_r = _staging(u_ptr.dtype.element_ty, BD, T)
+    dt_s, dt_r = _staging(dt_f_ptr.dtype.element_ty, BD, T)
+    b_s, b_r = _staging(bc_ptr.dtype.element_ty, N, T)
+    c_s, c_r = _staging(bc_ptr.dtype.element_ty, N, T)
     offs_t = gl.arange(0, TS, layout=gl.SliceLayout(0, tile_layout))
     y_rows = _tile_rows(y_ptr + pid_b * sy_b, ch, tile_layout)
     tile_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, tile_layout))[:, None]
     h = gl.zeros([BD, N], gl.float32, state_layout)
+    _stage_chunk(u_s, dt_s, b_s, c_s, 0, u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask, su_l, sdt_l, sbc_l, 0,
+                 length, forward, N, T)
+    async_copy.commit_group()
     for chunk in range(num_chunks):
+        slot = chunk % 2
+        # the next chunk's copies run during this one's steps (into the slot the previous chunk read)
+        gl.thread_barrier()
+        _stage_chunk(u_s, dt_s, b_s, c_s, 1 - slot, u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask, su_l, sdt_l,
+                     sbc_l, gl.minimum(chunk + 1, num_chunks - 1), length, forward, N, T)
+        async_copy.commit_group()
+        async_copy.wait_group(1)
+        gl.thread_barrier()
         gl.store(ckpt_base + chunk * 2 * dim * N, h, mask=dn_mask)
-        # groups of TS unrolled steps; their outputs leave registers together, since a store between
-        # steps would keep later steps' loads from being issued early
+        # groups of TS unrolled steps, their outputs stored together
         for group in range(T // TS):
             p0 = chunk * T + group * TS
             y_tile = gl.zeros([BD, TS], gl.float32, tile_layout)
             for i in gl.static_range(TS):
-                u, x, delta, B, C, m, t = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p0 + i, length,
-                                                       forward, su_l, sdt_l, sbc_l, N)
+                m = d_mask & (p0 + i < length)
+                u, x, delta, B, C = _staged_step(u_r, dt_r, b_r, c_r, slot * T + group * TS + i, m, bias,
+                                                 state_layout)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
                 y = gl.sum(h * C[None, :], axis=1) + d_skip * u
                 y_tile = _put_column(y_tile, y, offs_t, i)
@@ -147,23 +224,7 @@ def _scan_fwd_kernel(
             t_t = gl.where(forward, p_t, length - 1 - p_t)
             gl.store(y_rows + t_t[None, :] * sy_l, y_tile.to(y_ptr.dtype.element_ty),
                      mask=tile_mask & (p_t < length)[None, :])
-
-
-@gluon.jit
-def _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p, length, forward, su_l, sdt_l, sbc_l,
-                 N: gl.constexpr):
-    """One scan position's inputs for a block of channels (zeros past the end): u, dt before the
-    softplus (bias added), delta, B, C, the validity mask and the time index."""
-    valid = p < length
-    t = gl.where(forward, p, length - 1 - p)
-    m = d_mask & valid
-    u = gl.load(u_base + t * su_l, mask=m, other=0.0).to(gl.float32)
-    x = gl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(gl.float32) + bias
-    delta = gl.where(m, _softplus(x), 0.0)
-    n_mask = (offs_n < N) & valid
-    B = gl.load(bc_base + t * sbc_l, mask=n_mask, other=0.0).to(gl.float32)
-    C = gl.load(bc_base + t * sbc_l + N, mask=n_mask, other=0.0).to(gl.float32)
-    return u, x, delta, B, C, m, t
+    async_copy.wait_group(0)
 
 
 @gluon.jit
@@ -187,14 +248,17 @@ def _adjoint_step(lam_next, h_prev, h_cur, decay, A, u, x, delta, g, B, C, m, d_
 
 @gluon.jit
 def _scan_bwd_kernel(
-        u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
+        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
         g_ptr, ckpt_ptr, du_ptr, ddt_f_ptr, ddt_b_ptr, dbc_ptr, dparam_ptr,
-        length, dim, num_chunks,
-        su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, sg_b, sg_l,
-        N: gl.constexpr, T: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr):
+        length, dim_a, num_chunks,
+        su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sg_b, sg_l,
+        N: gl.constexpr, T: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr, ALIGN: gl.constexpr):
     """The adjoint walks each chunk's positions in pairs ``(e, e + 1)``, last pair first. Only the state
     before each even position is kept in shared memory (half the memory, so more warps fit): the state
-    before ``e + 1`` is one step from it, with inputs the pair loads anyway."""
+    before ``e + 1`` is one step from it, with inputs the pair reads anyway. ``*_a`` arguments are in
+    units of ``ALIGN`` elements, so the compiler knows the copies' alignment."""
+    dim, su_b, su_l, sdt_b, sdt_l = dim_a * ALIGN, su_b_a * ALIGN, su_l_a * ALIGN, sdt_b_a * ALIGN, sdt_l_a * ALIGN
+    sbc_b, sbc_l = sbc_b_a * ALIGN, sbc_l_a * ALIGN
     state_layout: gl.constexpr = gl.BlockedLayout([1, N // SPLIT], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
     pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
     # channels in registers, states on lanes: the sum over channels for dB / dC is mostly in-thread
@@ -202,43 +266,64 @@ def _scan_bwd_kernel(
     bc_pair_layout: gl.constexpr = gl.BlockedLayout([2, 1], [32 // N, N], [WARPS, 1], [0, 1])
     history_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0, 1])  # channels fastest
     BD: gl.constexpr = 32 // SPLIT * WARPS
-    (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, u_base, dt_base, bc_base,
-     ckpt_base) = _program_channels(u_ptr, dt_f_ptr, dt_b_ptr, bc_f_ptr, bc_b_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr,
-                                    bias_f_ptr, bias_b_ptr, ckpt_ptr, dim, num_chunks, su_b, sdt_b, sbc_b, N, BD,
-                                    state_layout)
+    (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, ckpt_base,
+     u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask) = _scan_inputs(
+        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, ckpt_ptr, dim,
+        num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N, T, BD, WARPS, state_layout)
+    g_rows, g_mask = _copy_rows(g_ptr + pid_b * sg_b, gl.program_id(0) * BD, dim, BD, T, WARPS)
+    u_s, u_r = _staging(u_ptr.dtype.element_ty, BD, T)
+    dt_s, dt_r = _staging(dt_f_ptr.dtype.element_ty, BD, T)
+    b_s, b_r = _staging(bc_ptr.dtype.element_ty, N, T)
+    c_s, c_r = _staging(bc_ptr.dtype.element_ty, N, T)
+    g_s, g_r = _staging(g_ptr.dtype.element_ty, BD, T)
+    history = gl.allocate_shared_memory(gl.float32, [T // 2, BD, N], history_layout)
     offs_pair = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
     offs_pair_r = gl.arange(0, 2, layout=gl.SliceLayout(1, bc_pair_layout))
     offs_nr = gl.arange(0, N, layout=gl.SliceLayout(0, bc_pair_layout))
-    g_base = g_ptr + pid_b * sg_b + offs_d
     du_rows = _tile_rows(du_ptr + pid_b * su_b, ch, pair_layout)
     ddt_rows = _tile_rows(gl.where(forward, ddt_f_ptr, ddt_b_ptr) + pid_b * sdt_b, offs_d, pair_layout)
     pair_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, pair_layout))[:, None]
     dbc_base = dbc_ptr + (pid_b * length * 2 + direction) * 2 * N + offs_nr[None, :]
-    history = gl.allocate_shared_memory(gl.float32, [T // 2, BD, N], history_layout)
+    channels: gl.constexpr = gl.SliceLayout(1, state_layout)
 
     lam_next = gl.zeros([BD, N], gl.float32, state_layout)  # decay_{p+1} * dL/dh_{p+1}
     dA_acc = gl.zeros([BD, N], gl.float32, state_layout)
-    dD_acc = gl.zeros([BD], gl.float32, gl.SliceLayout(1, state_layout))
-    dbias_acc = gl.zeros([BD], gl.float32, gl.SliceLayout(1, state_layout))
+    dD_acc = gl.zeros([BD], gl.float32, channels)
+    dbias_acc = gl.zeros([BD], gl.float32, channels)
+    _stage_chunk(u_s, dt_s, b_s, c_s, 0, u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask, su_l, sdt_l, sbc_l,
+                 num_chunks - 1, length, forward, N, T)
+    _stage(g_s, 0, g_rows, g_mask, sg_l, num_chunks - 1, length, forward, T)
+    async_copy.commit_group()
     for k in range(num_chunks):
         chunk = num_chunks - 1 - k  # the adjoint runs against the scan
+        slot = k % 2
+        # the next chunk's copies run during this one (into the slot read by the previous chunk)
+        gl.thread_barrier()
+        following = gl.maximum(chunk - 1, 0)
+        _stage_chunk(u_s, dt_s, b_s, c_s, 1 - slot, u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask, su_l, sdt_l,
+                     sbc_l, following, length, forward, N, T)
+        _stage(g_s, 1 - slot, g_rows, g_mask, sg_l, following, length, forward, T)
+        async_copy.commit_group()
+        async_copy.wait_group(1)
+        gl.thread_barrier()
+        row0 = slot * T
         # the chunk's states, restarted from the saved chunk-entry state; history[i] = h before step 2i
         h = gl.load(ckpt_base + chunk * 2 * dim * N, mask=dn_mask, other=0.0)
         for pair in range(T // 2):
             history.index(pair).store(h)
             for i in gl.static_range(2):
-                u, x, delta, B, C, m, t = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask,
-                                                       chunk * T + 2 * pair + i, length, forward, su_l, sdt_l, sbc_l, N)
+                m = d_mask & (chunk * T + 2 * pair + i < length)
+                u, x, delta, B, C = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair + i, m, bias, state_layout)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
         for q in range(T // 2):
             pair = T // 2 - 1 - q
             p0 = chunk * T + 2 * pair
-            u0, x0, delta0, B0, C0, m0, t0 = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p0, length,
-                                                          forward, su_l, sdt_l, sbc_l, N)
-            u1, x1, delta1, B1, C1, m1, t1 = _step_inputs(u_base, dt_base, bc_base, bias, offs_n, d_mask, p0 + 1,
-                                                          length, forward, su_l, sdt_l, sbc_l, N)
-            g0 = gl.load(g_base + t0 * sg_l, mask=m0, other=0.0).to(gl.float32)
-            g1 = gl.load(g_base + t1 * sg_l, mask=m1, other=0.0).to(gl.float32)
+            m0 = d_mask & (p0 < length)
+            m1 = d_mask & (p0 + 1 < length)
+            u0, x0, delta0, B0, C0 = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair, m0, bias, state_layout)
+            u1, x1, delta1, B1, C1 = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair + 1, m1, bias, state_layout)
+            g0 = gl.where(m0, g_r.index(row0 + 2 * pair).load(channels).to(gl.float32), 0.0)
+            g1 = gl.where(m1, g_r.index(row0 + 2 * pair + 1).load(channels).to(gl.float32), 0.0)
             h0 = history.index(pair).load(state_layout)  # before p0
             decay0 = gl.exp2(delta0[:, None] * A)
             h1 = decay0 * h0 + (delta0 * u0)[:, None] * B0[None, :]  # after p0, before p0 + 1
@@ -251,7 +336,7 @@ def _scan_bwd_kernel(
             dA_acc += dA0 + dA1
             dD_acc += g0 * u0 + g1 * u1
             dbias_acc += d_raw0 + d_raw1
-            # both positions' outputs written together (a store between them would hold back the loads)
+            # both positions' outputs written together
             p_t = p0 + offs_pair
             t_t = gl.where(forward, p_t, length - 1 - p_t)
             t_mask = pair_mask & (p_t < length)[None, :]
@@ -264,6 +349,7 @@ def _scan_bwd_kernel(
             dbc_rows = dbc_base + t_r[:, None] * 4 * N
             gl.atomic_add(dbc_rows, _pair_rows(dB0, dB1, offs_pair_r, bc_pair_layout), mask=r_mask, sem="relaxed")
             gl.atomic_add(dbc_rows + N, _pair_rows(dC0, dC1, offs_pair_r, bc_pair_layout), mask=r_mask, sem="relaxed")
+    async_copy.wait_group(0)
     # parameter gradients summed over the batch: dL/dA_log = dL/dA * A, A = A2 * ln 2
     gl.atomic_add(dparam_ptr + dn_off, dA_acc * A * LN2, mask=dn_mask, sem="relaxed")
     gl.atomic_add(dparam_ptr + 2 * dim * N + ch, dD_acc, mask=d_mask, sem="relaxed")
@@ -272,12 +358,13 @@ def _scan_bwd_kernel(
 
 def _config(dim: int, d_state: int, forward: bool) -> dict:
     """Chunk of ``T`` steps between saved states (half of their states live in shared memory in the
-    backward); forward outputs leave registers every ``TS`` steps; ``SPLIT`` threads share a channel's
-    states (two for narrow models, whose few channels would leave the GPU short of warps); one warp per
-    program. The forward kernel is capped at 128 registers so more warps fit (faster); the backward is
-    slower capped. Measured in docs/performance.md (optimisation log)."""
-    cfg = dict(T=16, TS=2, SPLIT=2 if dim < 1024 else 1, WARPS=1)
-    return dict(cfg, maxnreg=128) if forward else cfg
+    backward); forward outputs leave registers every ``TS`` steps; one warp per program. ``SPLIT``
+    threads share a channel's states in the backward (two for narrow models, whose few channels would
+    leave the GPU short of warps); the forward is fastest with one thread per channel and capped at 128
+    registers so more warps fit. Measured in docs/performance.md (optimisation log)."""
+    if forward:
+        return dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=128)
+    return dict(T=16, TS=2, SPLIT=2 if dim < 1024 else 1, WARPS=1)
 
 
 def _launch_options(cfg: dict, keys=("T", "TS", "SPLIT", "WARPS")) -> dict:
@@ -288,42 +375,72 @@ def _launch_options(cfg: dict, keys=("T", "TS", "SPLIT", "WARPS")) -> dict:
     return options
 
 
-def _check(u, dt_f, dt_b, bc_f, bc_b, d_state):
+def _check(u, dt_f, dt_b, bc, d_state):
     if d_state & (d_state - 1) or not 2 <= d_state <= 32:
         raise ValueError(f"the Gluon scan needs d_state a power of two in [2, 32], got {d_state}")
     if not u.is_contiguous():
         raise ValueError("u must be contiguous")
-    for name, t in (("dt_f", dt_f), ("dt_b", dt_b), ("bc_f", bc_f), ("bc_b", bc_b)):
+    for name, t in (("dt_f", dt_f), ("dt_b", dt_b), ("bc", bc)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along its last dim, got strides {t.stride()}")
-    if dt_f.stride() != dt_b.stride() or bc_f.stride() != bc_b.stride():
-        raise ValueError("the two directions' dt / B,C tensors must share strides")
+    if dt_f.stride() != dt_b.stride():
+        raise ValueError("the two directions' dt tensors must share strides")
+    if bc.dim() != 4 or bc.shape[2:] != (2, 2 * d_state) or bc.stride(2) != 2 * d_state:
+        raise ValueError(f"bc must be [batch, L, 2 (direction), 2N] with the directions adjacent, got "
+                         f"{tuple(bc.shape)} strides {bc.stride()}")
 
 
-def scan_fwd(u, dt_f, dt_b, bc_f, bc_b, params, config: dict | None = None):
+def _aligned(t):
+    """``t`` itself if its data starts on 16 bytes (what the kernels' row copies assume), else a copy."""
+    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _alignment(u, dt, bc) -> int:
+    """The largest power of two (at most 8) dividing the channel count and every row stride, in
+    elements: the kernels receive them in these units, so the compiler can vectorise the row copies.
+    The copies move at least 4 bytes, so 16-bit inputs need even counts and strides."""
+    values = (u.shape[-1] // 2, u.stride(0), u.stride(1), dt.stride(0), dt.stride(1), bc.stride(0), bc.stride(1))
+    align = 8
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    narrowest = min(t.element_size() for t in (u, dt, bc))
+    if align * narrowest < 4:
+        raise ValueError(f"the Gluon scan copies rows in 4-byte pieces: with {narrowest}-byte inputs the channel "
+                         f"count and row strides must be multiples of {4 // narrowest} (channels {values[0]}, "
+                         f"strides {values[1:]})")
+    return align
+
+
+def _strides_in(align: int, *values: int) -> list[int]:
+    return [v // align for v in values]
+
+
+def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
     """Both directions' ``y`` (before gating, ``D`` skip included) as ``[batch, L, 2E]`` (dtype of u)
     and the chunk-entry states ``[batch, chunks, 2E, N]`` (fp32) for the backward pass.
 
-    ``bc_f`` / ``bc_b`` are ``[batch, L, 2N]`` views (B then C); ``params`` is
+    ``bc`` is ``[batch, L, 2 (direction), 2N]`` (B then C); ``params`` is
     ``(A_log_f, A_log_b, D_f, D_b, dt_bias_f, dt_bias_b)``, contiguous, ``[E, N]`` / ``[E]``.
     """
     d_state = params[0].shape[1]
-    _check(u, dt_f, dt_b, bc_f, bc_b, d_state)
+    _check(u, dt_f, dt_b, bc, d_state)
+    u, dt_f, dt_b, bc = (_aligned(t) for t in (u, dt_f, dt_b, bc))
     batch, length, dim2 = u.shape
     dim = dim2 // 2
     cfg = {**_config(dim, d_state, forward=True), **(config or {})}
     num_chunks = triton.cdiv(length, cfg["T"])
+    align = _alignment(u, dt_f, bc)
     y = torch.empty(batch, length, dim2, device=u.device, dtype=u.dtype)
     ckpt = torch.empty(batch, num_chunks, dim2, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_fwd_kernel[grid](
-        u, dt_f, dt_b, bc_f, bc_b, *params, y, ckpt, length, dim, num_chunks,
-        u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), bc_f.stride(0), bc_f.stride(1),
-        y.stride(0), y.stride(1), N=d_state, **_launch_options(cfg))
+        u, dt_f, dt_b, bc, *params, y, ckpt, length, dim // align, num_chunks,
+        *_strides_in(align, u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), bc.stride(0), bc.stride(1)),
+        y.stride(0), y.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg))
     return y, ckpt
 
 
-def scan_bwd(u, dt_f, dt_b, bc_f, bc_b, params, ckpt, g, config: dict | None = None):
+def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
     """Gradients of :func:`scan_fwd` given ``g = dL/dy`` per channel of ``E`` (both directions see the same).
 
     Returns ``du`` (dtype of u), ``ddt_f, ddt_b`` (gradients of the dt_proj outputs, through bias and
@@ -331,7 +448,7 @@ def scan_bwd(u, dt_f, dt_b, bc_f, bc_b, params, ckpt, g, config: dict | None = N
     ``dA_log [2, E, N]``, ``dD [2, E]``, ``dbias [2, E]`` (direction first, summed over the batch).
     """
     d_state = params[0].shape[1]
-    _check(u, dt_f, dt_b, bc_f, bc_b, d_state)
+    _check(u, dt_f, dt_b, bc, d_state)
     batch, length, dim2 = u.shape
     dim = dim2 // 2
     cfg = {**_config(dim, d_state, forward=False), **(config or {})}
@@ -339,11 +456,13 @@ def scan_bwd(u, dt_f, dt_b, bc_f, bc_b, params, ckpt, g, config: dict | None = N
     if ckpt.shape != (batch, num_chunks, dim2, d_state):
         raise ValueError(f"checkpoint shape {tuple(ckpt.shape)} does not match the config's chunking")
     g = g if g.stride(-1) == 1 else g.contiguous()
-    du = torch.empty_like(u)
     ddt_f = torch.empty(batch, length, dim, device=u.device, dtype=dt_f.dtype)
-    ddt_b = torch.empty_like(ddt_f)
     if dt_f.stride() != ddt_f.stride():  # the kernel shares their strides
         dt_f, dt_b = dt_f.contiguous(), dt_b.contiguous()
+    u, dt_f, dt_b, bc, g = (_aligned(t) for t in (u, dt_f, dt_b, bc, g))
+    align = _alignment(u, dt_f, bc)
+    du = torch.empty_like(u)
+    ddt_b = torch.empty_like(ddt_f)
     # everything accumulated atomically, zeroed by one fill
     n_bc, n_a = batch * length * 4 * d_state, dim2 * d_state
     acc = torch.zeros(n_bc + n_a + 2 * dim2, device=u.device, dtype=torch.float32)
@@ -351,10 +470,10 @@ def scan_bwd(u, dt_f, dt_b, bc_f, bc_b, params, ckpt, g, config: dict | None = N
     dparam = acc[n_bc:]
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_bwd_kernel[grid](
-        u, dt_f, dt_b, bc_f, bc_b, *params, g, ckpt, du, ddt_f, ddt_b, dBC, dparam,
-        length, dim, num_chunks,
-        u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), bc_f.stride(0), bc_f.stride(1),
-        g.stride(0), g.stride(1), N=d_state, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
+        u, dt_f, dt_b, bc, *params, g, ckpt, du, ddt_f, ddt_b, dBC, dparam,
+        length, dim // align, num_chunks,
+        *_strides_in(align, u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), bc.stride(0), bc.stride(1)),
+        g.stride(0), g.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
     dA_log = dparam[:n_a].view(2, dim, d_state)
     dD, dbias = dparam[n_a:].view(2, 2, dim).unbind(0)
     return du, ddt_f, ddt_b, dBC, dA_log, dD, dbias
