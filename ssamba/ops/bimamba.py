@@ -77,9 +77,13 @@ def bimamba_inner(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights, backend: s
     if backend == "cuda":
         selective_scan_fn, causal_conv1d_fn = cuda_kernels()
         # causal-conv1d in its channel-last layout: in the time-contiguous layout its gradients are
-        # ~2e-2 off at exactly 513 tokens, the pretraining length (docs/performance.md)
-        xs = torch.cat([x.transpose(1, 2), x.flip(-1).transpose(1, 2)], dim=2).transpose(1, 2)  # [b, 2E, L]
-        xs = causal_conv1d_fn(xs, conv_weight.squeeze(1), conv_bias, activation="silu").contiguous()
+        # ~2e-2 off at exactly 513 tokens, the pretraining length (docs/performance.md). That layout
+        # needs a row stride that is a multiple of 8, so odd widths get zero channels appended.
+        pad = -2 * channels % 8
+        xs = torch.cat([x.transpose(1, 2), x.flip(-1).transpose(1, 2), x.new_zeros(batch, length, pad)], dim=2)
+        weight = torch.cat([conv_weight.squeeze(1), conv_weight.new_zeros(pad, conv_weight.shape[-1])])
+        bias = torch.cat([conv_bias, conv_bias.new_zeros(pad)])
+        xs = causal_conv1d_fn(xs.transpose(1, 2), weight, bias, activation="silu")[:, :2 * channels].contiguous()
     else:
         xs = _causal_conv_silu_torch(torch.cat([x, x.flip(-1)], dim=1), conv_weight, conv_bias)
 
