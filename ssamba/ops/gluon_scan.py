@@ -30,7 +30,6 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.extra import libdevice
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 LOG2E = gl.constexpr(math.log2(math.e))
@@ -38,14 +37,23 @@ LN2 = gl.constexpr(math.log(2.0))
 
 
 @gluon.jit
-def _softplus(x):
-    """``torch.nn.functional.softplus`` (threshold 20)."""
-    return gl.where(x > 20.0, x, libdevice.log1p(gl.exp(x)))
+def _log2_approx(x):
+    """The hardware's base-2 logarithm (``lg2.approx``, relative error ~1e-7 away from 1)."""
+    return gl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
 
 
 @gluon.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + gl.exp(-x))
+def _softplus_sigmoid(x):
+    """``softplus(x)`` (threshold 20, as ``torch.nn.functional.softplus``) and its derivative
+    ``sigmoid(x)``, from one exponential. ``log1p(e)`` is a short series where ``e = exp(x) < 0.05``
+    (truncation ~5e-8 relative) and the hardware logarithm of ``1 + e`` above, where rounding ``1 + e``
+    costs at most ~1e-6 relative: a fraction of the instructions of a libdevice ``log1p``."""
+    e = gl.exp2(x * LOG2E)
+    series = e * (1.0 + e * (-0.5 + e * (1.0 / 3.0 + e * (-0.25 + e * 0.2))))
+    softplus = gl.where(x > 20.0, x, gl.where(e < 0.05, series, _log2_approx(1.0 + e) * LN2))
+    sigmoid = gl.where(x > 20.0, 1.0, e / (1.0 + e))
+    return softplus, sigmoid
 
 
 @gluon.jit
@@ -158,16 +166,27 @@ def _stage_chunk(u_s, dt_s, b_s, c_s, slot, u_rows, u_mask, dt_rows, dt_mask, b_
 
 @gluon.jit
 def _staged_step(u_r, dt_r, b_r, c_r, row, m, bias, state_layout: gl.constexpr):
-    """Staged row ``row`` (slot * T + step): u, dt before the softplus (bias added), delta, B and C
-    (``u`` and delta zero where ``m`` is false)."""
+    """Staged row ``row`` (slot * T + step): u, delta, its derivative w.r.t. the dt_proj output
+    (``sigmoid`` of it with the bias added), B and C (``u`` and delta zero where ``m`` is false)."""
     channels: gl.constexpr = gl.SliceLayout(1, state_layout)
     states: gl.constexpr = gl.SliceLayout(0, state_layout)
     u = gl.where(m, u_r.index(row).load(channels).to(gl.float32), 0.0)
-    x = dt_r.index(row).load(channels).to(gl.float32) + bias
-    delta = gl.where(m, _softplus(x), 0.0)
+    softplus, sigmoid = _softplus_sigmoid(dt_r.index(row).load(channels).to(gl.float32) + bias)
     B = b_r.index(row).load(states).to(gl.float32)
     C = c_r.index(row).load(states).to(gl.float32)
-    return u, x, delta, B, C
+    return u, gl.where(m, softplus, 0.0), sigmoid, B, C
+
+
+@gluon.jit
+def _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row, j, m, state_layout: gl.constexpr):
+    """Step ``j`` of the chunk again, in the adjoint: what :func:`_staged_step` gave the recompute
+    pass, with delta and its derivative read back from where that pass kept them."""
+    channels: gl.constexpr = gl.SliceLayout(1, state_layout)
+    states: gl.constexpr = gl.SliceLayout(0, state_layout)
+    u = gl.where(m, u_r.index(row).load(channels).to(gl.float32), 0.0)
+    B = b_r.index(row).load(states).to(gl.float32)
+    C = c_r.index(row).load(states).to(gl.float32)
+    return u, delta_s.index(j).load(channels), sigmoid_s.index(j).load(channels), B, C
 
 
 @gluon.jit
@@ -182,7 +201,8 @@ def _scan_fwd_kernel(
     dim, su_b, su_l, sdt_b, sdt_l = dim_a * ALIGN, su_b_a * ALIGN, su_l_a * ALIGN, sdt_b_a * ALIGN, sdt_l_a * ALIGN
     sbc_b, sbc_l = sbc_b_a * ALIGN, sbc_l_a * ALIGN
     state_layout: gl.constexpr = gl.BlockedLayout([1, N // SPLIT], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
-    tile_layout: gl.constexpr = gl.BlockedLayout([1, TS], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])  # TS steps of one channel per thread
+    # TS steps of one channel per thread
+    tile_layout: gl.constexpr = gl.BlockedLayout([1, TS], [32 // SPLIT, SPLIT], [WARPS, 1], [1, 0])
     BD: gl.constexpr = 32 // SPLIT * WARPS
     (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, ckpt_base,
      u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask) = _scan_inputs(
@@ -215,7 +235,7 @@ def _scan_fwd_kernel(
             y_tile = gl.zeros([BD, TS], gl.float32, tile_layout)
             for i in gl.static_range(TS):
                 m = d_mask & (p0 + i < length)
-                u, x, delta, B, C = _staged_step(u_r, dt_r, b_r, c_r, slot * T + group * TS + i, m, bias,
+                u, delta, _, B, C = _staged_step(u_r, dt_r, b_r, c_r, slot * T + group * TS + i, m, bias,
                                                  state_layout)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
                 y = gl.sum(h * C[None, :], axis=1) + d_skip * u
@@ -228,22 +248,24 @@ def _scan_fwd_kernel(
 
 
 @gluon.jit
-def _adjoint_step(lam_next, h_prev, h_cur, decay, A, u, x, delta, g, B, C, m, d_skip, reduce_layout: gl.constexpr):
+def _adjoint_step(lam_next, h_prev, h_cur, decay, A, u, delta, sigmoid, g, B, C, m, d_skip,
+                  reduce_layout: gl.constexpr):
     """One step of the adjoint: ``lam = dL/dh`` at this step from the next step's decayed one.
 
-    Returns the decayed ``lam`` for the step before, this step's ``du``, ``d(dt before bias)``, the
-    contributions to ``dA`` (``lam * dh/dA``), and the channel sums ``dB``, ``dC``.
+    Returns the decayed ``lam`` for the step before, this step's ``du``, ``d(dt before bias)``,
+    ``lam * decay * h_prev`` (times delta, this step's contribution to ``dA``), and the channel sums
+    ``dB``, ``dC``.
     """
     drive = delta * u
     lam = lam_next + g[:, None] * C[None, :]
     lam_B = gl.sum(lam * B[None, :], axis=1)
     carried = lam * decay * h_prev
     d_delta = gl.sum(carried * A, axis=1) * LN2 + u * lam_B
-    d_raw = gl.where(m, d_delta * _sigmoid(x), 0.0)
+    d_raw = gl.where(m, d_delta * sigmoid, 0.0)
     du = delta * lam_B + d_skip * g
     dB = gl.sum(gl.convert_layout(lam * drive[:, None], reduce_layout), axis=0)
     dC = gl.sum(gl.convert_layout(h_cur * g[:, None], reduce_layout), axis=0)
-    return decay * lam, du, d_raw, carried * delta[:, None], dB, dC
+    return decay * lam, du, d_raw, carried, dB, dC
 
 
 @gluon.jit
@@ -277,6 +299,9 @@ def _scan_bwd_kernel(
     c_s, c_r = _staging(bc_ptr.dtype.element_ty, N, T)
     g_s, g_r = _staging(g_ptr.dtype.element_ty, BD, T)
     history = gl.allocate_shared_memory(gl.float32, [T // 2, BD, N], history_layout)
+    # each step's delta and its derivative, from the recompute pass for the adjoint
+    delta_s = gl.allocate_shared_memory(gl.float32, [T, BD], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    sigmoid_s = gl.allocate_shared_memory(gl.float32, [T, BD], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     offs_pair = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
     offs_pair_r = gl.arange(0, 2, layout=gl.SliceLayout(1, bc_pair_layout))
     offs_nr = gl.arange(0, N, layout=gl.SliceLayout(0, bc_pair_layout))
@@ -313,15 +338,21 @@ def _scan_bwd_kernel(
             history.index(pair).store(h)
             for i in gl.static_range(2):
                 m = d_mask & (chunk * T + 2 * pair + i < length)
-                u, x, delta, B, C = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair + i, m, bias, state_layout)
+                u, delta, sigmoid, B, C = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair + i, m, bias,
+                                                       state_layout)
+                delta_s.index(2 * pair + i).store(delta)
+                sigmoid_s.index(2 * pair + i).store(sigmoid)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
+        gl.thread_barrier()
         for q in range(T // 2):
             pair = T // 2 - 1 - q
             p0 = chunk * T + 2 * pair
             m0 = d_mask & (p0 < length)
             m1 = d_mask & (p0 + 1 < length)
-            u0, x0, delta0, B0, C0 = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair, m0, bias, state_layout)
-            u1, x1, delta1, B1, C1 = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair + 1, m1, bias, state_layout)
+            u0, delta0, sig0, B0, C0 = _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row0 + 2 * pair, 2 * pair,
+                                                      m0, state_layout)
+            u1, delta1, sig1, B1, C1 = _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row0 + 2 * pair + 1,
+                                                      2 * pair + 1, m1, state_layout)
             g0 = gl.where(m0, g_r.index(row0 + 2 * pair).load(channels).to(gl.float32), 0.0)
             g1 = gl.where(m1, g_r.index(row0 + 2 * pair + 1).load(channels).to(gl.float32), 0.0)
             h0 = history.index(pair).load(state_layout)  # before p0
@@ -329,11 +360,11 @@ def _scan_bwd_kernel(
             h1 = decay0 * h0 + (delta0 * u0)[:, None] * B0[None, :]  # after p0, before p0 + 1
             decay1 = gl.exp2(delta1[:, None] * A)
             h2 = decay1 * h1 + (delta1 * u1)[:, None] * B1[None, :]
-            lam_next, du1, d_raw1, dA1, dB1, dC1 = _adjoint_step(lam_next, h1, h2, decay1, A, u1, x1, delta1, g1, B1,
-                                                                 C1, m1, d_skip, reduce_layout)
-            lam_next, du0, d_raw0, dA0, dB0, dC0 = _adjoint_step(lam_next, h0, h1, decay0, A, u0, x0, delta0, g0, B0,
-                                                                 C0, m0, d_skip, reduce_layout)
-            dA_acc += dA0 + dA1
+            lam_next, du1, d_raw1, carried1, dB1, dC1 = _adjoint_step(
+                lam_next, h1, h2, decay1, A, u1, delta1, sig1, g1, B1, C1, m1, d_skip, reduce_layout)
+            lam_next, du0, d_raw0, carried0, dB0, dC0 = _adjoint_step(
+                lam_next, h0, h1, decay0, A, u0, delta0, sig0, g0, B0, C0, m0, d_skip, reduce_layout)
+            dA_acc = gl.fma(carried0, delta0[:, None], gl.fma(carried1, delta1[:, None], dA_acc))
             dD_acc += g0 * u0 + g1 * u1
             dbias_acc += d_raw0 + d_raw1
             # both positions' outputs written together
