@@ -421,9 +421,12 @@ def _check(u, dt_f, dt_b, bc, d_state):
                          f"{tuple(bc.shape)} strides {bc.stride()}")
 
 
-def _aligned(t):
-    """``t`` itself if its data starts on 16 bytes (what the kernels' row copies assume), else a copy."""
-    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+def _aligned(*tensors):
+    """The tensors themselves if each one's data starts on 16 bytes (what the kernels' row copies
+    assume), else contiguous copies of all of them (they keep sharing strides)."""
+    if all(t.data_ptr() % 16 == 0 for t in tensors):
+        return tensors
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
 
 
 def _alignment(u, dt, bc) -> int:
@@ -455,7 +458,7 @@ def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
     """
     d_state = params[0].shape[1]
     _check(u, dt_f, dt_b, bc, d_state)
-    u, dt_f, dt_b, bc = (_aligned(t) for t in (u, dt_f, dt_b, bc))
+    (u,), (dt_f, dt_b), (bc,) = _aligned(u), _aligned(dt_f, dt_b), _aligned(bc)
     batch, length, dim2 = u.shape
     dim = dim2 // 2
     cfg = {**_config(dim, d_state, forward=True), **(config or {})}
@@ -490,7 +493,7 @@ def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
     ddt_f = torch.empty(batch, length, dim, device=u.device, dtype=dt_f.dtype)
     if dt_f.stride() != ddt_f.stride():  # the kernel shares their strides
         dt_f, dt_b = dt_f.contiguous(), dt_b.contiguous()
-    u, dt_f, dt_b, bc, g = (_aligned(t) for t in (u, dt_f, dt_b, bc, g))
+    (u,), (dt_f, dt_b), (bc,), (g,) = _aligned(u), _aligned(dt_f, dt_b), _aligned(bc), _aligned(g)
     align = _alignment(u, dt_f, bc)
     du = torch.empty_like(u)
     ddt_b = torch.empty_like(ddt_f)
