@@ -1,12 +1,12 @@
-"""Pretraining throughput (samples/s) of the real training stack, several models in one run.
+"""Training throughput (samples/s) of the real training stack, several models in one run.
 
-Composes ``conf/train.yaml`` with the given overrides (synthetic data, the pretraining task), runs
-``trainer.fit`` for a fixed number of optimizer steps and times the last ones with the device
-synchronised, so data loading, both encoder passes, the heads, the optimizer and Lightning's own
-overhead are all inside the figure.
+Composes ``conf/train.yaml`` with the given overrides (synthetic data; the pretraining task, or
+finetuning at its default patch stride), runs ``trainer.fit`` for a fixed number of optimizer steps
+and times the last ones with the device synchronised, so data loading, the encoder passes, the
+heads, the optimizer and Lightning's own overhead are all inside the figure.
 
-    python bench/train_throughput.py                       # GPU: ssamba_tiny (2 and 1 passes), ssast_tiny,
-                                                           # both also with task.cuda_graphs=true
+    python bench/train_throughput.py                       # GPU: every case (stock ones need mamba-ssm)
+    python bench/train_throughput.py --only finetune       # GPU: the cases whose label contains "finetune"
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
     python bench/train_throughput.py --write               # also docs/performance/train.json
 """
@@ -42,6 +42,12 @@ CASES = {  # label -> overrides
     "ssast_tiny, 2 passes, CUDA graphs": ["model=ssast_tiny", "task.joint_passes=2", "task.cuda_graphs=true"],
     "stock composition, 2 passes, CUDA graphs": ["model=tiny", "task.joint_passes=2", "task.cuda_graphs=true",
                                                  STOCK],
+    # finetuning at its default patch stride 10 (overlapping patches: 1212 tokens for 1024 frames)
+    "ssamba_tiny, finetune, eager": ["task=finetune", "model=tiny", "data.num_classes=527", "task.cuda_graphs=false"],
+    "ssamba_tiny, finetune, CUDA graphs": ["task=finetune", "model=tiny", "data.num_classes=527",
+                                           "task.cuda_graphs=true"],
+    "ssast_tiny, finetune, eager": ["task=finetune", "model=ssast_tiny", "data.num_classes=527",
+                                    "task.cuda_graphs=false"],
 }
 
 
@@ -70,9 +76,11 @@ class StepTimer(L.Callback):
 def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool) -> dict:
     stock = STOCK in overrides
     overrides = [o for o in overrides if o != STOCK]
-    common = ["~callbacks", "data=synthetic", "task=pretrain", f"data.batch_size={batch}", "logger=none", "test=false",
+    pretrain = not any(o.startswith("task=") for o in overrides)
+    task_keys = ["task=pretrain", "task.figure_every_n_steps=0"] if pretrain else []
+    common = ["~callbacks", "data=synthetic", *task_keys, f"data.batch_size={batch}", "logger=none", "test=false",
               f"trainer.max_steps={warmup + steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
-              "+trainer.enable_checkpointing=false", "task.figure_every_n_steps=0",
+              "+trainer.enable_checkpointing=false",
               f"data.num_train={batch * (warmup + steps + 1)}", f"paths.output_dir={tempfile.mkdtemp()}"]
     common += ["trainer=gpu", "data.num_workers=12"] if gpu else ["trainer=cpu", "data.num_workers=1"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -98,12 +106,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps")
+    parser.add_argument("--only", help="run the cases whose label contains this text")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.smoke
     device = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
     results = {}
     for label, overrides in CASES.items():
+        if args.only and args.only not in label:
+            continue
         if "task.cuda_graphs=true" in overrides and not gpu:
             continue  # CUDA graphs need a GPU
         if STOCK in overrides and not (gpu and stock_available()):

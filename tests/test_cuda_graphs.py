@@ -21,58 +21,73 @@ def test_cpu_inputs_run_the_encoder_eagerly():
     x, mask = _inputs(2, torch.Generator().manual_seed(0), "cpu", encoder)
     out = passes.encode(1, x, mask, token)
     torch.testing.assert_close(out, encoder.forward_features(x, mask, token))
+    torch.testing.assert_close(passes.encode(0, x), encoder.forward_features(x))  # finetuning: no masking
     assert passes.graphed is None  # nothing captured off the GPU
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("model", ["tiny", "ssast_tiny"])
-def test_graphed_passes_match_the_eager_encoder(model):
-    """Two passes per step, replayed over several steps with new inputs: outputs and every gradient
-    (encoder parameters and the mask token) equal the eager encoder's; another batch size runs eagerly."""
+@pytest.mark.parametrize("masked", [True, False], ids=["pretraining", "finetuning"])
+def test_graphed_passes_match_the_eager_encoder(model, masked):
+    """Two passes per step (pretraining: with masks and the mask token) or one (finetuning: the input
+    alone), replayed over several steps with new inputs: outputs and every gradient (encoder parameters
+    and the mask token) equal the eager encoder's; another batch size runs eagerly."""
     torch.manual_seed(0)
     overrides = dict(SMALL, backend="auto") if model == "tiny" else dict(SMALL, num_heads=2)
     encoder = ssamba.build_encoder(model, **overrides).cuda().train()
     token = torch.nn.Parameter(torch.randn(1, 1, 32, device="cuda"))
-    params = [token, *encoder.parameters()]
-    graphed = GraphedPasses(encoder, passes=2)
+    params = [token, *encoder.parameters()] if masked else list(encoder.parameters())
+    passes = 2 if masked else 1
+    graphed = GraphedPasses(encoder, passes=passes)
     gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def masking(x_mask):
+        return (x_mask[1], token) if masked else ()
 
     def step(encode):
         loss = 0
-        for index in range(2):
+        for index in range(passes):
             x, mask = _inputs(4, gen, "cuda", encoder)
-            loss = loss + (encode(index, x, mask, token) ** 2).mean()
+            loss = loss + (encode(index, x, *masking((x, mask))) ** 2).mean()
         return loss, torch.autograd.grad(loss, params)
 
     for _ in range(3):  # capture on the first, replays after; each step draws new inputs
         state = gen.get_state()
         loss, grads = step(graphed.encode)
         gen.set_state(state)
-        loss_ref, grads_ref = step(lambda index, x, mask, tok: encoder.forward_features(x, mask, tok))
+        loss_ref, grads_ref = step(lambda index, x, *rest: encoder.forward_features(x, *rest))
         torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
         for g, g_ref in zip(grads, grads_ref):
             torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-6)
     assert graphed.graphed is not None and graphed.eager_calls == 0
     x, mask = _inputs(3, gen, "cuda", encoder)
-    torch.testing.assert_close(graphed.encode(0, x, mask, token), encoder.forward_features(x, mask, token))
+    rest = masking((x, mask))
+    torch.testing.assert_close(graphed.encode(0, x, *rest), encoder.forward_features(x, *rest))
     assert graphed.eager_calls == 1
 
 
-def test_auto_graphs_the_ssamba_family_only_and_only_on_a_gpu():
-    """``task.cuda_graphs=auto``: SSAMBA encoders (host-bound steps) get graph replays, SSAST does not.
-    (On a CPU, auto drops them at fit start: every CPU run of tests/test_train.py uses the default.)"""
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_auto_graphs_the_ssamba_family_only_and_only_on_a_gpu(kind):
+    """``task.cuda_graphs=auto``: SSAMBA encoders (host-bound steps) get graph replays, SSAST does not;
+    pretraining graphs its two passes, finetuning its one. (On a CPU, auto drops them at fit start:
+    every CPU run of tests/test_train.py uses the default.)"""
     from ssamba.models import build_encoder
-    from ssamba.tasks.pretrain import MaskedPatchPretraining
+    from ssamba.tasks import Finetuning, MaskedPatchPretraining
     from ssamba.utils.config import ConfigError
 
     def task(name, cuda_graphs):
         heads = {"num_heads": 2} if name.startswith("ssast") else {}
         encoder = build_encoder(name, depth=2, embed_dim=32, input_tdim=64, **heads)
-        return MaskedPatchPretraining(encoder, torch.optim.AdamW, mask={"count": 4}, cuda_graphs=cuda_graphs)
+        if kind == "pretrain":
+            return MaskedPatchPretraining(encoder, torch.optim.AdamW, mask={"count": 4}, cuda_graphs=cuda_graphs)
+        data = {"target_length": 64, "label_names": ["a", "b"], "multilabel": False}
+        return Finetuning(torch.optim.AdamW, encoder=encoder, fstride=16, tstride=16, cuda_graphs=cuda_graphs,
+                          data=data)
 
     auto = task("ssamba_tiny", "auto")
     assert auto.graphed_passes is not None and task("ssast_tiny", "auto").graphed_passes is None
+    assert auto.graphed_passes.passes == (2 if kind == "pretrain" else 1)
     assert task("ssamba_tiny", False).graphed_passes is None
     assert task("ssast_tiny", True).graphed_passes is not None
     with pytest.raises(ConfigError, match="one of true, false, auto"):

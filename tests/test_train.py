@@ -188,12 +188,25 @@ def test_gpu_bf16_run_with_cuda_graphs(tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(float(v))) for v in losses)
 
 
-def test_cuda_graphs_on_a_cpu_model_fail_before_training(tmp_path):
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_finetune_with_cuda_graphs(tmp_path):
+    """Finetuning's encoder pass replayed as a CUDA graph through a whole fit, with a short last batch
+    (run eagerly) and validation (eager) between epochs."""
+    score = run_train(tmp_path, *FINETUNE, "trainer=gpu", "model.backend=auto", "task.cuda_graphs=true",
+                      "data.num_train=70", "trainer.max_epochs=2")
+    assert score is not None
+    losses = column(read_metrics(tmp_path), "train/loss_step")
+    assert losses and all(torch.isfinite(torch.tensor(float(v))) for v in losses)
+
+
+@pytest.mark.parametrize("task", [[], FINETUNE], ids=["pretrain", "finetune"])
+def test_cuda_graphs_on_a_cpu_model_fail_before_training(tmp_path, task):
     """accelerator=auto resolving to CPU: the task refuses at fit start with the key to change."""
     if torch.cuda.is_available():
         pytest.skip("auto resolves to the GPU here")
     with pytest.raises(Exception, match="task.cuda_graphs=true needs a CUDA device"):
-        run_train(tmp_path, "trainer=default", "task.cuda_graphs=true")
+        run_train(tmp_path, *task, "trainer=default", "task.cuda_graphs=true")
 
 
 @pytest.mark.gpu

@@ -9,7 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from ssamba.tasks.cuda_graphs import GraphedPasses
+from ssamba.utils.config import ConfigError
 
 DATA_KEYS = ("target_length", "norm_mean", "norm_std", "label_names", "multilabel")
 
@@ -48,9 +51,28 @@ class EncoderTask(L.LightningModule):
         self.scheduler_config = dict(scheduler_config or {})
         self.warmup_steps = warmup_steps
         self.data = dict(data or {})
+        self.cuda_graphs: bool | str = False
+        self.graphed_passes: GraphedPasses | None = None
+
+    def use_cuda_graphs(self, setting: bool | str, passes: int) -> None:
+        """Replay the encoder's ``passes`` training passes per step as CUDA graphs (``task.cuda_graphs``):
+        ``true``, ``false`` or ``auto``, which follows the encoder's ``prefers_cuda_graphs`` (encoders
+        whose steps wait on the host's kernel launches, docs/performance.md) and is dropped on a CPU."""
+        if setting not in (True, False, "auto"):
+            raise ConfigError(f"task.cuda_graphs={setting!r} is not one of true, false, auto")
+        self.cuda_graphs = setting
+        wanted = setting is True or (setting == "auto" and getattr(self.encoder, "prefers_cuda_graphs", False))
+        self.graphed_passes = GraphedPasses(self.encoder, passes) if wanted else None
+
+    def encode(self, x: Tensor, *masking: Tensor, index: int = 0) -> Tensor:
+        """The encoder's ``forward_features(x, *masking)``, replayed from the CUDA graph of pass ``index``
+        of the step where there is one (training on a GPU; otherwise eager)."""
+        if self.graphed_passes is not None:
+            return self.graphed_passes.encode(index, x, *masking)
+        return self.encoder.forward_features(x, *masking)
 
     def on_fit_start(self) -> None:
-        """Give every DDP rank its own random stream.
+        """Give every DDP rank its own random stream; check the CUDA-graph setting against the device.
 
         All ranks are seeded alike so that they build identical initial weights; left that way they
         would also draw identical masks, drop-path and augmentation every step. A resumed run
@@ -58,6 +80,11 @@ class EncoderTask(L.LightningModule):
         """
         if self.trainer.world_size > 1:
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+        if self.graphed_passes is not None and self.device.type != "cuda":
+            if self.cuda_graphs != "auto":
+                raise ConfigError(f"task.cuda_graphs=true needs a CUDA device, but the model is on "
+                                  f"{self.device.type}; use trainer=gpu or task.cuda_graphs=false")
+            self.graphed_passes = None
 
     # --- optimisation -----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:

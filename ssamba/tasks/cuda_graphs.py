@@ -1,9 +1,10 @@
-"""Encoder passes of a training step replayed as CUDA graphs (``task.cuda_graphs=true``).
+"""Encoder passes of a training step replayed as CUDA graphs (``task.cuda_graphs``).
 
 At the tiny width a layer's forward + backward costs the host about as long to issue as the GPU
 takes to run it (docs/performance.md), so an eager training step waits on Python and kernel-launch
 overhead. ``torch.cuda.make_graphed_callables`` captures each encoder pass of the step, forward and
-backward, once and replays it afterwards; the heads, losses and optimizer stay eager.
+backward, once and replays it afterwards; the heads, losses and optimizer stay eager. Pretraining
+passes the mask and mask token along with the input; finetuning passes the input alone.
 
 Each pass of a step gets its own graph and memory pool (the two masked passes of the released
 objective keep their activations apart until the backward), captured for the first training
@@ -45,12 +46,13 @@ class _EncoderPass(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
-        return self.encoder.forward_features(x, mask, mask_token)
+    def forward(self, x: Tensor, *masking: Tensor) -> Tensor:
+        return self.encoder.forward_features(x, *masking)
 
 
 class GraphedPasses:
-    """``encode(index, x, mask, mask_token)`` for pass ``index`` of a training step.
+    """``encode(index, x, *masking)`` for pass ``index`` of a training step: the encoder's
+    ``forward_features(x, *masking)`` (``masking``: pretraining's mask and mask token, or nothing).
 
     Captures lazily on the first call in training mode with gradients on a CUDA device; the capture
     runs under autocast without its weight cache (graphs cannot hold it), in the step's autocast dtype.
@@ -65,33 +67,37 @@ class GraphedPasses:
         self.eager_calls = 0  # passes that ran eagerly for want of a graph of their shape
 
     @staticmethod
-    def _key(x: Tensor, mask: Tensor, mask_token: Tensor) -> tuple:
+    def _key(inputs: tuple[Tensor, ...]) -> tuple:
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        return tuple(x.shape), x.dtype, tuple(mask.shape), mask_token.dtype, x.device, autocast
+        return tuple((tuple(t.shape), t.dtype) for t in inputs), inputs[0].device, autocast
 
-    def _capture(self, x: Tensor, mask: Tensor, mask_token: Tensor, key: tuple) -> None:
+    def _capture(self, inputs: tuple[Tensor, ...], key: tuple) -> None:
         # one capture (memory pool, static input copies) per pass, so their replays may run in any
         # order and a later pass's inputs do not overwrite those an earlier pass's backward reads
         autocast_dtype = key[-1]
+        x, *masking = inputs
+        # inputs that take gradients (the mask token) are passed as they are, the others as copies
+        samples = (x.detach().clone(), *(t if t.requires_grad else t.clone() for t in masking))
         with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=False), _thread_local_capture():
             self.graphed = tuple(
-                torch.cuda.make_graphed_callables(_EncoderPass(self.encoder), (x.detach().clone(), mask.clone(),
-                                                                               mask_token),
+                torch.cuda.make_graphed_callables(_EncoderPass(self.encoder), samples,
                                                   num_warmup_iters=self.warmup_iters)
                 for _ in range(self.passes))
         self.key = key
 
-    def encode(self, index: int, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+    def encode(self, index: int, x: Tensor, *masking: Tensor) -> Tensor:
         if not (x.is_cuda and self.encoder.training and torch.is_grad_enabled()):
-            return self.encoder.forward_features(x, mask, mask_token)
-        key = self._key(x, mask, mask_token)
+            return self.encoder.forward_features(x, *masking)
+        inputs = (x, *masking)
+        key = self._key(inputs)
         if self.key is None:
-            self._capture(x, mask, mask_token, key)
+            self._capture(inputs, key)
         if key != self.key:
             if not self.eager_calls:
-                log.warning("CUDA graphs were captured for input %s, mask %s; a batch of input %s, mask %s runs "
-                            "eagerly (logged once)", self.key[0], self.key[2], key[0], key[2])
+                log.warning("CUDA graphs were captured for inputs of shapes %s; a batch of shapes %s runs "
+                            "eagerly (logged once)", [shape for shape, _ in self.key[0]],
+                            [shape for shape, _ in key[0]])
             self.eager_calls += 1
-            return self.encoder.forward_features(x, mask, mask_token)
-        return self.graphed[index](x, mask, mask_token)
+            return self.encoder.forward_features(x, *masking)
+        return self.graphed[index](*inputs)

@@ -60,7 +60,8 @@ class Finetuning(EncoderTask):
                  loss: str = "auto", head_lr_multiplier: float = 1.0, num_classes: int | None = None,
                  class_weights: list[float] | None = None, scheduler=None,
                  scheduler_config: dict | None = None, warmup_steps: int = 0,
-                 metrics: dict[str, Metric] | None = None, data: dict | None = None):
+                 metrics: dict[str, Metric] | None = None, cuda_graphs: bool | str = "auto",
+                 data: dict | None = None):
         data = dict(data or {})
         if pretrained:
             encoder, record = load_pretrained_encoder(pretrained, backend)
@@ -90,6 +91,7 @@ class Finetuning(EncoderTask):
         self.encoder.set_grid(input_tdim=tdim, fstride=fstride, tstride=tstride)
         self.head = ClassificationHead(self.encoder.embed_dim, self.num_classes, pooling,
                                        self.encoder.num_prefix_tokens)
+        self.use_cuda_graphs(cuda_graphs, passes=1)
         builtin = {"acc": MulticlassAccuracy(self.num_classes, average="micro"),
                    "mAP": (MultilabelAveragePrecision(self.num_classes, average="macro") if self.multilabel
                            else MulticlassAveragePrecision(self.num_classes, average="macro"))}
@@ -120,7 +122,7 @@ class Finetuning(EncoderTask):
 
     # --- model ------------------------------------------------------------------------------------
     def forward(self, fbank: Tensor) -> Tensor:
-        return self.head(self.encoder.forward_features(fbank))
+        return self.head(self.encode(fbank))
 
     def parameter_groups(self) -> list[dict]:
         head = [p for p in self.head.parameters() if p.requires_grad]

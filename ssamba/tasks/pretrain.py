@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.tasks.base import EncoderTask
-from ssamba.tasks.cuda_graphs import GraphedPasses
 from ssamba.tasks.heads import prediction_head
 from ssamba.tasks.masking import STYLES, make_mask
 from ssamba.utils.config import ConfigError
@@ -81,14 +80,7 @@ class MaskedPatchPretraining(EncoderTask):
         if joint_passes not in (1, 2):
             raise ConfigError(f"task.joint_passes={joint_passes} is not one of 1, 2")
         self.joint_passes = joint_passes
-        # CUDA-graph replays of the encoder passes (the encoder is shared, not registered twice).
-        # "auto": for encoders whose training step is bound by the host's kernel launches (the
-        # encoder's ``prefers_cuda_graphs``, measured in docs/performance.md), when on a GPU
-        if cuda_graphs not in (True, False, "auto"):
-            raise ConfigError(f"task.cuda_graphs={cuda_graphs!r} is not one of true, false, auto")
-        self.cuda_graphs = cuda_graphs
-        wanted = cuda_graphs is True or (cuda_graphs == "auto" and getattr(self.encoder, "prefers_cuda_graphs", False))
-        self.graphed_passes = GraphedPasses(self.encoder, joint_passes) if wanted else None
+        self.use_cuda_graphs(cuda_graphs, joint_passes)
         self.nce_weight = nce_weight
         self.mse_weight = mse_weight
         self.figure_every_n_steps = figure_every_n_steps
@@ -105,25 +97,13 @@ class MaskedPatchPretraining(EncoderTask):
         return make_mask(cfg["style"], batch, self.encoder.grid, count, cfg["cluster_sizes"],
                          cfg["reference_quirks"], device=self.device, generator=generator)
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.graphed_passes is not None and self.device.type != "cuda":
-            if self.cuda_graphs == "auto":
-                self.graphed_passes = None
-                return
-            raise ConfigError(f"task.cuda_graphs=true needs a CUDA device, but the model is on {self.device.type}; "
-                              "use trainer=gpu or task.cuda_graphs=false")
-
     def masked_pass(self, fbank: Tensor, count: int, generator=None, index: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Encode with ``count`` masked patches per clip: (features, targets ``[B, M, ...]``, mask).
 
         ``index`` numbers the passes of one step (each has its own CUDA graph with ``cuda_graphs``)."""
         batch = fbank.shape[0]
         mask = self.sample_mask(batch, count, generator)
-        if self.graphed_passes is not None:
-            tokens = self.graphed_passes.encode(index, fbank, mask, self.mask_embed)
-        else:
-            tokens = self.encoder.forward_features(fbank, mask, self.mask_embed)
+        tokens = self.encode(fbank, mask, self.mask_embed, index=index)
         positions = masked_positions(mask, count)
         hidden = _rows_at(tokens, positions + self.encoder.num_prefix_tokens)
         targets = _rows_at(self.encoder.patchify(fbank), positions)
