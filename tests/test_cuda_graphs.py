@@ -58,8 +58,11 @@ def test_graphed_passes_match_the_eager_encoder(model, masked):
         gen.set_state(state)
         loss_ref, grads_ref = step(lambda index, x, *rest: encoder.forward_features(x, *rest))
         torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
+        # atomics order sums differently per run; a tensor that is a near-cancelling sum (the mask
+        # token's gradient) is compared against the scale of all the gradients
+        scale = max(g.abs().max().item() for g in grads_ref)
         for g, g_ref in zip(grads, grads_ref):
-            torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-6)
+            torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-4 * scale)
     assert graphed.graphed is not None and graphed.eager_calls == 0
     x, mask = _inputs(3, gen, "cuda", encoder)
     rest = masking((x, mask))
