@@ -69,6 +69,7 @@ def test_defaults_are_the_reference_pretraining():
     (["mask.count=0"], "mask.count=0: must be a positive integer"),
     (["task.joint_passes=3"], "task.joint_passes=3: allowed values are 1, 2"),
     (["trainer=cpu", "task.cuda_graphs=true"], "task.cuda_graphs=true: CUDA graphs need a GPU"),
+    (["task=finetune", "trainer=cpu", "task.cuda_graphs=true"], "task.cuda_graphs=true: CUDA graphs need a GPU"),
     (["task=finetune", "task.pooling=max"], "task.pooling='max': allowed values are mean, cls"),
     (["task=finetune", "task.loss=mse"], "task.loss='mse': allowed values are auto, bce, ce"),
     (["task=finetune", "task.pretrained=/no/such.ckpt"], "task.pretrained=/no/such.ckpt: no such checkpoint file"),

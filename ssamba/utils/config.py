@@ -88,9 +88,6 @@ def validate_config(cfg: DictConfig) -> None:
         _require_positive_int(cfg, "mask.count")
         _require_positive_int(cfg, "mask.val_count")
         _choice(cfg, "task.joint_passes", (1, 2))
-        if _get(cfg, "task.cuda_graphs", False) is True and _get(cfg, "trainer.accelerator", "auto") == "cpu":
-            raise ConfigError("task.cuda_graphs=true: CUDA graphs need a GPU, but trainer.accelerator=cpu; "
-                              "allowed: task.cuda_graphs=false, or trainer=gpu|ddp")
         if "model" not in cfg or cfg.model is None:
             raise ConfigError("model: task=pretrain needs a model, allowed: model=tiny|small|base|ssast_*")
     if task == "finetune":
@@ -105,6 +102,9 @@ def validate_config(cfg: DictConfig) -> None:
         pretrained = _get(cfg, "task.pretrained")
         if pretrained is not None and not Path(pretrained).is_file():
             raise ConfigError(f"task.pretrained={pretrained}: no such checkpoint file")
+    if _get(cfg, "task.cuda_graphs", False) is True and _get(cfg, "trainer.accelerator", "auto") == "cpu":
+        raise ConfigError("task.cuda_graphs=true: CUDA graphs need a GPU, but trainer.accelerator=cpu; "
+                          "allowed: task.cuda_graphs=false, or trainer=gpu|ddp")
     if _get(cfg, "task.warmup_steps", 0) < 0:
         raise ConfigError(f"task.warmup_steps={cfg.task.warmup_steps}: must be >= 0")
     ckpt_path = _get(cfg, "ckpt_path")
