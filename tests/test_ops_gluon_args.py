@@ -16,13 +16,16 @@ def _inputs(dim, dtype=torch.bfloat16, batch=2, length=9, d_state=16):
 
 @pytest.mark.parametrize("dim,expected", [(384, 8), (42, 2), (20, 4)])
 def test_alignment_is_the_largest_power_of_two_dividing_channels_and_strides(dim, expected):
-    assert gluon_scan._alignment(*_inputs(dim)) == expected
+    u, dt, bc = _inputs(dim)
+    align, in_units = gluon_scan._in_alignment_units(u, dt, bc)
+    assert align == expected
+    assert [v * align for v in in_units] == [dim, *u.stride()[:2], *dt.stride()[:2], *bc.stride()[:2]]
 
 
 def test_odd_channel_counts_of_16_bit_inputs_are_refused_clearly():
     with pytest.raises(ValueError, match="4-byte pieces.*multiples of 2"):
-        gluon_scan._alignment(*_inputs(35))
-    assert gluon_scan._alignment(*_inputs(35, dtype=torch.float32)) == 1  # 4-byte elements copy one by one
+        gluon_scan._in_alignment_units(*_inputs(35))
+    assert gluon_scan._in_alignment_units(*_inputs(35, dtype=torch.float32))[0] == 1  # 4-byte elements one by one
 
 
 def test_misaligned_inputs_are_copied_together_and_keep_sharing_strides():

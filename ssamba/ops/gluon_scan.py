@@ -165,15 +165,21 @@ def _stage_chunk(u_s, dt_s, b_s, c_s, slot, u_rows, u_mask, dt_rows, dt_mask, b_
 
 
 @gluon.jit
+def _staged_rows(u_r, b_r, c_r, row, m, state_layout: gl.constexpr):
+    """Staged row ``row`` (slot * T + step) of ``u`` (zero where ``m`` is false), B and C, in fp32."""
+    u = gl.where(m, u_r.index(row).load(gl.SliceLayout(1, state_layout)).to(gl.float32), 0.0)
+    B = b_r.index(row).load(gl.SliceLayout(0, state_layout)).to(gl.float32)
+    C = c_r.index(row).load(gl.SliceLayout(0, state_layout)).to(gl.float32)
+    return u, B, C
+
+
+@gluon.jit
 def _staged_step(u_r, dt_r, b_r, c_r, row, m, bias, state_layout: gl.constexpr):
-    """Staged row ``row`` (slot * T + step): u, delta, its derivative w.r.t. the dt_proj output
-    (``sigmoid`` of it with the bias added), B and C (``u`` and delta zero where ``m`` is false)."""
-    channels: gl.constexpr = gl.SliceLayout(1, state_layout)
-    states: gl.constexpr = gl.SliceLayout(0, state_layout)
-    u = gl.where(m, u_r.index(row).load(channels).to(gl.float32), 0.0)
-    softplus, sigmoid = _softplus_sigmoid(dt_r.index(row).load(channels).to(gl.float32) + bias)
-    B = b_r.index(row).load(states).to(gl.float32)
-    C = c_r.index(row).load(states).to(gl.float32)
+    """Staged row ``row``: u, delta, its derivative w.r.t. the dt_proj output (``sigmoid`` of it with
+    the bias added), B and C (``u`` and delta zero where ``m`` is false)."""
+    u, B, C = _staged_rows(u_r, b_r, c_r, row, m, state_layout)
+    softplus, sigmoid = _softplus_sigmoid(dt_r.index(row).load(gl.SliceLayout(1, state_layout)).to(gl.float32)
+                                          + bias)
     return u, gl.where(m, softplus, 0.0), sigmoid, B, C
 
 
@@ -181,11 +187,8 @@ def _staged_step(u_r, dt_r, b_r, c_r, row, m, bias, state_layout: gl.constexpr):
 def _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row, j, m, state_layout: gl.constexpr):
     """Step ``j`` of the chunk again, in the adjoint: what :func:`_staged_step` gave the recompute
     pass, with delta and its derivative read back from where that pass kept them."""
+    u, B, C = _staged_rows(u_r, b_r, c_r, row, m, state_layout)
     channels: gl.constexpr = gl.SliceLayout(1, state_layout)
-    states: gl.constexpr = gl.SliceLayout(0, state_layout)
-    u = gl.where(m, u_r.index(row).load(channels).to(gl.float32), 0.0)
-    B = b_r.index(row).load(states).to(gl.float32)
-    C = c_r.index(row).load(states).to(gl.float32)
     return u, delta_s.index(j).load(channels), sigmoid_s.index(j).load(channels), B, C
 
 
@@ -193,8 +196,8 @@ def _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row, j, m, state_layout: g
 def _scan_fwd_kernel(
         u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
         y_ptr, ckpt_ptr,
-        length, dim_a, num_chunks,
-        su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sy_b, sy_l,
+        length, num_chunks,
+        dim_a, su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sy_b, sy_l,
         N: gl.constexpr, T: gl.constexpr, TS: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr,
         ALIGN: gl.constexpr):
     """``*_a`` arguments are in units of ``ALIGN`` elements, so the compiler knows the copies' alignment."""
@@ -272,8 +275,8 @@ def _adjoint_step(lam_next, h_prev, h_cur, decay, A, u, delta, sigmoid, g, B, C,
 def _scan_bwd_kernel(
         u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
         g_ptr, ckpt_ptr, du_ptr, ddt_f_ptr, ddt_b_ptr, dbc_ptr, dparam_ptr,
-        length, dim_a, num_chunks,
-        su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sg_b, sg_l,
+        length, num_chunks,
+        dim_a, su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sg_b, sg_l,
         N: gl.constexpr, T: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr, ALIGN: gl.constexpr):
     """The adjoint walks each chunk's positions in pairs ``(e, e + 1)``, last pair first. Only the state
     before each even position is kept in shared memory (half the memory, so more warps fit): the state
@@ -429,10 +432,11 @@ def _aligned(*tensors):
     return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
 
 
-def _alignment(u, dt, bc) -> int:
+def _in_alignment_units(u, dt, bc) -> tuple[int, list[int]]:
     """The largest power of two (at most 8) dividing the channel count and every row stride, in
-    elements: the kernels receive them in these units, so the compiler can vectorise the row copies.
-    The copies move at least 4 bytes, so 16-bit inputs need even counts and strides."""
+    elements, and those numbers in its units: the kernels take them so, and multiply back, so the
+    compiler can vectorise the row copies. The copies move at least 4 bytes, so 16-bit inputs need
+    even counts and strides."""
     values = (u.shape[-1] // 2, u.stride(0), u.stride(1), dt.stride(0), dt.stride(1), bc.stride(0), bc.stride(1))
     align = 8
     while align > 1 and any(v % align for v in values):
@@ -442,11 +446,7 @@ def _alignment(u, dt, bc) -> int:
         raise ValueError(f"the Gluon scan copies rows in 4-byte pieces: with {narrowest}-byte inputs the channel "
                          f"count and row strides must be multiples of {4 // narrowest} (channels {values[0]}, "
                          f"strides {values[1:]})")
-    return align
-
-
-def _strides_in(align: int, *values: int) -> list[int]:
-    return [v // align for v in values]
+    return align, [v // align for v in values]
 
 
 def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
@@ -463,14 +463,13 @@ def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
     dim = dim2 // 2
     cfg = {**_config(dim, d_state, forward=True), **(config or {})}
     num_chunks = triton.cdiv(length, cfg["T"])
-    align = _alignment(u, dt_f, bc)
+    align, in_units = _in_alignment_units(u, dt_f, bc)
     y = torch.empty(batch, length, dim2, device=u.device, dtype=u.dtype)
     ckpt = torch.empty(batch, num_chunks, dim2, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_fwd_kernel[grid](
-        u, dt_f, dt_b, bc, *params, y, ckpt, length, dim // align, num_chunks,
-        *_strides_in(align, u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), bc.stride(0), bc.stride(1)),
-        y.stride(0), y.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg))
+        u, dt_f, dt_b, bc, *params, y, ckpt, length, num_chunks, *in_units, y.stride(0), y.stride(1),
+        N=d_state, ALIGN=align, **_launch_options(cfg))
     return y, ckpt
 
 
@@ -494,7 +493,7 @@ def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
     if dt_f.stride() != ddt_f.stride():  # the kernel shares their strides
         dt_f, dt_b = dt_f.contiguous(), dt_b.contiguous()
     (u,), (dt_f, dt_b), (bc,), (g,) = _aligned(u), _aligned(dt_f, dt_b), _aligned(bc), _aligned(g)
-    align = _alignment(u, dt_f, bc)
+    align, in_units = _in_alignment_units(u, dt_f, bc)
     du = torch.empty_like(u)
     ddt_b = torch.empty_like(ddt_f)
     # everything accumulated atomically, zeroed by one fill
@@ -504,9 +503,7 @@ def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
     dparam = acc[n_bc:]
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_bwd_kernel[grid](
-        u, dt_f, dt_b, bc, *params, g, ckpt, du, ddt_f, ddt_b, dBC, dparam,
-        length, dim // align, num_chunks,
-        *_strides_in(align, u.stride(0), u.stride(1), dt_f.stride(0), dt_f.stride(1), bc.stride(0), bc.stride(1)),
+        u, dt_f, dt_b, bc, *params, g, ckpt, du, ddt_f, ddt_b, dBC, dparam, length, num_chunks, *in_units,
         g.stride(0), g.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
     dA_log = dparam[:n_a].view(2, dim, d_state)
     dD, dbias = dparam[n_a:].view(2, 2, dim).unbind(0)
