@@ -179,7 +179,7 @@ class EmbedCommand:
     window: bool | None = None  # None: the family's default
     frames: bool = False  # also store frame-level embeddings (concatenated, with offsets)
     device: str = "auto"  # auto: cuda when available
-    backend: str | None = None  # SSAMBA selective-scan backend override (auto, torch, cuda)
+    backend: str | None = None  # SSAMBA selective-scan backend override: auto, torch, cuda, triton; None: the checkpoint's
     extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".mp3"])
     on_error: str = "skip"  # skip (count and list unusable files) or raise
 
@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ssamba.embed", description="Embed every audio file of a folder.")
     parser.add_argument("audio_dir")
     parser.add_argument("output", help=".npz with names, clip [N, D] (and frames, frame_offsets if frames=true)")
-    parser.add_argument("options", nargs="*", help="key=value: " + ", ".join(EmbedCommand.__dataclass_fields__))
+    parser.add_argument("options", nargs="*", help="key=value: " + ", ".join(EmbedCommand.__dataclass_fields__)
+                        + "; backend=auto takes triton, then mamba-ssm's cuda kernels on a GPU, torch on CPU")
     args = parser.parse_args(argv)
     options = OmegaConf.merge(OmegaConf.structured(EmbedCommand), OmegaConf.from_dotlist(args.options))
     if OmegaConf.is_missing(options, "ckpt"):

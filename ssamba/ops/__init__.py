@@ -1,4 +1,7 @@
-"""Selective-scan kernels: plain PyTorch everywhere, mamba-ssm's CUDA kernels where installed."""
+"""Selective-scan kernels: plain PyTorch everywhere; on a GPU, Triton kernels and mamba-ssm's CUDA kernels.
+
+``backend="auto"`` takes Triton, then mamba-ssm's kernels (when installed) on CUDA tensors, PyTorch elsewhere.
+"""
 from .backend import BACKENDS, cuda_kernels, resolve_backend
 from .bimamba import BranchWeights, bimamba_inner
 from .selective_scan import selective_scan_ref, selective_scan_torch
