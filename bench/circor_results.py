@@ -8,13 +8,14 @@ used to pick checkpoints. The report gives mean +- std over seeds of the murmur 
 UAR, the Challenge cost (murmur predictions against outcomes) and macro AUROC, with the card and
 the wall time of each training.
 
-    # where the data lives: split it into parts of bounded size (for machines that take bounded uploads)
+    # optional, where the data lives: split a CirCor folder into parts of at most 40 MiB (each patient in
+    # one part, without the unread .hea/.tsv files), to copy it to a GPU machine in pieces
     python bench/circor_results.py stage --src <circor-dev folder> --dst .gpudata/circor --max-mib 40
-    # on the GPU machine, once the parts are there; runs resume, so a grid can span several jobs:
+    # on the GPU machine, with a CirCor folder or the parts; runs resume, so a grid can span several jobs:
     python bench/circor_results.py run --data .gpudata/circor/part* --results .gpudata/circor-runs \\
         --seeds 0 1 2 --pretrain-epochs 8 --finetune-epochs 8 --stop-after-minutes 9 --out circor-results.md
     # anywhere, from the per-run JSON files:
-    python bench/circor_results.py report --results .gpudata/circor-runs --out docs/circor-results.md
+    python bench/circor_results.py report --results .gpudata/circor-runs --out docs/results/circor-results.md
 
 Extra Hydra overrides go to every training (``--override``) or to one kind (``--pretrain-override``,
 ``--finetune-override``), e.g. ``--override +model.depth=2`` for a quick check.
