@@ -108,12 +108,14 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert "mask.count=40 must be in 1..31" in errors[0] and "Traceback" not in result.stderr
 
 
-def test_cpu_quickstart_is_added_only_when_nothing_was_chosen(monkeypatch):
+def test_cpu_quickstart_is_added_only_to_the_default_pretraining_when_nothing_was_chosen(monkeypatch):
     from ssamba.utils import launch
 
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
     assert launch.with_cpu_quickstart(["train.py", "model=tiny"])[-1] == "experiment=quickstart_cpu"
-    for chosen in ("trainer=cpu", "experiment=pretrain_asli", "--cfg"):
+    defaults_chosen = ["train.py", "task=pretrain", "data=synthetic"]
+    assert launch.with_cpu_quickstart(defaults_chosen)[-1] == "experiment=quickstart_cpu"
+    for chosen in ("trainer=cpu", "experiment=pretrain_asli", "--cfg", "task=finetune", "data=circor"):
         assert launch.with_cpu_quickstart(["train.py", chosen]) == ["train.py", chosen]
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
     assert launch.with_cpu_quickstart(["train.py", "model=tiny"]) == ["train.py", "model=tiny"]

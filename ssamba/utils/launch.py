@@ -2,8 +2,9 @@
 
 * Numeric choices: Hydra parses ``mask=250`` as an integer, which cannot name a config file, so
   ``mask=250`` and sweeps like ``mask=250,300,400`` are quoted before Hydra sees them.
-* CPU quick start: with no GPU and no ``trainer=``/``experiment=`` on the command line, a run gets
-  ``experiment=quickstart_cpu`` (a real pretraining sized to finish in minutes on a laptop).
+* CPU quick start: with no GPU and no ``trainer=``/``experiment=`` on the command line, the default
+  run (pretraining on generated audio) gets ``experiment=quickstart_cpu`` (a real pretraining sized
+  to finish in minutes on a laptop).
 * DDP inside Hydra multiruns: Lightning starts DDP workers by re-running the script with the
   original command line, which for ``-m`` would start the whole sweep again in every worker. The
   job exports its own overrides and output folder, and a worker started for it runs just that job.
@@ -28,6 +29,8 @@ LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_
 _launcher_env_to_clear: list[str] = []
 QUICKSTART = "experiment=quickstart_cpu"
 _CHOICE_PREFIXES = ("trainer=", "experiment=", "+experiment=", "~experiment")
+# The run the quick start sizes; its keys (data.num_train, task.joint_passes) fit no other task or dataset.
+_QUICKSTART_RUN = {"task": "pretrain", "data": "synthetic"}
 _LIGHTNING_CHILD_ARGS = ("hydra.job.name=", "hydra.output_subdir=")
 
 
@@ -47,9 +50,14 @@ def quote_numeric_choices(argv: list[str]) -> list[str]:
 
 
 def with_cpu_quickstart(argv: list[str]) -> list[str]:
-    """Add ``experiment=quickstart_cpu`` when there is no GPU and the user chose no trainer/experiment."""
+    """Add ``experiment=quickstart_cpu`` when there is no GPU, the user chose no trainer/experiment and
+    the run is pretraining on generated audio (another ``task=`` or ``data=`` keeps its own config)."""
     if torch.cuda.is_available() or any(arg.startswith(_CHOICE_PREFIXES) for arg in argv[1:]):
         return argv
+    for arg in argv[1:]:
+        group, _, choice = arg.lstrip("+").partition("=")
+        if group in _QUICKSTART_RUN and choice.strip("'\"") != _QUICKSTART_RUN[group]:
+            return argv
     if any(arg in ("--help", "-h", "--hydra-help", "--info") or arg.startswith("--cfg") for arg in argv[1:]):
         return argv
     print(f"No GPU found: adding {QUICKSTART} (CPU-sized run). Pass trainer=... or experiment=... to choose yourself.",
