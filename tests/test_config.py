@@ -141,3 +141,14 @@ def test_ddp_worker_of_a_multirun_job_runs_only_that_job(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert ddp_worker_argv(argv) == ["train.py", "mask.count=12", 'hydra.run.dir="/runs/1"',
                                      "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
+
+
+def recipes(task_name):
+    return [name for name in choices("experiment") if compose_train(f"experiment={name}").task.name == task_name]
+
+
+@pytest.mark.parametrize("experiment", recipes("pretrain"))
+def test_a_mask_choice_on_the_command_line_wins_over_every_pretraining_recipe(experiment):
+    """A recipe that pinned mask.count would turn a mask sweep into identical jobs."""
+    counts = [compose_train(f"experiment={experiment}", f'mask="{count}"').mask.count for count in (250, 300, 400)]
+    assert counts == [250, 300, 400]

@@ -9,6 +9,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 import ssamba
 from ssamba.tasks import (ClassificationHead, EpochRangeAveraging, Finetuning, MaskedPatchPretraining,
                           load_pretrained_encoder, masked_patch_nce)
+from ssamba.tasks.masking import fit_count_to_grid
 from ssamba.utils.config import ConfigError
 
 TINY = {"depth": 2, "embed_dim": 32, "input_tdim": 64, "backend": "torch"}  # 8 x 4 = 32 patches
@@ -78,6 +79,21 @@ def test_mask_count_must_fit_the_grid():
         pretraining(joint_passes=3)
     with pytest.raises(ConfigError, match="unknown mask key"):
         pretraining(mask={"count": 10, "size": 3})
+
+
+def test_mask_counts_stated_for_another_grid_scale_only_when_asked():
+    # 250 and 400 of 512 patches on this 32-patch grid: 15.6 -> 16 and 25
+    task = pretraining(mask={"count": 250, "val_count": 400, "grid_patches": 512, "fit_to_grid": True})
+    assert (task.mask_cfg["count"], task.mask_cfg["val_count"]) == (16, 25)
+    assert pretraining(mask={"count": 20, "grid_patches": 32, "fit_to_grid": True}).mask_cfg["count"] == 20
+    with pytest.raises(ConfigError, match=r"mask.count=250 must be in 1..31.*mask.fit_to_grid=true.*grid_patches=512"):
+        pretraining(mask={"count": 250, "val_count": 12, "grid_patches": 512})
+
+
+@pytest.mark.parametrize("count,stated,patches,expected", [(250, 512, 64, 31), (300, 512, 64, 38), (400, 512, 64, 50),
+                                                             (1, 512, 64, 1), (511, 512, 64, 63), (128, 256, 256, 128)])
+def test_fit_count_to_grid_keeps_the_ratio_inside_the_grid(count, stated, patches, expected):
+    assert fit_count_to_grid(count, stated, patches) == expected
 
 
 def test_warmup_scales_only_the_step_and_restores_the_scheduled_lr():

@@ -115,6 +115,22 @@ def test_bad_mask_count_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_readme_mask_sweep_runs_on_a_machine_without_a_gpu(tmp_path):
+    """The README's sweep as written: the CPU quick start scales each count to its 64 patches, one job each."""
+    result = cli(tmp_path, "-m", "mask=250,300,400", "trainer.fast_dev_run=true",
+                 env={"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "experiment=quickstart_cpu" in result.stdout
+    sweep = next((tmp_path / "pretrain_tiny" / "multiruns").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    for job, count, fitted in zip(jobs, (250, 300, 400), (31, 38, 50)):
+        assert f"count: {count}" in (job / ".hydra" / "config.yaml").read_text()
+        assert f"mask.count={count} and mask.val_count=400, stated for 512 patches, scaled to {fitted} and 50" in (
+            job / "train.log").read_text()
+
+
+@pytest.mark.slow
 def test_mask_sweep_cli_makes_one_folder_and_wandb_run_per_job(tmp_path):
     """-m mask=250,300,400 with a grid of 16 x 26 = 416 patches (8 x 8 patches, 208 frames); W&B offline."""
     args = ["-m", "mask=250,300,400", *[a for a in TINY if not a.startswith(("logger=", "mask.", "data.target"))],
