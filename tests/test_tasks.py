@@ -229,6 +229,30 @@ def test_ssast_cls_pooling_averages_cls_and_dist_tokens():
     assert not torch.allclose(logits, head_by_hand(task.head, tokens[:, 0]), atol=1e-3)  # token 0 alone differs
 
 
+def frame_encoder():
+    """128 x 2 frame patches on 64 frames: a 1 x 32 grid."""
+    return tiny_encoder(fshape=128, tshape=2, fstride=128, tstride=2)
+
+
+@pytest.mark.parametrize("encoder,strides,key", [
+    (frame_encoder, {}, "task.tstride=10"),  # the default stride 10 on 2-frame patches
+    (frame_encoder, {"fstride": 128, "tstride": 3}, "task.tstride=3"),
+    (tiny_encoder, {"fstride": 20, "tstride": 10}, "task.fstride=20"),
+])
+def test_finetune_refuses_a_stride_larger_than_the_patch(encoder, strides, key):
+    with pytest.raises(ConfigError) as error:
+        Finetuning(ADAMW, encoder=encoder(), data=DATA, **strides)
+    message = str(error.value)
+    assert message.startswith(f"{key}: larger than the patch") and "\n" not in message
+
+
+def test_frame_patches_finetune_at_their_own_stride():
+    task = Finetuning(ADAMW, encoder=frame_encoder(), data=DATA, fstride=128, tstride=2)
+    assert task.encoder.grid == (1, 32)
+    assert task(torch.randn(2, 64, 128)).shape == (2, 3)
+    assert Finetuning(ADAMW, encoder=tiny_encoder(), data=DATA).encoder.grid == (12, 5)  # stride 10 < 16: allowed
+
+
 def test_epoch_range_averaging_averages_the_chosen_epochs(tmp_path):
     import lightning as L
 
