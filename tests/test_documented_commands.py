@@ -43,6 +43,9 @@ NOT_RUN = {
     "python train.py experiment=pretrain_asli data.sources.audioset.root=/data/audioset "
     "data.sources.librispeech.root=/data/LibriSpeech":
         "the recipe sets trainer=gpu (bf16 on a CUDA device)",
+    "python train.py 'experiment=[finetune_esc50,finetune_frame]' data.root=... "
+    "task.pretrained=outputs/pretrain_asli_frame_tiny/runs/<time>/checkpoints/last.ckpt":
+        "finetune_esc50 sets trainer=gpu (bf16 on a CUDA device)",
     "python train.py trainer=ddp trainer.devices=4 experiment=pretrain_asli ...":
         "4 CUDA devices (trainer=ddp is GPU-only)",
     "srun python train.py trainer=ddp trainer.devices=8 trainer.num_nodes=2 experiment=pretrain_asli "
