@@ -28,7 +28,7 @@ import torch
 
 from ssamba.data.base import AudioDataModule, Item
 from ssamba.data.manifest import read_label_csv
-from ssamba.metrics.labelset import check_rule
+from ssamba.metrics.labelset import PatientLabelSetMetrics, check_rule
 from ssamba.utils.config import ConfigError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -233,8 +233,6 @@ class EarbudDataModule(AudioDataModule):
 
     def extra_metrics(self) -> dict:
         """Subject-level scores (recordings aggregated per subject by ``data.aggregation``), single-label only."""
-        from ssamba.metrics import PatientLabelSetMetrics
-
         if self.multilabel:
             return {}
         return {"subjects": PatientLabelSetMetrics(class_names=tuple(self.label_names), rule=self.aggregation)}

@@ -59,7 +59,8 @@ def murmur_groups(class_names: Sequence[str]) -> tuple[str, ...] | None:
 def label_set_scores(preds: Tensor, probs: Tensor, target: Tensor, class_names: Sequence[str]) -> dict[str, Tensor]:
     """Scores of class predictions ``[N]``, probabilities ``[N, C]`` and targets ``[N]`` over any label set.
 
-    ``uar``, ``accuracy``, ``auroc`` (macro over the classes with a defined curve) and per class ``recall_<name>``, ``auroc_<name>``, ``support_<name>`` (true cases); NaN where undefined.
+    ``uar``, ``accuracy``, ``auroc`` (macro over the classes with a defined curve) and per class
+    ``recall_<name>``, ``auroc_<name>``, ``support_<name>`` (true cases); NaN where undefined.
     """
     num_classes = len(class_names)
     if probs.ndim != 2 or probs.shape[1] != num_classes:
@@ -170,7 +171,8 @@ def aggregate_label_set(
 class PatientLabelSetMetrics(PatientChallengeMetrics):
     """Patient-level scores for any single-label class set (same ``update`` as :class:`PatientChallengeMetrics`).
 
-    ``compute()`` gives :func:`label_set_scores` over patients, ``patients`` (their number) and, for murmur-named sets other than the Challenge's own, the collapsed Challenge scores under
+    ``compute()`` gives :func:`label_set_scores` over patients, ``patients`` (their number) and, for
+    murmur-named sets other than the Challenge's own, the collapsed Challenge scores under
     ``murmur_<score>``. :meth:`confusion_matrix` gives the patients' ``[true, pred]`` counts.
     """
 
