@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -41,6 +42,8 @@ SPLITS = {
     "subject": "subject-disjoint: subjects of train/ and eval/ pooled and drawn, stratified by label",
 }
 _SUBJECT = re.compile(r"^(.*?\d+)[A-Za-z]*$")
+
+log = logging.getLogger(__name__)
 
 
 def subject_of(stem: str) -> str:
@@ -147,6 +150,7 @@ class EarbudDataModule(AudioDataModule):
             raise ConfigError(f"data.aggregation={aggregation!r}: {error}") from None
         self.aggregation = aggregation
         self._subjects: dict[str, str] | None = None
+        log.info("earbud %s, split %s", self.variant_dir, self.split_description)  # scores depend on it
 
     # --- where things are -------------------------------------------------------------------
     def _variant_dir(self, variant: str) -> Path:
