@@ -324,7 +324,9 @@ def test_circor_split_file(tmp_path):
 def test_summary_command_for_circor(capsys):
     summary_main(["data=circor", f"data.root={CIRCOR_MINI}", "data.val_fraction=0.2", "data.test_fraction=0.2"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"splits", "total"} and set(out["splits"]) == {"train", "val", "test"}
+    assert set(out) == {"splits", "total", "split", "patients_shared_with_train"}
+    assert set(out["splits"]) == {"train", "val", "test"} and out["patients_shared_with_train"] == 0
+    assert out["split"] == "patient-wise, stratified on murmur and outcome, val 0.2 / test 0.2 of patients, seed 0"
     total = out["total"]
     assert total["patients"] == 6 and total["recordings"] == 27
     assert total["patient_labels"] == {"Absent": 3, "Present": 2, "Unknown": 1}

@@ -180,11 +180,22 @@ class PatientChallengeMetrics(Metric):
         super().__init__(**kwargs)
         if rule not in AGGREGATION_RULES:
             raise ValueError(f"aggregation rule={rule!r} is not one of {AGGREGATION_RULES}")
-        self.class_names = check_challenge_classes(class_names)
+        self.class_names = self.check_classes(class_names)
         self.rule = rule
         self.patient_names: dict[int, str] = {}
         for name in ("logits", "target", "outcome", "patient", "recording", "item", "has_item"):
             self.add_state(name, [], dist_reduce_fx="cat")
+
+    @staticmethod
+    def check_classes(class_names: Sequence[str]) -> tuple[str, ...]:
+        """The label sets this metric scores (subclasses widen it)."""
+        return check_challenge_classes(class_names)
+
+    def aggregate(
+        self, logits: Tensor, target: Tensor, patient: Tensor, recording: Tensor, outcome: Tensor | None
+    ) -> PatientPredictions:
+        """Item rows -> patient predictions by ``self.rule`` (subclasses change the class order it uses)."""
+        return aggregate_patients(logits, target, patient, recording, self.rule, outcome)
 
     def update(
         self,
@@ -234,12 +245,11 @@ class PatientChallengeMetrics(Metric):
         known = outcome != _NO_OUTCOME
         if known.any() and not known.all():
             raise ValueError("outcome was given for some items but not for others")
-        return aggregate_patients(
+        return self.aggregate(
             logits,
             columns["target"],
             columns["patient"],
             columns["recording"],
-            self.rule,
             outcome if known.any() else None,
         )
 

@@ -81,6 +81,9 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{missing[0]}: is required (???) but not set; set it on the command line, "
                           f"e.g. {missing[0]}=... (all missing: {', '.join(missing)})")
+    for key in _get(cfg, "required", []):  # a recipe's keys that must not stay null
+        if _get(cfg, key) is None:
+            raise ConfigError(f"{key}: this recipe needs it set; give {key}=... on the command line")
     _choice(cfg, "task.name", TASKS)
     task = _get(cfg, "task.name")
     if task == "pretrain":
