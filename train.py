@@ -19,7 +19,8 @@ from ssamba.tasks import build_task
 from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
-                                 quote_numeric_choices, requeued_checkpoint, with_cpu_quickstart)
+                                 keep_earlier_metrics, quote_numeric_choices, requeued_checkpoint,
+                                 with_cpu_quickstart)
 from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
 
 log = logging.getLogger("train")
@@ -33,6 +34,7 @@ def train(cfg: DictConfig) -> float | None:
     task = build_task(cfg, datamodule)
     callbacks = build_callbacks(cfg)
     prepare_wandb(cfg)
+    keep_earlier_metrics(cfg.paths.output_dir)
     loggers = start_wandb(instantiate_named(cfg.get("logger"), "logger"))
     exit_code, score = 1, None
     try:

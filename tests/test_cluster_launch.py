@@ -1,5 +1,6 @@
 """Sweeps through hydra-submitit-launcher: the local executor runs the cluster path on this machine
 (a job folder per sweep point, submitit's logs and results, the pre-emption signal and the requeue)."""
+import csv
 import os
 import signal
 import subprocess
@@ -76,7 +77,7 @@ def test_preempted_job_saves_requeues_and_continues_in_its_folder(tmp_path):
         while not list(tmp_path.glob("pretrain_tiny/multiruns/*/0/checkpoints/last.ckpt")):
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
             time.sleep(0.2)
-        controller = int(next(sweep_folder(tmp_path).joinpath(".submitit").iterdir()).name)
+        controller = int(next(p for p in sweep_folder(tmp_path).joinpath(".submitit").iterdir() if p.name.isdigit()).name)
         os.kill(_task_pid(controller), signal.SIGUSR2)  # what SLURM sends signal_delay_s before the limit
         output, _ = process.communicate(timeout=1800)
     finally:
@@ -88,5 +89,34 @@ def test_preempted_job_saves_requeues_and_continues_in_its_folder(tmp_path):
     stopped_at = int(log[stop:].split()[4].rstrip(";"))
     assert 20 <= stopped_at < steps
     assert f"requeued job: continuing from {job / 'checkpoints' / 'last.ckpt'}" in log[stop:]
-    steps_logged = column(read_metrics(job), "step")
-    assert max(steps_logged) == steps - 1 and min(steps_logged) == 0
+    before, after = column(read_metrics_file(job / "metrics.1.csv"), "step"), column(read_metrics(job), "step")
+    assert min(before) == 0 and max(before) < min(after) and max(after) == steps - 1  # no row lost
+
+
+def read_metrics_file(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_reused_run_folder_keeps_the_earlier_metrics(tmp_path):
+    from ssamba.utils.launch import keep_earlier_metrics
+
+    assert keep_earlier_metrics(str(tmp_path)) is None
+    for attempt in (1, 2):
+        (tmp_path / "metrics.csv").write_text(f"step\n{attempt}\n")
+        assert keep_earlier_metrics(str(tmp_path)) == str(tmp_path / f"metrics.{attempt}.csv")
+    assert not (tmp_path / "metrics.csv").exists()
+    assert [(tmp_path / f"metrics.{n}.csv").read_text() for n in (1, 2)] == ["step\n1\n", "step\n2\n"]
+
+
+def test_only_a_submitit_job_resumes_from_the_checkpoint_in_its_folder(tmp_path, monkeypatch):
+    from ssamba.utils.launch import requeued_checkpoint
+
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"")
+    for key in ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert requeued_checkpoint(str(last)) is None
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert requeued_checkpoint(str(last)) == str(last)
+    assert requeued_checkpoint(str(tmp_path / "missing.ckpt")) is None

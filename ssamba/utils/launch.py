@@ -114,3 +114,23 @@ def requeued_checkpoint(last_checkpoint: str) -> str | None:
         return None
     log.info("requeued job: continuing from %s", last_checkpoint)
     return last_checkpoint
+
+
+def keep_earlier_metrics(output_dir: str) -> str | None:
+    """Move a ``metrics.csv`` already in the run folder to ``metrics.<n>.csv`` before the CSV logger starts.
+
+    A folder is reused by a requeued job or a resume into the same ``hydra.run.dir``; Lightning's CSV
+    logger would delete the earlier rows. Only the first process does this (ranks share the folder).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    current = os.path.join(output_dir, "metrics.csv")
+    if rank_zero_only.rank != 0 or not os.path.isfile(current):
+        return None
+    number = 1
+    while os.path.exists(os.path.join(output_dir, f"metrics.{number}.csv")):
+        number += 1
+    kept = os.path.join(output_dir, f"metrics.{number}.csv")
+    os.replace(current, kept)
+    log.info("this run folder already had metrics.csv (an earlier attempt): kept as %s", kept)
+    return kept
