@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
-from ssamba.metrics.evaluation import check_compatible, load_classifier, read_record, score_split
+from ssamba.evaluation import check_compatible, load_finetuned, score_split
 from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs
 
 log = logging.getLogger("evaluate")
@@ -33,17 +33,18 @@ def resolve_device(name: str) -> torch.device:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; returns the scores as floats."""
-    record = read_record(cfg.ckpt_path)
+    checkpoint = load_finetuned(cfg.ckpt_path)
     with open_dict(cfg):  # the model's input: its own frame count and normalisation
         for key, kind in (("target_length", int), ("norm_mean", float), ("norm_std", float)):
-            if record.get(key) is not None:  # numbers only: a config node from a file could name a _target_
-                cfg.data[key] = _number(record[key], kind, f"checkpoint['ssamba'][{key!r}]")
+            value = getattr(checkpoint, key)
+            if value is not None:  # numbers only: a config node from a file could name a _target_
+                cfg.data[key] = _number(value, kind, f"checkpoint['ssamba'][{key!r}]")
     datamodule = hydra.utils.instantiate(cfg.data)
-    check_compatible(record, datamodule.label_names, datamodule.target_length)
+    check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
     if cfg.split not in datamodule.splits:
         raise ValueError(f"split={cfg.split!r}: the data has only {', '.join(datamodule.splits)}")
     rule = cfg.aggregation or getattr(datamodule, "aggregation", "hierarchical")
-    model, _ = load_classifier(cfg.ckpt_path, backend=cfg.backend)
+    model = checkpoint.build_classifier(backend=cfg.backend)
     device = resolve_device(cfg.device)
     metric = score_split(model, datamodule, cfg.split, rule, device, str(cfg.precision))
     scores = {name: float(value) for name, value in metric.compute().items()}

@@ -12,7 +12,8 @@ import torch
 
 import ssamba
 from ssamba.data.features import FbankFrontEnd, samples_for_frames
-from ssamba.embed import AudioEmbedder, main
+from ssamba.embed import AudioEmbedder
+from ssamba.embed.__main__ import main
 from ssamba.models import build_encoder
 
 TINY = {"ssamba_tiny": {"embed_dim": 32, "depth": 4, "d_state": 4, "input_tdim": 64, "backend": "torch"},

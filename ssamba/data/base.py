@@ -32,12 +32,12 @@ from ssamba.data.features import (
     mix_waveforms,
     sample_mixup_lambda,
 )
+from ssamba.constants import MEL_BINS, UNLABELED
 from ssamba.data.resumable import ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-UNLABELED = ["unlabeled"]  # pretraining corpora: one class, all-zero targets
 SUBSTITUTE_TRIES = 10
 
 
@@ -168,7 +168,7 @@ class Collate:
             if self.features_on_device:
                 batch.update(wav=torch.zeros(0, 0), wav_length=torch.zeros(0, dtype=torch.long))
             else:
-                batch["fbank"] = torch.zeros(0, self.target_length, 128)
+                batch["fbank"] = torch.zeros(0, self.target_length, MEL_BINS)
             batch.update(target=torch.zeros(0, self.num_classes), id=[], **{k: [] for k in self.meta_keys})
             return batch
         for key in items[0]:

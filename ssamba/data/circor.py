@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ssamba.constants import MURMUR_CLASSES, NO_OUTCOME, OUTCOME_CLASSES
 from ssamba.data.audio import BadAudio, audio_duration
 from ssamba.data.base import AudioDataModule, Item
 
 log = logging.getLogger(__name__)
 
-MURMUR_CLASSES = ["Present", "Unknown", "Absent"]
-OUTCOME_CLASSES = ["Abnormal", "Normal"]
 TASKS = {"murmur": MURMUR_CLASSES, "outcome": OUTCOME_CLASSES}
-NO_OUTCOME = -1
 
 
 @dataclass
@@ -259,10 +257,10 @@ class CirCorDataModule(AudioDataModule):
         return OUTCOME_CLASSES.index(patient.outcome) if patient.outcome else NO_OUTCOME
 
     def extra_metrics(self) -> dict:
-        """Patient-level Challenge scores for the finetuning task (segments -> recordings -> patients)."""
-        from ssamba.metrics import PatientChallengeMetrics
-
-        return {"challenge": PatientChallengeMetrics(class_names=tuple(self.label_names), rule=self.aggregation)}
+        """Patient-level Challenge scores for the finetuning task (segments -> recordings -> patients),
+        as a config the task factory instantiates, so that the data does not import the metrics."""
+        return {"challenge": {"_target_": "ssamba.metrics.PatientChallengeMetrics",
+                              "class_names": list(self.label_names), "rule": self.aggregation}}
 
     def recording_label(self, patient: Patient, recording: Recording) -> int:
         if self.task == "outcome":

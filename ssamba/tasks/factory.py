@@ -13,12 +13,10 @@ RUN_KEYS = ("name", "monitor", "monitor_mode")
 
 
 def extra_metrics(datamodule: Any, task_cfg: DictConfig) -> dict:
-    """Dataset-specific torchmetrics: the datamodule's ``extra_metrics()`` plus ``task.metrics``."""
-    metrics = dict(datamodule.extra_metrics()) if hasattr(datamodule, "extra_metrics") else {}
-    configured = task_cfg.get("metrics")
-    if configured:
-        metrics.update(hydra.utils.instantiate(configured, _convert_="all"))
-    return metrics
+    """Dataset-specific torchmetrics: the datamodule's ``extra_metrics()`` configs plus ``task.metrics``."""
+    configs = dict(datamodule.extra_metrics()) if hasattr(datamodule, "extra_metrics") else {}
+    configs.update(task_cfg.get("metrics") or {})
+    return {name: hydra.utils.instantiate(config, _convert_="all") for name, config in configs.items()}
 
 
 def build_task(cfg: DictConfig, datamodule: Any) -> EncoderTask:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssamba.tasks.base import EncoderTask
-from ssamba.tasks.heads import prediction_head
+from ssamba.models.heads import prediction_head
 from ssamba.tasks.masking import STYLES, make_mask
 from ssamba.utils.config import ConfigError
 
