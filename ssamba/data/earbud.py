@@ -17,7 +17,7 @@ import torch
 
 from ssamba.data.base import AudioDataModule, Item
 from ssamba.data.manifest import read_label_csv
-from ssamba.utils.config import ConfigError
+from ssamba.errors import ConfigError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 

@@ -7,6 +7,8 @@ from ssamba.tasks.masking import cluster_mask, make_mask, random_mask
 from ssamba.tasks.pretrain import MaskedPatchPretraining, masked_patch_nce
 from ssamba.tasks.schedules import stepped_multistep_lr
 
-__all__ = ["EncoderTask", "EpochRangeAveraging", "Finetuning", "MaskedPatchPretraining",
+TASKS = (MaskedPatchPretraining.task_name, Finetuning.task_name)  # the values of task.name
+
+__all__ = ["TASKS", "EncoderTask", "EpochRangeAveraging", "Finetuning", "MaskedPatchPretraining",
            "build_task", "cluster_mask", "data_info", "load_pretrained_encoder", "make_mask", "masked_patch_nce",
            "random_mask", "stepped_multistep_lr"]

@@ -10,9 +10,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ssamba.errors import ConfigError
 from ssamba.models import encoder_record
 from ssamba.tasks.cuda_graphs import GraphedPasses
-from ssamba.utils.config import ConfigError
 
 DATA_KEYS = ("target_length", "norm_mean", "norm_std", "label_names", "multilabel")
 

@@ -26,9 +26,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAveragePre
 
 from ssamba.checkpoints import Checkpoint, load_checkpoint
 from ssamba.constants import UNLABELED
-from ssamba.tasks.base import EncoderTask
+from ssamba.errors import ConfigError
 from ssamba.models.heads import POOLINGS, ClassificationHead
-from ssamba.utils.config import ConfigError
+from ssamba.tasks.base import EncoderTask
 
 log = logging.getLogger(__name__)
 
