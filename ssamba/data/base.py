@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ssamba.constants import MEL_BINS, UNLABELED
 from ssamba.data.audio import (
     SKIP_REASONS,
     BadAudio,
@@ -32,7 +33,6 @@ from ssamba.data.features import (
     mix_waveforms,
     sample_mixup_lambda,
 )
-from ssamba.constants import MEL_BINS, UNLABELED
 from ssamba.data.resumable import ResumableDataLoader
 
 log = logging.getLogger(__name__)

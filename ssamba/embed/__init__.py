@@ -22,13 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.features import (
-    MEL_BINS,
-    SAMPLE_RATE,
-    WINDOW_SAMPLES,
-    batched_fbank,
-    to_mono_16k,
-)
+from ..constants import MEL_BINS
+from ..data.features import SAMPLE_RATE, WINDOW_SAMPLES, batched_fbank, to_mono_16k
 from ..models.ssamba import SSAMBAEncoder
 
 FRAME_SECONDS = 0.01  # fbank frame shift
