@@ -180,3 +180,21 @@ def test_pretraining_task_checkpoint_maps_onto_the_released_names_and_finetunes_
     assert finetune.encoder.grid == (12, 4)
     torch.testing.assert_close(finetune.encoder.patch_embed.proj.weight, task.encoder.patch_embed.proj.weight)
     assert finetune(torch.randn(2, 48, 128)).shape == (2, 2)
+
+
+def test_backend_is_chosen_at_load_time_and_not_stored(tmp_path):
+    encoder = build_encoder("ssamba_tiny", **SMALL["ssamba"], backend="torch").eval()
+    assert "backend" not in encoder_record(encoder)
+    old_record = {"encoder": {**dataclasses.asdict(encoder.config), "backend": "cuda"}, "norm_mean": -1.0,
+                  "norm_std": 2.0, "target_length": 48, "task": "pretrain", "label_names": []}
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    torch.save({"state_dict": state, "ssamba": old_record}, tmp_path / "old.ckpt")  # as checkpoints were written
+
+    loaded = load_checkpoint(tmp_path / "old.ckpt")
+    assert "backend" not in loaded.encoder_config
+    assert "backend" not in to_lightning_checkpoint(loaded)["ssamba"]["encoder"]
+    assert loaded.build_encoder().config.backend == "auto"  # the stored "cuda" is not the encoder's identity
+    rebuilt = loaded.build_encoder(backend="torch").eval()
+    assert rebuilt.config.backend == "torch"
+    x = torch.randn(1, 48, 128)
+    torch.testing.assert_close(rebuilt(x), encoder(x), rtol=0, atol=0)
