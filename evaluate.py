@@ -35,10 +35,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; returns the scores as floats."""
     checkpoint = load_finetuned(cfg.ckpt_path)
     with open_dict(cfg):  # the model's input: its own frame count and normalisation
-        for key, kind in (("target_length", int), ("norm_mean", float), ("norm_std", float)):
+        for key in ("target_length", "norm_mean", "norm_std"):
             value = getattr(checkpoint, key)
-            if value is not None:  # numbers only: a config node from a file could name a _target_
-                cfg.data[key] = _number(value, kind, f"checkpoint['ssamba'][{key!r}]")
+            if value is not None:  # a number (the reader checks), never a config node that names a _target_
+                cfg.data[key] = value
     datamodule = hydra.utils.instantiate(cfg.data)
     check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
     if cfg.split not in datamodule.splits:
@@ -69,12 +69,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {Path(cfg.ckpt_path).name}"))
     log.info("patient outputs, scores.json and confusion_matrix.png in %s", out_dir)
     return scores
-
-
-def _number(value, kind: type, name: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r}: expected a number")
-    return kind(value)
 
 
 def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES = {"ssamba": ssamba_family, "ssast": ssast_family}  # released formats, by family
 HEAD_PREFIX = "head."  # the finetuning task's classification head in our state_dict
+NUMBERS = {"norm_mean": float, "norm_std": float, "target_length": int}  # numeric fields of the record
 
 
 @dataclass
@@ -130,15 +131,28 @@ def lightning_to_ours(checkpoint: dict[str, Any], source: str = "checkpoint", **
         raise ConversionError(f"{source} has no checkpoint['ssamba']['encoder'] (not an ssamba checkpoint, "
                               "or a released file: convert it with python -m ssamba.convert)")
     meta = checkpoint["ssamba"]
+    numbers = {key: _number(meta, key, kind) for key, kind in NUMBERS.items()}
     config = {k: v for k, v in {**meta["encoder"], **config_overrides}.items() if k not in RUNTIME_FIELDS}
+    if "name" not in config:
+        raise ConversionError(f"{source}: checkpoint['ssamba']['encoder'] names no model (no 'name' key)")
     state = checkpoint["state_dict"]
     encoder_state = {k[len(OUR_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(OUR_ENCODER_PREFIX)}
     task_state = {k: v for k, v in state.items() if not k.startswith(OUR_ENCODER_PREFIX)}
     reference = encoder_from_config(config).state_dict()
     encoder_state = _checked_state(reference, encoder_state, OUR_ENCODER_PREFIX, source)
-    return Checkpoint(config, encoder_state, task_state, meta.get("norm_mean"), meta.get("norm_std"),
-                      meta.get("target_length"), meta.get("task"), list(meta.get("label_names") or []),
-                      meta.get("head"))
+    return Checkpoint(config, encoder_state, task_state, **numbers, task=meta.get("task"),
+                      label_names=list(meta.get("label_names") or []), head=meta.get("head"))
+
+
+def _number(meta: dict[str, Any], key: str, kind: type) -> int | float | None:
+    """A number of the record, checked: evaluation copies these into the data config, where a
+    mapping could name a ``_target_`` to instantiate."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConversionError(f"checkpoint['ssamba'][{key!r}]={value!r}: expected a number")
+    return kind(value)
 
 
 def _checked_state(reference: dict[str, Tensor], source: dict[str, Tensor], source_prefix: str,
