@@ -49,6 +49,15 @@ def test_every_experiment_composes(experiment):
     assert all(key.startswith("data.") or key == "task.pretrained" for key in missing), missing
 
 
+@pytest.mark.parametrize("order", [["finetune_esc50", "finetune_frame"], ["finetune_frame", "finetune_esc50"]])
+def test_frame_recipe_adds_frame_patches_to_a_dataset_recipe(order):
+    """experiment=[<dataset recipe>,finetune_frame]: the dataset's settings with stride = patch = 128 x 2."""
+    cfg = compose_train(f"experiment=[{','.join(order)}]")
+    assert (cfg.data.target_length, cfg.task.scheduler.start, cfg.name) == (512, 6, "finetune_esc50_tiny")
+    assert (cfg.task.fstride, cfg.task.tstride) == (cfg.model.fshape, cfg.model.tshape) == (128, 2)
+    assert (cfg.model.fstride, cfg.model.tstride) == (128, 2)
+
+
 def test_defaults_are_the_reference_pretraining():
     cfg = compose_train()
     assert (cfg.data._target_, cfg.model.name, cfg.mask.count, cfg.task.name) == (
@@ -141,3 +150,14 @@ def test_ddp_worker_of_a_multirun_job_runs_only_that_job(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert ddp_worker_argv(argv) == ["train.py", "mask.count=12", 'hydra.run.dir="/runs/1"',
                                      "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
+
+
+def recipes(task_name):
+    return [name for name in choices("experiment") if compose_train(f"experiment={name}").task.name == task_name]
+
+
+@pytest.mark.parametrize("experiment", recipes("pretrain"))
+def test_a_mask_choice_on_the_command_line_wins_over_every_pretraining_recipe(experiment):
+    """A recipe that pinned mask.count would turn a mask sweep into identical jobs."""
+    counts = [compose_train(f"experiment={experiment}", f'mask="{count}"').mask.count for count in (250, 300, 400)]
+    assert counts == [250, 300, 400]

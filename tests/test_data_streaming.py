@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from litdata.utilities.env import _DistributedEnv
 
-from ssamba.data import ManifestDataModule
-from ssamba.data.streaming import ShardDataModule, write_shards
+pytest.importorskip("litdata", reason="streaming needs the litdata package (a core dependency; often missing on GPU images)")
+from litdata.utilities.env import _DistributedEnv  # noqa: E402
+
+from ssamba.data import ManifestDataModule  # noqa: E402
+from ssamba.data.streaming import ShardDataModule, write_shards  # noqa: E402
 
 N = 12
 

@@ -1,8 +1,9 @@
 """The quickstart notebook runs top to bottom (on CPU) and is committed without outputs."""
 from pathlib import Path
 
-import nbformat
 import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat and nbclient (the dev extra)")
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
 
@@ -15,7 +16,7 @@ def test_quickstart_is_committed_without_outputs():
 
 @pytest.mark.slow
 def test_quickstart_runs_top_to_bottom(tmp_path):
-    from nbclient import NotebookClient
+    NotebookClient = pytest.importorskip("nbclient", reason="running the notebook needs nbclient (the dev extra)").NotebookClient
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=900, kernel_name="python3",

@@ -175,8 +175,33 @@ def test_checkpoints_load_without_running_code(tmp_path):
     assert not Path("PWNED").exists() and not (tmp_path / "PWNED").exists()
 
 
+def project_sources(root: Path) -> list[Path]:
+    """The project's own .py files under ``root``: not tests, builds, or an environment installed inside it."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        if Path(folder, "pyvenv.cfg").exists():
+            subfolders.clear()
+            continue
+        subfolders[:] = [d for d in subfolders if d not in {".git", "tests", "build", "site-packages"}]
+        found.extend(Path(folder, name) for name in files if name.endswith(".py"))
+    return found
+
+
+def test_source_scan_skips_an_environment_inside_the_checkout(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mine.py").write_text("x = 1\n")
+    venv = tmp_path / ".venv" / "lib" / "python3.11" / "site-packages" / "dep"
+    venv.mkdir(parents=True)
+    (tmp_path / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (venv / "theirs.py").write_text("x = 2\n")
+    other = tmp_path / "env2" / "site-packages"
+    other.mkdir(parents=True)
+    (other / "theirs.py").write_text("x = 3\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in project_sources(tmp_path)] == ["pkg/mine.py"]
+
+
 def test_every_torch_load_in_the_repo_is_weights_only():
-    sources = [p for p in ROOT.rglob("*.py") if not {".git", "tests", "build"} & set(p.relative_to(ROOT).parts)]
+    sources = project_sources(ROOT)
     calls = [(p, m) for p in sources for m in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", p.read_text())]
     assert calls
     unsafe = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p, m in calls if "weights_only=True" not in m.group(0)]

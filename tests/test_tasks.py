@@ -10,6 +10,7 @@ import ssamba
 from ssamba.models import ClassificationHead
 from ssamba.tasks import (EpochRangeAveraging, Finetuning, MaskedPatchPretraining,
                           load_pretrained_encoder, masked_patch_nce)
+from ssamba.tasks.masking import fit_count_to_grid
 from ssamba.utils.config import ConfigError
 
 TINY = {"depth": 2, "embed_dim": 32, "input_tdim": 64, "backend": "torch"}  # 8 x 4 = 32 patches
@@ -79,6 +80,21 @@ def test_mask_count_must_fit_the_grid():
         pretraining(joint_passes=3)
     with pytest.raises(ConfigError, match="unknown mask key"):
         pretraining(mask={"count": 10, "size": 3})
+
+
+def test_mask_counts_stated_for_another_grid_scale_only_when_asked():
+    # 250 and 400 of 512 patches on this 32-patch grid: 15.6 -> 16 and 25
+    task = pretraining(mask={"count": 250, "val_count": 400, "grid_patches": 512, "fit_to_grid": True})
+    assert (task.mask_cfg["count"], task.mask_cfg["val_count"]) == (16, 25)
+    assert pretraining(mask={"count": 20, "grid_patches": 32, "fit_to_grid": True}).mask_cfg["count"] == 20
+    with pytest.raises(ConfigError, match=r"mask.count=250 must be in 1..31.*mask.fit_to_grid=true.*grid_patches=512"):
+        pretraining(mask={"count": 250, "val_count": 12, "grid_patches": 512})
+
+
+@pytest.mark.parametrize("count,stated,patches,expected", [(250, 512, 64, 31), (300, 512, 64, 38), (400, 512, 64, 50),
+                                                             (1, 512, 64, 1), (511, 512, 64, 63), (128, 256, 256, 128)])
+def test_fit_count_to_grid_keeps_the_ratio_inside_the_grid(count, stated, patches, expected):
+    assert fit_count_to_grid(count, stated, patches) == expected
 
 
 def test_warmup_scales_only_the_step_and_restores_the_scheduled_lr():
@@ -186,11 +202,72 @@ def test_extra_metrics_get_the_batch_fields_they_ask_for():
     assert set(logged) == {"val/acc", "val/mAP", "val/patients"}
 
 
-def test_classification_head_pools_patch_tokens_or_cls():
-    tokens = torch.randn(2, 5, 8)
-    mean_head, cls_head = ClassificationHead(8, 3, "mean"), ClassificationHead(8, 3, "cls")
-    assert torch.allclose(mean_head.pool(tokens), tokens[:, 1:].mean(1))
-    assert torch.equal(cls_head.pool(tokens), tokens[:, 0])
+def head_by_hand(head, pooled):
+    """LayerNorm -> Linear written out, with the head's own parameters."""
+    centred = pooled - pooled.mean(-1, keepdim=True)
+    normed = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + head.norm.eps)
+    return (normed * head.norm.weight + head.norm.bias) @ head.fc.weight.T + head.fc.bias
+
+
+def randomised_head(*args):
+    head = ClassificationHead(*args)
+    with torch.no_grad():  # LayerNorm starts as the identity affine map; make it count
+        head.norm.weight.normal_()
+        head.norm.bias.normal_()
+    return head
+
+
+@pytest.mark.parametrize("prefix", [1, 2], ids=["ssamba-cls", "ssast-cls-dist"])
+def test_classification_head_pools_as_the_released_code(prefix):
+    """cls: token 0 with one prefix token, (cls + dist) / 2 with two (released ``finetuningcls``);
+    mean: the patch tokens only, every prefix token excluded (released ``finetuningavgtok``)."""
+    torch.manual_seed(0)
+    tokens = torch.randn(2, prefix + 5, 8)
+    cls_pooled = tokens[:, 0] if prefix == 1 else (tokens[:, 0] + tokens[:, 1]) / 2
+    mean_pooled = sum(tokens[:, prefix + i] for i in range(5)) / 5
+    for pooling, pooled in (("cls", cls_pooled), ("mean", mean_pooled)):
+        head = randomised_head(8, 3, pooling, prefix)
+        assert torch.allclose(head.pool(tokens), pooled, atol=1e-6)
+        assert torch.allclose(head(tokens), head_by_hand(head, pooled), atol=1e-5)
+
+
+def test_ssast_cls_pooling_averages_cls_and_dist_tokens():
+    torch.manual_seed(0)
+    encoder = ssamba.build_encoder("ssast_tiny", embed_dim=32, depth=2, num_heads=4, input_tdim=64)
+    task = Finetuning(ADAMW, encoder=encoder, pooling="cls", data=DATA, fstride=16, tstride=16).eval()
+    with torch.no_grad():
+        task.head.norm.weight.normal_()
+        task.head.norm.bias.normal_()
+        x = torch.randn(2, 64, 128)
+        tokens = task.encoder.forward_features(x)
+        logits = task(x)
+    assert tokens.shape[1] == 2 + 32
+    assert torch.allclose(logits, head_by_hand(task.head, (tokens[:, 0] + tokens[:, 1]) / 2), atol=1e-5)
+    assert not torch.allclose(logits, head_by_hand(task.head, tokens[:, 0]), atol=1e-3)  # token 0 alone differs
+
+
+def frame_encoder():
+    """128 x 2 frame patches on 64 frames: a 1 x 32 grid."""
+    return tiny_encoder(fshape=128, tshape=2, fstride=128, tstride=2)
+
+
+@pytest.mark.parametrize("encoder,strides,key", [
+    (frame_encoder, {}, "task.tstride=10"),  # the default stride 10 on 2-frame patches
+    (frame_encoder, {"fstride": 128, "tstride": 3}, "task.tstride=3"),
+    (tiny_encoder, {"fstride": 20, "tstride": 10}, "task.fstride=20"),
+])
+def test_finetune_refuses_a_stride_larger_than_the_patch(encoder, strides, key):
+    with pytest.raises(ConfigError) as error:
+        Finetuning(ADAMW, encoder=encoder(), data=DATA, **strides)
+    message = str(error.value)
+    assert message.startswith(f"{key}: larger than the patch") and "\n" not in message
+
+
+def test_frame_patches_finetune_at_their_own_stride():
+    task = Finetuning(ADAMW, encoder=frame_encoder(), data=DATA, fstride=128, tstride=2)
+    assert task.encoder.grid == (1, 32)
+    assert task(torch.randn(2, 64, 128)).shape == (2, 3)
+    assert Finetuning(ADAMW, encoder=tiny_encoder(), data=DATA).encoder.grid == (12, 5)  # stride 10 < 16: allowed
 
 
 def test_epoch_range_averaging_averages_the_chosen_epochs(tmp_path):

@@ -89,6 +89,49 @@ def test_pretrain_checkpoint_hands_off_to_finetune(tmp_path):
     assert column(read_metrics(fine), "test/acc")
 
 
+# 128 x 2 frame patches, as experiment=pretrain_asli_frame: a 1 x 32 grid on 64 frames.
+FRAME = ["model.fshape=128", "model.tshape=2", "model.fstride=128", "model.tstride=2", "mask.style=random"]
+
+
+def test_frame_checkpoint_finetunes_with_the_frame_recipe_and_refuses_stride_10(tmp_path):
+    """A frame-patch pretraining hands off through experiment=finetune_frame (stride 128 x 2, every frame
+    pair one token); the default stride 10 would skip 8 of every 10 frames and is refused before training."""
+    from ssamba.data import SyntheticDataModule
+    from ssamba.tasks import build_task
+    from ssamba.utils.config import ConfigError
+
+    pre = tmp_path / "pre"
+    run_train(pre, *FRAME)
+    checkpoint = pre / "checkpoints" / "last.ckpt"
+    pretrained = ["data.num_classes=3", f"task.pretrained={checkpoint}"]
+
+    with pytest.raises(Exception) as error:  # model=tiny's 16 x 16 config; the checkpoint's patches decide
+        run_train(tmp_path / "stride10", "task=finetune", *pretrained)
+    assert "task.tstride=10: larger than the patch (128 x 2" in str(error.value)
+    assert isinstance(error.value, ConfigError) or isinstance(error.value.__cause__, ConfigError)
+    assert not (tmp_path / "stride10" / "metrics.csv").exists()
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, "experiment=finetune_frame", *pretrained, "paths.output_dir=unused"])
+    task = build_task(cfg, SyntheticDataModule(num_classes=3, target_length=64))
+    assert task.encoder.grid == (1, 32) and task.encoder.patch_embed.proj.stride == (128, 2)
+    score = run_train(tmp_path / "fine", "experiment=finetune_frame", *pretrained, "trainer.fast_dev_run=true")
+    assert score is not None and 0.0 <= score <= 1.0
+
+
+def test_frame_recipe_from_scratch_fast_dev_run(tmp_path):
+    score = run_train(tmp_path, "experiment=finetune_frame", "data.num_classes=3", "trainer.fast_dev_run=true")
+    assert score is not None and 0.0 <= score <= 1.0
+
+
+def test_stride_larger_than_the_patch_is_one_line_on_the_cli(tmp_path):
+    result = cli(tmp_path, *TINY, *FRAME, "task=finetune", "data.num_classes=3")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
+    assert len(errors) == 1 and "task.tstride=10: larger than the patch (128 x 2" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_resume_continues_step_count_and_schedule(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     warmup = ["task.warmup_steps=6", "task.optimizer.lr=1e-3"]
@@ -112,6 +155,22 @@ def test_bad_mask_count_fails_before_training(tmp_path):
         run_train(tmp_path, "mask.count=32")
     assert "mask.count=32 must be in 1..31" in str(error.value) or isinstance(error.value.__cause__, ConfigError)
     assert not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_readme_mask_sweep_runs_on_a_machine_without_a_gpu(tmp_path):
+    """The README's sweep as written: the CPU quick start scales each count to its 64 patches, one job each."""
+    result = cli(tmp_path, "-m", "mask=250,300,400", "trainer.fast_dev_run=true",
+                 env={"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "experiment=quickstart_cpu" in result.stdout
+    sweep = next((tmp_path / "pretrain_tiny" / "multiruns").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    for job, count, fitted in zip(jobs, (250, 300, 400), (31, 38, 50)):
+        assert f"count: {count}" in (job / ".hydra" / "config.yaml").read_text()
+        assert f"mask.count={count} and mask.val_count=400, stated for 512 patches, scaled to {fitted} and 50" in (
+            job / "train.log").read_text()
 
 
 @pytest.mark.slow

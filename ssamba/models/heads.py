@@ -10,7 +10,12 @@ POOLINGS = ("mean", "cls")
 
 
 class ClassificationHead(nn.Module):
-    """Pool the tokens (mean of the patch tokens, or the cls token) -> LayerNorm -> Linear."""
+    """Pool the tokens -> LayerNorm -> Linear.
+
+    ``mean``: the mean of the patch tokens, every prefix token excluded (the released
+    ``finetuningavgtok``). ``cls``: the mean of the prefix tokens, which is the cls token for SSAMBA
+    and ``(cls + dist) / 2`` for SSAST, as the released ``finetuningcls`` pools its two tokens.
+    """
 
     def __init__(self, embed_dim: int, num_classes: int, pooling: str = "mean", num_prefix_tokens: int = 1):
         super().__init__()
@@ -25,7 +30,7 @@ class ClassificationHead(nn.Module):
 
     def pool(self, tokens: Tensor) -> Tensor:
         if self.pooling == "cls":
-            return tokens[:, 0]
+            return tokens[:, :self.num_prefix_tokens].mean(dim=1)
         return tokens[:, self.num_prefix_tokens:].mean(dim=1)
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -45,6 +45,19 @@ def load_pretrained_encoder(path: str, backend: str | None = None) -> tuple[nn.M
     return checkpoint.build_encoder(backend), checkpoint
 
 
+def check_strides(patch_shape: tuple[int, int], fstride: int | None, tstride: int | None) -> None:
+    """Refuse a finetuning stride larger than the patch (None keeps the encoder's stride): the grid would
+    skip the bins or frames between patches, e.g. 128 x 2 frame patches at stride 10 see 2 frames in 10."""
+    fshape, tshape = patch_shape
+    for key, stride, size, unit in (("task.fstride", fstride, fshape, "mel bins"),
+                                    ("task.tstride", tstride, tshape, "frames")):
+        if stride is not None and stride > size:
+            raise ConfigError(f"{key}={stride}: larger than the patch ({fshape} x {tshape}, mel bins x frames), "
+                              f"so the grid would skip {stride - size} of every {stride} {unit}; allowed: 1..{size}, "
+                              f"e.g. task.fstride={fshape} task.tstride={tshape} "
+                              f"(experiment=finetune_frame for frame patches)")
+
+
 class Finetuning(EncoderTask):
     """Encoder + :class:`ClassificationHead`; BCE or CE; head learning-rate multiplier."""
 
@@ -83,6 +96,7 @@ class Finetuning(EncoderTask):
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float)
         self.register_buffer("class_weights", weights, persistent=False)
         tdim = data.get("target_length") or self.encoder.config.input_tdim
+        check_strides(self.encoder.patch_shape, fstride, tstride)
         self.encoder.set_grid(input_tdim=tdim, fstride=fstride, tstride=tstride)
         self.head = ClassificationHead(self.encoder.embed_dim, self.num_classes, pooling,
                                        self.encoder.num_prefix_tokens)

@@ -21,6 +21,12 @@ from torch import Tensor
 STYLES = ("cluster", "random")
 
 
+def fit_count_to_grid(count: int, stated_patches: int, num_patches: int) -> int:
+    """``count`` masked of ``stated_patches``, scaled to a grid of ``num_patches`` at the same ratio
+    (rounded, and kept in 1..num_patches - 1 so every clip keeps a masked and an unmasked patch)."""
+    return min(max(round(count * num_patches / stated_patches), 1), num_patches - 1)
+
+
 def random_mask(batch: int, num_patches: int, count: int, device=None, generator=None) -> Tensor:
     """Bool ``[batch, num_patches]`` with exactly ``count`` uniformly chosen True per row."""
     _check_count(count, num_patches)

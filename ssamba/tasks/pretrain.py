@@ -10,6 +10,7 @@ the raw patch values (MSE). Loss ``nce_weight * nce + mse_weight * mse`` (1 and 
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -19,11 +20,15 @@ from torch import Tensor, nn
 from ssamba.errors import ConfigError
 from ssamba.models.heads import prediction_head
 from ssamba.tasks.base import EncoderTask
-from ssamba.tasks.masking import STYLES, make_mask
+from ssamba.tasks.masking import STYLES, fit_count_to_grid, make_mask
+
+log = logging.getLogger(__name__)
 
 JOINT_PASSES = (1, 2)  # encoder passes per step: one shared by both heads, or one per head
+# grid_patches: the patch count that count/val_count are stated for (512: 16 x 16 patches on 1024 frames);
+# fit_to_grid: scale them to the model's grid when it has another size (the CPU quick start's 64 patches).
 MASK_DEFAULTS = {"count": 400, "style": "cluster", "cluster_sizes": [3, 4, 5], "reference_quirks": False,
-                 "val_count": None}
+                 "val_count": None, "grid_patches": None, "fit_to_grid": False}
 
 
 def masked_patch_nce(preds: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,12 +77,21 @@ class MaskedPatchPretraining(EncoderTask):
         if self.mask_cfg["style"] not in STYLES:
             raise ConfigError(f"mask.style={self.mask_cfg['style']!r} is not one of {', '.join(STYLES)}")
         num_patches = self.encoder.num_patches
+        grid = "x".join(map(str, self.encoder.grid))
+        stated = self.mask_cfg["grid_patches"]
+        if self.mask_cfg["fit_to_grid"] and stated and stated != num_patches:
+            fitted = {key: fit_count_to_grid(self.mask_cfg[key], stated, num_patches) for key in ("count", "val_count")}
+            log.info("mask.fit_to_grid: mask.count=%d and mask.val_count=%d, stated for %d patches, scaled to %d and "
+                     "%d of this model's %s = %d patches", self.mask_cfg["count"], self.mask_cfg["val_count"], stated,
+                     fitted["count"], fitted["val_count"], grid, num_patches)
+            self.mask_cfg.update(fitted)
         for key in ("count", "val_count"):
             if not 0 < self.mask_cfg[key] < num_patches:
-                grid = "x".join(map(str, self.encoder.grid))
+                hint = (f"; or mask.fit_to_grid=true to scale counts stated for mask.grid_patches={stated}"
+                        if stated and stated != num_patches else "")
                 raise ConfigError(f"mask.{key}={self.mask_cfg[key]} must be in 1..{num_patches - 1}: the model's "
                                  f"patch grid is {grid} = {num_patches} patches for "
-                                 f"{self.encoder.config.input_tdim} frames (data.target_length)")
+                                 f"{self.encoder.config.input_tdim} frames (data.target_length){hint}")
         if joint_passes not in JOINT_PASSES:
             raise ConfigError(f"task.joint_passes={joint_passes} is not one of {', '.join(map(str, JOINT_PASSES))}")
         self.joint_passes = joint_passes
