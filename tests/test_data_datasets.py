@@ -7,6 +7,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import hydra
 import lightning as L
 import numpy as np
 import pytest
@@ -299,7 +300,7 @@ def test_circor_batches_carry_patient_recording_and_labels():
     assert batch["target"].argmax(1).eq(truth["murmur"]).all()
     assert batch["outcome"].eq(truth["outcome"]).all()
     assert dm.label_names == ["Present", "Unknown", "Absent"]
-    metric = dm.extra_metrics()["challenge"]  # what finetuning adds for CirCor
+    metric = hydra.utils.instantiate(dm.extra_metrics()["challenge"])  # what finetuning adds for CirCor
     fields = {k: batch[k] for k in ("patient", "recording", "id", "outcome")}
     metric.update(batch["target"] * 5, batch["target"], **fields)  # perfect logits
     assert metric.compute()["weighted_accuracy"] == 1

@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ssamba.constants import MURMUR_CLASSES, NO_OUTCOME, OUTCOME_CLASSES
 from ssamba.data.audio import BadAudio, audio_duration
 from ssamba.data.base import AudioDataModule, Item
 
 log = logging.getLogger(__name__)
 
-MURMUR_CLASSES = ["Present", "Unknown", "Absent"]
-OUTCOME_CLASSES = ["Abnormal", "Normal"]
 TIMING_CLASSES = [
     "absent",
     "unknown",
@@ -48,7 +47,6 @@ SYSTOLIC_TIMINGS = {  # "Systolic murmur timing" value -> class of a Present pat
     "Holosystolic": "present-holosystolic",
 }
 TASKS = {"murmur": MURMUR_CLASSES, "murmur_timing": TIMING_CLASSES, "outcome": OUTCOME_CLASSES}
-NO_OUTCOME = -1
 
 
 @dataclass
@@ -315,14 +313,13 @@ class CirCorDataModule(AudioDataModule):
         return OUTCOME_CLASSES.index(patient.outcome) if patient.outcome else NO_OUTCOME
 
     def extra_metrics(self) -> dict:
-        """Patient-level scores for the finetuning task (segments -> recordings -> patients): the
-        Challenge's for murmur and outcome; for murmur timing, the label-set scores and the Challenge's
-        murmur scores of the timing classes collapsed to Present (``murmur_<score>``)."""
-        from ssamba.metrics import PatientChallengeMetrics, PatientLabelSetMetrics
-
-        if self.task == "murmur_timing":
-            return {"challenge": PatientLabelSetMetrics(class_names=tuple(self.label_names), rule=self.aggregation)}
-        return {"challenge": PatientChallengeMetrics(class_names=tuple(self.label_names), rule=self.aggregation)}
+        """Patient-level scores for the finetuning task (segments -> recordings -> patients), as configs the
+        task factory instantiates, so that the data does not import the metrics: the Challenge's for murmur
+        and outcome; for murmur timing, the label-set scores and the Challenge's murmur scores of the timing
+        classes collapsed to Present (``murmur_<score>``)."""
+        target = "PatientLabelSetMetrics" if self.task == "murmur_timing" else "PatientChallengeMetrics"
+        return {"challenge": {"_target_": f"ssamba.metrics.{target}", "class_names": list(self.label_names),
+                              "rule": self.aggregation}}
 
     def recording_label(self, patient: Patient, recording: Recording) -> int:
         """The label of one recording's items: the patient's, except with ``label_level=recording``,

@@ -29,8 +29,7 @@ import torch
 
 from ssamba.data.base import AudioDataModule, Item
 from ssamba.data.manifest import read_label_csv
-from ssamba.metrics.labelset import PatientLabelSetMetrics, check_rule
-from ssamba.utils.config import ConfigError
+from ssamba.errors import ConfigError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 VARIANTS = ("filt", "lp", "wavs")
@@ -144,11 +143,7 @@ class EarbudDataModule(AudioDataModule):
         self.eval_fraction = eval_fraction
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        try:
-            check_rule(aggregation, self.label_names)
-        except ValueError as error:
-            raise ConfigError(f"data.aggregation={aggregation!r}: {error}") from None
-        self.aggregation = aggregation
+        self.aggregation = aggregation  # checked against the classes where the subject metric is built
         self._subjects: dict[str, str] | None = None
         log.info("earbud %s, split %s", self.variant_dir, self.split_description)  # scores depend on it
 
@@ -239,4 +234,5 @@ class EarbudDataModule(AudioDataModule):
         """Subject-level scores (recordings aggregated per subject by ``data.aggregation``), single-label only."""
         if self.multilabel:
             return {}
-        return {"subjects": PatientLabelSetMetrics(class_names=tuple(self.label_names), rule=self.aggregation)}
+        return {"subjects": {"_target_": "ssamba.metrics.PatientLabelSetMetrics", "class_names": list(self.label_names),
+                             "rule": self.aggregation}}
