@@ -371,3 +371,19 @@ def test_librispeech_bad_layout(librispeech, tmp_path):
         ["librispeech", "--src", str(librispeech), "--dst", dst])
     assert "no <subset>/<speaker>/<chapter>/*.flac under" in one_line_error(
         ["librispeech", "--src", str(tmp_path), "--dst", dst])
+
+
+def test_prepare_imports_only_the_data_layer():
+    """ssamba.prepare sits on ssamba.data: nothing from tasks, models, metrics or above."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "ssamba" / "prepare"
+    imported = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    ours = {name for name in imported if name.split(".")[0] == "ssamba"}
+    assert ours and all(name.startswith(("ssamba.data", "ssamba.prepare")) for name in ours), ours
