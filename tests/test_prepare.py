@@ -186,7 +186,8 @@ def test_esc50_bad_layout(esc50, tmp_path):
     (esc50 / "meta" / "esc50.csv").unlink()
     assert one_line_error(["esc50", "--src", str(esc50), "--dst", dst]).endswith(
         f"meta/esc50.csv not found: looked for {esc50 / 'meta' / 'esc50.csv'}")
-    assert "--src is not a folder" in one_line_error(["esc50", "--src", str(tmp_path / "nowhere"), "--dst", dst])
+    assert one_line_error(["esc50", "--src", str(tmp_path / "nowhere"), "--dst", dst]) == \
+        f"ssamba.prepare esc50: --src is not a folder: {tmp_path / 'nowhere'}"
 
 
 # --- Speech Commands ----------------------------------------------------------------------------
@@ -270,10 +271,12 @@ def voxceleb1(tmp_path):
 
 
 def test_voxceleb1(voxceleb1, tmp_path):
+    write_wav(voxceleb1 / "wav" / "id10002" / "1zcIwhmdeo4" / "00001.wav", seconds=0)  # a header, no audio
     dst = tmp_path / "prepared"
     report = run_twice(["voxceleb1", "--src", str(voxceleb1), "--dst", str(dst), "--no-stats"], dst)
-    assert {n: p["items"] for n, p in report["manifests"].items()} == {"train.json": 6, "valid.json": 3,
+    assert {n: p["items"] for n, p in report["manifests"].items()} == {"train.json": 5, "valid.json": 3,
                                                                        "test.json": 3}
+    assert report["skipped"] == {"empty": 1} and report["clips"] == 11
     dm = datamodule(dst, "train.json", "test.json", multilabel=False)
     assert dm.label_names == ["id10001", "id10002", "id10003"]
     assert [item.labels for item in dm.build_items("val")] == [(0,), (1,), (2,)]

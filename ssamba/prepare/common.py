@@ -85,7 +85,7 @@ class Preparation:
         self.manifests: dict[str, dict] = {}
         self.notes: dict = {}
         if not self.src.is_dir():
-            raise LayoutError(f"{dataset}: --src is not a folder: {self.src}")
+            raise LayoutError(f"--src is not a folder: {self.src}")
 
     # --- reading ------------------------------------------------------------------------------
     def usable(self, clips: list[Clip]) -> list[Clip]:
@@ -136,15 +136,13 @@ class Preparation:
         writer.writerows((index, mid, name) for index, (mid, name) in enumerate(labels))
         self.write_bytes(rel, text.getvalue().encode())
 
-    def write_stats(self, manifest: str, label_csv: str | None, target_length: int, items: int,
-                    multilabel: bool = False) -> None:
-        """``stats.json``: fbank mean/std of up to ``items`` clips of ``manifest`` (seed 0), taken
-        through the datamodule the recipes use, so its stats are what training normalises with."""
+    def write_stats(self, manifest: str, label_csv: str | None, target_length: int, items: int) -> None:
+        """``stats.json``: fbank mean/std of up to ``items`` clips of ``manifest`` (seed 0), read
+        through :class:`ManifestDataModule`, so they describe the features training computes."""
         datamodule = ManifestDataModule(
             train_manifest=str(self.dst / manifest),
             label_csv=None if label_csv is None else str(self.dst / label_csv),
             root=str(self.dst),
-            multilabel=multilabel,
             target_length=target_length,
             num_workers=0,
         )
