@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
-from ssamba.metrics.evaluation import check_compatible, load_classifier, read_record, score_split
+from ssamba.evaluation import check_compatible, load_finetuned, score_split
 from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs
 
 log = logging.getLogger("evaluate")
@@ -33,17 +33,18 @@ def resolve_device(name: str) -> torch.device:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; returns the scores as floats."""
-    record = read_record(cfg.ckpt_path)
+    checkpoint = load_finetuned(cfg.ckpt_path)
     with open_dict(cfg):  # the model's input: its own frame count and normalisation
-        for key, kind in (("target_length", int), ("norm_mean", float), ("norm_std", float)):
-            if record.get(key) is not None:  # numbers only: a config node from a file could name a _target_
-                cfg.data[key] = _number(record[key], kind, f"checkpoint['ssamba'][{key!r}]")
+        for key in ("target_length", "norm_mean", "norm_std"):
+            value = getattr(checkpoint, key)
+            if value is not None:  # a number (the reader checks), never a config node that names a _target_
+                cfg.data[key] = value
     datamodule = hydra.utils.instantiate(cfg.data)
-    check_compatible(record, datamodule.label_names, datamodule.target_length)
+    check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
     if cfg.split not in datamodule.splits:
         raise ValueError(f"split={cfg.split!r}: the data has only {', '.join(datamodule.splits)}")
     rule = cfg.aggregation or getattr(datamodule, "aggregation", "hierarchical")
-    model, _ = load_classifier(cfg.ckpt_path, backend=cfg.backend)
+    model = checkpoint.build_classifier(backend=cfg.backend)
     device = resolve_device(cfg.device)
     metric = score_split(model, datamodule, cfg.split, rule, device, str(cfg.precision))
     scores = {name: float(value) for name, value in metric.compute().items()}
@@ -68,12 +69,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {Path(cfg.ckpt_path).name}"))
     log.info("patient outputs, scores.json and confusion_matrix.png in %s", out_dir)
     return scores
-
-
-def _number(value, kind: type, name: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r}: expected a number")
-    return kind(value)
 
 
 def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:

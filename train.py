@@ -14,11 +14,13 @@ import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
+from ssamba.callbacks.resume_points import last_checkpoint_path
 from ssamba.tasks import build_task
 from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
-                                 quote_numeric_choices, with_cpu_quickstart)
+                                 keep_earlier_metrics, quote_numeric_choices, requeued_checkpoint,
+                                 with_cpu_quickstart)
 from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
 
 log = logging.getLogger("train")
@@ -32,13 +34,15 @@ def train(cfg: DictConfig) -> float | None:
     task = build_task(cfg, datamodule)
     callbacks = build_callbacks(cfg)
     prepare_wandb(cfg)
+    keep_earlier_metrics(cfg.paths.output_dir)
     loggers = start_wandb(instantiate_named(cfg.get("logger"), "logger"))
     exit_code, score = 1, None
     try:
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(last_checkpoint_path(trainer))
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         score = _monitored(trainer, cfg.task.monitor)
         if cfg.get("test") and _has_test_split(datamodule):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -144,16 +144,16 @@ def score(ckpt: Path, data_root: Path, split_file: Path | None, num_workers: int
     import torch
 
     from ssamba.data import CirCorDataModule
-    from ssamba.metrics.evaluation import check_compatible, load_classifier, read_record, score_split
+    from ssamba.evaluation import check_compatible, load_finetuned, score_split
 
-    record = read_record(str(ckpt))
+    checkpoint = load_finetuned(str(ckpt))
     datamodule = CirCorDataModule(
         root=str(data_root), split_file=None if split_file is None else str(split_file), num_workers=num_workers,
-        target_length=record["target_length"], norm_mean=record["norm_mean"], norm_std=record["norm_std"],
+        target_length=checkpoint.target_length, norm_mean=checkpoint.norm_mean, norm_std=checkpoint.norm_std,
         batch_size=64,
     )  # fmt: skip
-    check_compatible(record, datamodule.label_names, datamodule.target_length)
-    model, _ = load_classifier(str(ckpt))
+    check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
+    model = checkpoint.build_classifier()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metric = score_split(
         model, datamodule, "val", datamodule.aggregation, device, "bf16" if device.type == "cuda" else "32"

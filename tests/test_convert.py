@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ssamba.convert import (
-    ConversionError,
-    load_encoder_state,
-    main,
-    ours_to_released,
-    released_to_ours,
-    to_lightning_checkpoint,
-)
-from ssamba.models import build_encoder, encoder_from_config
+from ssamba.checkpoints import load_checkpoint, released_to_ours
+from ssamba.convert import ConversionError, main, ours_to_released, to_lightning_checkpoint
+from ssamba.models import build_encoder, encoder_from_config, encoder_record
 
 # Released widths (the converter names the size from it), shallow and short so tests stay fast.
 SMALL = {"ssamba": {"depth": 2, "d_state": 4, "input_tdim": 48}, "ssast": {"depth": 2, "input_tdim": 48}}
@@ -62,16 +56,16 @@ def test_released_file_converts_and_reproduces_outputs(family, tmp_path, capsys)
     x = torch.randn(2, 48, 128)
     expected = encoder(x)
     for path in ("ours.ckpt", "released.pth"):  # finetuning and ssamba.load accept either file
-        config, state, extras = load_encoder_state(tmp_path / path)
-        rebuilt = encoder_from_config(config).eval()
-        rebuilt.load_state_dict(state)
+        loaded = load_checkpoint(tmp_path / path)
+        rebuilt = encoder_from_config(loaded.encoder_config).eval()
+        rebuilt.load_state_dict(loaded.encoder_state)
         torch.testing.assert_close(rebuilt(x), expected, rtol=0, atol=0)
-        assert config == dataclasses.asdict(encoder.config)
-        assert extras["target_length"] == 48 and extras["norm_std"] == pytest.approx(4.5689974)
-        assert set(extras["task_state"]) == {"mask_embed"} | {f"{h}.{i}.{p}" for h in ("cpred", "gpred")
-                                                              for i in (0, 2) for p in ("weight", "bias")}
-        torch.testing.assert_close(extras["task_state"]["cpred.2.bias"], released["module.cpredlayer.2.bias"])
-    assert set(extras["unused_keys"]) == head_keys(family)
+        assert loaded.encoder_config == encoder_record(encoder)
+        assert loaded.target_length == 48 and loaded.norm_std == pytest.approx(4.5689974)
+        assert set(loaded.task_state) == {"mask_embed"} | {f"{h}.{i}.{p}" for h in ("cpred", "gpred")
+                                                           for i in (0, 2) for p in ("weight", "bias")}
+        torch.testing.assert_close(loaded.task_state["cpred.2.bias"], released["module.cpredlayer.2.bias"])
+    assert set(loaded.unused_keys) == head_keys(family)
 
 
 @pytest.mark.parametrize("family", ["ssamba", "ssast"])
@@ -97,12 +91,12 @@ def test_our_checkpoint_round_trips_through_the_released_layout(family, tmp_path
 
     ckpt = to_lightning_checkpoint(back)
     torch.save(ckpt, tmp_path / "back.ckpt")
-    config, state, extras = load_encoder_state(tmp_path / "back.ckpt")
-    rebuilt = encoder_from_config(config).eval()
-    rebuilt.load_state_dict(state)
+    loaded = load_checkpoint(tmp_path / "back.ckpt")
+    rebuilt = encoder_from_config(loaded.encoder_config).eval()
+    rebuilt.load_state_dict(loaded.encoder_state)
     x = torch.randn(1, 48, 128)
     torch.testing.assert_close(rebuilt(x), encoder(x), rtol=0, atol=0)
-    assert (extras["norm_mean"], extras["norm_std"]) == (-1.0, 2.0)
+    assert (loaded.norm_mean, loaded.norm_std) == (-1.0, 2.0)
 
 
 def test_shape_mismatch_names_the_key():
@@ -151,9 +145,9 @@ def test_files_with_pickled_code_are_refused(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"module.v.cls_token": _NotATensor()}, f, protocol=2)
     with pytest.raises(ConversionError, match="evil.pth.*weights-only"):
-        load_encoder_state(path)
+        load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        load_encoder_state(tmp_path / "nope.pth")
+        load_checkpoint(tmp_path / "nope.pth")
 
 
 def test_other_widths_round_trip_given_the_heads():
@@ -163,7 +157,7 @@ def test_other_widths_round_trip_given_the_heads():
     with pytest.raises(ConversionError, match="width 32.*pass num_heads"):
         released_to_ours(released)
     converted = released_to_ours(released, num_heads=2)
-    assert converted.encoder_config == dataclasses.asdict(encoder.config)
+    assert converted.encoder_config == encoder_record(encoder)
 
 
 @pytest.mark.parametrize("family", ["ssamba", "ssast"])
@@ -186,3 +180,21 @@ def test_pretraining_task_checkpoint_maps_onto_the_released_names_and_finetunes_
     assert finetune.encoder.grid == (12, 4)
     torch.testing.assert_close(finetune.encoder.patch_embed.proj.weight, task.encoder.patch_embed.proj.weight)
     assert finetune(torch.randn(2, 48, 128)).shape == (2, 2)
+
+
+def test_backend_is_chosen_at_load_time_and_not_stored(tmp_path):
+    encoder = build_encoder("ssamba_tiny", **SMALL["ssamba"], backend="torch").eval()
+    assert "backend" not in encoder_record(encoder)
+    old_record = {"encoder": {**dataclasses.asdict(encoder.config), "backend": "cuda"}, "norm_mean": -1.0,
+                  "norm_std": 2.0, "target_length": 48, "task": "pretrain", "label_names": []}
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    torch.save({"state_dict": state, "ssamba": old_record}, tmp_path / "old.ckpt")  # as checkpoints were written
+
+    loaded = load_checkpoint(tmp_path / "old.ckpt")
+    assert "backend" not in loaded.encoder_config
+    assert "backend" not in to_lightning_checkpoint(loaded)["ssamba"]["encoder"]
+    assert loaded.build_encoder().config.backend == "auto"  # the stored "cuda" is not the encoder's identity
+    rebuilt = loaded.build_encoder(backend="torch").eval()
+    assert rebuilt.config.backend == "torch"
+    x = torch.randn(1, 48, 128)
+    torch.testing.assert_close(rebuilt(x), encoder(x), rtol=0, atol=0)

@@ -7,6 +7,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import hydra
 import lightning as L
 import numpy as np
 import pytest
@@ -299,7 +300,7 @@ def test_circor_batches_carry_patient_recording_and_labels():
     assert batch["target"].argmax(1).eq(truth["murmur"]).all()
     assert batch["outcome"].eq(truth["outcome"]).all()
     assert dm.label_names == ["Present", "Unknown", "Absent"]
-    metric = dm.extra_metrics()["challenge"]  # what finetuning adds for CirCor
+    metric = hydra.utils.instantiate(dm.extra_metrics()["challenge"])  # what finetuning adds for CirCor
     fields = {k: batch[k] for k in ("patient", "recording", "id", "outcome")}
     metric.update(batch["target"] * 5, batch["target"], **fields)  # perfect logits
     assert metric.compute()["weighted_accuracy"] == 1
@@ -324,7 +325,9 @@ def test_circor_split_file(tmp_path):
 def test_summary_command_for_circor(capsys):
     summary_main(["data=circor", f"data.root={CIRCOR_MINI}", "data.val_fraction=0.2", "data.test_fraction=0.2"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"splits", "total"} and set(out["splits"]) == {"train", "val", "test"}
+    assert set(out) == {"splits", "total", "split", "patients_shared_with_train"}
+    assert set(out["splits"]) == {"train", "val", "test"} and out["patients_shared_with_train"] == 0
+    assert out["split"] == "patient-wise, stratified on murmur and outcome, val 0.2 / test 0.2 of patients, seed 0"
     total = out["total"]
     assert total["patients"] == 6 and total["recordings"] == 27
     assert total["patient_labels"] == {"Absent": 3, "Present": 2, "Unknown": 1}

@@ -3,6 +3,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 
 import ssamba
 from ssamba.data.features import FbankFrontEnd, samples_for_frames
-from ssamba.embed import AudioEmbedder, main
+from ssamba.embed import AudioEmbedder
+from ssamba.embed.__main__ import main
 from ssamba.models import build_encoder
 
 TINY = {"ssamba_tiny": {"embed_dim": 32, "depth": 4, "d_state": 4, "input_tdim": 64, "backend": "torch"},
@@ -131,6 +134,13 @@ def test_embed_command_writes_npz_and_reports_unusable_files(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         main([str(root), str(out)])  # no ckpt=
+
+
+def test_embed_command_runs_as_documented():
+    repo = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, "-m", "ssamba.embed", "--help"], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m ssamba.embed")
 
 
 def test_benchmark_script_runs_in_smoke_mode(tmp_path):

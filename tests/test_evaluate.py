@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ssamba.data import CirCorDataModule
-from ssamba.metrics.evaluation import check_compatible, load_classifier, read_record
+from ssamba.evaluation import check_compatible, load_finetuned
 from ssamba.models import build_encoder
 from ssamba.tasks import Finetuning, data_info
 
@@ -81,16 +81,17 @@ def test_cli_scores_a_split_and_writes_challenge_files(checkpoint, tmp_path):
 
 
 def test_loaded_classifier_reproduces_the_task(checkpoint):
-    model, record = load_classifier(str(checkpoint), backend="torch")
+    loaded = load_finetuned(str(checkpoint))
+    model = loaded.build_classifier(backend="torch")
     task_state = torch.load(checkpoint, weights_only=True)["state_dict"]
     head_weight = next(v for k, v in task_state.items() if k.startswith("head.fc.weight"))
     assert torch.equal(model.head.fc.weight, head_weight)
     assert model(torch.zeros(2, 128, 128)).shape == (2, 3)
-    assert record["label_names"] == ["Present", "Unknown", "Absent"]
+    assert loaded.label_names == ["Present", "Unknown", "Absent"]
 
 
 def test_mismatched_data_is_refused(checkpoint, tmp_path):
-    record = read_record(str(checkpoint))
+    record = load_finetuned(str(checkpoint))
     with pytest.raises(ValueError, match="label_names"):
         check_compatible(record, ["Abnormal", "Normal"], 128)
     with pytest.raises(ValueError, match="target_length"):
@@ -100,6 +101,6 @@ def test_mismatched_data_is_refused(checkpoint, tmp_path):
     record = {key: value for key, value in state["ssamba"].items() if key != "head"} | {"task": "pretrain"}
     torch.save({"state_dict": state["state_dict"], "ssamba": record}, pretraining)
     with pytest.raises(ValueError, match="no classification head"):
-        read_record(str(pretraining))
+        load_finetuned(str(pretraining))
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
-        read_record(str(tmp_path / "missing.ckpt"))
+        load_finetuned(str(tmp_path / "missing.ckpt"))

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 import ssamba
-from ssamba.tasks import (ClassificationHead, EpochRangeAveraging, Finetuning, MaskedPatchPretraining,
+from ssamba.models import ClassificationHead
+from ssamba.tasks import (EpochRangeAveraging, Finetuning, MaskedPatchPretraining,
                           load_pretrained_encoder, masked_patch_nce)
 from ssamba.tasks.masking import fit_count_to_grid
 from ssamba.utils.config import ConfigError

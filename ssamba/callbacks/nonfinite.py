@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ssamba.callbacks.resume_points import last_checkpoint_path
-from ssamba.utils.config import ConfigError
+from ssamba.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

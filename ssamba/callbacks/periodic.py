@@ -3,7 +3,7 @@ killer) loses at most N steps and resumes exactly (docs/reliability.md)."""
 from __future__ import annotations
 
 from ssamba.callbacks.resume_points import ResumePointCallback, last_checkpoint_path
-from ssamba.utils.config import ConfigError
+from ssamba.errors import ConfigError
 
 
 class PeriodicCheckpoint(ResumePointCallback):

@@ -8,6 +8,10 @@
   handler, that save could catch an optimizer step half-way, so this callback defers Lightning's handler to the
   resumable point as well, writes ``last.ckpt`` too and stops the run; the requeued job resumes
   (docs/reliability.md).
+* A submitit job (``hydra/launcher=submitit_slurm`` or ``submitit_local``) gets submitit's pre-emption signal
+  (USR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` names another) before its time limit. submitit's handler requeues
+  the job and exits at once; this callback runs it at the resumable point instead, after writing ``last.ckpt``,
+  and the requeued job continues from there (``ssamba.utils.launch.requeued_checkpoint``).
 
 A second signal that arrives during a validation stops the run there (Lightning's behaviour); the resumed run then
 starts from the previous ``last.ckpt``, which periodic saves keep recent.
@@ -22,6 +26,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssamba.callbacks.resume_points import ResumePointCallback, last_checkpoint_path
+from ssamba.utils.launch import in_submitit_job, submitit_signal
 
 log = logging.getLogger(__name__)
 
@@ -33,29 +38,32 @@ class PreemptionCheckpoint(ResumePointCallback):
 
     def __init__(self):
         super().__init__()
+        self._requeue_handlers: dict[int, Any] = {}  # signal -> the handler that requeues the job
         self._requeue_signal: int | None = None
-        self._requeue_handler: Any = None
-        self._requeue_received = False
         self._requeue = False
         self._stop = False
 
     def on_train_start(self, trainer, pl_module) -> None:
+        signals = []
         environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
-        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
-            return
-        handler = signal.getsignal(environment.requeue_signal)
-        if callable(handler):  # Lightning's requeue handler: run it at the resumable point instead
-            self._requeue_signal, self._requeue_handler = environment.requeue_signal, handler
-            signal.signal(environment.requeue_signal, self._note_requeue_signal)
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            signals.append(environment.requeue_signal)  # Lightning's handler: hpc checkpoint + scontrol requeue
+        if in_submitit_job():
+            signals.append(submitit_signal())  # submitit's handler: requeue and exit
+        for signum in signals:
+            handler = signal.getsignal(signum)
+            if callable(handler):  # run it at the resumable point instead
+                self._requeue_handlers[signum] = handler
+                signal.signal(signum, self._note_requeue_signal)
 
     def _note_requeue_signal(self, signum, frame) -> None:
         log.info("received signal %d: checkpoint and requeue after the current batch", signum)
-        self._requeue_received = True
+        self._requeue_signal = signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._stop or self._pending:
             return
-        self._requeue = _agreed(trainer, self._requeue_received)
+        self._requeue = _agreed(trainer, self._requeue_signal is not None)
         if not (self._requeue or _agreed(trainer, trainer.received_sigterm)):
             return
         # a validation due now runs to its end instead of being cut by Lightning's own SIGTERM check
@@ -65,10 +73,10 @@ class PreemptionCheckpoint(ResumePointCallback):
     def at_resume_point(self, trainer) -> None:
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
-        if self._requeue:
-            self._requeue_handler(self._requeue_signal, None)  # Lightning: hpc checkpoint + scontrol requeue
         log.warning("stopping at global step %d on %s; checkpoint %s (resume with ckpt_path=%s)",
-                    trainer.global_step, "SLURM's requeue signal" if self._requeue else "SIGTERM", path, path)
+                    trainer.global_step, "the requeue signal" if self._requeue else "SIGTERM", path, path)
+        if self._requeue and self._requeue_signal in self._requeue_handlers:  # ranks the signal missed skip this
+            self._requeue_handlers[self._requeue_signal](self._requeue_signal, None)  # may requeue and exit
         self._stop = True  # exit at the next hook, once the other callbacks (ModelCheckpoint) have seen this point
 
     def _exit_if_stopping(self) -> None:

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ssamba.constants import MEL_BINS, UNLABELED
 from ssamba.data.audio import (
     SKIP_REASONS,
     BadAudio,
@@ -37,7 +38,6 @@ from ssamba.data.resumable import ResumableDataLoader
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-UNLABELED = ["unlabeled"]  # pretraining corpora: one class, all-zero targets
 SUBSTITUTE_TRIES = 10
 
 
@@ -168,7 +168,7 @@ class Collate:
             if self.features_on_device:
                 batch.update(wav=torch.zeros(0, 0), wav_length=torch.zeros(0, dtype=torch.long))
             else:
-                batch["fbank"] = torch.zeros(0, self.target_length, 128)
+                batch["fbank"] = torch.zeros(0, self.target_length, MEL_BINS)
             batch.update(target=torch.zeros(0, self.num_classes), id=[], **{k: [] for k in self.meta_keys})
             return batch
         for key in items[0]:

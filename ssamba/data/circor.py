@@ -8,7 +8,10 @@ recording lines (``<LOC> <PID>_<LOC>[_n].hea <...>.wav <...>.tsv``) and ``#Key: 
 Training items are crops (default 5 s every 2.5 s) carrying their patient's (or recording's)
 label; evaluation items are all non-overlapping segments of each recording, so a metric can
 average logits per recording and aggregate recordings per patient. Class order follows the
-Challenge: murmur Present=0, Unknown=1, Absent=2; outcome Abnormal=0, Normal=1.
+Challenge: murmur Present=0, Unknown=1, Absent=2; outcome Abnormal=0, Normal=1. The murmur-timing
+task has the heart-murmur fork's seven classes, in its order (``TIMING_CLASSES``): a Present
+patient's class is its ``Systolic murmur timing``, or ``present`` when it has none (diastolic-only
+murmurs).
 """
 
 from __future__ import annotations
@@ -22,15 +25,28 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ssamba.constants import MURMUR_CLASSES, NO_OUTCOME, OUTCOME_CLASSES
 from ssamba.data.audio import BadAudio, audio_duration
 from ssamba.data.base import AudioDataModule, Item
 
 log = logging.getLogger(__name__)
 
-MURMUR_CLASSES = ["Present", "Unknown", "Absent"]
-OUTCOME_CLASSES = ["Abnormal", "Normal"]
-TASKS = {"murmur": MURMUR_CLASSES, "outcome": OUTCOME_CLASSES}
-NO_OUTCOME = -1
+TIMING_CLASSES = [
+    "absent",
+    "unknown",
+    "present-early-systolic",
+    "present-mid-systolic",
+    "present-late-systolic",
+    "present-holosystolic",
+    "present",
+]
+SYSTOLIC_TIMINGS = {  # "Systolic murmur timing" value -> class of a Present patient
+    "Early-systolic": "present-early-systolic",
+    "Mid-systolic": "present-mid-systolic",
+    "Late-systolic": "present-late-systolic",
+    "Holosystolic": "present-holosystolic",
+}
+TASKS = {"murmur": MURMUR_CLASSES, "murmur_timing": TIMING_CLASSES, "outcome": OUTCOME_CLASSES}
 
 
 @dataclass
@@ -47,6 +63,19 @@ class Patient:
     outcome: str | None
     murmur_locations: set[str]
     recordings: list[Recording] = field(default_factory=list)
+    systolic_timing: str | None = None  # "Systolic murmur timing", e.g. Holosystolic
+
+
+def timing_class(patient: Patient) -> str:
+    """The patient's class among ``TIMING_CLASSES`` (from ``Murmur`` and ``Systolic murmur timing``)."""
+    if patient.murmur != "Present":
+        return patient.murmur.lower()
+    if patient.systolic_timing is None:
+        return "present"
+    if patient.systolic_timing not in SYSTOLIC_TIMINGS:
+        raise ValueError(f"patient {patient.id}: Systolic murmur timing must be one of {sorted(SYSTOLIC_TIMINGS)} "
+                         f"or nan, got {patient.systolic_timing!r}")
+    return SYSTOLIC_TIMINGS[patient.systolic_timing]
 
 
 def _audio_path(folder: str, stem: str) -> str:
@@ -110,8 +139,10 @@ def read_patients(root: str) -> list[Patient]:
         if outcome is not None and outcome not in OUTCOME_CLASSES:
             raise ValueError(f"patient {pid}: Outcome must be one of {OUTCOME_CLASSES}, got {outcome!r}")
         where = _clean(fields.get("Murmur locations")) or _clean(row.get("Murmur locations")) or ""
+        timing = _clean(fields.get("Systolic murmur timing")) or _clean(row.get("Systolic murmur timing"))
         recordings = [Recording(stem, loc, _audio_path(folder, stem)) for loc, stem in listed]
-        patients.append(Patient(pid, murmur, outcome, set(filter(None, where.split("+"))), recordings))
+        locations = set(filter(None, where.split("+")))
+        patients.append(Patient(pid, murmur, outcome, locations, recordings, timing))
     return patients
 
 
@@ -178,7 +209,11 @@ def windows(duration: float, length: float, hop: float, min_last: float) -> list
 
 
 class CirCorDataModule(AudioDataModule):
-    """``data=circor``: murmur (or outcome) classification on CirCor DigiScope recordings."""
+    """``data=circor``: murmur, murmur-timing or outcome classification on CirCor DigiScope recordings.
+
+    The split depends on patients' murmur and outcome only, never on ``task``: murmur and
+    murmur-timing runs with the same split options score the same patients.
+    """
 
     multilabel = False
     meta_keys = ("patient", "recording", "outcome")
@@ -219,6 +254,9 @@ class CirCorDataModule(AudioDataModule):
         self._patients: list[Patient] | None = None
         self._assignment: dict[str, str] | None = None
         self.setup_skipped: dict[str, Counter] = {}
+        if task == "murmur_timing":  # an unknown timing value fails here, not mid-training
+            for patient in self.patients:
+                timing_class(patient)
 
     @property
     def patients(self) -> list[Patient]:
@@ -247,32 +285,52 @@ class CirCorDataModule(AudioDataModule):
     def split_patients(self, split: str) -> list[Patient]:
         return [p for p in self.patients if self.assignment[p.id] == split]
 
+    @property
+    def split_description(self) -> str:
+        if self.split_file:
+            return f"patient-wise, data.split_file={self.split_file}"
+        return (f"patient-wise, stratified on murmur and outcome, val {self.fractions['val']:g} / "
+                f"test {self.fractions['test']:g} of patients, seed {self.split_seed}")
+
     def patient_targets(self, split: str) -> dict[str, dict[str, int]]:
-        """Patient id -> {"murmur": index, "outcome": index or -1}, for patient-level scoring."""
-        return {
-            p.id: {"murmur": MURMUR_CLASSES.index(p.murmur), "outcome": self._outcome_index(p)}
-            for p in self.split_patients(split)
-        }
+        """Patient id -> {"murmur": index, "outcome": index or -1} (plus "murmur_timing": index for
+        that task), for patient-level scoring."""
+        targets = {}
+        for p in self.split_patients(split):
+            targets[p.id] = {"murmur": MURMUR_CLASSES.index(p.murmur), "outcome": self._outcome_index(p)}
+            if self.task == "murmur_timing":
+                targets[p.id]["murmur_timing"] = TIMING_CLASSES.index(timing_class(p))
+        return targets
+
+    def patient_label(self, patient: Patient) -> str | None:
+        """The patient's class name in this task (None: no outcome for data.task=outcome)."""
+        if self.task == "outcome":
+            return patient.outcome
+        return timing_class(patient) if self.task == "murmur_timing" else patient.murmur
 
     @staticmethod
     def _outcome_index(patient: Patient) -> int:
         return OUTCOME_CLASSES.index(patient.outcome) if patient.outcome else NO_OUTCOME
 
     def extra_metrics(self) -> dict:
-        """Patient-level Challenge scores for the finetuning task (segments -> recordings -> patients)."""
-        from ssamba.metrics import PatientChallengeMetrics
-
-        return {"challenge": PatientChallengeMetrics(class_names=tuple(self.label_names), rule=self.aggregation)}
+        """Patient-level scores for the finetuning task (segments -> recordings -> patients), as configs the
+        task factory instantiates, so that the data does not import the metrics: the Challenge's for murmur
+        and outcome; for murmur timing, the label-set scores and the Challenge's murmur scores of the timing
+        classes collapsed to Present (``murmur_<score>``)."""
+        target = "PatientLabelSetMetrics" if self.task == "murmur_timing" else "PatientChallengeMetrics"
+        return {"challenge": {"_target_": f"ssamba.metrics.{target}", "class_names": list(self.label_names),
+                              "rule": self.aggregation}}
 
     def recording_label(self, patient: Patient, recording: Recording) -> int:
-        if self.task == "outcome":
-            if patient.outcome is None:
-                raise ValueError(f"patient {patient.id} has no Outcome, needed by data.task=outcome")
-            return OUTCOME_CLASSES.index(patient.outcome)
-        if self.label_level == "recording" and patient.murmur == "Present":
-            audible = recording.location in patient.murmur_locations
-            return MURMUR_CLASSES.index("Present" if audible else "Absent")
-        return MURMUR_CLASSES.index(patient.murmur)
+        """The label of one recording's items: the patient's, except with ``label_level=recording``,
+        where a Present patient's recording at a location not in "Murmur locations" is Absent."""
+        name = self.patient_label(patient)
+        if name is None:
+            raise ValueError(f"patient {patient.id} has no Outcome, needed by data.task=outcome")
+        if self.task != "outcome" and self.label_level == "recording" and patient.murmur == "Present":
+            if recording.location not in patient.murmur_locations:
+                name = "Absent" if self.task == "murmur" else "absent"
+        return self.label_names.index(name)
 
     def build_items(self, split: str) -> list[Item]:
         if split == "train":
@@ -284,6 +342,12 @@ class CirCorDataModule(AudioDataModule):
         skipped.clear()
         items = []
         for patient in self.split_patients(split):
+            if self.task != "outcome" and self.label_level == "recording" and patient.murmur == "Present" and not any(
+                r.location in patient.murmur_locations for r in patient.recordings
+            ):
+                log.warning("patient %s: Present, but no recording at its Murmur locations %s: with "
+                            "data.label_level=recording every item is absent", patient.id,
+                            sorted(patient.murmur_locations))
             for recording in patient.recordings:
                 if not os.path.exists(recording.path):  # left to the setup check: one clear error
                     items.append(Item(recording.id, recording.path))

@@ -15,14 +15,13 @@ import torch.nn.functional as F
 import torchaudio
 from torchaudio.compliance import kaldi
 
+from ssamba.constants import AUDIOSET_MEAN, AUDIOSET_STD, MEL_BINS
+
 SAMPLE_RATE = 16_000
-MEL_BINS = 128
 WINDOW_SAMPLES = 400  # 25 ms at 16 kHz
 HOP_SAMPLES = 160  # 10 ms at 16 kHz
 FFT_SIZE = 512  # kaldi rounds the window up to a power of two
 PREEMPHASIS = 0.97
-AUDIOSET_MEAN = -4.2677393
-AUDIOSET_STD = 4.5689974
 
 
 def samples_for_frames(frames: int) -> int:

@@ -16,10 +16,9 @@ def _file_seconds(path: str) -> float | str:
         return error.reason
 
 
-def split_summary(datamodule: AudioDataModule, split: str, threads: int = 16) -> dict:
-    """Counts for one split. ``hours`` is the audio the split draws from: every file once (crops
-    of one recording count its duration once); generated items count their own length."""
-    items: list[Item] = datamodule.build_items(split)
+def split_summary(datamodule: AudioDataModule, split: str, items: list[Item], threads: int = 16) -> dict:
+    """Counts for one split's ``items``. ``hours`` is the audio the split draws from: every file once
+    (crops of one recording count its duration once); generated items count their own length."""
     paths = sorted({item.path for item in items if item.path is not None})
     with ThreadPoolExecutor(threads) as pool:
         seconds = dict(zip(paths, pool.map(_file_seconds, paths)))
@@ -39,12 +38,23 @@ def split_summary(datamodule: AudioDataModule, split: str, threads: int = 16) ->
         patients = datamodule.split_patients(split)
         out["patients"] = len(patients)
         out["recordings"] = len({i.meta["recording"] for i in usable})
-        out["patient_labels"] = dict(Counter(p.murmur for p in patients))
+        out["patient_labels"] = dict(sorted(Counter(str(datamodule.patient_label(p)) for p in patients).items()))
+    elif any("patient" in i.meta for i in usable):  # e.g. earbud subjects
+        out["patients"] = len({i.meta["patient"] for i in usable})
     return out
 
 
+def patients_shared_with_train(items: dict[str, list[Item]]) -> int:
+    """Patients (subjects) with items in train and in val or test: 0 for a patient-disjoint split."""
+    patients = {split: {str(i.meta["patient"]) for i in part if "patient" in i.meta} for split, part in items.items()}
+    evaluated = set().union(*(ids for split, ids in patients.items() if split != "train"))
+    return len(patients.get("train", set()) & evaluated)
+
+
 def summarize(datamodule: AudioDataModule) -> dict:
-    splits = {split: split_summary(datamodule, split) for split in datamodule.splits}
+    """Per split and in total; ``split`` says how the splits were made where the datamodule tells."""
+    items = {split: datamodule.build_items(split) for split in datamodule.splits}
+    splits = {split: split_summary(datamodule, split, part) for split, part in items.items()}
     total: dict = {"items": 0, "hours": 0.0, "labels": Counter(), "skipped": Counter()}
     for part in splits.values():
         total["items"] += part["items"]
@@ -61,4 +71,8 @@ def summarize(datamodule: AudioDataModule) -> dict:
             total[key] = dict(sorted(total[key].items()))
     for part in (*splits.values(), total):
         part["hours"] = round(part["hours"], 4)
-    return {"splits": splits, "total": total}
+    out = {"splits": splits, "total": total}
+    if hasattr(datamodule, "split_description"):
+        out["split"] = datamodule.split_description
+        out["patients_shared_with_train"] = patients_shared_with_train(items)
+    return out

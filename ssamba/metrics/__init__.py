@@ -1,4 +1,4 @@
-"""Metrics: the PhysioNet Challenge 2022 scores, per item and aggregated per patient."""
+"""Metrics: the PhysioNet Challenge 2022 scores, per item and aggregated per patient, and scores for any label set."""
 
 from ssamba.metrics.challenge import (
     CLASS_WEIGHTS,
@@ -12,6 +12,14 @@ from ssamba.metrics.challenge import (
     UnweightedAverageRecall,
     challenge_cost,
     weighted_accuracy,
+)
+from ssamba.metrics.labelset import (
+    PatientLabelSetMetrics,
+    aggregate_label_set,
+    collapse_to_murmur,
+    collapsed_challenge_scores,
+    label_set_scores,
+    murmur_groups,
 )
 from ssamba.metrics.patient import (
     AGGREGATION_RULES,
@@ -31,11 +39,17 @@ __all__ = [
     "OutcomeCost",
     "OutcomeWeightedAccuracy",
     "PatientChallengeMetrics",
+    "PatientLabelSetMetrics",
     "PatientPredictions",
     "PerClassRecall",
     "UnweightedAverageRecall",
+    "aggregate_label_set",
     "aggregate_patients",
     "challenge_cost",
+    "collapse_to_murmur",
+    "collapsed_challenge_scores",
+    "label_set_scores",
+    "murmur_groups",
     "patient_scores",
     "weighted_accuracy",
 ]

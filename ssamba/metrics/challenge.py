@@ -39,8 +39,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_confusion_matrix
 
-MURMUR_CLASSES = ("Present", "Unknown", "Absent")
-OUTCOME_CLASSES = ("Abnormal", "Normal")
+from ssamba.constants import MURMUR_CLASSES, OUTCOME_CLASSES
+
 CLASS_WEIGHTS = {"Present": 5.0, "Unknown": 3.0, "Absent": 1.0, "Abnormal": 5.0, "Normal": 1.0}
 REFERRAL_CLASSES = frozenset({"Present", "Unknown", "Abnormal"})
 NEGATIVE_CLASSES = frozenset({"Absent", "Normal"})

@@ -25,6 +25,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from ssamba.constants import NO_OUTCOME
 from ssamba.metrics.challenge import (
     CLASS_WEIGHTS,
     MURMUR_CLASSES,
@@ -40,7 +41,6 @@ from ssamba.metrics.challenge import (
 )
 
 AGGREGATION_RULES = ("hierarchical", "mean")
-_NO_OUTCOME = -1
 
 
 def id_code(item_id: str | int) -> int:
@@ -180,11 +180,22 @@ class PatientChallengeMetrics(Metric):
         super().__init__(**kwargs)
         if rule not in AGGREGATION_RULES:
             raise ValueError(f"aggregation rule={rule!r} is not one of {AGGREGATION_RULES}")
-        self.class_names = check_challenge_classes(class_names)
+        self.class_names = self.check_classes(class_names)
         self.rule = rule
         self.patient_names: dict[int, str] = {}
         for name in ("logits", "target", "outcome", "patient", "recording", "item", "has_item"):
             self.add_state(name, [], dist_reduce_fx="cat")
+
+    @staticmethod
+    def check_classes(class_names: Sequence[str]) -> tuple[str, ...]:
+        """The label sets this metric scores (subclasses widen it)."""
+        return check_challenge_classes(class_names)
+
+    def aggregate(
+        self, logits: Tensor, target: Tensor, patient: Tensor, recording: Tensor, outcome: Tensor | None
+    ) -> PatientPredictions:
+        """Item rows -> patient predictions by ``self.rule`` (subclasses change the class order it uses)."""
+        return aggregate_patients(logits, target, patient, recording, self.rule, outcome)
 
     def update(
         self,
@@ -207,7 +218,7 @@ class PatientChallengeMetrics(Metric):
             self.patient_names.update(zip(patient_codes.tolist(), map(str, patient)))
         recording_codes = patient_codes if recording is None else _codes(recording, "recording", n, device)
         if outcome is None:
-            outcome_codes = torch.full((n,), _NO_OUTCOME, dtype=torch.long, device=device)
+            outcome_codes = torch.full((n,), NO_OUTCOME, dtype=torch.long, device=device)
         else:
             outcome_codes = _outcome_codes(outcome, n).to(device)
         self.logits.append(logits.detach().float())
@@ -231,15 +242,14 @@ class PatientChallengeMetrics(Metric):
         logits = logits[keep]
         columns = {name: value[keep] for name, value in columns.items()}
         outcome = columns["outcome"]
-        known = outcome != _NO_OUTCOME
+        known = outcome != NO_OUTCOME
         if known.any() and not known.all():
             raise ValueError("outcome was given for some items but not for others")
-        return aggregate_patients(
+        return self.aggregate(
             logits,
             columns["target"],
             columns["patient"],
             columns["recording"],
-            self.rule,
             outcome if known.any() else None,
         )
 
@@ -257,7 +267,7 @@ def _outcome_codes(outcome: Tensor, n: int) -> Tensor:
         return class_indices(outcome, len(OUTCOME_CLASSES), "outcome")
     if outcome.shape != (n,):
         raise ValueError(f"outcome has {outcome.numel()} items, logits {n}")
-    if outcome.numel() and (outcome.min() < _NO_OUTCOME or outcome.max() >= len(OUTCOME_CLASSES)):
+    if outcome.numel() and (outcome.min() < NO_OUTCOME or outcome.max() >= len(OUTCOME_CLASSES)):
         raise ValueError("outcome holds values outside -1 (unknown), 0 (Abnormal), 1 (Normal)")
     return outcome.long()
 

@@ -132,6 +132,10 @@ class PatchTokenEncoder(nn.Module):
         """The learned tokens put before the patches, ``[1, num_prefix_tokens, D]``."""
         raise NotImplementedError
 
+    def set_backend(self, backend: str) -> None:
+        """Choose the kernels the encoder runs on (same weights for all); families with one
+        implementation have nothing to choose."""
+
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constants import MEL_BINS
 from ..ops.backend import BACKENDS, resolve_backend, triton_or_fallback
 from ..ops.bimamba import BranchWeights, bimamba_inner
+from . import released
 from .layers import DropPath, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
 
@@ -36,7 +38,7 @@ class SSAMBAConfig:
     tshape: int = 16
     fstride: int = 16
     tstride: int = 16
-    input_fdim: int = 128
+    input_fdim: int = MEL_BINS
     input_tdim: int = 1024
     drop_path_rate: float = 0.1
     norm: str = "layernorm"  # or "rmsnorm"
@@ -206,7 +208,21 @@ class SSAMBAEncoder(PatchTokenEncoder):
         return (out, states) if return_hidden_states else out
 
 
-_SIZES = {"tiny": 192, "small": 384, "base": 768}
+SIZES = {"tiny": {"embed_dim": 192}, "small": {"embed_dim": 384}, "base": {"embed_dim": 768}}
+RELEASED_MARKER = "v.layers."  # a released file holding this key is an SSAMBA model
+
+
+def released_config(encoder_state: dict[str, Tensor], **overrides) -> dict:
+    """SSAMBAConfig fields read off a released encoder's tensors (keys after ``module.v.``); ``overrides`` win."""
+    fields = released.patch_fields("ssamba", encoder_state, SIZES)
+    mixer = "layers.0.mixer."
+    d_inner, d_state = released.require(encoder_state, mixer + "A_log", "ssamba").shape
+    fields.update(depth=released.count_indexed(encoder_state, "layers"), d_state=d_state,
+                  expand=d_inner // fields["embed_dim"],
+                  d_conv=released.require(encoder_state, mixer + "conv1d.weight", "ssamba").shape[-1],
+                  dt_rank=released.require(encoder_state, mixer + "dt_proj.weight", "ssamba").shape[1],
+                  norm="layernorm" if "layers.0.norm.bias" in encoder_state else "rmsnorm")
+    return released.complete_grid("ssamba", encoder_state, fields, SSAMBAEncoder.num_prefix_tokens, overrides)
 
 
 def _make_factory(size: str, width: int):
@@ -218,5 +234,5 @@ def _make_factory(size: str, width: int):
     return factory
 
 
-for _size, _width in _SIZES.items():
-    register_model(f"ssamba_{_size}")(_make_factory(_size, _width))
+for _size, _fields in SIZES.items():
+    register_model(f"ssamba_{_size}")(_make_factory(_size, _fields["embed_dim"]))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constants import MEL_BINS
+from . import released
 from .layers import DropPath, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
 
@@ -32,7 +34,7 @@ class SSASTConfig:
     tshape: int = 16
     fstride: int = 16
     tstride: int = 16
-    input_fdim: int = 128
+    input_fdim: int = MEL_BINS
     input_tdim: int = 1024
     drop_path_rate: float = 0.0  # the released models were trained without stochastic depth
     norm_eps: float = 1e-6
@@ -129,7 +131,25 @@ class SSASTEncoder(PatchTokenEncoder):
         return (out, states) if return_hidden_states else out
 
 
-_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+SIZES = {"tiny": {"embed_dim": 192, "num_heads": 3}, "small": {"embed_dim": 384, "num_heads": 6},
+         "base": {"embed_dim": 768, "num_heads": 12}}
+RELEASED_MARKER = "v.blocks."  # a released file holding this key is an SSAST model
+
+
+def released_config(encoder_state: dict[str, Tensor], **overrides) -> dict:
+    """SSASTConfig fields read off a released encoder's tensors (keys after ``module.v.``); ``overrides`` win.
+    The head count is not in the tensors: it comes from the size table, or ``num_heads`` for other widths."""
+    fields = released.patch_fields("ssast", encoder_state, SIZES)
+    width = fields["embed_dim"]
+    heads = {size["embed_dim"]: size["num_heads"] for size in SIZES.values()}
+    if width not in heads and "num_heads" not in overrides:
+        raise released.ConversionError(
+            f"{released.DATAPARALLEL_PREFIX}v.cls_token has width {width}, not one of the released SSAST widths "
+            f"{sorted(heads)}: pass num_heads")
+    hidden = released.require(encoder_state, "blocks.0.mlp.fc1.weight", "ssast").shape[0]
+    fields.update(depth=released.count_indexed(encoder_state, "blocks"), num_heads=heads.get(width),
+                  mlp_ratio=hidden / width)
+    return released.complete_grid("ssast", encoder_state, fields, SSASTEncoder.num_prefix_tokens, overrides)
 
 
 def _make_factory(size: str, width: int, heads: int):
@@ -142,5 +162,5 @@ def _make_factory(size: str, width: int, heads: int):
     return factory
 
 
-for _size, (_width, _heads) in _SIZES.items():
-    register_model(f"ssast_{_size}")(_make_factory(_size, _width, _heads))
+for _size, _fields in SIZES.items():
+    register_model(f"ssast_{_size}")(_make_factory(_size, _fields["embed_dim"], _fields["num_heads"]))

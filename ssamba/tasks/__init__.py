@@ -3,11 +3,12 @@ from ssamba.tasks.averaging import EpochRangeAveraging
 from ssamba.tasks.base import EncoderTask, data_info
 from ssamba.tasks.factory import build_task
 from ssamba.tasks.finetune import Finetuning, load_pretrained_encoder
-from ssamba.tasks.heads import ClassificationHead, prediction_head
 from ssamba.tasks.masking import cluster_mask, make_mask, random_mask
 from ssamba.tasks.pretrain import MaskedPatchPretraining, masked_patch_nce
 from ssamba.tasks.schedules import stepped_multistep_lr
 
-__all__ = ["ClassificationHead", "EncoderTask", "EpochRangeAveraging", "Finetuning", "MaskedPatchPretraining",
+TASKS = (MaskedPatchPretraining.task_name, Finetuning.task_name)  # the values of task.name
+
+__all__ = ["TASKS", "EncoderTask", "EpochRangeAveraging", "Finetuning", "MaskedPatchPretraining",
            "build_task", "cluster_mask", "data_info", "load_pretrained_encoder", "make_mask", "masked_patch_nce",
-           "prediction_head", "random_mask", "stepped_multistep_lr"]
+           "random_mask", "stepped_multistep_lr"]

@@ -2,7 +2,6 @@
 optimizer and scheduler with a linear warm-up, and the checkpoint record of docs/architecture.md."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -11,8 +10,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ssamba.errors import ConfigError
+from ssamba.models import encoder_record
 from ssamba.tasks.cuda_graphs import GraphedPasses
-from ssamba.utils.config import ConfigError
 
 DATA_KEYS = ("target_length", "norm_mean", "norm_std", "label_names", "multilabel")
 
@@ -138,7 +138,7 @@ class EncoderTask(L.LightningModule):
     # --- checkpoint record --------------------------------------------------------------------
     def checkpoint_record(self) -> dict[str, Any]:
         """What a finetune or ``ssamba.load`` needs to rebuild the encoder without the training config."""
-        return {"encoder": dataclasses.asdict(self.encoder.config), "norm_mean": self.data.get("norm_mean"),
+        return {"encoder": encoder_record(self.encoder), "norm_mean": self.data.get("norm_mean"),
                 "norm_std": self.data.get("norm_std"), "target_length": self.data.get("target_length"),
                 "task": self.task_name, "label_names": self.data.get("label_names")}
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from ssamba.errors import ConfigError
 from ssamba.tasks.base import EncoderTask, data_info
 
 # Keys of a task config that describe the run rather than the module's constructor.
@@ -13,11 +15,15 @@ RUN_KEYS = ("name", "monitor", "monitor_mode")
 
 
 def extra_metrics(datamodule: Any, task_cfg: DictConfig) -> dict:
-    """Dataset-specific torchmetrics: the datamodule's ``extra_metrics()`` plus ``task.metrics``."""
-    metrics = dict(datamodule.extra_metrics()) if hasattr(datamodule, "extra_metrics") else {}
-    configured = task_cfg.get("metrics")
-    if configured:
-        metrics.update(hydra.utils.instantiate(configured, _convert_="all"))
+    """Dataset-specific torchmetrics: the datamodule's ``extra_metrics()`` configs plus ``task.metrics``."""
+    configs = dict(datamodule.extra_metrics()) if hasattr(datamodule, "extra_metrics") else {}
+    configs.update(task_cfg.get("metrics") or {})
+    metrics = {}
+    for name, config in configs.items():
+        try:
+            metrics[name] = hydra.utils.instantiate(config, _convert_="all")
+        except InstantiationException as error:  # e.g. an aggregation rule that does not fit the classes
+            raise ConfigError(f"metric {name!r} ({config.get('_target_')}): {error.__cause__ or error}") from None
     return metrics
 
 

@@ -24,30 +24,25 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAveragePrecision, MultilabelAveragePrecision
 
-from ssamba.convert import load_encoder_state
-from ssamba.models import encoder_from_config
+from ssamba.checkpoints import Checkpoint, load_checkpoint
+from ssamba.constants import UNLABELED
+from ssamba.errors import ConfigError
+from ssamba.models.heads import POOLINGS, ClassificationHead
 from ssamba.tasks.base import EncoderTask
-from ssamba.tasks.heads import POOLINGS, ClassificationHead
-from ssamba.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("auto", "bce", "ce")
-UNLABELED = ["unlabeled"]
 
 
-def load_pretrained_encoder(path: str, backend: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Encoder and ``checkpoint["ssamba"]`` record from one of our checkpoints or a released SSAMBA/SSAST
-    ``.pth`` (read by :func:`ssamba.convert.load_encoder_state`; tensors only are unpickled)."""
+def load_pretrained_encoder(path: str, backend: str | None = None) -> tuple[nn.Module, Checkpoint]:
+    """Encoder and record of one of our checkpoints or a released SSAMBA/SSAST ``.pth``
+    (read by :func:`ssamba.checkpoints.load_checkpoint`; tensors only are unpickled)."""
     try:
-        config, weights, extras = load_encoder_state(path)
+        checkpoint = load_checkpoint(path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"task.pretrained={path}: {error}") from error
-    if backend is not None and "backend" in config:  # SSAMBA encoders only
-        config["backend"] = backend
-    encoder = encoder_from_config(config)
-    encoder.load_state_dict(weights, strict=True)
-    return encoder, {"encoder": config, **{k: v for k, v in extras.items() if k != "task_state"}}
+    return checkpoint.build_encoder(backend), checkpoint
 
 
 def check_strides(patch_shape: tuple[int, int], fstride: int | None, tstride: int | None) -> None:
@@ -77,8 +72,8 @@ class Finetuning(EncoderTask):
                  data: dict | None = None):
         data = dict(data or {})
         if pretrained:
-            encoder, record = load_pretrained_encoder(pretrained, backend)
-            log.info("finetuning from %s (%s pretraining, grid %s)", pretrained, record["encoder"]["name"],
+            encoder, checkpoint = load_pretrained_encoder(pretrained, backend)
+            log.info("finetuning from %s (%s pretraining, grid %s)", pretrained, checkpoint.encoder_config["name"],
                      "x".join(map(str, encoder.grid)))
         elif encoder is None:
             raise ConfigError("task.pretrained: no checkpoint and no model config; give task.pretrained=PATH "

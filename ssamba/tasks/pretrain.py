@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssamba.errors import ConfigError
+from ssamba.models.heads import prediction_head
 from ssamba.tasks.base import EncoderTask
-from ssamba.tasks.heads import prediction_head
 from ssamba.tasks.masking import STYLES, fit_count_to_grid, make_mask
-from ssamba.utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+JOINT_PASSES = (1, 2)  # encoder passes per step: one shared by both heads, or one per head
 # grid_patches: the patch count that count/val_count are stated for (512: 16 x 16 patches on 1024 frames);
 # fit_to_grid: scale them to the model's grid when it has another size (the CPU quick start's 64 patches).
 MASK_DEFAULTS = {"count": 400, "style": "cluster", "cluster_sizes": [3, 4, 5], "reference_quirks": False,
@@ -91,8 +92,8 @@ class MaskedPatchPretraining(EncoderTask):
                 raise ConfigError(f"mask.{key}={self.mask_cfg[key]} must be in 1..{num_patches - 1}: the model's "
                                  f"patch grid is {grid} = {num_patches} patches for "
                                  f"{self.encoder.config.input_tdim} frames (data.target_length){hint}")
-        if joint_passes not in (1, 2):
-            raise ConfigError(f"task.joint_passes={joint_passes} is not one of 1, 2")
+        if joint_passes not in JOINT_PASSES:
+            raise ConfigError(f"task.joint_passes={joint_passes} is not one of {', '.join(map(str, JOINT_PASSES))}")
         self.joint_passes = joint_passes
         self.use_cuda_graphs(cuda_graphs, joint_passes)
         self.nce_weight = nce_weight

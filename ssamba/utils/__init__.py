@@ -1,4 +1,1 @@
-"""Run plumbing: config checks, W&B, launching, figures."""
-from ssamba.utils.config import ConfigError, validate_config
-
-__all__ = ["ConfigError", "validate_config"]
+"""Run plumbing: config checks (``config``), W&B, launching, figures, atomic checkpoint IO."""

@@ -3,7 +3,7 @@
 Each problem is a :class:`ConfigError` whose message starts with the offending key and says what
 is allowed, so ``train.py`` can print it as one line. Checks that need the built objects (patch
 grid vs mask count, labels of the data) live next to the code that knows them and raise the same
-error type.
+error type; the allowed values checked here are the ones their owning modules export.
 """
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-TASKS = ("pretrain", "finetune")
-MASK_STYLES = ("cluster", "random")
-POOLINGS = ("mean", "cls")
-LOSSES = ("auto", "bce", "ce")
+from ssamba.errors import ConfigError
+from ssamba.models.heads import POOLINGS
+from ssamba.tasks import TASKS
+from ssamba.tasks.finetune import LOSSES
+from ssamba.tasks.masking import STYLES as MASK_STYLES
+from ssamba.tasks.pretrain import JOINT_PASSES
+
 CPU_BACKENDS = ("gloo",)
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true")
-
-
-class ConfigError(ValueError):
-    """An inconsistent or unknown config value; the message names the key and the allowed values."""
 
 
 def find_config_error(error: BaseException) -> ConfigError | None:
@@ -81,13 +80,16 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{missing[0]}: is required (???) but not set; set it on the command line, "
                           f"e.g. {missing[0]}=... (all missing: {', '.join(missing)})")
+    for key in _get(cfg, "required", []):  # a recipe's keys that must not stay null
+        if _get(cfg, key) is None:
+            raise ConfigError(f"{key}: this recipe needs it set; give {key}=... on the command line")
     _choice(cfg, "task.name", TASKS)
     task = _get(cfg, "task.name")
     if task == "pretrain":
         _choice(cfg, "mask.style", MASK_STYLES)
         _require_positive_int(cfg, "mask.count")
         _require_positive_int(cfg, "mask.val_count")
-        _choice(cfg, "task.joint_passes", (1, 2))
+        _choice(cfg, "task.joint_passes", JOINT_PASSES)
         if "model" not in cfg or cfg.model is None:
             raise ConfigError("model: task=pretrain needs a model, allowed: model=tiny|small|base|ssast_*")
     if task == "finetune":

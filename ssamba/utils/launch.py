@@ -10,6 +10,8 @@
   job exports its own overrides and output folder, and a worker started for it runs just that job.
 * Between multirun jobs the process group is torn down and the launcher's environment variables are
   removed, so the next job starts its own workers on a fresh port.
+* Cluster sweeps (``hydra/launcher=submitit_slurm``): a job that submitit requeued after its time limit or a
+  pre-emption runs again in its own folder and continues from the ``last.ckpt`` it wrote there.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 
 import torch
 
@@ -97,3 +100,45 @@ def end_distributed_job() -> None:
     for key in _launcher_env_to_clear:
         os.environ.pop(key, None)
     _launcher_env_to_clear.clear()
+
+
+def in_submitit_job() -> bool:
+    """Whether this process is a job that submitit started (on SLURM or locally)."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
+
+
+def submitit_signal() -> int:
+    """The signal submitit sends before a job's time limit or at pre-emption (USR2 unless configured)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+def requeued_checkpoint(last_checkpoint: str) -> str | None:
+    """In a submitit job, the ``last.ckpt`` an earlier attempt of this job left in its folder, if any.
+
+    Each job of a sweep has a folder of its own, so a checkpoint already there was written by this job
+    before submitit requeued it: continuing from it, not from scratch, is what the requeue is for.
+    """
+    if not (in_submitit_job() and os.path.isfile(last_checkpoint)):
+        return None
+    log.info("requeued job: continuing from %s", last_checkpoint)
+    return last_checkpoint
+
+
+def keep_earlier_metrics(output_dir: str) -> str | None:
+    """Move a ``metrics.csv`` already in the run folder to ``metrics.<n>.csv`` before the CSV logger starts.
+
+    A folder is reused by a requeued job or a resume into the same ``hydra.run.dir``; Lightning's CSV
+    logger would delete the earlier rows. Only the first process does this (ranks share the folder).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    current = os.path.join(output_dir, "metrics.csv")
+    if rank_zero_only.rank != 0 or not os.path.isfile(current):
+        return None
+    number = 1
+    while os.path.exists(os.path.join(output_dir, f"metrics.{number}.csv")):
+        number += 1
+    kept = os.path.join(output_dir, f"metrics.{number}.csv")
+    os.replace(current, kept)
+    log.info("this run folder already had metrics.csv (an earlier attempt): kept as %s", kept)
+    return kept

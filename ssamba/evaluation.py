@@ -2,7 +2,8 @@
 
 The classifier is rebuilt from the checkpoint's own record (``checkpoint["ssamba"]``: encoder
 config after the finetuning grid, head settings, input normalisation), so scoring needs neither
-the training config nor the pretraining checkpoint it started from.
+the training config nor the pretraining checkpoint it started from. This sits above the metrics
+(which know nothing of models) and beside the tasks: it is inference plus scoring.
 """
 
 from __future__ import annotations
@@ -14,73 +15,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ssamba.checkpoints import Checkpoint, load_checkpoint
 from ssamba.metrics.patient import PatientChallengeMetrics
 
 BATCH_METRIC_KEYS = ("patient", "recording", "id", "outcome")
 
 
-class Classifier(nn.Module):
-    """Encoder + classification head of a finetuning checkpoint: ``fbank [B, T, 128] -> logits [B, C]``."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def forward(self, fbank: Tensor) -> Tensor:
-        return self.head(self.encoder.forward_features(fbank))
-
-
-def read_record(path: str) -> dict[str, Any]:
-    """``checkpoint["ssamba"]`` of a finetuning checkpoint, with a clear error for anything else."""
-    checkpoint = _load(path)
-    record = checkpoint.get("ssamba")
-    if not record or "encoder" not in record:
-        raise ValueError(f"ckpt_path={path}: not an ssamba checkpoint (no checkpoint['ssamba'] record)")
-    if "head" not in record:
-        raise ValueError(
-            f"ckpt_path={path}: a {record.get('task', 'non-finetuning')} checkpoint has no classification "
-            "head; evaluate a finetuning checkpoint"
-        )
-    return record
-
-
-def load_classifier(path: str, backend: str | None = None) -> tuple[Classifier, dict[str, Any]]:
-    """The finetuned model of ``path`` (eval mode, CPU) and its checkpoint record."""
-    from ssamba.models import encoder_from_config
-    from ssamba.tasks.heads import ClassificationHead
-
-    checkpoint = _load(path)
-    record = read_record(path)
-    config = dict(record["encoder"])
-    if backend is not None:
-        config["backend"] = backend
-    encoder = encoder_from_config(config)
-    head_cfg = record["head"]
-    head = ClassificationHead(
-        encoder.embed_dim, head_cfg["num_classes"], head_cfg["pooling"], encoder.num_prefix_tokens
-    )
-    model = Classifier(encoder, head)
-    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(("encoder.", "head."))}
-    model.load_state_dict(state, strict=True)
-    return model.eval(), record
-
-
-def _load(path: str) -> dict[str, Any]:
+def load_finetuned(path: str) -> Checkpoint:
+    """A finetuning checkpoint (read once), with a clear error naming ``ckpt_path`` for anything else."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"ckpt_path={path}: no such file") from None
+    except ValueError as error:
+        raise ValueError(f"ckpt_path={path}: {error}") from error
+    if checkpoint.head is None:
+        raise ValueError(
+            f"ckpt_path={path}: a {checkpoint.task or 'non-finetuning'} checkpoint has no classification "
+            "head; evaluate a finetuning checkpoint"
+        )
+    return checkpoint
 
 
-def check_compatible(record: dict[str, Any], label_names: Sequence[str], target_length: int) -> None:
+def check_compatible(checkpoint: Checkpoint, label_names: Sequence[str], target_length: int) -> None:
     """The data must give the classes and input length the head and encoder were trained on."""
-    trained = list(record.get("label_names") or [])
+    trained = list(checkpoint.label_names)
     if trained and trained != list(label_names):
         raise ValueError(f"data.label_names={list(label_names)} but the checkpoint was trained on {trained}")
-    if record.get("target_length") and int(record["target_length"]) != int(target_length):
+    if checkpoint.target_length and int(checkpoint.target_length) != int(target_length):
         raise ValueError(
-            f"data.target_length={target_length} but the checkpoint was trained on {record['target_length']} frames"
+            f"data.target_length={target_length} but the checkpoint was trained on {checkpoint.target_length} frames"
         )
 
 

@@ -1,4 +1,7 @@
-"""Task heads on top of encoder tokens ``[B, num_prefix_tokens + num_patches, D]``."""
+"""Heads on top of encoder tokens ``[B, num_prefix_tokens + num_patches, D]``, and the classifier they make.
+
+They live with the encoders (not with the training tasks) so that inference can rebuild a
+finetuned model from a checkpoint without the LightningModules."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -32,6 +35,18 @@ class ClassificationHead(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.fc(self.norm(self.pool(tokens)))
+
+
+class Classifier(nn.Module):
+    """Encoder + classification head of a finetuning checkpoint: ``fbank [B, T, mel_bins] -> logits [B, C]``."""
+
+    def __init__(self, encoder: nn.Module, head: ClassificationHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, fbank: Tensor) -> Tensor:
+        return self.head(self.encoder.forward_features(fbank))
 
 
 def prediction_head(embed_dim: int, out_dim: int) -> nn.Sequential:

@@ -1,0 +1,234 @@
+"""The one reader of the checkpoints we support, and the models rebuilt from what it reads.
+
+:func:`load_checkpoint` reads one of our Lightning checkpoints or a released SSAMBA/SSAST ``.pth``
+(tensors only are unpickled) into a :class:`Checkpoint`: encoder config and weights, the task's
+other weights, input normalisation, input length, label names and a finetuned head's settings.
+``ssamba.load``, finetuning's ``task.pretrained``, ``evaluate.py`` and ``python -m ssamba.embed``
+all come through here, so a checkpoint means the same thing to each of them.
+
+Released files are recognised by their keys; the family reads the encoder config off the tensors
+(``released_config`` beside each model), every encoder tensor is shape-checked against a freshly
+built encoder (a mismatch is an error naming the key), and keys without a counterpart are
+reported, never dropped silently.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .constants import AUDIOSET_MEAN, AUDIOSET_STD
+from .models import ClassificationHead, Classifier, encoder_from_config, encoder_record
+from .models import ssamba as ssamba_family
+from .models import ssast as ssast_family
+from .models.registry import RUNTIME_FIELDS
+from .models.released import (
+    DATAPARALLEL_PREFIX,
+    OUR_ENCODER_PREFIX,
+    RELEASED_ENCODER_PREFIX,
+    RELEASED_GRID_KEYS,
+    ConversionError,
+    released_to_task_key,
+)
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {"ssamba": ssamba_family, "ssast": ssast_family}  # released formats, by family
+HEAD_PREFIX = "head."  # the finetuning task's classification head in our state_dict
+NUMBERS = {"norm_mean": float, "norm_std": float, "target_length": int}  # numeric fields of the record
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, in our terms: ``checkpoint["ssamba"]`` (docs/architecture.md) typed,
+    with the weights split into the encoder's and the task's."""
+
+    encoder_config: dict[str, Any]  # rebuilds the encoder with ssamba.models.encoder_from_config
+    encoder_state: dict[str, Tensor]
+    task_state: dict[str, Tensor] = field(default_factory=dict)  # every other weight, under our names
+    norm_mean: float | None = None
+    norm_std: float | None = None
+    target_length: int | None = None
+    task: str | None = None
+    label_names: list[str] = field(default_factory=list)
+    head: dict[str, Any] | None = None  # finetuning: num_classes, pooling, multilabel, loss
+    unused_keys: list[str] = field(default_factory=list)  # released keys without a counterpart
+    source_format: str = "lightning"
+
+    def record(self) -> dict[str, Any]:
+        """``checkpoint["ssamba"]`` as our checkpoints store it."""
+        record = {"encoder": self.encoder_config, "norm_mean": self.norm_mean, "norm_std": self.norm_std,
+                  "target_length": self.target_length, "task": self.task, "label_names": self.label_names}
+        if self.head is not None:
+            record["head"] = self.head
+        return record
+
+    def build_encoder(self, backend: str | None = None) -> nn.Module:
+        """The encoder with its weights (train mode, CPU); ``backend`` chooses its kernels."""
+        encoder = encoder_from_config(self.encoder_config, backend)
+        encoder.load_state_dict(self.encoder_state, strict=True)
+        return encoder
+
+    def build_classifier(self, backend: str | None = None) -> Classifier:
+        """Encoder + classification head of a finetuning checkpoint, in eval mode on the CPU."""
+        if self.head is None:
+            raise ConversionError(f"a {self.task or 'non-finetuning'} checkpoint has no classification head; "
+                                  "a finetuning checkpoint is needed")
+        encoder = self.build_encoder(backend)
+        head = ClassificationHead(encoder.embed_dim, self.head["num_classes"], self.head["pooling"],
+                                  encoder.num_prefix_tokens)
+        head.load_state_dict({k[len(HEAD_PREFIX):]: v for k, v in self.task_state.items() if k.startswith(HEAD_PREFIX)},
+                             strict=True)
+        return Classifier(encoder, head).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# reading files
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` restricted to tensors and plain containers (no pickled code is executed)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler raises several types; all mean "not loadable safely"
+        raise ConversionError(f"cannot read {os.fspath(path)!r} as a weights-only checkpoint: {error}") from error
+
+
+def is_released(checkpoint: dict[str, Any]) -> bool:
+    """A released file is a bare state dict; ours is a Lightning checkpoint with ``state_dict``."""
+    return "state_dict" not in checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values())
+
+
+def load_checkpoint(path: str | os.PathLike, family: str | None = None, **config_overrides: Any) -> Checkpoint:
+    """Our checkpoint or a released ``.pth`` as a :class:`Checkpoint`.
+
+    ``family`` only double-checks a released file's keys; ``config_overrides`` change encoder
+    settings that do not touch the weights (for released files also the grid they lack).
+    """
+    checkpoint = read_tensors(path)
+    source = os.path.basename(os.fspath(path))
+    if not is_released(checkpoint):
+        return lightning_to_ours(checkpoint, source, **config_overrides)
+    converted = released_to_ours(checkpoint, family, source=source, **config_overrides)
+    for key in converted.unused_keys:
+        log.warning("%s: key %s has no counterpart in our model and is not used", source, key)
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------
+# our layout
+
+
+def lightning_to_ours(checkpoint: dict[str, Any], source: str = "checkpoint", **config_overrides: Any) -> Checkpoint:
+    """Split one of our Lightning checkpoints into encoder config/state, task state and its record."""
+    if "ssamba" not in checkpoint or "encoder" not in checkpoint["ssamba"]:
+        raise ConversionError(f"{source} has no checkpoint['ssamba']['encoder'] (not an ssamba checkpoint, "
+                              "or a released file: convert it with python -m ssamba.convert)")
+    meta = checkpoint["ssamba"]
+    numbers = {key: _number(meta, key, kind) for key, kind in NUMBERS.items()}
+    config = {k: v for k, v in {**meta["encoder"], **config_overrides}.items() if k not in RUNTIME_FIELDS}
+    if "name" not in config:
+        raise ConversionError(f"{source}: checkpoint['ssamba']['encoder'] names no model (no 'name' key)")
+    state = checkpoint["state_dict"]
+    encoder_state = {k[len(OUR_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(OUR_ENCODER_PREFIX)}
+    task_state = {k: v for k, v in state.items() if not k.startswith(OUR_ENCODER_PREFIX)}
+    reference = encoder_from_config(config).state_dict()
+    encoder_state = _checked_state(reference, encoder_state, OUR_ENCODER_PREFIX, source)
+    return Checkpoint(config, encoder_state, task_state, **numbers, task=meta.get("task"),
+                      label_names=list(meta.get("label_names") or []), head=meta.get("head"))
+
+
+def _number(meta: dict[str, Any], key: str, kind: type) -> int | float | None:
+    """A number of the record, checked: evaluation copies these into the data config, where a
+    mapping could name a ``_target_`` to instantiate."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConversionError(f"checkpoint['ssamba'][{key!r}]={value!r}: expected a number")
+    return kind(value)
+
+
+def _checked_state(reference: dict[str, Tensor], source: dict[str, Tensor], source_prefix: str,
+                   what: str) -> dict[str, Tensor]:
+    """``source`` restricted to ``reference``'s keys, requiring every key with the same shape."""
+    out = {}
+    for key, expected in reference.items():
+        name = source_prefix + key
+        if key not in source:
+            raise ConversionError(f"{what}: missing key {name} (shape {tuple(expected.shape)} expected)")
+        if source[key].shape != expected.shape:
+            raise ConversionError(f"{what}: key {name} has shape {tuple(source[key].shape)}, "
+                                  f"the encoder expects {tuple(expected.shape)}")
+        out[key] = source[key]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the released layout
+
+
+def _strip_dataparallel(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    if state and all(k.startswith(DATAPARALLEL_PREFIX) for k in state):
+        return {k[len(DATAPARALLEL_PREFIX):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def detect_family(state: dict[str, Tensor]) -> str:
+    """``ssamba`` or ``ssast`` from the encoder keys of a released (prefix-stripped) state dict."""
+    found = [name for name, family in FAMILIES.items() if any(k.startswith(family.RELEASED_MARKER) for k in state)]
+    if len(found) != 1:
+        markers = ", ".join(f"{family.RELEASED_MARKER}* ({name})" for name, family in FAMILIES.items())
+        raise ConversionError(f"cannot tell the model family: expected keys under exactly one of {markers}; "
+                              f"found {len(found)} (first keys: {sorted(state)[:5]})")
+    return found[0]
+
+
+def _check_task_state(task_state: dict[str, Tensor], width: int, patch_values: int, what: str) -> None:
+    """The pretraining heads are Linear(D, D) -> ReLU -> Linear(D, fshape * tshape)."""
+    expected = {"mask_embed": (1, 1, width)}
+    for head in ("cpred", "gpred"):
+        expected.update({f"{head}.0.weight": (width, width), f"{head}.0.bias": (width,),
+                         f"{head}.2.weight": (patch_values, width), f"{head}.2.bias": (patch_values,)})
+    for key, tensor in task_state.items():
+        if key in expected and tuple(tensor.shape) != expected[key]:
+            raise ConversionError(f"{what}: key {key} has shape {tuple(tensor.shape)}, expected {expected[key]}")
+
+
+def released_to_ours(state: dict[str, Tensor], family: str | None = None, norm_mean: float = AUDIOSET_MEAN,
+                     norm_std: float = AUDIOSET_STD, source: str = "released checkpoint",
+                     **config_overrides: Any) -> Checkpoint:
+    """Convert a released state dict; ``family`` is checked against the keys (detected if None).
+    Released files carry no normalisation statistics: the AudioSet ones of their pretraining by default."""
+    state = _strip_dataparallel(state)
+    detected = detect_family(state)
+    if family is not None and family != detected:
+        raise ConversionError(f"{source}: --from {family} given, but its keys are those of a released {detected} "
+                              f"model (keys under {FAMILIES[detected].RELEASED_MARKER}*)")
+    enc_prefix = RELEASED_ENCODER_PREFIX
+    encoder_src = {k[len(enc_prefix):]: v for k, v in state.items() if k.startswith(enc_prefix)}
+    grid = {ours: int(state[released].item()) for ours, released in RELEASED_GRID_KEYS.items() if released in state}
+    overrides = {k: v for k, v in {**grid, **config_overrides}.items() if k not in RUNTIME_FIELDS}
+    reference = encoder_from_config(FAMILIES[detected].released_config(encoder_src, **overrides))
+    what = f"{source} ({detected})"
+    encoder_state = _checked_state(reference.state_dict(), encoder_src, DATAPARALLEL_PREFIX + enc_prefix, what)
+
+    task_state, unused = {}, []
+    for key, value in state.items():
+        if key.startswith(enc_prefix):
+            if key[len(enc_prefix):] not in encoder_state:
+                unused.append(key)
+        elif (ours := released_to_task_key(key)) is not None:
+            task_state[ours] = value
+        elif key not in RELEASED_GRID_KEYS.values():
+            unused.append(key)
+    config = reference.config
+    _check_task_state(task_state, reference.embed_dim, config.fshape * config.tshape, what)
+    return Checkpoint(encoder_record(reference), encoder_state, task_state, norm_mean, norm_std, config.input_tdim,
+                      "pretrain", [], None, [DATAPARALLEL_PREFIX + k for k in unused], f"{detected}-released")

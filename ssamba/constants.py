@@ -1,0 +1,16 @@
+"""Values that several layers share (data, models, checkpoints, metrics); imports nothing of ours.
+
+Keeping them here lets ``data`` and ``metrics`` agree on the CirCor classes without importing
+each other, and lets checkpoint conversion know the front end's defaults without the data stack.
+"""
+
+MEL_BINS = 128  # frequency bins of the fbank front end (the encoders' default input_fdim)
+AUDIOSET_MEAN = -4.2677393  # fbank statistics of AudioSet, used by the released pretraining
+AUDIOSET_STD = 4.5689974
+
+UNLABELED = ["unlabeled"]  # label_names of pretraining corpora: one class, all-zero targets
+
+# PhysioNet Challenge 2022 (CirCor) classes, in the order the Challenge scores them
+MURMUR_CLASSES = ("Present", "Unknown", "Absent")
+OUTCOME_CLASSES = ("Abnormal", "Normal")
+NO_OUTCOME = -1  # outcome index of a patient without an Outcome label
