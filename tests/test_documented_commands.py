@@ -56,6 +56,25 @@ NOT_RUN = {
         "a SLURM job (the run folder is named by $SLURM_JOB_ID)",
     "WANDB_MODE=online python train.py ...":
         "network access and a W&B key stored by `wandb login`",
+    "python train.py -m hydra/launcher=submitit_slurm mask=250,300,400 trainer=ddp trainer.devices=4":
+        "a SLURM cluster with 4 GPUs per job",
+    "python train.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu hydra.launcher.account=myproj "
+    "mask=250,300,400 trainer=ddp trainer.devices=4 experiment=pretrain_asli ...":
+        "a SLURM cluster with 4 GPUs per job",
+    "python train.py experiment=finetune_esc50 data.root=/data/prepared/esc50/fold1 task.pretrained=...":
+        "finetune_esc50 sets trainer=gpu (bf16 on a CUDA device)",
+    **{line: "the dataset's raw download" for line in (
+        "python -m ssamba.prepare <dataset> --src <download> --dst <folder>",
+        "python -m ssamba.prepare audioset --src /data/audioset --dst /data/prepared/audioset",
+        "python -m ssamba.prepare esc50 --src /data/ESC-50-master --dst /data/prepared/esc50",
+        "python -m ssamba.prepare iemocap --src /data/IEMOCAP_full_release --dst /data/prepared/iemocap",
+        "python -m ssamba.prepare librispeech --src /data/LibriSpeech --dst /data/prepared/librispeech",
+        "python -m ssamba.prepare speechcommands --src /data/speech_commands_v0.02 --dst /data/prepared/sc_v2",
+        "python -m ssamba.prepare speechcommands --variant superb12 --src /data/speech_commands_v0.01 "
+        "--dst /data/prepared/ks12",
+        "python -m ssamba.prepare speechcommands --variant v1 --src /data/speech_commands_v0.01 "
+        "--dst /data/prepared/sc_v1",
+        "python -m ssamba.prepare voxceleb1 --src /data/voxceleb1 --dst /data/prepared/voxceleb1")},
 }
 
 # What the docs' placeholders stand for: path prefixes of the data and the sizes of tool options.
