@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
-
-from pathlib import Path
 
 from .checkpoints import Checkpoint, load_checkpoint
 from .checkpoints import save_pretrained as save_folder
