@@ -225,5 +225,5 @@ class EarbudDataModule(AudioDataModule):
         """Subject-level scores (recordings aggregated per subject by ``data.aggregation``), single-label only."""
         if self.multilabel:
             return {}
-        return {"subjects": {"_target_": "ssamba.metrics.PatientLabelSetMetrics", "class_names": list(self.label_names),
+        return {"subjects": {"_target_": "ssamba.metrics.patient_metrics", "class_names": list(self.label_names),
                              "rule": self.aggregation}}
