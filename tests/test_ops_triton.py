@@ -259,12 +259,12 @@ def _check_gate():
     y = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
     xz = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
     out_ref = (y[..., :E] + y[..., E:]) * 0.5 * torch.nn.functional.silu(xz[..., E:])
-    out = triton_gate.gate_fwd(y.detach(), xz.detach()[..., E:])
-    assert _relerr(out, out_ref) < 1e-6
+    out, y_sum = triton_gate.gate_fwd(y.detach(), xz.detach()[..., E:])
+    assert _relerr(out, out_ref) < 1e-6 and _relerr(y_sum, y[..., :E] + y[..., E:]) < 1e-6
     dout = torch.randn(batch, length, E, generator=g)
     dy, dxz = torch.autograd.grad(out_ref, (y, xz), dout)
     dz = torch.full((batch, length, 2 * E), math.nan)
-    dy_either = triton_gate.gate_bwd(dout, y.detach(), xz.detach()[..., E:], dz[..., E:])
+    dy_either = triton_gate.gate_bwd(dout, y_sum, xz.detach()[..., E:], dz[..., E:])
     assert _relerr(dy_either, dy[..., :E]) < 1e-6 and _relerr(dy_either, dy[..., E:]) < 1e-6
     assert _relerr(dz[..., E:], dxz[..., E:]) < 1e-6 and dz[..., :E].isnan().all()
 

@@ -6,6 +6,12 @@ the gate kernel that averages the halves. The backward is hand-written: the in_p
 gradient is written in place by the kernels, and the scan parameters' gradients are summed over
 the batch inside the scan kernel. Kernel launches are few on purpose: at the tiny model's sizes the
 host's launch cost is comparable to the GPU work (docs/performance.md).
+
+What the backward keeps is what costs memory in training (every layer's, for two passes, until the
+backward reaches it): the in_proj output, the x_proj outputs, the sum of the two directions' outputs,
+the scan's chunk-entry states and the weights. The conv output and dt (``[batch, L, 2E]`` and twice
+``[batch, L, E]``) are recomputed in the backward by the same kernels, so bit for bit as in the
+forward, at a few percent of the layer's time; B and C are gathered again from the x_proj outputs.
 """
 from __future__ import annotations
 
@@ -17,6 +23,14 @@ from .gluon_scan import scan_bwd, scan_fwd
 from .triton_conv import bidir_conv_bwd, bidir_conv_fwd
 from .triton_bimamba import branch_projection_grads
 from .triton_gate import gate_bwd, gate_fwd
+
+
+def _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b):
+    """From the x_proj outputs: B and C of both directions in one aligned buffer ``[batch, L, 2
+    (direction), 2N]``, and dt of each direction (the forward's and the backward's recompute)."""
+    dt_rank = dt_proj_f.shape[1]
+    bc = torch.stack((x_dbl_f[..., dt_rank:], x_dbl_b[..., dt_rank:]), dim=2)
+    return bc, F.linear(x_dbl_f[..., :dt_rank], dt_proj_f), F.linear(x_dbl_b[..., :dt_rank], dt_proj_b)
 
 
 class BiMambaInnerGluon(torch.autograd.Function):
@@ -33,38 +47,37 @@ class BiMambaInnerGluon(torch.autograd.Function):
         if xz.stride(-1) != 1:
             xz = xz.contiguous()
         dim = xz.shape[-1] // 2
-        dt_rank = fwd[3].shape[1]
         dtype = xz.dtype
-        x, z = xz[..., :dim], xz[..., dim:]
         conv_weight = torch.cat([fwd[0], bwd[0]]).flatten(1)
         conv_bias = torch.cat([fwd[1], bwd[1]])
-        xc = bidir_conv_fwd(x, conv_weight, conv_bias)
         # the projections' weights in the activations' dtype, cast once and kept for the backward
         x_proj_f, x_proj_b, dt_proj_f, dt_proj_b = (w.to(dtype) for w in (fwd[2], bwd[2], fwd[3], bwd[3]))
+        xc = bidir_conv_fwd(xz[..., :dim], conv_weight, conv_bias)
         x_dbl_f = F.linear(xc[..., :dim], x_proj_f)
         x_dbl_b = F.linear(xc[..., dim:], x_proj_b)
-        # B and C of both directions in one aligned buffer [batch, L, 2 (direction), 2N]
-        bc = torch.stack((x_dbl_f[..., dt_rank:], x_dbl_b[..., dt_rank:]), dim=2)
-        dt_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f)
-        dt_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b)
+        bc, dt_f, dt_b = _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b)
         params = tuple(t.contiguous() for t in (fwd[5], bwd[5], fwd[6], bwd[6], fwd[4], bwd[4]))
         y, ckpt = scan_fwd(xc, dt_f, dt_b, bc, params)
-        out = gate_fwd(y, z)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f,
-                              x_dbl_b, bc, dt_f, dt_b, y, ckpt, *params)
+        out, y_sum = gate_fwd(y, xz[..., dim:])
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, x_dbl_f, x_dbl_b,
+                              y_sum, ckpt, *params)
         ctx.param_dtypes = [t.dtype for t in weights]
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        (xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f, x_dbl_b, bc,
-         dt_f, dt_b, y, ckpt, *params) = ctx.saved_tensors
+        (xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, x_dbl_f, x_dbl_b, y_sum, ckpt,
+         *params) = ctx.saved_tensors
         dim = xz.shape[-1] // 2
         dtype = xz.dtype
+        # recomputed by the forward's kernels from the forward's inputs: the same values
+        xc = bidir_conv_fwd(xz[..., :dim], conv_weight, conv_bias)
+        bc, dt_f, dt_b = _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b)
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
-        g = gate_bwd(dout, y, xz[..., dim:], dxz[..., dim:])
+        g = gate_bwd(dout, y_sum, xz[..., dim:], dxz[..., dim:])
         dxc, ddt_f, ddt_b, dBC, dA_log, dD, d_bias = scan_bwd(xc, dt_f, dt_b, bc, params, ckpt, g)
+        del dt_f, dt_b, bc, g  # freed before the projections' gradients allocate theirs
         projection_grads = [
             branch_projection_grads(xc, half, x_dbl, ddt.view(-1, dim).to(dtype), dBC[:, :, half], x_proj, dt_proj, dxc)
             for half, (x_dbl, ddt, x_proj, dt_proj) in enumerate(((x_dbl_f, ddt_f, x_proj_f, dt_proj_f),
