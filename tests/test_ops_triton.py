@@ -267,6 +267,10 @@ def _check_gate():
     dy_either = triton_gate.gate_bwd(dout, y_sum, xz.detach()[..., E:], dz[..., E:])
     assert _relerr(dy_either, dy[..., :E]) < 1e-6 and _relerr(dy_either, dy[..., E:]) < 1e-6
     assert _relerr(dz[..., E:], dxz[..., E:]) < 1e-6 and dz[..., :E].isnan().all()
+    again = torch.full((batch, length, E), math.nan)
+    dz_again = torch.full((batch, length, 2 * E), math.nan)
+    triton_gate.gate_bwd(dout, y_sum, xz.detach()[..., E:], dz_again[..., E:], out=again)
+    assert torch.equal(again, out) and torch.equal(dz_again[..., E:], dz[..., E:])  # the forward's output again
 
 
 for _name, _case in SCAN_CASES.items():

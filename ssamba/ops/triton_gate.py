@@ -29,8 +29,8 @@ def _gate_fwd_kernel(y_ptr, z_ptr, out_ptr, sum_ptr, rows, dim, sy, sz, so,
 
 
 @triton.jit
-def _gate_bwd_kernel(dout_ptr, sum_ptr, z_ptr, g_ptr, dz_ptr, rows, dim, sd, ss, sz, sg, sdz,
-                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+def _gate_bwd_kernel(dout_ptr, sum_ptr, z_ptr, g_ptr, dz_ptr, out_ptr, rows, dim, sd, ss, sz, sg, sdz,
+                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, WRITE_OUT: tl.constexpr):
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask = (r < rows)[:, None] & (e < dim)[None, :]
@@ -41,6 +41,8 @@ def _gate_bwd_kernel(dout_ptr, sum_ptr, z_ptr, g_ptr, dz_ptr, rows, dim, sd, ss,
     tl.store(g_ptr + r[:, None] * sg + e[None, :], (half_dout * z * sig).to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(dz_ptr + r[:, None] * sdz + e[None, :],
              (half_dout * y * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mask)
+    if WRITE_OUT:  # the forward's output again, for a following projection's weight gradient
+        tl.store(out_ptr + r[:, None] * sg + e[None, :], (0.5 * y * z * sig).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -66,14 +68,19 @@ def gate_fwd(y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return out, y_sum
 
 
-def gate_bwd(dout: torch.Tensor, y_sum: torch.Tensor, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+def gate_bwd(dout: torch.Tensor, y_sum: torch.Tensor, z: torch.Tensor, dz: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """Writes ``dL/dz`` into ``dz`` (a ``[batch, L, E]`` view with one row stride) given ``y_sum = y_f + y_b``
-    from :func:`gate_fwd`, and returns fp32 ``dL/dy`` of either direction, ``dout / 2 * silu(z)``."""
+    from :func:`gate_fwd`, and returns fp32 ``dL/dy`` of either direction, ``dout / 2 * silu(z)``.
+    ``out`` (contiguous ``[batch, L, E]``), if given, receives :func:`gate_fwd`'s output recomputed."""
     batch, length, dim = z.shape
     (dout, sd), (y_sum, ss), (z, sz) = _rows(dout), _rows(y_sum), _rows(z)
     if dz.stride(-1) != 1 or dz.stride(0) != length * dz.stride(1):
         raise ValueError(f"dz must be rows with one stride, got strides {dz.stride()}")
     g = torch.empty(batch, length, dim, device=z.device, dtype=torch.float32)
-    _gate_bwd_kernel[_grid(batch * length, dim)](dout, y_sum, z, g, dz, batch * length, dim, sd, ss, sz, dim,
-                                                 dz.stride(1), BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
+    if out is not None and not (out.is_contiguous() and out.shape == z.shape):
+        raise ValueError(f"out must be a contiguous {tuple(z.shape)} tensor, got {tuple(out.shape)} strides {out.stride()}")
+    _gate_bwd_kernel[_grid(batch * length, dim)](dout, y_sum, z, g, dz, g if out is None else out, batch * length,
+                                                 dim, sd, ss, sz, dim, dz.stride(1), BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+                                                 WRITE_OUT=out is not None)
     return g
