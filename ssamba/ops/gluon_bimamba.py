@@ -8,10 +8,11 @@ the batch inside the scan kernel. Kernel launches are few on purpose: at the tin
 host's launch cost is comparable to the GPU work (docs/performance.md).
 
 What the backward keeps is what costs memory in training (every layer's, for two passes, until the
-backward reaches it): the in_proj output, the x_proj outputs, the sum of the two directions' outputs,
-the scan's chunk-entry states and the weights. The conv output and dt (``[batch, L, 2E]`` and twice
-``[batch, L, E]``) are recomputed in the backward by the same kernels, so bit for bit as in the
-forward, at a few percent of the layer's time; B and C are gathered again from the x_proj outputs.
+backward reaches it): the mixer's input (``[batch, L, d]``), the x_proj outputs, the sum of the two
+directions' outputs (``[batch, L, E]``), the scan's chunk-entry states and the weights. The in_proj
+output, the conv output, dt and the out_proj input are recomputed in the backward by the forward's
+kernels from the forward's inputs, so to the same values; B and C are gathered again from the
+x_proj outputs (docs/performance.md, "Training memory").
 """
 from __future__ import annotations
 
