@@ -1,8 +1,10 @@
 """Score a finetuned checkpoint: ``python evaluate.py ckpt_path=... data=circor data.root=... [split=test]``.
 
-Prints the patient-level Challenge scores, writes ``scores.json``, a confusion-matrix figure and one
-``outputs/<PID>.csv`` per patient in the PhysioNet Challenge 2022 output format, and logs scores
-and figure to the configured loggers (``logger=wandb``). Config: ``conf/evaluate.yaml``.
+Prints the patient-level scores, writes ``scores.json``, a confusion-matrix figure and the patients'
+predictions, and logs scores and figure to the configured loggers (``logger=wandb``). For the
+Challenge's label sets the predictions are one ``outputs/<PID>.csv`` per patient in the PhysioNet
+Challenge 2022 output format; for any other label set (``data.task=murmur_timing``, earbud classes)
+one ``predictions.csv``. Config: ``conf/evaluate.yaml``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
-from ssamba.evaluation import check_compatible, load_finetuned, score_split
-from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs
+from ssamba.evaluation import check_compatible, is_challenge_label_set, load_finetuned, score_split
+from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs, write_predictions
 
 log = logging.getLogger("evaluate")
 
@@ -58,7 +60,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_challenge_outputs(predictions, patient_ids, datamodule.label_names, out_dir / "outputs")
+    if is_challenge_label_set(datamodule.label_names):
+        write_challenge_outputs(predictions, patient_ids, datamodule.label_names, out_dir / "outputs")
+    else:
+        write_predictions(predictions, patient_ids, datamodule.label_names, out_dir / "predictions.csv")
     figure.savefig(out_dir / "confusion_matrix.png", dpi=100)
     plain = {name: None if math.isnan(value) else value for name, value in scores.items()}  # strict JSON
     summary = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "aggregation": rule, "scores": plain}
@@ -93,7 +98,8 @@ def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)["weighted_accuracy"]
+    scores = evaluate(cfg)
+    return scores["weighted_accuracy"] if "weighted_accuracy" in scores else scores["uar"]  # for sweepers
 
 
 if __name__ == "__main__":

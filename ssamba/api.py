@@ -1,16 +1,23 @@
-"""``ssamba.load``: a checkpoint (ours or a released ``.pth``) -> a model ready for inference."""
+"""``ssamba.load``: a checkpoint (ours, a released ``.pth`` or a model folder) -> a model ready for inference;
+``ssamba.save_pretrained``: a checkpoint or loaded model -> a model folder."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from .checkpoints import load_checkpoint
+from .checkpoints import Checkpoint, load_checkpoint
+from .checkpoints import save_pretrained as save_folder
+from .models import encoder_record
 
 
 def load(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", family: str | None = None,
          backend: str | None = None, **config_overrides):
     """Load the encoder of ``checkpoint`` with its input normalisation, in eval mode on ``device``.
+
+    ``checkpoint``: our ``.ckpt``, a released ``.pth``, a model folder (:func:`save_pretrained`), or
+    ``hf://<repo id>`` for a model folder on the Hugging Face Hub (needs huggingface_hub).
 
     Returns an :class:`ssamba.embed.AudioEmbedder`: ``model.embed(waveform, sample_rate, layer=-1)``.
     Released files are recognised by their keys (``family`` only double-checks it); ``backend``
@@ -25,3 +32,28 @@ def load(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", fami
     metadata = {k: v for k, v in loaded.record().items() if k != "encoder"}
     metadata.update(unused_keys=loaded.unused_keys, source_format=loaded.source_format)
     return AudioEmbedder(loaded.build_encoder(backend), loaded.norm_mean, loaded.norm_std, metadata).to(device)
+
+
+def save_pretrained(model_or_checkpoint, directory: str | os.PathLike) -> Path:
+    """Write a model folder (``config.json`` + ``model.safetensors``) that :func:`load` reads back.
+
+    ``model_or_checkpoint``: a checkpoint path (ours, a released ``.pth``, a folder), a
+    :class:`ssamba.checkpoints.Checkpoint`, or a model returned by :func:`load`.
+    """
+    from .embed import AudioEmbedder
+
+    source = model_or_checkpoint
+    if isinstance(source, (str, os.PathLike)):
+        checkpoint = load_checkpoint(source)
+    elif isinstance(source, Checkpoint):
+        checkpoint = source
+    elif isinstance(source, AudioEmbedder):
+        meta = source.metadata
+        checkpoint = Checkpoint(encoder_record(source.encoder), source.encoder.state_dict(),
+                                norm_mean=source.norm_mean, norm_std=source.norm_std,
+                                target_length=meta.get("target_length", source.encoder.config.input_tdim),
+                                task=meta.get("task"), label_names=list(meta.get("label_names") or []))
+    else:
+        raise TypeError(f"save_pretrained takes a checkpoint path, a Checkpoint or a model from ssamba.load, "
+                        f"not {type(source).__name__}")
+    return save_folder(checkpoint, directory)

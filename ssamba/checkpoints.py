@@ -1,7 +1,8 @@
 """The one reader of the checkpoints we support, and the models rebuilt from what it reads.
 
-:func:`load_checkpoint` reads one of our Lightning checkpoints or a released SSAMBA/SSAST ``.pth``
-(tensors only are unpickled) into a :class:`Checkpoint`: encoder config and weights, the task's
+:func:`load_checkpoint` reads one of our Lightning checkpoints, a released SSAMBA/SSAST ``.pth``
+(tensors only are unpickled) or a model folder (``config.json`` + ``model.safetensors``, written by
+:func:`save_pretrained`; nothing is unpickled) into a :class:`Checkpoint`: encoder config and weights, the task's
 other weights, input normalisation, input length, label names and a finetuned head's settings.
 ``ssamba.load``, finetuning's ``task.pretrained``, ``evaluate.py`` and ``python -m ssamba.embed``
 all come through here, so a checkpoint means the same thing to each of them.
@@ -13,9 +14,11 @@ reported, never dropped silently.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,11 +109,15 @@ def is_released(checkpoint: dict[str, Any]) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike, family: str | None = None, **config_overrides: Any) -> Checkpoint:
-    """Our checkpoint or a released ``.pth`` as a :class:`Checkpoint`.
+    """Our checkpoint, a released ``.pth`` or a model folder (or ``hf://<repo id>``) as a :class:`Checkpoint`.
 
     ``family`` only double-checks a released file's keys; ``config_overrides`` change encoder
     settings that do not touch the weights (for released files also the grid they lack).
     """
+    if str(path).startswith(HUB_SCHEME):
+        path = download_folder(str(path)[len(HUB_SCHEME):])
+    if os.path.isdir(path):
+        return read_folder(path, **config_overrides)
     checkpoint = read_tensors(path)
     source = os.path.basename(os.fspath(path))
     if not is_released(checkpoint):
@@ -232,3 +239,67 @@ def released_to_ours(state: dict[str, Tensor], family: str | None = None, norm_m
     _check_task_state(task_state, reference.embed_dim, config.fshape * config.tshape, what)
     return Checkpoint(encoder_record(reference), encoder_state, task_state, norm_mean, norm_std, config.input_tdim,
                       "pretrain", [], None, [DATAPARALLEL_PREFIX + k for k in unused], f"{detected}-released")
+
+
+# ----------------------------------------------------------------------------------------------
+# the model folder: config.json + model.safetensors
+
+FOLDER_FORMAT = {"format": "ssamba-model", "format_version": 1}
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+HUB_SCHEME = "hf://"
+
+
+def save_pretrained(checkpoint: Checkpoint, directory: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` as a model folder: ``config.json`` (family, encoder config, input
+    normalisation and length, task, label names, head) and ``model.safetensors`` (encoder weights
+    under ``encoder.``, the task's other weights, e.g. a classification head, under their own names)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    family = str(checkpoint.encoder_config["name"]).split("_", 1)[0]
+    config = {**FOLDER_FORMAT, "family": family, **checkpoint.record()}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {OUR_ENCODER_PREFIX + k: v for k, v in checkpoint.encoder_state.items()}
+    tensors.update(checkpoint.task_state)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE),
+              metadata={"format": FOLDER_FORMAT["format"]})
+    return directory
+
+
+def read_folder(directory: str | os.PathLike, **config_overrides: Any) -> Checkpoint:
+    """A model folder written by :func:`save_pretrained` (JSON and safetensors: no code is run)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise ConversionError(f"{directory}: not a model folder, missing {' and '.join(missing)}")
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{directory / CONFIG_FILE}: not JSON ({error})") from None
+    if config.get("format") != FOLDER_FORMAT["format"]:
+        raise ConversionError(f"{directory / CONFIG_FILE}: format {config.get('format')!r}, "
+                              f"expected {FOLDER_FORMAT['format']!r}")
+    if config.get("format_version", 0) > FOLDER_FORMAT["format_version"]:
+        raise ConversionError(f"{directory / CONFIG_FILE}: format_version {config['format_version']} is newer than "
+                              f"this ssamba reads ({FOLDER_FORMAT['format_version']}); upgrade ssamba")
+    record = {k: v for k, v in config.items() if k not in (*FOLDER_FORMAT, "family")}
+    loaded = lightning_to_ours({"state_dict": load_file(str(directory / WEIGHTS_FILE)), "ssamba": record},
+                               source=str(directory), **config_overrides)
+    loaded.source_format = "folder"
+    return loaded
+
+
+def download_folder(repo_id: str) -> str:
+    """The local copy of a model folder on the Hugging Face Hub (needs huggingface_hub and the network)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConversionError(f"{HUB_SCHEME}{repo_id}: loading from the Hub needs the huggingface_hub package "
+                              "(pip install huggingface_hub); or download the folder and pass its path") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+    except Exception as error:  # offline, unknown repo, no access: one line, whichever it is
+        raise ConversionError(f"{HUB_SCHEME}{repo_id}: could not download ({type(error).__name__}: {error})") from None

@@ -1,7 +1,9 @@
 """Released SSAMBA/SSAST ``.pth`` files <-> our Lightning checkpoints: the command line and the writers.
 
 ``python -m ssamba.convert IN.pth OUT.ckpt --from ssamba|ssast`` turns a released file into a
-checkpoint that finetuning and :func:`ssamba.load` read; ``--to-released`` goes the other way.
+checkpoint that finetuning and :func:`ssamba.load` read; ``--to-released`` goes the other way;
+``--to-folder`` writes any of them (or our checkpoint) as a model folder (config.json +
+model.safetensors, :func:`ssamba.save_pretrained`).
 Reading either format is :mod:`ssamba.checkpoints`' job (finetuning accepts a released file
 directly); this module writes them.
 """
@@ -15,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoints import FAMILIES, Checkpoint, lightning_to_ours, read_tensors, released_to_ours
+from .checkpoints import (FAMILIES, Checkpoint, lightning_to_ours, load_checkpoint, read_tensors,
+                          released_to_ours, save_pretrained)
 from .constants import AUDIOSET_MEAN, AUDIOSET_STD
 from .models import released as keys
 from .models.released import ConversionError
@@ -68,11 +71,13 @@ def ours_to_released(checkpoint: dict[str, Any]) -> tuple[dict[str, Tensor], lis
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ssamba.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="released .pth (or, with --to-released, our .ckpt)")
-    parser.add_argument("output", help="our .ckpt (or, with --to-released, a released-layout .pth)")
+    parser.add_argument("input", help="released .pth (with --to-released our .ckpt; with --to-folder either)")
+    parser.add_argument("output", help="our .ckpt (with --to-released a released-layout .pth, with --to-folder a folder)")
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="family", choices=tuple(FAMILIES), help="family of the released input file")
     direction.add_argument("--to-released", action="store_true", help="write our checkpoint in the released layout")
+    direction.add_argument("--to-folder", action="store_true",
+                           help="write our checkpoint or a released file as a model folder (config.json + model.safetensors)")
     parser.add_argument("--norm-mean", type=float, default=AUDIOSET_MEAN, help="fbank mean used in pretraining")
     parser.add_argument("--norm-std", type=float, default=AUDIOSET_STD, help="fbank std used in pretraining")
     for name in ("input-fdim", "input-tdim", "fstride", "tstride"):
@@ -83,13 +88,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    if args.to_released:
+    grid = {k: getattr(args, k) for k in ("input_fdim", "input_tdim", "fstride", "tstride", "num_heads")
+            if getattr(args, k) is not None}
+    if args.to_folder:
+        converted = load_checkpoint(args.input, **grid)
+        if converted.source_format.endswith("-released"):  # released files carry no statistics of their own
+            converted.norm_mean, converted.norm_std = args.norm_mean, args.norm_std
+        save_pretrained(converted, args.output)
+        unused = converted.unused_keys
+        print(f"wrote {converted.encoder_config['name']} ({len(converted.encoder_state)} encoder tensors, "
+              f"task tensors: {', '.join(sorted(converted.task_state)) or 'none'}) as a model folder to {args.output}")
+    elif args.to_released:
         state, unused = ours_to_released(read_tensors(args.input))
         torch.save(state, args.output)
         print(f"wrote {len(state)} tensors in the released layout to {args.output}")
     else:
-        grid = {k: getattr(args, k) for k in ("input_fdim", "input_tdim", "fstride", "tstride", "num_heads")
-                if getattr(args, k) is not None}
         converted = released_to_ours(read_tensors(args.input), args.family, args.norm_mean, args.norm_std,
                                      source=os.path.basename(args.input), **grid)
         torch.save(to_lightning_checkpoint(converted), args.output)

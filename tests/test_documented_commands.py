@@ -54,6 +54,9 @@ NOT_RUN = {
         "a SLURM allocation of 2 nodes with 8 GPUs each",
     "srun python train.py experiment=... hydra.run.dir=outputs/pretrain/slurm-${SLURM_JOB_ID} ckpt_path=last":
         "a SLURM job (the run folder is named by $SLURM_JOB_ID)",
+    "python evaluate.py ckpt_path=<timing run>/checkpoints/last.ckpt data=circor data.root=/data/circor "
+    "data.task=murmur_timing split=test":
+        "a checkpoint finetuned on data.task=murmur_timing (tests/test_evaluate.py runs this on a fixture)",
     "WANDB_MODE=online python train.py ...":
         "network access and a W&B key stored by `wandb login`",
     "python train.py -m hydra/launcher=submitit_slurm mask=250,300,400 trainer=ddp trainer.devices=4":

@@ -104,3 +104,22 @@ def test_mismatched_data_is_refused(checkpoint, tmp_path):
         load_finetuned(str(pretraining))
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         load_finetuned(str(tmp_path / "missing.ckpt"))
+
+
+def test_cli_scores_the_timing_label_set_and_writes_predictions(tmp_path):
+    """data.task=murmur_timing: label-set scores, the collapsed Challenge scores and predictions.csv."""
+    checkpoint = save_finetuned(tmp_path / "timing.ckpt", task="murmur_timing")
+    out = tmp_path / "eval"
+    command = [
+        sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", f"data.root={CIRCOR_MINI}", "data.task=murmur_timing",
+        "data.num_workers=0", "split=test", "logger=csv", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    assert {"uar", "recall_present-holosystolic", "murmur_weighted_accuracy", "patients"} <= set(scores)
+    rows = (out / "predictions.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:3] == ["patient", "target", "prediction"] and len(header) == 3 + 7
+    assert len(rows) - 1 == scores["patients"]
+    assert not (out / "outputs").exists()  # Challenge output files are for the Challenge's label sets

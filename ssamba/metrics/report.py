@@ -53,6 +53,22 @@ def write_challenge_outputs(
     return paths
 
 
+def write_predictions(
+    predictions: PatientPredictions, patient_ids: Sequence[str], class_names: Sequence[str], path: str | Path
+) -> Path:
+    """``predictions.csv``: one row per patient with its true and predicted class and each class's probability."""
+    if len(patient_ids) != predictions.preds.numel():
+        raise ValueError(f"{len(patient_ids)} patient ids for {predictions.preds.numel()} patients")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(["patient", "target", "prediction", *(f"p_{name}" for name in class_names)])]
+    rows = zip(patient_ids, predictions.target.tolist(), predictions.preds.tolist(), predictions.probs.tolist())
+    for pid, target, pred, probs in rows:
+        lines.append(",".join([pid, class_names[target], class_names[pred], *(f"{p:.6f}" for p in probs)]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def scores_table(scores: Mapping[str, Tensor | float], title: str):
     """A rich table of scalar scores, in the order given."""
     from rich.table import Table

@@ -36,7 +36,7 @@ LOSSES = ("auto", "bce", "ce")
 
 
 def load_pretrained_encoder(path: str, backend: str | None = None) -> tuple[nn.Module, Checkpoint]:
-    """Encoder and record of one of our checkpoints or a released SSAMBA/SSAST ``.pth``
+    """Encoder and record of one of our checkpoints, a released SSAMBA/SSAST ``.pth`` or a model folder
     (read by :func:`ssamba.checkpoints.load_checkpoint`; tensors only are unpickled)."""
     try:
         checkpoint = load_checkpoint(path)

@@ -79,7 +79,8 @@ class MaskedPatchPretraining(EncoderTask):
         num_patches = self.encoder.num_patches
         grid = "x".join(map(str, self.encoder.grid))
         stated = self.mask_cfg["grid_patches"]
-        if self.mask_cfg["fit_to_grid"] and stated and stated != num_patches:
+        stated_for_another_grid = bool(stated) and stated != num_patches
+        if self.mask_cfg["fit_to_grid"] and stated_for_another_grid:
             fitted = {key: fit_count_to_grid(self.mask_cfg[key], stated, num_patches) for key in ("count", "val_count")}
             log.info("mask.fit_to_grid: mask.count=%d and mask.val_count=%d, stated for %d patches, scaled to %d and "
                      "%d of this model's %s = %d patches", self.mask_cfg["count"], self.mask_cfg["val_count"], stated,
@@ -88,7 +89,7 @@ class MaskedPatchPretraining(EncoderTask):
         for key in ("count", "val_count"):
             if not 0 < self.mask_cfg[key] < num_patches:
                 hint = (f"; or mask.fit_to_grid=true to scale counts stated for mask.grid_patches={stated}"
-                        if stated and stated != num_patches else "")
+                        if stated_for_another_grid else "")
                 raise ConfigError(f"mask.{key}={self.mask_cfg[key]} must be in 1..{num_patches - 1}: the model's "
                                  f"patch grid is {grid} = {num_patches} patches for "
                                  f"{self.encoder.config.input_tdim} frames (data.target_length){hint}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ssamba.checkpoints import HUB_SCHEME
 from ssamba.errors import ConfigError
 from ssamba.models.heads import POOLINGS
 from ssamba.tasks import TASKS
@@ -102,8 +103,9 @@ def validate_config(cfg: DictConfig) -> None:
         if _get(cfg, "task.head_lr_multiplier", 1.0) <= 0:
             raise ConfigError(f"task.head_lr_multiplier={cfg.task.head_lr_multiplier}: must be > 0")
         pretrained = _get(cfg, "task.pretrained")
-        if pretrained is not None and not Path(pretrained).is_file():
-            raise ConfigError(f"task.pretrained={pretrained}: no such checkpoint file")
+        if pretrained is not None and not (Path(pretrained).is_file() or Path(pretrained).is_dir()
+                                           or str(pretrained).startswith(HUB_SCHEME)):
+            raise ConfigError(f"task.pretrained={pretrained}: no such checkpoint file or model folder")
     if _get(cfg, "task.cuda_graphs", False) is True and _get(cfg, "trainer.accelerator", "auto") == "cpu":
         raise ConfigError("task.cuda_graphs=true: CUDA graphs need a GPU, but trainer.accelerator=cpu; "
                           "allowed: task.cuda_graphs=false, or trainer=gpu|ddp")
