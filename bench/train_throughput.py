@@ -9,6 +9,7 @@ activation, gradient, optimizer state and CUDA-graph pool) owes nothing to the c
 
     python bench/train_throughput.py                       # GPU: every case (stock ones need mamba-ssm)
     python bench/train_throughput.py --only finetune base  # GPU: the cases whose label contains either text
+    python bench/train_throughput.py --only finetune --extra task.fstride=16 task.tstride=16  # other shapes
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
     python bench/train_throughput.py --write               # also docs/performance/train.json
 """
@@ -109,12 +110,12 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
             "backend": "mamba_ssm.Mamba" if stock else getattr(task.encoder.config, "backend", "-")}
 
 
-def measure_in_child(label: str, steps: int, warmup: int, batch: int) -> dict:
+def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: list[str]) -> dict:
     """``measure`` of one case in a fresh process (its CUDA memory, graph pools included, starts empty)."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--case", label, "--result", str(result), "--steps", str(steps),
-                   "--warmup", str(warmup), "--batch", str(batch)]
+                   "--warmup", str(warmup), "--batch", str(batch), "--extra", *extra]
         child = subprocess.run(command)
         if child.returncode or not result.exists():
             raise RuntimeError(f"the child process exited with status {child.returncode}")
@@ -132,13 +133,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps")
     parser.add_argument("--only", nargs="+", help="run the cases whose label contains any of these texts")
+    parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides added to every case")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (what the parent starts)
     parser.add_argument("--result", help=argparse.SUPPRESS)  # where --case writes its figures
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.smoke
     if args.case:
-        figures = measure(CASES[args.case], args.steps, args.warmup, args.batch, gpu)
+        figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu)
         Path(args.result).write_text(json.dumps(figures))
         return
     device = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
@@ -157,8 +159,8 @@ def main() -> None:
         else:
             steps, warmup, batch = args.steps, args.warmup, args.batch
         try:  # a GPU case in a child process of its own, so that its peak memory is its own
-            results[label] = (measure_in_child(label, steps, warmup, batch) if gpu
-                              else measure(overrides, steps, warmup, batch, gpu))
+            results[label] = (measure_in_child(label, steps, warmup, batch, args.extra) if gpu
+                              else measure(overrides + args.extra, steps, warmup, batch, gpu))
         except RuntimeError as error:  # e.g. out of memory, or kernels a CUDA graph cannot capture
             print(f"{label}: failed: {error}", flush=True)
             continue
@@ -168,7 +170,7 @@ def main() -> None:
     lines += [f"| {k} | {v['backend']} | {v['tokens']} | {v['ms_per_step']:.1f} | {v['samples_per_s']:.1f} | "
               f"{_gib(v['peak_gib'])} |" for k, v in results.items()]
     table = "\n".join(lines)
-    print(f"\n{device}, torch {torch.__version__}, batch {batch}\n{table}")
+    print(f"\n{device}, torch {torch.__version__}, batch {batch}, {' '.join(args.extra)}\n{table}")
     if args.write:
         out = ROOT / "docs" / "performance" / "train.json"
         out.parent.mkdir(parents=True, exist_ok=True)
