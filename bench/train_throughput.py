@@ -1,12 +1,15 @@
-"""Training throughput (samples/s) of the real training stack, several models in one run.
+"""Training throughput (samples/s) and peak GPU memory of the real training stack, several models in one run.
 
 Composes ``conf/train.yaml`` with the given overrides (synthetic data; the pretraining task, or
 finetuning at its default patch stride), runs ``trainer.fit`` for a fixed number of optimizer steps
 and times the last ones with the device synchronised, so data loading, the encoder passes, the
-heads, the optimizer and Lightning's own overhead are all inside the figure.
+heads, the optimizer and Lightning's own overhead are all inside the figure. On a GPU each case runs
+in a process of its own, so its peak ``torch.cuda.max_memory_allocated`` (over the whole fit: every
+activation, gradient, optimizer state and CUDA-graph pool) owes nothing to the cases before it.
 
     python bench/train_throughput.py                       # GPU: every case (stock ones need mamba-ssm)
-    python bench/train_throughput.py --only finetune       # GPU: the cases whose label contains "finetune"
+    python bench/train_throughput.py --only finetune base  # GPU: the cases whose label contains either text
+    python bench/train_throughput.py --only finetune --extra task.fstride=16 task.tstride=16  # other shapes
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
     python bench/train_throughput.py --write               # also docs/performance/train.json
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +46,9 @@ CASES = {  # label -> overrides
     "ssast_tiny, 2 passes, CUDA graphs": ["model=ssast_tiny", "task.joint_passes=2", "task.cuda_graphs=true"],
     "stock composition, 2 passes, CUDA graphs": ["model=tiny", "task.joint_passes=2", "task.cuda_graphs=true",
                                                  STOCK],
+    "ssamba_base, 2 passes": ["model=base", "task.joint_passes=2", "task.cuda_graphs=false"],
+    "ssamba_base, 2 passes, CUDA graphs": ["model=base", "task.joint_passes=2", "task.cuda_graphs=true"],
+    "ssast_base, 2 passes": ["model=ssast_base", "task.joint_passes=2", "task.cuda_graphs=false"],
     # finetuning at its default patch stride 10 (overlapping patches: 1212 tokens for 1024 frames)
     "ssamba_tiny, finetune, eager": ["task=finetune", "model=tiny", "data.num_classes=527", "task.cuda_graphs=false"],
     "ssamba_tiny, finetune, CUDA graphs": ["task=finetune", "model=tiny", "data.num_classes=527",
@@ -93,11 +100,30 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     timer = StepTimer(warmup)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=False, enable_progress_bar=False,
                                       enable_model_summary=False)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     trainer.fit(task, datamodule=datamodule)
     seconds = timer.end - timer.start
     return {"samples_per_s": timer.timed * batch / seconds, "ms_per_step": 1000 * seconds / timer.timed,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
             "steps_timed": timer.timed, "batch": batch, "tokens": task.encoder.num_patches + task.encoder.num_prefix_tokens,
             "backend": "mamba_ssm.Mamba" if stock else getattr(task.encoder.config, "backend", "-")}
+
+
+def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: list[str]) -> dict:
+    """``measure`` of one case in a fresh process (its CUDA memory, graph pools included, starts empty)."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.json"
+        command = [sys.executable, __file__, "--case", label, "--result", str(result), "--steps", str(steps),
+                   "--warmup", str(warmup), "--batch", str(batch), "--extra", *extra]
+        child = subprocess.run(command)
+        if child.returncode or not result.exists():
+            raise RuntimeError(f"the child process exited with status {child.returncode}")
+        return json.loads(result.read_text())
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -106,14 +132,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps")
-    parser.add_argument("--only", help="run the cases whose label contains this text")
+    parser.add_argument("--only", nargs="+", help="run the cases whose label contains any of these texts")
+    parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides added to every case")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (what the parent starts)
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # where --case writes its figures
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.smoke
+    if args.case:
+        figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu)
+        Path(args.result).write_text(json.dumps(figures))
+        return
     device = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
     results = {}
     for label, overrides in CASES.items():
-        if args.only and args.only not in label:
+        if args.only and not any(text in label for text in args.only):
             continue
         if "task.cuda_graphs=true" in overrides and not gpu:
             continue  # CUDA graphs need a GPU
@@ -125,18 +158,19 @@ def main() -> None:
             steps, warmup, batch = 3, 1, 2
         else:
             steps, warmup, batch = args.steps, args.warmup, args.batch
-        try:
-            results[label] = measure(overrides, steps, warmup, batch, gpu)
-        except RuntimeError as error:  # e.g. kernels a CUDA graph cannot capture: report, run the other cases
+        try:  # a GPU case in a child process of its own, so that its peak memory is its own
+            results[label] = (measure_in_child(label, steps, warmup, batch, args.extra) if gpu
+                              else measure(overrides + args.extra, steps, warmup, batch, gpu))
+        except RuntimeError as error:  # e.g. out of memory, or kernels a CUDA graph cannot capture
             print(f"{label}: failed: {error}", flush=True)
             continue
         print(f"{label}: {results[label]['samples_per_s']:.1f} samples/s "
-              f"({results[label]['ms_per_step']:.1f} ms/step)", flush=True)
-    lines = [f"| run | backend | tokens | ms / step | samples / s |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['backend']} | {v['tokens']} | {v['ms_per_step']:.1f} | {v['samples_per_s']:.1f} |"
-              for k, v in results.items()]
+              f"({results[label]['ms_per_step']:.1f} ms/step), peak {_gib(results[label]['peak_gib'])} GiB", flush=True)
+    lines = [f"| run | backend | tokens | ms / step | samples / s | peak GiB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['backend']} | {v['tokens']} | {v['ms_per_step']:.1f} | {v['samples_per_s']:.1f} | "
+              f"{_gib(v['peak_gib'])} |" for k, v in results.items()]
     table = "\n".join(lines)
-    print(f"\n{device}, torch {torch.__version__}, batch {batch}\n{table}")
+    print(f"\n{device}, torch {torch.__version__}, batch {batch}, {' '.join(args.extra)}\n{table}")
     if args.write:
         out = ROOT / "docs" / "performance" / "train.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,8 @@
 """CUDA-graph replays of the encoder passes (``task.cuda_graphs``) against the eager encoder."""
+import functools
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -107,3 +111,76 @@ def test_thread_local_capture_is_scoped():
 
         assert inspect.signature(torch.cuda.graph.__init__).parameters["capture_error_mode"].default == "thread_local"
     assert torch.cuda.graph.__init__ is original
+
+
+class _Captured:
+    """Stands for what a capture leaves: ``make_graphed_callables`` makes classes, which sit in
+    reference cycles, so only a garbage collection frees the graphs and their pools."""
+
+    def __init__(self):
+        self.cycle = self
+
+
+def test_release_collects_the_graphs_and_a_new_setting_or_teardown_releases():
+    from ssamba.tasks import MaskedPatchPretraining
+
+    task = MaskedPatchPretraining(ssamba.build_encoder("tiny", **SMALL), torch.optim.AdamW, mask={"count": 4},
+                                  cuda_graphs=True)
+    first = task.graphed_passes
+    captured = _Captured()
+    alive = weakref.ref(captured)
+    first.graphed, first.key = (captured,), "shapes"
+    del captured
+    enabled = gc.isenabled()
+    gc.disable()  # only release's own collection may free it
+    try:
+        task.teardown("fit")
+        assert alive() is None and first.graphed is None and first.key is None
+    finally:
+        if enabled:
+            gc.enable()
+    assert task.graphed_passes is first  # captured again on the next training step
+    first.graphed = (_Captured(),)
+    task.use_cuda_graphs(False, passes=2)  # a new setting drops the old graphs
+    assert first.graphed is None and task.graphed_passes is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fitted_graphed_task_gives_its_pools_back_for_an_eager_one():
+    """Fit with graph replays, then without, in one process (a notebook flipping ``task.cuda_graphs``):
+    at the end of the first fit its graph pools are freed although the task and trainer are kept, once
+    both are dropped their memory is back, and the eager fit runs."""
+    import lightning as L
+
+    from ssamba.tasks import MaskedPatchPretraining
+
+    def fit(cuda_graphs):
+        torch.manual_seed(0)
+        encoder = ssamba.build_encoder("tiny", input_tdim=256, backend="auto")  # 24 layers, 129 tokens
+        task = MaskedPatchPretraining(encoder, functools.partial(torch.optim.AdamW, lr=1e-4), mask={"count": 40},
+                                      cuda_graphs=cuda_graphs)
+        batches = [{"fbank": torch.randn(16, 256, 128)} for _ in range(4)]
+        trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=4, precision="bf16-mixed", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0)
+        trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert trainer.global_step == 4
+        return trainer, task
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    trainer, task = fit(True)
+    assert task.graphed_passes.graphed is None
+    peak = torch.cuda.max_memory_reserved() - reserved
+    # what stays: weights, gradients and the optimizer's state (~0.1 GB), not a step's activations
+    assert torch.cuda.memory_reserved() - reserved < 0.25 * peak
+    del trainer, task
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() - allocated < 0.02 * peak
+    torch.cuda.reset_peak_memory_stats()
+    trainer, task = fit(False)
+    assert task.graphed_passes is None

@@ -259,14 +259,79 @@ def _check_gate():
     y = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
     xz = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
     out_ref = (y[..., :E] + y[..., E:]) * 0.5 * torch.nn.functional.silu(xz[..., E:])
-    out = triton_gate.gate_fwd(y.detach(), xz.detach()[..., E:])
-    assert _relerr(out, out_ref) < 1e-6
+    out, y_sum = triton_gate.gate_fwd(y.detach(), xz.detach()[..., E:])
+    assert _relerr(out, out_ref) < 1e-6 and _relerr(y_sum, y[..., :E] + y[..., E:]) < 1e-6
     dout = torch.randn(batch, length, E, generator=g)
     dy, dxz = torch.autograd.grad(out_ref, (y, xz), dout)
     dz = torch.full((batch, length, 2 * E), math.nan)
-    dy_either = triton_gate.gate_bwd(dout, y.detach(), xz.detach()[..., E:], dz[..., E:])
+    dy_either = triton_gate.gate_bwd(dout, y_sum, xz.detach()[..., E:], dz[..., E:])
     assert _relerr(dy_either, dy[..., :E]) < 1e-6 and _relerr(dy_either, dy[..., E:]) < 1e-6
     assert _relerr(dz[..., E:], dxz[..., E:]) < 1e-6 and dz[..., :E].isnan().all()
+    again = torch.full((batch, length, E), math.nan)
+    dz_again = torch.full((batch, length, 2 * E), math.nan)
+    triton_gate.gate_bwd(dout, y_sum, xz.detach()[..., E:], dz_again[..., E:], out=again)
+    assert torch.equal(again, out) and torch.equal(dz_again[..., E:], dz[..., E:])  # the forward's output again
+
+
+def _reference_gluon_scan(u, dt_f, dt_b, bc, params):
+    """What ``gluon_scan.scan_fwd`` computes (``y [batch, L, 2E]``, the backward direction in original
+    time order), with the step-by-step reference and autograd."""
+    A_log_f, A_log_b, D_f, D_b, bias_f, bias_b = params
+    E, N = u.shape[-1] // 2, A_log_f.shape[1]
+    T = lambda x: x.transpose(1, 2)  # noqa: E731
+    ys = []
+    for d, (dt, A_log, D, bias) in enumerate(((dt_f, A_log_f, D_f, bias_f), (dt_b, A_log_b, D_b, bias_b))):
+        rows = [u[..., d * E:(d + 1) * E], dt, bc[:, :, d, :N], bc[:, :, d, N:]]
+        uu, dd, B, C = (r.flip(1) for r in rows) if d else rows
+        y = T(selective_scan_ref(T(uu), T(dd), -torch.exp(A_log), T(B), T(C), D, None, bias, True))
+        ys.append(y.flip(1) if d else y)
+    return torch.cat(ys, -1)
+
+
+@check("gluon-mixer-function")
+def _check_gluon_mixer_function():
+    """The Gluon path's autograd Function (what it keeps, recomputes and projects) with its scan kernels
+    swapped for the reference: the whole mixer (in_proj and out_proj inside) and the xz entry point
+    against the PyTorch path, outputs and every gradient. (The kernels themselves: tests/test_ops_gpu.py.)"""
+    from ssamba.ops import bimamba_mixer, gluon_bimamba
+
+    def scan_fwd(u, dt_f, dt_b, bc, params):
+        with torch.no_grad():
+            return _reference_gluon_scan(u, dt_f, dt_b, bc, params), None
+
+    def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g):
+        inputs = [t.detach().requires_grad_() for t in (u, dt_f, dt_b, bc, *params)]
+        with torch.enable_grad():
+            y = _reference_gluon_scan(*inputs[:4], tuple(inputs[4:]))
+            du, ddt_f, ddt_b, dbc, *dparams = (t.contiguous() for t in torch.autograd.grad(y, inputs, torch.cat([g, g], -1)))
+        batch, length = dbc.shape[:2]
+        dA_log, dD, dbias = (torch.stack(dparams[i:i + 2]) for i in (0, 2, 4))
+        return du, ddt_f, ddt_b, dbc.view(batch, length, 2, 2, -1), dA_log, dD, dbias
+
+    g = torch.Generator().manual_seed(5)
+    batch, length, dim, E, N, R = 2, 23, 12, 16, 4, 3
+    fwd, bwd = _branch(E, N, R, 4, g), _branch(E, N, R, 4, g, zero_bias=True)
+    in_proj = (torch.randn(2 * E, dim, generator=g) * dim ** -0.5).requires_grad_()
+    out_proj = (torch.randn(dim, E, generator=g) * E ** -0.5).requires_grad_()
+    hidden = torch.randn(batch, length, dim, generator=g).requires_grad_()
+    xz = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
+    original = gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd
+    gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd = scan_fwd, scan_bwd
+    try:
+        for params, run, reference in (
+                ([hidden, in_proj, out_proj, *fwd, *bwd],
+                 lambda: gluon_bimamba.bimamba_mixer_gluon(hidden, in_proj, out_proj, fwd, bwd),
+                 lambda: bimamba_mixer(hidden, in_proj, out_proj, fwd, bwd, "torch")),
+                ([xz, *fwd, *bwd], lambda: gluon_bimamba.bimamba_inner_gluon(xz, fwd, bwd),
+                 lambda: bimamba_inner(xz.transpose(1, 2), fwd, bwd, "torch"))):
+            out, out_ref = run(), reference()
+            dy = torch.randn(out.shape, generator=g)
+            assert _relerr(out, out_ref) < 1e-5
+            for i, (got, want) in enumerate(zip(torch.autograd.grad(out, params, dy),
+                                                torch.autograd.grad(out_ref, params, dy))):
+                assert _relerr(got, want) < 1e-5, f"gradient {i}: {_relerr(got, want):.2e}"
+    finally:
+        gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd = original
 
 
 for _name, _case in SCAN_CASES.items():

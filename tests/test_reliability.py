@@ -94,11 +94,11 @@ def test_nonfinite_stop_through_train_py(tmp_path):
 
 
 def test_bf16_mixed_keeps_parameters_and_the_scan_in_fp32(monkeypatch):
-    import ssamba.models.ssamba as ssamba_module
+    import ssamba.ops.bimamba as bimamba_module
     import ssamba.ops.selective_scan as scan
 
     scan_dtypes, mixer_inputs = [], []
-    original_scan, original_inner = scan._hillis_steele, ssamba_module.bimamba_inner
+    original_scan, original_inner = scan._hillis_steele, bimamba_module.bimamba_inner
 
     def recording_scan(a, x):
         scan_dtypes.append((a.dtype, x.dtype))
@@ -109,7 +109,7 @@ def test_bf16_mixed_keeps_parameters_and_the_scan_in_fp32(monkeypatch):
         return original_inner(xz, *args)
 
     monkeypatch.setattr(scan, "_hillis_steele", recording_scan)
-    monkeypatch.setattr(ssamba_module, "bimamba_inner", recording_inner)
+    monkeypatch.setattr(bimamba_module, "bimamba_inner", recording_inner)
     encoder = ssamba.build_encoder("tiny", **TINY)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = encoder.forward_features(torch.randn(2, 64, 128))

@@ -12,12 +12,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..constants import MEL_BINS
 from ..ops.backend import BACKENDS, resolve_backend, triton_or_fallback
-from ..ops.bimamba import BranchWeights, bimamba_inner
+from ..ops.bimamba import BranchWeights, bimamba_mixer
 from . import released
 from .layers import DropPath, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
@@ -109,10 +108,9 @@ class BiMambaMixer(nn.Module):
         """``reverse=True``: ``mixer(hidden.flip(1)).flip(1)`` without the flips. Reversing time turns
         each direction's scan (and conv) into the other's, so it is the mixer with the two branches'
         parameters swapped; everything else is per token."""
-        xz = F.linear(hidden, self.in_proj.weight).transpose(1, 2)  # [B, 2E, L]
         branches = _branch_params(self, ""), _branch_params(self, "_b")
-        y = bimamba_inner(xz, *(branches[::-1] if reverse else branches), self.cfg.backend)
-        return self.out_proj(y)
+        return bimamba_mixer(hidden, self.in_proj.weight, self.out_proj.weight,
+                             *(branches[::-1] if reverse else branches), self.cfg.backend)
 
 
 class MambaBlock(nn.Module):

@@ -3,8 +3,8 @@
 ``backend="auto"`` takes Triton, then mamba-ssm's kernels (when installed) on CUDA tensors, PyTorch elsewhere.
 """
 from .backend import BACKENDS, cuda_kernels, resolve_backend
-from .bimamba import BranchWeights, bimamba_inner
+from .bimamba import BranchWeights, bimamba_inner, bimamba_mixer
 from .selective_scan import selective_scan_ref, selective_scan_torch
 
-__all__ = ["BACKENDS", "cuda_kernels", "resolve_backend", "BranchWeights", "bimamba_inner",
+__all__ = ["BACKENDS", "cuda_kernels", "resolve_backend", "BranchWeights", "bimamba_inner", "bimamba_mixer",
            "selective_scan_ref", "selective_scan_torch"]

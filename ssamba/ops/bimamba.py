@@ -55,6 +55,22 @@ def _bimamba_inner_triton(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights) ->
         torch.cat([fwd.D, bwd.D]))
 
 
+def bimamba_mixer(hidden: Tensor, in_proj: Tensor, out_proj: Tensor, fwd: BranchWeights, bwd: BranchWeights,
+                  backend: str = "auto") -> Tensor:
+    """The mixer from its input ``hidden [batch, L, d]`` to its output: ``out_proj(bimamba_inner(in_proj(hidden)))``
+    (bias-free projections). Where the Gluon scan runs, one autograd Function does it all and keeps
+    neither the in_proj output nor the out_proj input for the backward (it recomputes them)."""
+    requested = backend
+    if resolve_backend(backend, hidden.is_cuda) == "triton" and gluon_scan_usable(hidden.device, fwd.A_log.shape[1],
+                                                                                   fwd.A_log.shape[0]):
+        from .gluon_bimamba import bimamba_mixer_gluon
+
+        return triton_or_fallback(requested, lambda: bimamba_mixer_gluon(hidden, in_proj, out_proj, fwd, bwd),
+                                  lambda: bimamba_mixer(hidden, in_proj, out_proj, fwd, bwd, requested))
+    xz = F.linear(hidden, in_proj).transpose(1, 2)  # [B, 2E, L]
+    return F.linear(bimamba_inner(xz, fwd, bwd, requested), out_proj)
+
+
 def bimamba_inner(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights, backend: str = "auto") -> Tensor:
     """``(y_f + flip(y_b)) / 2`` for ``xz = in_proj(h)`` laid out ``[batch, 2E, L]``; returns ``[batch, L, E]``.
 

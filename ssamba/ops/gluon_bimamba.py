@@ -6,6 +6,13 @@ the gate kernel that averages the halves. The backward is hand-written: the in_p
 gradient is written in place by the kernels, and the scan parameters' gradients are summed over
 the batch inside the scan kernel. Kernel launches are few on purpose: at the tiny model's sizes the
 host's launch cost is comparable to the GPU work (docs/performance.md).
+
+What the backward keeps is what costs memory in training (every layer's, for two passes, until the
+backward reaches it): the mixer's input (``[batch, L, d]``), the x_proj outputs, the sum of the two
+directions' outputs (``[batch, L, E]``), the scan's chunk-entry states and the weights. The in_proj
+output, the conv output, dt and the out_proj input are recomputed in the backward by the forward's
+kernels from the forward's inputs, so to the same values; B and C are gathered again from the
+x_proj outputs (docs/performance.md, "Training memory").
 """
 from __future__ import annotations
 
@@ -19,52 +26,73 @@ from .triton_bimamba import branch_projection_grads
 from .triton_gate import gate_bwd, gate_fwd
 
 
-class BiMambaInnerGluon(torch.autograd.Function):
-    """``xz [batch, L, 2E]`` (channel-last) -> ``(y_f + flip(y_b)) / 2`` as ``[batch, L, E]``.
+def _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b):
+    """From the x_proj outputs: B and C of both directions in one aligned buffer ``[batch, L, 2
+    (direction), 2N]``, and dt of each direction (the forward's and the backward's recompute)."""
+    dt_rank = dt_proj_f.shape[1]
+    bc = torch.stack((x_dbl_f[..., dt_rank:], x_dbl_b[..., dt_rank:]), dim=2)
+    return bc, F.linear(x_dbl_f[..., :dt_rank], dt_proj_f), F.linear(x_dbl_b[..., :dt_rank], dt_proj_b)
 
-    Takes each branch's seven tensors in ``BranchWeights`` order (conv weight, conv bias, x_proj,
-    dt_proj weight, dt_proj bias, A_log, D), forward branch first.
+
+class BiMambaMixerGluon(torch.autograd.Function):
+    """``x`` -> ``(y_f + flip(y_b)) / 2``, ``[batch, L, E]``, or that through ``out_proj``.
+
+    ``x`` is the in_proj output ``xz [batch, L, 2E]`` (channel-last) when ``in_proj`` is None, else
+    the mixer's input ``[batch, L, d]``, projected here. With both projections' weights the backward
+    recomputes the in_proj output (one matmul) and the out_proj input (in the gate's backward kernel)
+    instead of keeping them. Takes each branch's seven tensors in ``BranchWeights`` order (conv weight,
+    conv bias, x_proj, dt_proj weight, dt_proj bias, A_log, D), forward branch first.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xz, *weights):
+    def forward(ctx, x, in_proj, out_proj, *weights):
         fwd, bwd = weights[:7], weights[7:]
-        if xz.stride(-1) != 1:
-            xz = xz.contiguous()
+        if in_proj is None:
+            xz = x if x.stride(-1) == 1 else x.contiguous()
+            x, w_in, dtype = xz, None, xz.dtype
+        else:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            w_in = in_proj.to(dtype)
+            xz = F.linear(x.to(dtype), w_in)
         dim = xz.shape[-1] // 2
-        dt_rank = fwd[3].shape[1]
-        dtype = xz.dtype
-        x, z = xz[..., :dim], xz[..., dim:]
         conv_weight = torch.cat([fwd[0], bwd[0]]).flatten(1)
         conv_bias = torch.cat([fwd[1], bwd[1]])
-        xc = bidir_conv_fwd(x, conv_weight, conv_bias)
         # the projections' weights in the activations' dtype, cast once and kept for the backward
         x_proj_f, x_proj_b, dt_proj_f, dt_proj_b = (w.to(dtype) for w in (fwd[2], bwd[2], fwd[3], bwd[3]))
+        w_out = None if out_proj is None else out_proj.to(dtype)
+        xc = bidir_conv_fwd(xz[..., :dim], conv_weight, conv_bias)
         x_dbl_f = F.linear(xc[..., :dim], x_proj_f)
         x_dbl_b = F.linear(xc[..., dim:], x_proj_b)
-        # B and C of both directions in one aligned buffer [batch, L, 2 (direction), 2N]
-        bc = torch.stack((x_dbl_f[..., dt_rank:], x_dbl_b[..., dt_rank:]), dim=2)
-        dt_f = F.linear(x_dbl_f[..., :dt_rank], dt_proj_f)
-        dt_b = F.linear(x_dbl_b[..., :dt_rank], dt_proj_b)
+        bc, dt_f, dt_b = _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b)
         params = tuple(t.contiguous() for t in (fwd[5], bwd[5], fwd[6], bwd[6], fwd[4], bwd[4]))
         y, ckpt = scan_fwd(xc, dt_f, dt_b, bc, params)
-        out = gate_fwd(y, z)
-        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f,
-                              x_dbl_b, bc, dt_f, dt_b, y, ckpt, *params)
+        out, y_sum = gate_fwd(y, xz[..., dim:])
+        ctx.save_for_backward(x, w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b,
+                              x_dbl_f, x_dbl_b, y_sum, ckpt, *params)
         ctx.param_dtypes = [t.dtype for t in weights]
-        return out
+        ctx.projection_dtypes = [None if w is None else w.dtype for w in (in_proj, out_proj)]
+        return out if w_out is None else F.linear(out, w_out)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        (xz, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, xc, x_dbl_f, x_dbl_b, bc,
-         dt_f, dt_b, y, ckpt, *params) = ctx.saved_tensors
+        (x, w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, x_dbl_f, x_dbl_b, y_sum,
+         ckpt, *params) = ctx.saved_tensors
+        # recomputed by the forward's kernels from the forward's inputs: the same values
+        xz = x if w_in is None else F.linear(x.to(w_in.dtype), w_in)
         dim = xz.shape[-1] // 2
         dtype = xz.dtype
+        xc = bidir_conv_fwd(xz[..., :dim], conv_weight, conv_bias)
+        bc, dt_f, dt_b = _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b)
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
-        g = gate_bwd(dout, y, xz[..., dim:], dxz[..., dim:])
+        gated = None if w_out is None else torch.empty_like(y_sum, dtype=dtype)
+        d_gated = dout if w_out is None else dout.to(dtype) @ w_out
+        g = gate_bwd(d_gated, y_sum, xz[..., dim:], dxz[..., dim:], gated)
+        d_out_proj = None if w_out is None else dout.reshape(-1, dout.shape[-1]).to(dtype).t() @ gated.view(-1, dim)
+        del gated, d_gated
         dxc, ddt_f, ddt_b, dBC, dA_log, dD, d_bias = scan_bwd(xc, dt_f, dt_b, bc, params, ckpt, g)
+        del dt_f, dt_b, bc, g  # freed before the projections' gradients allocate theirs
         projection_grads = [
             branch_projection_grads(xc, half, x_dbl, ddt.view(-1, dim).to(dtype), dBC[:, :, half], x_proj, dt_proj, dxc)
             for half, (x_dbl, ddt, x_proj, dt_proj) in enumerate(((x_dbl_f, ddt_f, x_proj_f, dt_proj_f),
@@ -76,9 +104,23 @@ class BiMambaInnerGluon(torch.autograd.Function):
             rows = slice(half * dim, (half + 1) * dim)
             grads += [d_conv_weight[rows].unsqueeze(1), d_conv_bias[rows], d_x_proj, d_dt_proj, d_bias[half],
                       dA_log[half], dD[half]]
-        return (dxz, *(grad.to(dt) for grad, dt in zip(grads, ctx.param_dtypes)))
+        if w_in is None:
+            dx, d_in_proj = dxz, None
+        else:
+            dx = (dxz @ w_in).to(x.dtype)
+            d_in_proj = dxz.view(-1, 2 * dim).t() @ x.to(dtype).reshape(-1, x.shape[-1])
+        in_dtype, out_dtype = ctx.projection_dtypes
+        return (dx, None if d_in_proj is None else d_in_proj.to(in_dtype),
+                None if d_out_proj is None else d_out_proj.to(out_dtype),
+                *(grad.to(dt) for grad, dt in zip(grads, ctx.param_dtypes)))
 
 
 def bimamba_inner_gluon(xz: Tensor, fwd, bwd) -> Tensor:
     """``xz [batch, L, 2E]`` and the two branches' ``BranchWeights`` -> ``[batch, L, E]``."""
-    return BiMambaInnerGluon.apply(xz, *fwd, *bwd)
+    return BiMambaMixerGluon.apply(xz, None, None, *fwd, *bwd)
+
+
+def bimamba_mixer_gluon(hidden: Tensor, in_proj: Tensor, out_proj: Tensor, fwd, bwd) -> Tensor:
+    """``out_proj(inner(in_proj(hidden)))`` for ``hidden [batch, L, d]``, keeping neither projection's
+    activation for the backward."""
+    return BiMambaMixerGluon.apply(hidden, in_proj, out_proj, *fwd, *bwd)

@@ -231,7 +231,7 @@ def _scan_fwd_kernel(
         async_copy.commit_group()
         async_copy.wait_group(1)
         gl.thread_barrier()
-        gl.store(ckpt_base + chunk * 2 * dim * N, h, mask=dn_mask)
+        gl.store(ckpt_base + chunk * 2 * dim * N, h.to(ckpt_ptr.dtype.element_ty), mask=dn_mask)
         # groups of TS unrolled steps, their outputs stored together
         for group in range(T // TS):
             p0 = chunk * T + group * TS
@@ -336,7 +336,7 @@ def _scan_bwd_kernel(
         gl.thread_barrier()
         row0 = slot * T
         # the chunk's states, restarted from the saved chunk-entry state; history[i] = h before step 2i
-        h = gl.load(ckpt_base + chunk * 2 * dim * N, mask=dn_mask, other=0.0)
+        h = gl.load(ckpt_base + chunk * 2 * dim * N, mask=dn_mask, other=0.0).to(gl.float32)
         for pair in range(T // 2):
             history.index(pair).store(h)
             for i in gl.static_range(2):
@@ -451,7 +451,10 @@ def _in_alignment_units(u, dt, bc) -> tuple[int, list[int]]:
 
 def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
     """Both directions' ``y`` (before gating, ``D`` skip included) as ``[batch, L, 2E]`` (dtype of u)
-    and the chunk-entry states ``[batch, chunks, 2E, N]`` (fp32) for the backward pass.
+    and the chunk-entry states ``[batch, chunks, 2E, N]`` for the backward pass, also in the dtype of
+    u: they are the largest thing a layer keeps for its backward (T=16, N=16: in fp32 twice the bytes
+    of a bf16 ``u``). In bf16 the backward's recomputed states carry bf16's rounding (2^-9 relative);
+    the forward's states stay fp32 throughout.
 
     ``bc`` is ``[batch, L, 2 (direction), 2N]`` (B then C); ``params`` is
     ``(A_log_f, A_log_b, D_f, D_b, dt_bias_f, dt_bias_b)``, contiguous, ``[E, N]`` / ``[E]``.
@@ -465,7 +468,7 @@ def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
     num_chunks = triton.cdiv(length, cfg["T"])
     align, in_units = _in_alignment_units(u, dt_f, bc)
     y = torch.empty(batch, length, dim2, device=u.device, dtype=u.dtype)
-    ckpt = torch.empty(batch, num_chunks, dim2, d_state, device=u.device, dtype=torch.float32)
+    ckpt = torch.empty(batch, num_chunks, dim2, d_state, device=u.device, dtype=u.dtype)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_fwd_kernel[grid](
         u, dt_f, dt_b, bc, *params, y, ckpt, length, num_chunks, *in_units, y.stride(0), y.stride(1),

@@ -62,7 +62,13 @@ class EncoderTask(L.LightningModule):
             raise ConfigError(f"task.cuda_graphs={setting!r} is not one of true, false, auto")
         self.cuda_graphs = setting
         wanted = setting is True or (setting == "auto" and getattr(self.encoder, "prefers_cuda_graphs", False))
+        self.release_cuda_graphs()
         self.graphed_passes = GraphedPasses(self.encoder, passes) if wanted else None
+
+    def release_cuda_graphs(self) -> None:
+        """Free captured encoder graphs and their memory pools (captured again on the next training step)."""
+        if self.graphed_passes is not None:
+            self.graphed_passes.release()
 
     def encode(self, x: Tensor, *masking: Tensor, index: int = 0) -> Tensor:
         """The encoder's ``forward_features(x, *masking)``, replayed from the CUDA graph of pass ``index``
@@ -85,6 +91,11 @@ class EncoderTask(L.LightningModule):
                 raise ConfigError(f"task.cuda_graphs=true needs a CUDA device, but the model is on "
                                   f"{self.device.type}; use trainer=gpu or task.cuda_graphs=false")
             self.graphed_passes = None
+
+    def teardown(self, stage: str) -> None:
+        """The end of ``fit`` (or validate/test): the graph pools would otherwise outlive the run, and
+        a task or trainer kept afterwards (a notebook's) would hold a step's activations' worth of memory."""
+        self.release_cuda_graphs()
 
     # --- optimisation -----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:

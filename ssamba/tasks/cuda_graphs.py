@@ -10,10 +10,15 @@ Each pass of a step gets its own graph and memory pool (the two masked passes of
 objective keep their activations apart until the backward), captured for the first training
 batch's shapes. A batch of any other shape (a short last batch; logged once), evaluation and
 inference run the encoder eagerly.
+
+The pools hold a whole step's activations and no eager allocation can use them, so ``release``
+frees them when the task is torn down or its setting changes (the base task calls it); the next
+training call captures again.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 
 import torch
@@ -101,3 +106,15 @@ class GraphedPasses:
             self.eager_calls += 1
             return self.encoder.forward_features(x, *masking)
         return self.graphed[index](*inputs)
+
+    def release(self) -> None:
+        """Free the graphs, their memory pools and static buffers; the next training call captures anew.
+
+        The graphed callables are classes made at capture time, so reference cycles keep them (and
+        the pools) alive until a garbage collection: one runs here. The freed memory goes back to the
+        driver, so that other processes and later eager steps see it."""
+        if self.graphed is None:
+            return
+        self.graphed, self.key = None, None
+        gc.collect()
+        torch.cuda.empty_cache()
