@@ -83,6 +83,30 @@ def test_a_hub_id_without_huggingface_hub_says_what_to_install(monkeypatch):
         ssamba.load("hf://org/model")
 
 
+def test_a_hub_id_loads_the_downloaded_folder(tmp_path, monkeypatch):
+    """The hf:// path as huggingface_hub serves it: snapshot_download gets the id and only the two
+    files, and returns a local folder; a failed download is one line naming the id."""
+    import types
+
+    torch.save(released_layout(make_encoder("ssamba"), "ssamba"), tmp_path / "released.pth")
+    folder = ssamba.save_pretrained(tmp_path / "released.pth", tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None):
+        calls.append((repo_id, sorted(allow_patterns)))
+        if repo_id != "org/model":
+            raise RuntimeError("404 Client Error: repository not found")
+        return str(folder)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    wav = torch.randn(8_000)
+    got = ssamba.load("hf://org/model").embed(wav, 16_000).clip
+    torch.testing.assert_close(got, ssamba.load(folder).embed(wav, 16_000).clip, rtol=0, atol=0)
+    assert calls == [("org/model", ["config.json", "model.safetensors"])]
+    with pytest.raises(ConversionError, match=r"hf://org/missing: could not download \(RuntimeError: 404"):
+        ssamba.load("hf://org/missing")
+
+
 def test_finetuning_starts_from_a_model_folder(tmp_path):
     from hydra import compose, initialize_config_dir
 
