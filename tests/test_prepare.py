@@ -190,6 +190,12 @@ def test_esc50_bad_layout(esc50, tmp_path):
         f"ssamba.prepare esc50: --src is not a folder: {tmp_path / 'nowhere'}"
 
 
+def test_an_unwritable_destination_is_one_line(esc50, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    message = one_line_error(["esc50", "--src", str(esc50), "--dst", str(tmp_path / "a-file" / "prepared")])
+    assert message.startswith("ssamba.prepare esc50: Not a directory: ") and "a-file" in message
+
+
 # --- Speech Commands ----------------------------------------------------------------------------
 def speech_commands(src: Path, words) -> Path:
     """One training, one validation and one test clip per word, plus two background noise files."""

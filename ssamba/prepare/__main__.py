@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         report = run(args)
     except LayoutError as error:
         sys.exit(f"ssamba.prepare {args.dataset}: {error}")
+    except OSError as error:  # e.g. --dst not writable, or under a file, or the disk full
+        sys.exit(f"ssamba.prepare {args.dataset}: {error.strerror or error}: {error.filename or args.dst}")
     print(json.dumps(report, indent=1))
 
 
