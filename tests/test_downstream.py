@@ -100,7 +100,8 @@ def test_missing_prepared_files_are_one_line(esc50, tmp_path):  # noqa: F811
     with pytest.raises(Exception) as wrapped:  # Hydra wraps what the datamodule raises
         run_recipe("finetune_esc50", dst / "fold9", tmp_path / "run")
     error = find_config_error(wrapped.value)
-    assert isinstance(error, MissingFileError) and str(error) == f"data.train_manifest: no such file: {dst}/fold9/train.json"
+    assert isinstance(error, MissingFileError)
+    assert str(error) == f"data.train_manifest: no such file: {dst}/fold9/train.json"
     result = subprocess.run([sys.executable, "train.py", "experiment=probe_iemocap", *TINY, f"data.root={dst}/fold1",
                              "data.val_manifest=${data.root}/eval.json", "trainer.fast_dev_run=true"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -136,13 +137,31 @@ def test_balanced_sampler_is_seeded_and_splits_ranks():
     assert len(first) == 10 and list(sampler) != first
 
 
+def test_lightning_keeps_the_sampler_under_ddp():
+    """Lightning wraps a plain sampler in its DistributedSamplerWrapper under DDP (every rank would then
+    draw the whole epoch and take a share of it); a DistributedSampler, as ours, is left as it is."""
+    import lightning as L
+    from lightning.pytorch.trainer.states import RunningStage
+    from torch.utils.data import DataLoader, RandomSampler
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    ours = BalancedSampler(torch.ones(10), seed=1, world_size=2, rank=1)
+    for sampler, kept in ((ours, True), (RandomSampler(range(10)), False)):
+        loader = DataLoader(list(range(10)), sampler=sampler, batch_size=2)
+        prepared_loader = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+        assert (prepared_loader.sampler is sampler) == kept
+
+
 def test_datamodule_uses_the_sampler_in_training(audioset, tmp_path):  # noqa: F811
     dst = prepared("audioset", audioset, tmp_path / "as", "--no-stats")
-    dm = ManifestDataModule(train_manifest=str(dst / "full_train.json"), label_csv=str(dst / "class_labels_indices.csv"),
+    dm = ManifestDataModule(train_manifest=str(dst / "full_train.json"),
+                            label_csv=str(dst / "class_labels_indices.csv"),
                             balanced_sampling=True, samples_per_epoch=6, sampling_seed=3, batch_size=2,
                             target_length=32, num_workers=0)
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, BalancedSampler) and len(loader.sampler) == 6 and loader.sampler.seed == 3
+    # full_train.json: Speech+Music, Music (balanced csv), Music+Car (unbalanced); Music is on 3 clips
+    assert loader.sampler.weights.tolist() == pytest.approx([1 + 1 / 3, 1 / 3, 1 / 3 + 1])
 
 
 # --- probing --------------------------------------------------------------------------------------
@@ -229,7 +248,8 @@ def test_fold_runner_on_two_folds(esc50, tmp_path):  # noqa: F811
     values = list(summary["runs"].values())
     assert summary["mean"] == pytest.approx(sum(values) / 2) and all(0 <= v <= 1 for v in values)
     lines = report.read_text().splitlines()
-    assert lines[0] == "# Downstream results" and lines[-1].startswith("| ESC-50 | tiny (random init) | none | val/acc |")
+    assert lines[0] == "# Downstream results"
+    assert lines[-1].startswith("| ESC-50 | tiny (random init) | none | val/acc |")
     again = runner(*args)  # finished folds are kept, not trained again
     assert again.returncode == 0 and again.stdout.count("done earlier, kept") == 2
     assert len(report.read_text().splitlines()) == len(lines) + 1
