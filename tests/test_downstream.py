@@ -213,6 +213,18 @@ def test_probe_checkpoint_holds_the_head_and_a_pointer():
         other.on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
 
 
+
+def test_checkpoint_reader_names_the_encoder_of_a_probe_checkpoint(tmp_path):
+    from ssamba.checkpoints import ConversionError, load_checkpoint
+
+    task = tiny_probe()
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "probe.ckpt")
+    with pytest.raises(ConversionError, match=r"^probe.ckpt is a probe checkpoint: .*task.pretrained=None"):
+        load_checkpoint(tmp_path / "probe.ckpt")
+
+
 def test_probe_data_info_matches_the_datamodule(esc50, tmp_path):  # noqa: F811
     dst = prepared("esc50", esc50, tmp_path / "esc50", "--no-stats")
     dm = ManifestDataModule(train_manifest=str(dst / "fold1" / "train.json"),
