@@ -2,6 +2,7 @@
 trains on tiny generated downloads in the official layouts; AS-2M's balanced sampler against a hand
 computation; the probe trains only its head; the fold runner of bench/downstream.py."""
 
+import csv
 import functools
 import json
 import os
@@ -76,6 +77,24 @@ def test_speechcommands_recipes(variant, words, recipe, tmp_path):
     cfg = compose_recipe(recipe, dst, tmp_path / "run")
     assert cfg.data.test_manifest == str(dst / "test.json")
     assert run_recipe(recipe, dst, tmp_path / "run") is not None
+
+
+def test_probe_tests_its_best_checkpoint(tmp_path):
+    """A real (short) probe run: the best checkpoint holds the head only, and testing loads it back."""
+    src = speech_commands(tmp_path / "sc", V1_WORDS)
+    dst = prepared("speechcommands", src, tmp_path / "ks12", "--variant", "superb12")
+    run = tmp_path / "run"
+    cfg = compose_recipe("probe_ks12", dst, run, "trainer.max_steps=-1", "trainer.max_epochs=1",
+                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                         "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1")
+    assert load_train_module().train(cfg) is not None
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"] and all(k.startswith("head.") for k in checkpoint["state_dict"])
+    assert checkpoint["ssamba"]["probe"]["num_layers"] == 1  # 2 layers in the published pairing: one pair
+    with open(run / "metrics.csv", newline="") as f:
+        tested = [row["test/acc"] for row in csv.DictReader(f) if row.get("test/acc")]
+    assert len(tested) == 1 and 0.0 <= float(tested[0]) <= 1.0
 
 
 def test_former_speechcommands_name_is_the_v2_recipe(tmp_path):
