@@ -145,6 +145,9 @@ def lightning_to_ours(checkpoint: dict[str, Any], source: str = "checkpoint", **
     state = checkpoint["state_dict"]
     encoder_state = {k[len(OUR_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(OUR_ENCODER_PREFIX)}
     task_state = {k: v for k, v in state.items() if not k.startswith(OUR_ENCODER_PREFIX)}
+    if not encoder_state and "probe" in meta:  # task=probe stores its head and a pointer, not the encoder
+        raise ConversionError(f"{source} is a probe checkpoint: it holds the probe head only; its encoder is "
+                              f"task.pretrained={meta['probe'].get('pretrained')} (read that file for the encoder)")
     reference = encoder_from_config(config).state_dict()
     encoder_state = _checked_state(reference, encoder_state, OUR_ENCODER_PREFIX, source)
     return Checkpoint(config, encoder_state, task_state, **numbers, task=meta.get("task"),

@@ -4,3 +4,7 @@ tasks and callbacks can raise it while ``ssamba.utils.config`` (which imports th
 
 class ConfigError(ValueError):
     """An inconsistent or unknown config value; the message names the key and the allowed values."""
+
+
+class MissingFileError(ConfigError, FileNotFoundError):
+    """A config value naming a file that is not there (a dataset not prepared yet, a typo in a path)."""

@@ -43,7 +43,7 @@ def test_every_experiment_composes(experiment):
     from ssamba.utils.config import missing_keys
 
     cfg = compose_train(f"experiment={experiment}")
-    assert cfg.task.name in ("pretrain", "finetune")
+    assert cfg.task.name in ("pretrain", "finetune", "probe")
     missing = missing_keys(cfg)
     # Recipes for real datasets leave the data location and the checkpoint to finetune to the user (???).
     assert all(key.startswith("data.") or key == "task.pretrained" for key in missing), missing

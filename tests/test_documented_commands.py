@@ -66,6 +66,12 @@ NOT_RUN = {
         "a SLURM cluster with 4 GPUs per job",
     "python train.py experiment=finetune_esc50 data.root=/data/prepared/esc50/fold1 task.pretrained=...":
         "finetune_esc50 sets trainer=gpu (bf16 on a CUDA device)",
+    **{line: "the recipe sets trainer=gpu (bf16 on a CUDA device); tests/test_downstream.py runs every "
+             "downstream recipe on CPU on prepared fixtures" for line in (
+        "python train.py experiment=finetune_as20k data.root=/data/prepared/audioset task.pretrained=...",
+        "python train.py experiment=finetune_speechcommands_v2 data.root=/data/prepared/sc_v2 task.pretrained=...",
+        "python train.py experiment=probe_ks12 data.root=/data/prepared/ks12 task.pretrained=...",
+        "python train.py experiment=probe_iemocap data.root=/data/prepared/iemocap/session1 task.pretrained=...")},
     **{line: "the dataset's raw download" for line in (
         "python -m ssamba.prepare <dataset> --src <download> --dst <folder>",
         "python -m ssamba.prepare audioset --src /data/audioset --dst /data/prepared/audioset",

@@ -3,7 +3,9 @@
 A manifest is ``{"data": [{"wav": path, "labels": "mid1,mid2"}, ...]}`` and the label set is a
 ``class_labels_indices.csv`` with columns ``index,mid,display_name``. Paths in a manifest may be
 absolute or relative to ``root`` (or, with no ``root``, to the manifest's own folder), so moving a
-dataset only means changing ``data.root``.
+dataset only means changing ``data.root``. ``stats_file`` reads ``norm_mean``/``norm_std`` from the
+``stats.json`` that ``python -m ssamba.prepare`` writes; ``balanced_sampling`` draws training clips
+by label frequency (AudioSet-2M, :mod:`ssamba.data.sampling`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import csv
 import json
 import os
 
-from ssamba.data.base import UNLABELED, AudioDataModule, Item
+from torch.utils.data import Sampler
+
+from ssamba.data.base import UNLABELED, AudioDataModule, ClipDataset, Item
+from ssamba.data.sampling import BalancedSampler, label_balanced_weights
+from ssamba.errors import ConfigError, MissingFileError
 
 
 def read_label_csv(path: str) -> tuple[list[str], dict[str, int]]:
@@ -25,6 +31,19 @@ def read_label_csv(path: str) -> tuple[list[str], dict[str, int]]:
     if [int(row["index"]) for row in rows] != list(range(len(rows))):
         raise ValueError(f"{path}: indices must be 0..{len(rows) - 1} without gaps")
     return [row["display_name"] for row in rows], {row["mid"]: int(row["index"]) for row in rows}
+
+
+def read_stats_file(path: str) -> dict[str, float]:
+    """``norm_mean``/``norm_std`` of a prepared dataset's ``stats.json``; one clear line otherwise."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"data.stats_file: no such file: {path} (python -m ssamba.prepare writes it; "
+                                "or set data.stats_file=null and give data.norm_mean / data.norm_std)")
+    with open(path) as f:
+        try:
+            stats = json.load(f)
+            return {"norm_mean": float(stats["norm_mean"]), "norm_std": float(stats["norm_std"])}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ConfigError(f"data.stats_file={path}: expected a JSON object with norm_mean and norm_std") from None
 
 
 def resolve(path: str, root: str) -> str:
@@ -68,6 +87,9 @@ class ManifestDataModule(AudioDataModule):
     """``data=audioset`` (or any AST manifest): multi-hot labels from the label csv.
 
     With ``label_csv: null`` the data is unlabeled (one class, zero targets) for pretraining.
+    ``stats_file`` (a prepared ``stats.json``) replaces ``norm_mean``/``norm_std``;
+    ``balanced_sampling`` draws ``samples_per_epoch`` training clips (None: as many as there are)
+    with replacement by label frequency, seeded by ``sampling_seed`` and the epoch.
     """
 
     def __init__(
@@ -78,21 +100,30 @@ class ManifestDataModule(AudioDataModule):
         label_csv: str | None = None,
         root: str | None = None,
         multilabel: bool = True,
+        stats_file: str | None = None,
+        balanced_sampling: bool = False,
+        samples_per_epoch: int | None = None,
+        sampling_seed: int = 0,
         **kwargs,
     ):
+        if stats_file is not None:
+            kwargs.update(read_stats_file(stats_file))
         super().__init__(**kwargs)
+        self.balanced_sampling = balanced_sampling
+        self.samples_per_epoch = samples_per_epoch
+        self.sampling_seed = sampling_seed
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         if not any(self.manifests.values()):
             raise ValueError("data: set at least one of train_manifest, val_manifest, test_manifest")
         for split, manifest in self.manifests.items():
             if manifest is not None and not os.path.isfile(manifest):
-                raise FileNotFoundError(f"data.{split}_manifest: no such file: {manifest}")
+                raise MissingFileError(f"data.{split}_manifest: no such file: {manifest}")
         self.root = root
         if label_csv is None:
             self.label_names, self.label_index, self.multilabel = UNLABELED, None, False
         else:
             if not os.path.isfile(label_csv):
-                raise FileNotFoundError(f"data.label_csv: no such file: {label_csv}")
+                raise MissingFileError(f"data.label_csv: no such file: {label_csv}")
             self.label_names, self.label_index = read_label_csv(label_csv)
             self.multilabel = multilabel
 
@@ -105,3 +136,11 @@ class ManifestDataModule(AudioDataModule):
 
     def build_items(self, split: str) -> list[Item]:
         return read_manifest(self.manifests[split], self.root, self.label_index)
+
+    def train_sampler(self, dataset: ClipDataset) -> Sampler | None:
+        if not self.balanced_sampling:
+            return None
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return BalancedSampler(label_balanced_weights([item.labels for item in dataset.items]),
+                               self.samples_per_epoch, self.sampling_seed, world_size, rank)

@@ -4,6 +4,8 @@ They live with the encoders (not with the training tasks) so that inference can 
 finetuned model from a checkpoint without the LightningModules."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 POOLINGS = ("mean", "cls")
@@ -47,6 +49,41 @@ class Classifier(nn.Module):
 
     def forward(self, fbank: Tensor) -> Tensor:
         return self.head(self.encoder.forward_features(fbank))
+
+
+class LayerProbeHead(nn.Module):
+    """SUPERB-style head on a frozen encoder's layer outputs ``[L, B, P + N, D]`` -> logits ``[B, C]``.
+
+    A learnable softmax-weighted sum over the ``L`` layers, then the mean over the patch tokens
+    (prefix tokens excluded), then ``Linear(D, projector_dim) -> Linear(projector_dim, C)`` (s3prl's
+    utterance-level model; its projector runs per frame before the mean, which is the same for a
+    linear map), or one ``Linear(D, C)`` with ``projector_dim=None``. Each layer's output is
+    layer-normalised (no affine) before the sum: the residual stream grows with depth, and
+    unnormalised the deepest layers would dominate whatever the weights say.
+    """
+
+    def __init__(self, num_layers: int, embed_dim: int, num_classes: int, num_prefix_tokens: int = 1,
+                 projector_dim: int | None = 256):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"a layer probe needs at least one layer output, got {num_layers}")
+        if projector_dim is not None and projector_dim < 1:
+            raise ValueError(f"task.projector_dim={projector_dim}: must be >= 1 (or null: one linear layer)")
+        self.num_prefix_tokens = num_prefix_tokens
+        self.layer_weights = nn.Parameter(torch.zeros(num_layers))  # equal weights at the start
+        self.projector = nn.Identity() if projector_dim is None else nn.Linear(embed_dim, projector_dim)
+        self.fc = nn.Linear(embed_dim if projector_dim is None else projector_dim, num_classes)
+
+    def mix(self, states: Tensor) -> Tensor:
+        """The softmax-weighted sum of the layer-normalised layer outputs, ``[B, P + N, D]``."""
+        if states.shape[0] != self.layer_weights.numel():
+            raise ValueError(f"the head weighs {self.layer_weights.numel()} layers, got {states.shape[0]} outputs")
+        normed = F.layer_norm(states.float(), states.shape[-1:])
+        return torch.einsum("l,lbnd->bnd", self.layer_weights.softmax(0), normed)
+
+    def forward(self, states: Tensor) -> Tensor:
+        pooled = self.mix(states)[:, self.num_prefix_tokens:].mean(dim=1)
+        return self.fc(self.projector(pooled))
 
 
 def prediction_head(embed_dim: int, out_dim: int) -> nn.Sequential:

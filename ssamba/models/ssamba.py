@@ -172,6 +172,11 @@ class SSAMBAEncoder(PatchTokenEncoder):
     def prefix_tokens(self) -> Tensor:
         return self.cls_token
 
+    @property
+    def num_hidden_states(self) -> int:
+        """How many layer outputs ``forward_features(..., return_hidden_states=True)`` returns."""
+        return len(self.layers) // 2 if self.config.pairing == "published" else len(self.layers)
+
     def set_backend(self, backend: str) -> None:
         """Switch the selective-scan implementation; the weights are the same for all of them."""
         self.config.backend = backend

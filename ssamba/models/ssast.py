@@ -115,6 +115,11 @@ class SSASTEncoder(PatchTokenEncoder):
     def prefix_tokens(self) -> Tensor:
         return torch.cat([self.cls_token, self.dist_token], dim=1)
 
+    @property
+    def num_hidden_states(self) -> int:
+        """How many layer outputs ``forward_features(..., return_hidden_states=True)`` returns."""
+        return len(self.blocks)
+
     def forward_features(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
                          return_hidden_states: bool = False):
         """Token features ``[B, 2 + num_patches, D]`` (cls, dist first) after the final norm.

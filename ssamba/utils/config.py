@@ -102,6 +102,7 @@ def validate_config(cfg: DictConfig) -> None:
             _require_positive_int(cfg, "task.num_classes")
         if _get(cfg, "task.head_lr_multiplier", 1.0) <= 0:
             raise ConfigError(f"task.head_lr_multiplier={cfg.task.head_lr_multiplier}: must be > 0")
+    if task in ("finetune", "probe"):
         pretrained = _get(cfg, "task.pretrained")
         if pretrained is not None and not (Path(pretrained).is_file() or Path(pretrained).is_dir()
                                            or str(pretrained).startswith(HUB_SCHEME)):
