@@ -18,7 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-wandb = pytest.importorskip("wandb")
+pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from ssamba.callbacks.wandb_predictions import (  # noqa: E402
@@ -122,7 +122,8 @@ def tables(run_dir: Path, key: str) -> list[tuple[int, dict]]:
 
 
 def artifacts(run_dir: Path, kind: str) -> list:
-    return [r.artifact for r in records(run_dir) if r.WhichOneof("record_type") == "artifact" and r.artifact.type == kind]
+    return [r.artifact for r in records(run_dir)
+            if r.WhichOneof("record_type") == "artifact" and r.artifact.type == kind]
 
 
 def the_run(output_dir: Path) -> Path:
@@ -264,7 +265,8 @@ def test_without_wandb_nothing_is_collected():
     module = Finetuning.__new__(Finetuning)  # only its type matters here
     callback.setup(trainer, module, "fit")
     assert callback.active is False
-    callback.on_validation_batch_end(trainer, module, torch.zeros(2, 3), {"id": ["a", "b"], "target": torch.eye(3)[:2]}, 0)
+    batch = {"id": ["a", "b"], "target": torch.eye(3)[:2]}
+    callback.on_validation_batch_end(trainer, module, torch.zeros(2, 3), batch, 0)
     assert callback._batches == []
     with pytest.raises(ConfigError, match="callbacks.wandb_predictions.top_k=0"):
         WandbPredictions(top_k=0)

@@ -72,7 +72,7 @@ class WandbPredictions(Callback):
         if not self._collecting(trainer) or logits is None:  # None: a batch of unusable items only
             return
         rows: dict[str, Any] = {"logits": logits.detach().float(), "target": batch["target"].detach().float()}
-        rows.update({key: [str(v) for v in batch[key]] for key in ITEM_KEYS if key in batch})  # id: always
+        rows.update({key: [str(v) for v in batch[key]] for key in ITEM_KEYS if key in batch})  # id: in every batch
         self._batches.append(rows)
 
     # --- log --------------------------------------------------------------------------------------
@@ -106,10 +106,10 @@ class WandbPredictions(Callback):
     def _local_rows(self, multilabel: bool, sigmoid: bool) -> dict[str, Any]:
         """This rank's items. Multi-label rows keep only their true labels and top classes, so that
         the exchange between ranks stays small (AudioSet: 527 scores per clip)."""
-        keys = [key for key in ITEM_KEYS if self._batches and key in self._batches[0]] or ["id"]
-        rows: dict[str, Any] = {key: [v for b in self._batches for v in b[key]] for key in keys}
         if not self._batches:
-            return rows
+            return {"id": []}
+        keys = [key for key in ITEM_KEYS if key in self._batches[0]]
+        rows: dict[str, Any] = {key: [v for b in self._batches for v in b[key]] for key in keys}
         logits = torch.cat([b["logits"] for b in self._batches]).cpu()
         target = torch.cat([b["target"] for b in self._batches]).cpu()
         if multilabel:
