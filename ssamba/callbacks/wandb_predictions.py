@@ -7,8 +7,8 @@ earbud subjects), also the patients' confusion matrix and a table with one row p
 by that metric's own rule, so that the rows are what the patient scores were computed from.
 
 Multi-label data (AudioSet) gets no confusion matrix: a clip has several true classes, so there is no
-single (true, predicted) pair to count, and the per-class picture is the logged mAP. Its table lists
-each clip's true labels and its ``top_k`` classes with their scores.
+single (true, predicted) pair to count (its score is the logged mAP). Its table lists each clip's true
+labels and its ``top_k`` classes with their scores.
 
 Scores are the model's: sigmoid of the logits for a BCE head, softmax for a CE head; patient scores
 are the softmax of the patient's mean logits, as the patient metrics compute them.
