@@ -1,8 +1,10 @@
-"""Lightning callbacks that keep long runs safe: exact resume, pre-emption checkpoints, non-finite steps."""
+"""Lightning callbacks that keep long runs safe (exact resume, pre-emption checkpoints, non-finite steps) and
+show classification results in W&B."""
 from ssamba.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from ssamba.callbacks.periodic import PeriodicCheckpoint
 from ssamba.callbacks.preemption import PreemptionCheckpoint
 from ssamba.callbacks.random_state import RandomStateCheckpoint
+from ssamba.callbacks.wandb_predictions import WandbPredictions
 
 __all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "PeriodicCheckpoint", "PreemptionCheckpoint",
-           "RandomStateCheckpoint"]
+           "RandomStateCheckpoint", "WandbPredictions"]

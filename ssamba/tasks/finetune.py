@@ -11,7 +11,8 @@ given as ``metrics`` (from the config or the datamodule's ``extra_metrics()``). 
 updated as ``metric.update(logits, target, **batch_fields)`` where ``batch_fields`` are the
 batch's per-item keys (lists such as ``id``, ``patient``, ``recording`` and 1-D tensors such as
 CirCor's ``outcome``) that the metric's ``update`` signature names; ``target`` is the batch's
-``[B, C]`` target.
+``[B, C]`` target. The evaluation steps return the batch's logits, for callbacks that look at the
+predictions (:class:`ssamba.callbacks.WandbPredictions`).
 """
 from __future__ import annotations
 
@@ -160,9 +161,9 @@ class Finetuning(EncoderTask):
                  batch_size=logits.shape[0])
         return loss
 
-    def evaluation_step(self, batch: dict, stage: str) -> None:
+    def evaluation_step(self, batch: dict, stage: str) -> Tensor | None:
         if batch["fbank"].shape[0] == 0:  # every item of the batch was unusable (counted by the data)
-            return
+            return None
         logits = self(batch["fbank"])
         target = batch["target"]
         self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, sync_dist=True,
@@ -173,6 +174,7 @@ class Finetuning(EncoderTask):
         fields = {k: v for k, v in batch.items()  # per-item fields: id lists and 1-D tensors (outcome)
                   if isinstance(v, (list, tuple)) or (isinstance(v, Tensor) and v.ndim == 1)}
         (self.val_extra if stage == "val" else self.test_extra).update(logits, target, **fields)
+        return logits
 
     def log_evaluation(self, stage: str) -> None:
         builtin = self.val_metrics if stage == "val" else self.test_metrics
@@ -185,14 +187,14 @@ class Finetuning(EncoderTask):
             metric.reset()
         extra.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        return self.evaluation_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        return self.evaluation_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self.log_evaluation("test")

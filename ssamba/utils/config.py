@@ -18,6 +18,7 @@ from ssamba.tasks import TASKS
 from ssamba.tasks.finetune import LOSSES
 from ssamba.tasks.masking import STYLES as MASK_STYLES
 from ssamba.tasks.pretrain import JOINT_PASSES
+from ssamba.utils.wandb import LOG_MODEL_VALUES
 
 CPU_BACKENDS = ("gloo",)
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true")
@@ -120,6 +121,12 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _validate_loggers(cfg: DictConfig) -> None:
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    if wandb is not None:
+        log_model = wandb.get("log_model", False)  # 1 == True: only real booleans and the listed strings
+        if not (log_model in LOG_MODEL_VALUES if isinstance(log_model, str) else isinstance(log_model, bool)):
+            raise ConfigError(f"logger.wandb.log_model={log_model!r}: allowed values are "
+                              f"{', '.join(str(v).lower() for v in LOG_MODEL_VALUES)}")
     targets = [str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values() if entry]
     if any(target.endswith("TensorBoardLogger") for target in targets):
         try:

@@ -4,6 +4,10 @@ Keys come only from the environment (``WANDB_API_KEY``) or wandb's own login; no
 from or written to the configs. With no ``WANDB_API_KEY`` and no ``WANDB_MODE`` the run logs
 offline and says how to upload it later (``wandb sync``); set ``WANDB_MODE=online`` to use a key
 stored by ``wandb login`` instead.
+
+Offline, the copies wandb makes of what it will upload (checkpoint artifacts, tables) are kept in the
+run's own ``wandb/`` folder instead of the home directory, so the folder is all ``wandb sync`` needs
+and large checkpoints never fill a home quota.
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from pathlib import Path
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 log = logging.getLogger(__name__)
+
+LOG_MODEL_VALUES = (False, True, "all")  # logger.wandb.log_model: Lightning's checkpoint-artifact modes
+STAGING_ENV = "WANDB_DATA_DIR"  # where wandb stages artifact files until they are uploaded
+_staging_set_here: str | None = None  # the value this module set (a multirun job replaces it, not the user's)
 
 
 def choose_wandb_mode() -> str:
@@ -34,8 +42,17 @@ def prepare_wandb(cfg) -> None:
     """Before the loggers are built: pick the W&B mode and name the run (no-op without logger.wandb)."""
     if (cfg.get("logger") or {}).get("wandb") is None:
         return
-    choose_wandb_mode()
+    if choose_wandb_mode() == "offline":
+        stage_in_run_folder(cfg.logger.wandb.get("save_dir") or ".")
     name_wandb_run(cfg)
+
+
+def stage_in_run_folder(save_dir: str) -> None:
+    """Offline: stage artifact files under ``<save_dir>/wandb`` unless the user chose ``WANDB_DATA_DIR``."""
+    global _staging_set_here
+    if os.environ.get(STAGING_ENV) not in (None, _staging_set_here):
+        return
+    _staging_set_here = os.environ[STAGING_ENV] = str(Path(save_dir).absolute() / "wandb")
 
 
 def name_wandb_run(cfg) -> None:
