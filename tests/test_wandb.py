@@ -183,6 +183,16 @@ def test_finetune_logs_clip_tables_and_checkpoint_artifacts(tmp_path, offline):
         assert staged.read_bytes() == original.read_bytes()
 
 
+def test_probe_run_logs_the_same_tables(tmp_path, offline):
+    run_train(tmp_path, *SYNTHETIC, "task=probe", "data.num_classes=3", "test=false")
+    names = SyntheticDataModule(num_classes=3, num_val=4, target_length=64).label_names
+    ((_, table),) = tables(the_run(tmp_path), "val/predictions")
+    rows = as_rows(table)
+    assert table["columns"] == ["id", "true", "predicted", *[f"p_{n}" for n in names]] and len(rows) == 4
+    accuracy = sum(r["true"] == r["predicted"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(metrics(tmp_path, "val/acc")[-1])
+
+
 def test_multilabel_run_lists_true_labels_and_top_classes(tmp_path, offline):
     run_train(tmp_path, *SYNTHETIC, *FINETUNE, "data.multilabel=true", "task.monitor=val/mAP",
               "callbacks.wandb_predictions.top_k=2", "test=false")

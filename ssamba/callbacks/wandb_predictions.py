@@ -1,4 +1,5 @@
-"""Classification runs to W&B, every validation (and test) epoch: confusion matrices and prediction tables.
+"""Classification runs (finetuning, probing) to W&B each validation and test epoch: confusion matrices
+and prediction tables.
 
 Single-label data: the confusion matrix over clips (segments) and a table with one row per clip (id,
 patient and recording where the data has them, true and predicted class, one score column per class).
@@ -30,6 +31,7 @@ from torch import Tensor
 from ssamba.errors import ConfigError
 from ssamba.metrics.patient import PatientChallengeMetrics, id_code
 from ssamba.tasks.finetune import Finetuning
+from ssamba.tasks.probe import Probing
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ class WandbPredictions(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Active for a classifier with a running W&B logger; rank 0 decides for all (it alone has the run)."""
-        wanted = isinstance(pl_module, Finetuning) and any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+        classifier = isinstance(pl_module, (Finetuning, Probing))
+        wanted = classifier and any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
         self.active = bool(trainer.strategy.broadcast(wanted, src=0))
 
     def _collecting(self, trainer) -> bool:
@@ -82,7 +85,7 @@ class WandbPredictions(Callback):
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._log(trainer, pl_module, "test")
 
-    def _log(self, trainer, pl_module: Finetuning, stage: str) -> None:
+    def _log(self, trainer, pl_module: Finetuning | Probing, stage: str) -> None:
         if not self._collecting(trainer):
             return
         sigmoid = pl_module.loss_name == "bce"

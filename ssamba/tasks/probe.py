@@ -108,21 +108,23 @@ class Probing(EncoderTask):
                  batch_size=logits.shape[0])
         return loss
 
-    def evaluation_step(self, batch: dict, stage: str) -> None:
+    def evaluation_step(self, batch: dict, stage: str) -> Tensor | None:
+        """Logs the loss and accuracy; returns the logits (the W&B prediction tables read them)."""
         if batch["fbank"].shape[0] == 0:  # every item of the batch was unusable (counted by the data)
-            return
+            return None
         logits = self(batch["fbank"])
         self.log(f"{stage}/loss", self.loss(logits, batch["target"]), on_epoch=True, sync_dist=True,
                  batch_size=logits.shape[0])
         metric = self.val_acc if stage == "val" else self.test_acc
         metric.update(logits, batch["target"].argmax(-1))
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
+        return logits
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        return self.evaluation_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        return self.evaluation_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         weights = self.head.layer_weights.detach().softmax(0)
