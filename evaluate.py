@@ -18,7 +18,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
-from ssamba.evaluation import check_compatible, is_challenge_label_set, load_finetuned, score_split
+from ssamba.evaluation import check_compatible, load_finetuned, score_split
+from ssamba.metrics import is_challenge_label_set
 from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs, write_predictions
 
 log = logging.getLogger("evaluate")

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ssamba.checkpoints import Checkpoint, load_checkpoint
-from ssamba.constants import MURMUR_CLASSES, OUTCOME_CLASSES
-from ssamba.metrics.labelset import PatientLabelSetMetrics
+from ssamba.metrics.labelset import patient_metrics
 from ssamba.metrics.patient import PatientChallengeMetrics
 
 BATCH_METRIC_KEYS = ("patient", "recording", "id", "outcome")
@@ -59,19 +58,6 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def is_challenge_label_set(label_names: Sequence[str]) -> bool:
-    """The Challenge's murmur or outcome classes, whose patients get Challenge output files."""
-    return tuple(label_names) in (MURMUR_CLASSES, OUTCOME_CLASSES)
-
-
-def patient_metric(label_names: Sequence[str], rule: str) -> PatientChallengeMetrics:
-    """The Challenge's scores for its label sets; per-class recall, UAR, AUROC (and the collapsed
-    Challenge murmur scores of timing classes) for any other, e.g. data.task=murmur_timing or earbud."""
-    if is_challenge_label_set(label_names):
-        return PatientChallengeMetrics(class_names=tuple(label_names), rule=rule)
-    return PatientLabelSetMetrics(class_names=tuple(label_names), rule=rule)
-
-
 @torch.no_grad()
 def score_split(
     model: nn.Module,
@@ -82,9 +68,9 @@ def score_split(
     precision: str = "32",
 ) -> PatientChallengeMetrics:
     """Run ``model`` over every item of ``split`` and return the filled patient-level metric
-    (:func:`patient_metric` of the data's label set)."""
+    (:func:`ssamba.metrics.patient_metrics` of the data's label set)."""
     model = model.to(device).eval()
-    metric = patient_metric(datamodule.label_names, rule).to(device)
+    metric = patient_metrics(datamodule.label_names, rule).to(device)
     for batch in datamodule.dataloader(split, shuffle=False):
         batch = datamodule.on_before_batch_transfer(batch, 0)
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}

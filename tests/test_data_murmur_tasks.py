@@ -17,6 +17,7 @@ from ssamba.data import CirCorDataModule, EarbudDataModule
 from ssamba.data.__main__ import main as summary_main
 from ssamba.data.circor import TIMING_CLASSES, timing_class
 from ssamba.data.earbud import subject_of
+from ssamba.data.manifest import read_manifest
 from ssamba.utils.config import ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,3 +205,18 @@ def test_training_on_the_fork_tree_scores_subjects(tmp_path):
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("val/uar", "val/patients", "val/recall_present-holosystolic", "test/murmur_weighted_accuracy"):
         assert key in header
+
+
+def test_one_json_reader_for_ast_and_fork_manifests(tmp_path):
+    entries = [{"wav": "a.wav", "labels": "m1,m2"}, {"wav": "b.wav", "labels": ""}]
+    index = {"m1": 0, "m2": 1}
+    for name, content in (("ast.json", {"data": entries}), ("fork.json", entries)):
+        (tmp_path / name).write_text(json.dumps(content))
+        items = read_manifest(str(tmp_path / name), None, index)
+        assert [(Path(i.path).name, i.labels) for i in items] == [("a.wav", (0, 1)), ("b.wav", ())]
+    (tmp_path / "bad.json").write_text(json.dumps([{"wav": "a.wav"}, {"file": "b.wav"}]))
+    with pytest.raises(ValueError, match=r"bad\.json: entry 1 has no 'wav' key"):
+        read_manifest(str(tmp_path / "bad.json"), None, index)
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match=r"broken\.json: not JSON"):
+        read_manifest(str(tmp_path / "broken.json"), None, index)

@@ -129,3 +129,15 @@ def test_patient_metric_for_a_label_set_logs_scalars_and_the_collapsed_scores():
         PatientChallengeMetrics(TIMING)  # the Challenge's metric keeps refusing other label sets
     with pytest.raises(ValueError, match="use rule='mean'"):
         PatientLabelSetMetrics(["Normal", "Abnormal"], rule="hierarchical")
+
+
+def test_patient_metrics_is_chosen_by_the_label_set_alone():
+    from ssamba.metrics import MURMUR_CLASSES, OUTCOME_CLASSES, PatientChallengeMetrics, patient_metrics
+
+    for classes in (MURMUR_CLASSES, OUTCOME_CLASSES):
+        metric = patient_metrics(classes, "mean")
+        assert type(metric) is PatientChallengeMetrics and metric.class_names == tuple(classes)
+    timing = patient_metrics(TIMING, "mean")
+    assert isinstance(timing, PatientLabelSetMetrics) and timing.class_names == tuple(TIMING)
+    reordered = patient_metrics(tuple(reversed(MURMUR_CLASSES)), "mean")  # not the Challenge's order
+    assert isinstance(reordered, PatientLabelSetMetrics)

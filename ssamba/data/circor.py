@@ -374,8 +374,7 @@ class CirCorDataModule(AudioDataModule):
         task factory instantiates, so that the data does not import the metrics: the Challenge's for murmur
         and outcome; for murmur timing, the label-set scores and the Challenge's murmur scores of the timing
         classes collapsed to Present (``murmur_<score>``)."""
-        target = "PatientLabelSetMetrics" if self.task == "murmur_timing" else "PatientChallengeMetrics"
-        return {"challenge": {"_target_": f"ssamba.metrics.{target}", "class_names": list(self.label_names),
+        return {"challenge": {"_target_": "ssamba.metrics.patient_metrics", "class_names": list(self.label_names),
                               "rule": self.aggregation}}
 
     def recording_label(self, patient: Patient, recording: Recording) -> int:

@@ -18,7 +18,6 @@ can be scored per subject, as CirCor patients are.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ssamba.data.base import AudioDataModule, Item
-from ssamba.data.manifest import read_label_csv
+from ssamba.data.manifest import read_json_entries, read_label_csv
 from ssamba.errors import ConfigError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -55,15 +54,7 @@ def subject_of(stem: str) -> str:
 def read_entries(path: str) -> list[tuple[str, str]]:
     """(file, labels) pairs of a JSON manifest (a bare list or ``{"data": [...]}``) or a ``filename,labels`` csv."""
     if path.endswith(".json"):
-        with open(path) as f:
-            try:
-                entries = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: not JSON ({error})") from error
-        entries = entries.get("data") if isinstance(entries, dict) else entries
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and "wav" in e for e in entries):
-            raise ValueError(f"{path}: expected a list (or {{'data': [...]}}) of {{'wav': ..., 'labels': ...}}")
-        return [(entry["wav"], str(entry.get("labels", ""))) for entry in entries]
+        return [(entry["wav"], str(entry.get("labels", ""))) for entry in read_json_entries(path)]
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"filename", "labels"} <= set(rows[0]):
@@ -234,5 +225,5 @@ class EarbudDataModule(AudioDataModule):
         """Subject-level scores (recordings aggregated per subject by ``data.aggregation``), single-label only."""
         if self.multilabel:
             return {}
-        return {"subjects": {"_target_": "ssamba.metrics.PatientLabelSetMetrics", "class_names": list(self.label_names),
+        return {"subjects": {"_target_": "ssamba.metrics.patient_metrics", "class_names": list(self.label_names),
                              "rule": self.aggregation}}

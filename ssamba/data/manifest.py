@@ -31,18 +31,28 @@ def resolve(path: str, root: str) -> str:
     return os.path.normpath(os.path.join(root, os.path.expanduser(path)))
 
 
-def read_manifest(path: str, root: str | None, label_index: dict[str, int] | None) -> list[Item]:
-    """Items of an AST manifest; unknown label ids are one clear error naming the manifest."""
+def read_json_entries(path: str) -> list[dict]:
+    """Entries of a JSON manifest: AST's ``{"data": [...]}`` or the heart-murmur fork's bare list, each with a ``wav``."""
     with open(path) as f:
         try:
-            entries = json.load(f)["data"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not an AST manifest ({{'data': [{{'wav': ..., 'labels': ...}}]}})") from error
+            entries = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from error
+    entries = entries.get("data") if isinstance(entries, dict) else entries
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list (or {{'data': [...]}}) of {{'wav': ..., 'labels': ...}}")
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "wav" not in entry:
+            raise ValueError(f"{path}: entry {number} has no 'wav' key")
+    return entries
+
+
+def read_manifest(path: str, root: str | None, label_index: dict[str, int] | None) -> list[Item]:
+    """Items of an AST manifest; unknown label ids are one clear error naming the manifest."""
+    entries = read_json_entries(path)
     base = root if root is not None else os.path.dirname(os.path.abspath(path))
     items, unknown = [], set()
-    for number, entry in enumerate(entries):
-        if "wav" not in entry:
-            raise ValueError(f"{path}: entry {number} has no 'wav' key")
+    for entry in entries:
         labels: tuple[int, ...] = ()
         if label_index is not None:
             mids = [m.strip() for m in str(entry.get("labels", "")).split(",") if m.strip()]

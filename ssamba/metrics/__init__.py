@@ -18,8 +18,10 @@ from ssamba.metrics.labelset import (
     aggregate_label_set,
     collapse_to_murmur,
     collapsed_challenge_scores,
+    is_challenge_label_set,
     label_set_scores,
     murmur_groups,
+    patient_metrics,
 )
 from ssamba.metrics.patient import (
     AGGREGATION_RULES,
@@ -48,8 +50,10 @@ __all__ = [
     "challenge_cost",
     "collapse_to_murmur",
     "collapsed_challenge_scores",
+    "is_challenge_label_set",
     "label_set_scores",
     "murmur_groups",
+    "patient_metrics",
     "patient_scores",
     "weighted_accuracy",
 ]

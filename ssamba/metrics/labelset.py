@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from ssamba.metrics.challenge import MURMUR_CLASSES, accuracy, macro_auroc, per_class_recall
+from ssamba.metrics.challenge import MURMUR_CLASSES, OUTCOME_CLASSES, accuracy, macro_auroc, per_class_recall
 from ssamba.metrics.patient import (
     AGGREGATION_RULES,
     PatientChallengeMetrics,
@@ -203,3 +203,17 @@ class PatientLabelSetMetrics(PatientChallengeMetrics):
     def confusion_matrix(self) -> Tensor:
         predictions = self.predictions()
         return confusion_matrix(predictions.preds, predictions.target, len(self.class_names))
+
+
+def is_challenge_label_set(class_names: Sequence[str]) -> bool:
+    """The Challenge's murmur or outcome classes, whose patients get Challenge output files."""
+    return tuple(class_names) in (MURMUR_CLASSES, OUTCOME_CLASSES)
+
+
+def patient_metrics(class_names: Sequence[str], rule: str) -> PatientChallengeMetrics:
+    """The patient-level metric of a label set, chosen here only: the Challenge's scores for its label
+    sets; per-class recall, UAR, AUROC (and the collapsed Challenge murmur scores of timing classes) for
+    any other, e.g. CirCor's murmur timing or the earbud classes."""
+    if is_challenge_label_set(class_names):
+        return PatientChallengeMetrics(class_names=tuple(class_names), rule=rule)
+    return PatientLabelSetMetrics(class_names=tuple(class_names), rule=rule)
