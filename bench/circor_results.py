@@ -400,7 +400,7 @@ def pooled_scores(records: list[dict]) -> dict[str, float]:
     """Scores of the out-of-fold patient predictions of one (scheme, seed, arm), every fold's together."""
     import torch
 
-    from ssamba.evaluation import patient_metric
+    from ssamba.metrics import patient_metrics
     from ssamba.metrics.patient import PatientPredictions, id_code
 
     first = records[0]["patients"]
@@ -415,7 +415,7 @@ def pooled_scores(records: list[dict]) -> dict[str, float]:
         preds=torch.tensor(rows["pred"]), target=torch.tensor(rows["target"]),
         outcome=None if bool((outcome < 0).all()) else outcome, num_recordings=torch.tensor(rows["recordings"]),
     )  # fmt: skip
-    metric = patient_metric(first["class_names"], first["rule"])
+    metric = patient_metrics(first["class_names"], first["rule"])
     return {name: float(value) for name, value in metric.scores(predictions).items()}
 
 
