@@ -140,7 +140,8 @@ def merge(parts: list[Path], dst: Path) -> Path:
 
 # --- one training run, resumable -----------------------------------------------------------------
 class Deadline:
-    """``--stop-after-minutes`` as a point in time (none when 0)."""
+    """``--stop-after-minutes`` as a point in time (none when 0); ``stop()`` (on SIGTERM or SIGINT to the
+    runner) brings it forward to now."""
 
     def __init__(self, minutes: float):
         self.end = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
@@ -148,39 +149,45 @@ class Deadline:
     def left(self) -> float:
         return self.end - time.monotonic()
 
+    def stop(self, *_) -> None:
+        self.end = -math.inf
+
 
 def _run_until(command: list[str], log_path: Path, deadline: Deadline) -> tuple[int | None, float]:
     """Run ``command`` (output appended to ``log_path``) until it exits or the deadline passes; then
     SIGTERM (train.py writes last.ckpt at the next batch and exits), SIGKILL after ``GRACE_SECONDS``.
-    Returns (exit status, or None when stopped by the deadline; wall seconds)."""
+    Returns (exit status, or None when stopped by the deadline or ``Deadline.stop``; wall seconds)."""
     print("+", " ".join(command), flush=True)
     start = time.perf_counter()
     with open(log_path, "a") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = process.wait(timeout=None if math.isinf(deadline.left()) else max(deadline.left(), 0.0))
-        except subprocess.TimeoutExpired:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        code = process.poll()
+        while code is None and deadline.left() > 0:
+            try:
+                code = process.wait(timeout=min(deadline.left(), 1.0))
+            except subprocess.TimeoutExpired:
+                pass
+        if code is None:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
                 process.wait()
-            code = None
     return code, time.perf_counter() - start
 
 
 def train(overrides: list[str], run_dir: Path, deadline: Deadline) -> dict | None:
     """``python train.py <overrides>`` into ``run_dir``, resumed from its ``last.ckpt`` when an earlier call
     was stopped. Its state (``runner.json``: finished, wall seconds of all attempts, cards) is returned once
-    finished; None when the deadline stopped it first."""
+    finished; None when the deadline (or a stop signal to the runner) stopped it first."""
     state_path = run_dir / "runner.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"finished": False, "seconds": 0.0,
                                                                               "devices": []}  # fmt: skip
     if state["finished"]:
         return state
     if deadline.left() < MIN_START_SECONDS:
-        print(f"{run_dir.name}: not started, --stop-after-minutes is reached; the next call runs it", flush=True)
+        print(f"{run_dir.name}: not started (--stop-after-minutes or a stop signal); the next call runs it", flush=True)
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -193,8 +200,8 @@ def train(overrides: list[str], run_dir: Path, deadline: Deadline) -> dict | Non
     state_path.write_text(json.dumps(state, indent=2) + "\n")
     if code == 0:
         return state
-    if code is None:
-        print(f"{run_dir.name}: stopped at --stop-after-minutes; the next call resumes it", flush=True)
+    if code is None or deadline.left() <= 0:  # a Ctrl-C reaches the training too, which then exits non-zero
+        print(f"{run_dir.name}: stopped (--stop-after-minutes or a stop signal); the next call resumes it", flush=True)
         return None
     if resuming:  # e.g. a checkpoint cut short by a killed job: start this training over
         print(f"{run_dir.name}: resuming from {last} failed (exit {code}); starting it over", flush=True)
@@ -298,11 +305,17 @@ def run_grid(args: argparse.Namespace) -> bool:
     grid = Grid(args, Deadline(args.stop_after_minutes), results, common, pretrain, finetune, settings)
     (results / "cells").mkdir(parents=True, exist_ok=True)
     complete = True
-    for seed, fold, arm in itertools.product(args.seeds, range(args.folds), args.arms):
-        todo = [t for t in args.tasks if not cell_path(results, t, fold, seed, arm).is_file()]
-        if todo and not run_cells(grid, todo, fold, seed, arm):
-            complete = False
-            break
+    stops = (signal.SIGTERM, signal.SIGINT)  # a job's end or Ctrl-C: checkpoint the training, then stop
+    before = [signal.signal(signum, grid.deadline.stop) for signum in stops]
+    try:
+        for seed, fold, arm in itertools.product(args.seeds, range(args.folds), args.arms):
+            todo = [t for t in args.tasks if not cell_path(results, t, fold, seed, arm).is_file()]
+            if todo and not run_cells(grid, todo, fold, seed, arm):
+                complete = False
+                break
+    finally:
+        for signum, handler in zip(stops, before):
+            signal.signal(signum, handler)
     write_report(results, Path(args.out))
     return complete
 

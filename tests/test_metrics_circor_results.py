@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,15 @@ def test_a_training_stopped_at_the_deadline_resumes_from_its_checkpoint_and_then
     assert calls(run)[1][-1] == f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     assert bench.train(["sleep=60"], run, bench.Deadline(0)) == state
     assert len(calls(run)) == 2  # finished: not run again
+
+
+def test_a_stop_signal_to_the_runner_checkpoints_the_training_and_stops(fake_train):
+    deadline = bench.Deadline(0)
+    threading.Timer(2.0, deadline.stop).start()  # what the runner's SIGTERM / SIGINT handler calls
+    started = time.monotonic()
+    assert bench.train(["sleep=60"], fake_train / "runs" / "cell", deadline) is None
+    assert time.monotonic() - started < 30
+    assert (fake_train / "runs" / "cell" / "checkpoints" / "last.ckpt").read_text() == "part"
 
 
 def test_an_unresumable_checkpoint_restarts_the_training_and_a_failure_is_reported(fake_train):
