@@ -138,6 +138,18 @@ def test_no_training_starts_too_close_to_the_deadline(fake_train, monkeypatch):
     assert not (fake_train / "runs" / "cell").exists()
 
 
+def test_the_scored_checkpoint_is_last_or_the_one_best_on_val(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("last.ckpt", "best-epoch003-step0000120.ckpt"):
+        (folder / name).write_text("")
+    assert bench.checkpoint_of(tmp_path, "last") == folder / "last.ckpt"
+    assert bench.checkpoint_of(tmp_path, "best") == folder / "best-epoch003-step0000120.ckpt"
+    (folder / "best-epoch005-step0000200.ckpt").write_text("")
+    with pytest.raises(FileNotFoundError, match="expected one best checkpoint"):
+        bench.checkpoint_of(tmp_path, "best")
+
+
 @pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
                                                     (0.975, 4, 2.7764), (0.975, 14, 2.1448), (0.95, 9, 1.8331)])
 def test_t_quantiles_match_the_tables(p, df, expected):
