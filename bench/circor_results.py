@@ -518,7 +518,7 @@ def render(records: list[dict]) -> str:
         "Settings (Hydra overrides):",
         "",
         f"- pretraining (one per fold and seed, shared by the label schemes): `{' '.join(settings['pretrain'])}`",
-        f"- finetuning: " + ", ".join(f"`{recipe}`" for recipe in settings["recipes"].values())
+        "- finetuning: " + ", ".join(sorted({f"`{r['settings']['recipes'][r['task']]}`" for r in records}))
         + f" with `{' '.join(settings['finetune'])}`",
         f"- every training: `{' '.join(settings['common'])}`, and per cell `data.fold=<fold> "
         "data.split_seed=<seed> seed=<seed>`",
