@@ -1,21 +1,27 @@
-"""CirCor heart-murmur results: SSAMBA-tiny from scratch vs pretrained on CirCor audio, several seeds.
+"""CirCor heart-murmur results: patient-wise stratified k-fold cross-validation of SSAMBA-tiny, from
+scratch vs pretrained on each fold's training patients, several seeds, either or both label schemes.
 
-For each seed, arm ``scratch`` finetunes ``experiment=circor_murmur`` from random weights; arm
-``pretrained`` first runs ``experiment=circor_pretrain`` on the train patients' audio (no labels),
-then finetunes from its last checkpoint. Every finetuned model's *last* checkpoint is scored on the
-val patients at patient level (evaluate.py's code path): val is the evaluation split, so it is not
-used to pick checkpoints. The report gives mean +- std over seeds of the murmur weighted accuracy,
-UAR, the Challenge cost (murmur predictions against outcomes) and macro AUROC, with the card and
-the wall time of each training.
+A cell is (label scheme, fold, seed, arm). For seed ``s`` the patients are dealt into ``--folds``
+folds stratified on murmur and outcome (``data.split=kfold data.split_seed=s``: a fresh partition per
+seed, i.e. repeated k-fold). In cell (fold ``f``, seed ``s``) fold ``f``'s patients are the test
+patients; ``data.val_fraction`` of the other folds' patients are val and the rest train. Arm
+``scratch`` finetunes (``experiment=circor_murmur``, or ``circor_timing`` for ``murmur_timing``) from
+random weights; arm ``pretrained`` first runs ``experiment=circor_pretrain`` on the same fold and seed
+(the train patients' audio, the val patients' for its monitor; one pretraining serves both label
+schemes), then finetunes from its last checkpoint. Each finetuned model's last checkpoint (or, with
+``--checkpoint best``, the one best on val) is scored per patient on the fold's test patients, which
+choose nothing. The report: per scheme and arm the mean over cells with a 95% interval, the paired
+difference pretrained - scratch with its interval, the pooled out-of-fold scores of every seed, and
+each cell with its card and wall time (docs/heart-murmurs.md says what the intervals mean).
 
     # optional, where the data lives: split a CirCor folder into parts of at most 40 MiB (each patient in
     # one part, without the unread .hea/.tsv files), to copy it to a GPU machine in pieces
     python bench/circor_results.py stage --src <circor-dev folder> --dst .gpudata/circor --max-mib 40
-    # on the GPU machine, with a CirCor folder or the parts; runs resume, so a grid can span several jobs:
-    python bench/circor_results.py run --data .gpudata/circor/part* --results .gpudata/circor-runs \\
-        --seeds 0 1 2 --pretrain-epochs 8 --finetune-epochs 8 --stop-after-minutes 9 --out circor-results.md
-    # anywhere, from the per-run JSON files:
-    python bench/circor_results.py report --results .gpudata/circor-runs --out docs/results/circor-results.md
+    # on the GPU machine, with a CirCor folder or the parts; the same command resumes the grid:
+    python bench/circor_results.py run --data .gpudata/circor/part* --results .gpudata/circor-cv \\
+        --tasks murmur murmur_timing --folds 5 --seeds 0 1 2 --stop-after-minutes 8 --out circor-cv.md
+    # anywhere, from the per-cell JSON files:
+    python bench/circor_results.py report --results .gpudata/circor-cv --out docs/results/circor-cv.md
 
 Extra Hydra overrides go to every training (``--override``) or to one kind (``--pretrain-override``,
 ``--finetune-override``), e.g. ``--override +model.depth=2`` for a quick check.
@@ -25,15 +31,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import itertools
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +51,22 @@ sys.path.insert(0, str(ROOT))
 
 ARMS = ("scratch", "pretrained")
 ARM_TITLES = {"scratch": "from scratch", "pretrained": "circor_pretrain, then finetuned"}
+RECIPES = {"murmur": "circor_murmur", "murmur_timing": "circor_timing"}  # label scheme -> finetuning recipe
+SCHEME_TITLES = {"murmur": "the Challenge's Present / Unknown / Absent",
+                 "murmur_timing": "the fork's murmur-timing classes, and the Challenge's scores of them collapsed"}
+REPORTED = {  # label scheme -> (score key, column title, digits)
+    "murmur": (("weighted_accuracy", "weighted accuracy", 3), ("uar", "UAR", 3), ("auroc", "macro AUROC", 3),
+               ("recall_Unknown", "Unknown recall", 3), ("cost", "Challenge cost", 0)),
+    "murmur_timing": (("uar", "timing UAR", 3), ("auroc", "timing macro AUROC", 3),
+                      ("murmur_weighted_accuracy", "murmur weighted accuracy", 3), ("murmur_uar", "murmur UAR", 3),
+                      ("murmur_auroc", "murmur macro AUROC", 3), ("murmur_recall_Unknown", "Unknown recall", 3),
+                      ("murmur_cost", "Challenge cost", 0)),
+}  # fmt: skip
 TABLES = ("training_data.csv", "split.csv", "LICENSE.txt")
 AUDIO_SUFFIXES = (".wav", ".flac")
-REPORTED = (("weighted_accuracy", "murmur weighted accuracy", 3), ("uar", "UAR", 3), ("cost", "outcome cost", 0),
-            ("auroc", "macro AUROC", 3))  # fmt: skip
+CONFIDENCE = 0.95
+GRACE_SECONDS = 120  # after SIGTERM: the batch in flight, a validation due, writing last.ckpt
+MIN_START_SECONDS = 60  # no training starts with less time left before --stop-after-minutes
 
 
 # --- staging ----------------------------------------------------------------------------------
@@ -116,49 +138,115 @@ def merge(parts: list[Path], dst: Path) -> Path:
     return dst
 
 
-# --- one training run ---------------------------------------------------------------------------
-def train(overrides: list[str], run_dir: Path) -> float:
-    """``python train.py <overrides>`` into ``run_dir``; returns its wall time in seconds."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"]
+# --- one training run, resumable -----------------------------------------------------------------
+class Deadline:
+    """``--stop-after-minutes`` as a point in time (none when 0); ``stop()`` (on SIGTERM or SIGINT to the
+    runner) brings it forward to now."""
+
+    def __init__(self, minutes: float):
+        self.end = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def stop(self, *_) -> None:
+        self.end = -math.inf
+
+
+def _run_until(command: list[str], log_path: Path, deadline: Deadline) -> tuple[int | None, float]:
+    """Run ``command`` (output appended to ``log_path``) until it exits or the deadline passes; then
+    SIGTERM (train.py writes last.ckpt at the next batch and exits), SIGKILL after ``GRACE_SECONDS``.
+    Returns (exit status, or None when stopped by the deadline or ``Deadline.stop``; wall seconds)."""
     print("+", " ".join(command), flush=True)
     start = time.perf_counter()
-    with open(run_dir / "stdout.log", "w") as log:
-        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    seconds = time.perf_counter() - start
-    if code != 0:
-        tail = (run_dir / "stdout.log").read_text()[-4000:]
-        raise RuntimeError(f"train.py failed (exit {code}) in {run_dir}:\n{tail}")
-    return seconds
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        code = process.poll()
+        while code is None and deadline.left() > 0:
+            try:
+                code = process.wait(timeout=min(deadline.left(), 1.0))
+            except subprocess.TimeoutExpired:
+                pass
+        if code is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return code, time.perf_counter() - start
 
 
-def last_checkpoint(run_dir: Path) -> Path:
-    path = run_dir / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the run wrote no last checkpoint")
-    return path
+def train(overrides: list[str], run_dir: Path, deadline: Deadline) -> dict | None:
+    """``python train.py <overrides>`` into ``run_dir``, resumed from its ``last.ckpt`` when an earlier call
+    was stopped. Its state (``runner.json``: finished, wall seconds of all attempts, cards) is returned once
+    finished; None when the deadline (or a stop signal to the runner) stopped it first."""
+    state_path = run_dir / "runner.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"finished": False, "seconds": 0.0,
+                                                                              "devices": []}  # fmt: skip
+    if state["finished"]:
+        return state
+    if deadline.left() < MIN_START_SECONDS:
+        print(f"{run_dir.name}: not started (--stop-after-minutes or a stop signal); the next call runs it", flush=True)
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resuming = last.is_file()
+    command = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}", *([f"ckpt_path={last}"] * resuming)]
+    code, seconds = _run_until(command, run_dir / "stdout.log", deadline)
+    state["seconds"] += seconds
+    state["devices"] = sorted({*state["devices"], device_name()})
+    state["finished"] = code == 0
+    state_path.write_text(json.dumps(state, indent=2) + "\n")
+    if code == 0:
+        return state
+    if code is None or deadline.left() <= 0:  # a Ctrl-C reaches the training too, which then exits non-zero
+        print(f"{run_dir.name}: stopped (--stop-after-minutes or a stop signal); the next call resumes it", flush=True)
+        return None
+    if resuming:  # e.g. a checkpoint cut short by a killed job: start this training over
+        print(f"{run_dir.name}: resuming from {last} failed (exit {code}); starting it over", flush=True)
+        shutil.rmtree(run_dir / "checkpoints")
+        return train(overrides, run_dir, deadline)
+    tail = (run_dir / "stdout.log").read_text()[-4000:]
+    raise RuntimeError(f"train.py failed (exit {code}) in {run_dir}:\n{tail}")
 
 
-def score(ckpt: Path, data_root: Path, split_file: Path | None, num_workers: int) -> dict[str, float]:
-    """Patient-level Challenge scores of ``ckpt`` on the val patients."""
+def checkpoint_of(run_dir: Path, which: str) -> Path:
+    """The run's ``last.ckpt``, or (``best``) the one its checkpoint callback kept as best on val."""
+    folder = run_dir / "checkpoints"
+    found = [folder / "last.ckpt"] if which == "last" else sorted(folder.glob("best-*.ckpt"))
+    if len(found) != 1 or not found[0].is_file():
+        raise FileNotFoundError(f"{folder}: expected one {which} checkpoint, found {[p.name for p in found]}")
+    return found[0]
+
+
+def score(ckpt: Path, run_dir: Path, num_workers: int) -> tuple[dict[str, float], dict]:
+    """Patient-level scores of ``ckpt`` on the test patients of the run's own data config (its fold), and
+    the patient predictions behind them (for pooling over folds)."""
+    import hydra
     import torch
+    from omegaconf import OmegaConf
 
-    from ssamba.data import CirCorDataModule
     from ssamba.evaluation import check_compatible, load_finetuned, score_split
 
     checkpoint = load_finetuned(str(ckpt))
-    datamodule = CirCorDataModule(
-        root=str(data_root), split_file=None if split_file is None else str(split_file), num_workers=num_workers,
-        target_length=checkpoint.target_length, norm_mean=checkpoint.norm_mean, norm_std=checkpoint.norm_std,
-        batch_size=64,
-    )  # fmt: skip
+    data = OmegaConf.load(run_dir / ".hydra" / "config.yaml").data
+    data.num_workers = num_workers
+    datamodule = hydra.utils.instantiate(data)
     check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
-    model = checkpoint.build_classifier()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metric = score_split(
-        model, datamodule, "val", datamodule.aggregation, device, "bf16" if device.type == "cuda" else "32"
-    )
-    return {name: float(value) for name, value in metric.compute().items()}
+    metric = score_split(checkpoint.build_classifier(), datamodule, "test", datamodule.aggregation, device,
+                         "bf16" if device.type == "cuda" else "32")  # fmt: skip
+    predictions = metric.predictions()
+    outcome = predictions.outcome.tolist() if predictions.outcome is not None else [-1] * len(predictions.preds)
+    patients = {
+        "class_names": list(datamodule.label_names), "rule": datamodule.aggregation,
+        "id": [metric.patient_id(code) for code in predictions.patient.tolist()],
+        "target": predictions.target.tolist(), "pred": predictions.preds.tolist(),
+        "probs": predictions.probs.tolist(),
+        "outcome": outcome, "recordings": predictions.num_recordings.tolist(),
+    }  # fmt: skip
+    return {name: float(value) for name, value in metric.scores(predictions).items()}, patients
 
 
 def device_name() -> str:
@@ -170,113 +258,270 @@ def device_name() -> str:
 
 
 # --- the grid -------------------------------------------------------------------------------------
-def run_grid(args: argparse.Namespace) -> None:
-    data_root = merge([Path(p) for p in args.data], Path(args.results) / "data")
-    split_file = data_root / "split.csv" if (data_root / "split.csv").exists() else None
+def check_grid(results: Path, settings: dict) -> None:
+    """A results folder holds one grid: its settings (``grid.json``) must match the new call's."""
+    path = results / "grid.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier != settings:
+            changed = sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k))
+            raise ValueError(f"--results {results} holds a grid with other settings ({', '.join(changed)}): "
+                             "use another --results folder")
+    else:
+        results.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+@dataclass
+class Grid:
+    """What every cell of one ``run`` call shares."""
+
+    args: argparse.Namespace
+    deadline: Deadline
+    results: Path
+    common: list[str]
+    pretrain: list[str]
+    finetune: list[str]
+    settings: dict
+
+
+def run_grid(args: argparse.Namespace) -> bool:
+    """Train and score every missing cell until done or ``--stop-after-minutes``; True when the grid is complete."""
     results = Path(args.results)
-    runs = results / "runs"
+    data_root = merge([Path(p) for p in args.data], results / "data")
     common = [
         f"data.root={data_root}", f"data.num_workers={args.num_workers}", f"trainer={args.trainer}",
         "logger=csv", "test=false", "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null",
-        *([f"data.split_file={split_file}"] if split_file else []), *args.override,
+        "data.split_file=null", "data.split=kfold", f"data.folds={args.folds}", *args.override,
     ]  # fmt: skip
     pretrain = ["experiment=circor_pretrain", f"trainer.max_epochs={args.pretrain_epochs}", *args.pretrain_override]
-    finetune = ["experiment=circor_murmur", f"trainer.max_epochs={args.finetune_epochs}", *args.finetune_override]
-    shown = [o for o in common if not o.startswith(("data.root=", "data.split_file="))]  # no machine paths
+    finetune = [f"trainer.max_epochs={args.finetune_epochs}", *args.finetune_override]
     settings = {
-        "pretrain": pretrain, "finetune": finetune, "common": shown, "split_file": split_file is not None,
-        "shared_pretraining": args.shared_pretraining, "data": args.data_description,
+        "folds": args.folds, "checkpoint": args.checkpoint, "pretrain": pretrain, "finetune": finetune,
+        "common": [o for o in common if not o.startswith(("data.root=", "data.num_workers="))],  # no machine paths
     }  # fmt: skip
-    started, durations = time.perf_counter(), {}
-    for seed in args.seeds:
-        for arm in args.arms:
-            out = results / f"{arm}_seed{seed}.json"
-            if out.exists():
-                print(f"{out.name}: done earlier, kept")
-                continue
-            expected = durations.get(arm, max(durations.values(), default=0.0))
-            elapsed = (time.perf_counter() - started) / 60
-            if args.stop_after_minutes and elapsed + expected / 60 > args.stop_after_minutes:
-                print(f"stopping before {arm} seed {seed}: {elapsed:.1f} min used, the next run would pass "
-                      f"--stop-after-minutes={args.stop_after_minutes}; run again to continue")  # fmt: skip
-                write_report(results, Path(args.out))
-                return
-            record = {"arm": arm, "seed": seed, "device": device_name(), "settings": settings, "pretrain_seconds": 0.0}
-            init: list[str] = []
-            if arm == "pretrained":
-                pretrain_seed = args.pretrain_seed if args.pretrain_seed is not None else (
-                    args.seeds[0] if args.shared_pretraining else seed)
-                pretrain_dir = runs / f"pretrain_seed{pretrain_seed}"
-                if not (pretrain_dir / "checkpoints" / "last.ckpt").is_file():
-                    record["pretrain_seconds"] = train([*pretrain, *common, f"seed={pretrain_seed}"], pretrain_dir)
-                record["pretrain_seed"] = pretrain_seed
-                init = [f"task.pretrained={last_checkpoint(pretrain_dir)}"]
-            finetune_dir = runs / f"{arm}_seed{seed}"
-            record["finetune_seconds"] = train([*finetune, *common, *init, f"seed={seed}"], finetune_dir)
-            record["scores"] = score(last_checkpoint(finetune_dir), data_root, split_file, args.num_workers)
-            durations[arm] = record["pretrain_seconds"] + record["finetune_seconds"]
-            out.write_text(json.dumps(record, indent=2) + "\n")
-            print(f"{arm} seed {seed}: " + ", ".join(f"{k}={record['scores'][k]:.4f}" for k, *_ in REPORTED))
-            write_report(results, Path(args.out))
+    check_grid(results, settings)
+    settings |= {"recipes": {task: f"experiment={RECIPES[task]}" for task in args.tasks}, "data": args.data_description}
+    grid = Grid(args, Deadline(args.stop_after_minutes), results, common, pretrain, finetune, settings)
+    (results / "cells").mkdir(parents=True, exist_ok=True)
+    complete = True
+    stops = (signal.SIGTERM, signal.SIGINT)  # a job's end or Ctrl-C: checkpoint the training, then stop
+    before = [signal.signal(signum, grid.deadline.stop) for signum in stops]
+    try:
+        for seed, fold, arm in itertools.product(args.seeds, range(args.folds), args.arms):
+            todo = [t for t in args.tasks if not cell_path(results, t, fold, seed, arm).is_file()]
+            if todo and not run_cells(grid, todo, fold, seed, arm):
+                complete = False
+                break
+    finally:
+        for signum, handler in zip(stops, before):
+            signal.signal(signum, handler)
+    write_report(results, Path(args.out))
+    return complete
+
+
+def cell_path(results: Path, task: str, fold: int, seed: int, arm: str) -> Path:
+    return results / "cells" / f"{task}_fold{fold}_seed{seed}_{arm}.json"
+
+
+def run_cells(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> bool:
+    """The cells of one (fold, seed, arm), one per label scheme: pretraining (arm pretrained, shared by the
+    schemes), finetuning, scoring. False when the deadline stopped a training."""
+    runs, each = grid.results / "runs", [f"data.fold={fold}", f"data.split_seed={seed}", f"seed={seed}"]
+    init, pretrained = [], {"seconds": 0.0, "devices": []}
+    if arm == "pretrained":
+        pretrain_dir = runs / f"pretrain_fold{fold}_seed{seed}"
+        pretrained = train([*grid.pretrain, *grid.common, *each], pretrain_dir, grid.deadline)
+        if pretrained is None:
+            return False
+        init = [f"task.pretrained={checkpoint_of(pretrain_dir, 'last')}"]
+    for task in tasks:
+        run_dir = runs / f"{task}_fold{fold}_seed{seed}_{arm}"
+        finetuned = train([f"experiment={RECIPES[task]}", *grid.finetune, *grid.common, *each, *init], run_dir,
+                          grid.deadline)  # fmt: skip
+        if finetuned is None:
+            return False
+        started = time.perf_counter()
+        scores, patients = score(checkpoint_of(run_dir, grid.args.checkpoint), run_dir, grid.args.num_workers)
+        record = {
+            "task": task, "fold": fold, "seed": seed, "arm": arm,
+            "cards": sorted({*pretrained["devices"], *finetuned["devices"]}), "score_card": device_name(),
+            "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
+            "score_seconds": time.perf_counter() - started, "settings": grid.settings, "scores": scores,
+            "patients": patients,
+        }  # fmt: skip
+        cell_path(grid.results, task, fold, seed, arm).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{run_dir.name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[task]),
+              flush=True)  # fmt: skip
+        write_report(grid.results, Path(grid.args.out))
+    return True
+
+
+# --- statistics -------------------------------------------------------------------------------------
+def t_cdf(x: float, df: int, steps: int = 20000) -> float:
+    """Student's t distribution function, by Simpson's rule on its density (enough for a report's digits)."""
+    if x < 0:
+        return 1.0 - t_cdf(-x, df, steps)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(t: float) -> float:
+        return math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+
+    h = x / steps
+    total = density(0.0) + density(x)
+    total += sum((4 if k % 2 else 2) * density(k * h) for k in range(1, steps))
+    return 0.5 + total * h / 3
+
+
+@functools.lru_cache
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, by bisection."""
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        low, high = high, 2 * high
+    while high - low > 1e-7:
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
+    return (low + high) / 2
+
+
+def interval(values: list[float], test_to_train: float) -> tuple[float, float, int]:
+    """(mean, half-width of its ``CONFIDENCE`` interval, n) over the finite ``values`` of fold x seed cells.
+
+    Student's t with n - 1 degrees of freedom on the variance corrected for cells that share patients
+    (Nadeau and Bengio's corrected resampled t): ``s^2 * (1/n + test_to_train)``, where ``test_to_train``
+    is a test fold's size over its training patients', ``1 / (folds - 1)``. NaN half-width below 2 values.
+    """
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    n, mean = len(values), statistics.fmean(values)
+    if n < 2:
+        return mean, math.nan, n
+    spread = math.sqrt((1 / n + test_to_train) * statistics.variance(values))
+    return mean, t_quantile(0.5 + CONFIDENCE / 2, n - 1) * spread, n
+
+
+def paired_differences(records: list[dict], key: str) -> list[float]:
+    """pretrained - scratch of ``key`` for every (fold, seed) that both arms scored."""
+    by_cell = {(r["fold"], r["seed"], r["arm"]): r["scores"].get(key, math.nan) for r in records}
+    return [by_cell[(fold, seed, "pretrained")] - value for (fold, seed, arm), value in sorted(by_cell.items())
+            if arm == "scratch" and (fold, seed, "pretrained") in by_cell]  # fmt: skip
+
+
+def pooled_scores(records: list[dict]) -> dict[str, float]:
+    """Scores of the out-of-fold patient predictions of one (scheme, seed, arm), every fold's together."""
+    import torch
+
+    from ssamba.metrics import patient_metrics
+    from ssamba.metrics.patient import PatientPredictions, id_code
+
+    first = records[0]["patients"]
+    rows = {name: [v for r in records for v in r["patients"][name]] for name in ("id", "target", "pred", "probs",
+                                                                                   "outcome", "recordings")}
+    if len(set(rows["id"])) != len(rows["id"]):
+        raise ValueError("a patient is in the test patients of two folds")
+    probs = torch.tensor(rows["probs"], dtype=torch.float64)
+    outcome = torch.tensor(rows["outcome"])
+    predictions = PatientPredictions(
+        patient=torch.tensor([id_code(i) for i in rows["id"]]), logits=probs.clamp(min=1e-12).log(), probs=probs,
+        preds=torch.tensor(rows["pred"]), target=torch.tensor(rows["target"]),
+        outcome=None if bool((outcome < 0).all()) else outcome, num_recordings=torch.tensor(rows["recordings"]),
+    )  # fmt: skip
+    metric = patient_metrics(first["class_names"], first["rule"])
+    return {name: float(value) for name, value in metric.scores(predictions).items()}
 
 
 # --- the report ------------------------------------------------------------------------------------
-def mean_std(values: list[float], digits: int) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def number(value: float, digits: int, signed: bool = False) -> str:
+    return "n/a" if math.isnan(value) else f"{value:{'+' if signed else ''}.{digits}f}"
+
+
+def with_interval(values: list[float], test_to_train: float, digits: int, signed: bool = False) -> str:
+    mean, half, _ = interval(values, test_to_train)
+    if math.isnan(half):
+        return number(mean, digits, signed)
+    low, high = number(mean - half, digits, signed), number(mean + half, digits, signed)
+    return f"{number(mean, digits, signed)} [{low}, {high}]"
 
 
 def load_results(results: Path) -> list[dict]:
-    records = [json.loads(p.read_text()) for p in sorted(results.glob("*_seed*.json"))]
-    return sorted(records, key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
+    records = [json.loads(p.read_text()) for p in sorted((results / "cells").glob("*.json"))]
+    return sorted(records, key=lambda r: (list(REPORTED).index(r["task"]), ARMS.index(r["arm"]), r["seed"], r["fold"]))
+
+
+def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
+    reported, ratio = REPORTED[task], 1 / (folds - 1)
+    titles = " | ".join(title for _, title, _ in reported)
+    rule = "|---" * len(reported) + "|"
+    lines = [f"### `{task}`: {SCHEME_TITLES[task]}", "", f"| arm | cells | {titles} | minutes per cell | cards |",
+             f"|---|---{rule}---|---|"]  # fmt: skip
+    for arm in ARMS:
+        rows = [r for r in records if r["arm"] == arm]
+        if rows:
+            cells = [with_interval([r["scores"].get(k, math.nan) for r in rows], ratio, d) for k, _, d in reported]
+            minutes = statistics.fmean((r["pretrain_seconds"] + r["finetune_seconds"]) / 60 for r in rows)
+            cards = ", ".join(sorted({c for r in rows for c in r["cards"]}))
+            lines.append(f"| {ARM_TITLES[arm]} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} | {cards} |")
+    pairs = paired_differences(records, reported[0][0])
+    if pairs:
+        diffs = [with_interval(paired_differences(records, k), ratio, d, signed=True) for k, _, d in reported]
+        lines += ["", "Paired difference, pretrained minus scratch, over the (fold, seed) cells both arms scored:", "",
+                  f"| pairs | {titles} |", f"|---{rule}", f"| {len(pairs)} | " + " | ".join(diffs) + " |"]  # fmt: skip
+    pooled = []
+    for arm in ARMS:
+        for seed in sorted({r["seed"] for r in records}):
+            group = [r for r in records if r["arm"] == arm and r["seed"] == seed]
+            if len({r["fold"] for r in group}) == folds:
+                scores = pooled_scores(group)
+                cells = [number(scores.get(k, math.nan), d) for k, _, d in reported]
+                pooled.append(f"| {arm} | {seed} | " + " | ".join(cells) + f" | {int(scores['patients'])} |")
+    if pooled:
+        lines += ["", "Pooled out-of-fold: each seed's folds scored together, every patient once:", "",
+                  f"| arm | seed | {titles} | patients |", f"|---|---{rule}---|", *pooled]  # fmt: skip
+    lines += ["", "Per cell (test patients of the fold):", "",
+              f"| fold | seed | arm | {titles} | patients | card | minutes (pretrain + finetune) |",
+              f"|---|---|---{rule}---|---|---|"]  # fmt: skip
+    for r in sorted(records, key=lambda r: (r["seed"], r["fold"], ARMS.index(r["arm"]))):
+        cells = [number(r["scores"].get(k, math.nan), d) for k, _, d in reported]
+        minutes = f"{r['pretrain_seconds'] / 60:.1f} + {r['finetune_seconds'] / 60:.1f}"
+        lines.append(f"| {r['fold']} | {r['seed']} | {r['arm']} | " + " | ".join(cells)
+                     + f" | {int(r['scores']['patients'])} | {', '.join(r['cards'])} | {minutes} |")
+    return lines + [""]
 
 
 def render(records: list[dict]) -> str:
-    """Markdown: the summary over seeds, then one row per run."""
+    """Markdown: per label scheme the arms' means with intervals, the paired difference, pooled scores, cells."""
     if not records:
         raise ValueError("no results to report")
-    devices = sorted({r["device"] for r in records})
     settings = records[0]["settings"]
+    folds = settings["folds"]
+    seeds = sorted({r["seed"] for r in records})
     lines = [
-        "## CirCor murmur detection: SSAMBA-tiny, scratch vs CirCor pretraining",
+        f"## CirCor heart murmurs: patient-wise stratified {folds}-fold cross-validation, SSAMBA-tiny from scratch "
+        "vs CirCor pretraining",
         "",
-        f"Card: {', '.join(devices)}. Written {datetime.date.today().isoformat()} by `bench/circor_results.py`.",
-        f"Data: {settings.get('data') or 'CirCor'}; patients split by "
-        + ("the data's split.csv" if settings.get("split_file") else "the datamodule's seeded stratified split")
-        + "; scored per patient on the val patients with each run's last checkpoint.",
+        f"Written {datetime.date.today().isoformat()} by `bench/circor_results.py`. "
+        f"Data: {settings.get('data') or 'CirCor'}. Seeds {', '.join(map(str, seeds))}; each seed deals the "
+        f"patients into {folds} folds stratified on murmur and outcome (its own partition). A cell trains on the "
+        "other folds' patients (val carved from them) and is scored per patient on its fold with the "
+        f"{settings['checkpoint']} checkpoint; the test fold chooses nothing.",
+        f"Intervals: {CONFIDENCE:.0%}, Student's t over the fold x seed cells with the variance corrected for "
+        f"their shared patients (Nadeau-Bengio: s² (1/n + 1/{folds - 1})); see docs/heart-murmurs.md.",
         "",
-        "| arm | seeds | " + " | ".join(title for _, title, _ in REPORTED) + " | training time per seed (min) |",
-        "|---|---|" + "---|" * len(REPORTED) + "---|",
     ]
-    for arm in ARMS:
-        rows = [r for r in records if r["arm"] == arm]
-        if not rows:
-            continue
-        cells = [mean_std([r["scores"].get(key, math.nan) for r in rows], digits) for key, _, digits in REPORTED]
-        finetune = statistics.mean(r["finetune_seconds"] for r in rows) / 60
-        pretrain = [r["pretrain_seconds"] / 60 for r in rows if r["pretrain_seconds"]]
-        time_cell = (
-            f"{statistics.mean(pretrain):.1f} pretrain + {finetune:.1f} finetune" if pretrain else f"{finetune:.1f}"
-        )
-        lines.append(f"| {ARM_TITLES[arm]} | {len(rows)} | " + " | ".join(cells) + f" | {time_cell} |")
-    lines += ["", "Per run:", "", "| arm | seed | " + " | ".join(t for _, t, _ in REPORTED) + " | patients |"]
-    lines.append("|---|---|" + "---|" * len(REPORTED) + "---|")
-    for r in records:
-        values = [r["scores"].get(key, math.nan) for key, _, _ in REPORTED]
-        cells = ["n/a" if math.isnan(v) else f"{v:.{d}f}" for v, (_, _, d) in zip(values, REPORTED)]
-        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(cells) + f" | {int(r['scores']['patients'])} |")
+    for task in REPORTED:
+        rows = [r for r in records if r["task"] == task]
+        if rows:
+            lines += render_scheme(task, rows, folds)
     lines += [
-        "",
         "Settings (Hydra overrides):",
         "",
-        f"- pretraining: `{' '.join(settings['pretrain'])}`"
-        + (" (one pretraining shared by all seeds)" if settings.get("shared_pretraining") else " (one per seed)"),
-        f"- finetuning: `{' '.join(settings['finetune'])}`",
-        f"- both: `{' '.join(settings['common'])}`",
+        f"- pretraining (one per fold and seed, shared by the label schemes): `{' '.join(settings['pretrain'])}`",
+        "- finetuning: " + ", ".join(sorted({f"`{r['settings']['recipes'][r['task']]}`" for r in records}))
+        + f" with `{' '.join(settings['finetune'])}`",
+        f"- every training: `{' '.join(settings['common'])}`, and per cell `data.fold=<fold> "
+        "data.split_seed=<seed> seed=<seed>`",
         "",
     ]
     return "\n".join(lines)
@@ -287,10 +532,10 @@ def write_report(results: Path, out: Path) -> None:
     if records:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(records))
-        print(f"report: {out} ({len(records)} runs)")
+        print(f"report: {out} ({len(records)} cells)", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     staging = commands.add_parser("stage", help="split a CirCor folder into parts of at most --max-mib")
@@ -298,21 +543,23 @@ def main(argv: list[str] | None = None) -> None:
     staging.add_argument("--dst", type=Path, required=True)
     staging.add_argument("--max-mib", type=float, default=40.0)
     staging.add_argument("--keep-annotations", action="store_true", help="also copy .hea/.tsv files")
-    grid = commands.add_parser("run", help="train and score the grid (skips runs already in --results)")
+    grid = commands.add_parser("run", help="train and score the missing cells of the grid (resumes)")
     grid.add_argument("--data", nargs="+", required=True, help="a CirCor folder, or the staged parts")
     grid.add_argument("--data-description", default="", help="one line on the data, for the report")
-    grid.add_argument("--results", default=".gpudata/circor-runs", help="per-run JSON files and run folders")
-    grid.add_argument("--out", default="circor-results.md", help="markdown report")
+    grid.add_argument("--results", default=".gpudata/circor-cv", help="per-cell JSON files and run folders")
+    grid.add_argument("--out", default="circor-cv.md", help="markdown report")
+    grid.add_argument("--tasks", nargs="+", choices=list(RECIPES), default=["murmur"], help="label schemes")
+    grid.add_argument("--folds", type=int, default=5)
     grid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     grid.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     grid.add_argument("--pretrain-epochs", type=int, default=8)
     grid.add_argument("--finetune-epochs", type=int, default=8)
-    grid.add_argument("--shared-pretraining", action="store_true", help="one pretraining for all seeds")
-    grid.add_argument("--pretrain-seed", type=int, default=None,
-                      help="finetune from this seed's pretraining (lets several grid processes share one)")
+    grid.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                      help="the finetuning checkpoint scored: last, or best on the val patients")
     grid.add_argument("--trainer", default="gpu", help="trainer config group choice (gpu, cpu, default)")
     grid.add_argument("--num-workers", type=int, default=8)
-    grid.add_argument("--stop-after-minutes", type=float, default=0.0, help="start no run that would end later")
+    grid.add_argument("--stop-after-minutes", type=float, default=0.0,
+                      help="stop the training in progress then (it resumes on the next call); 0: no limit")
     grid.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every training")
     grid.add_argument("--pretrain-override", nargs="*", default=[])
     grid.add_argument("--finetune-override", nargs="*", default=[])
@@ -323,10 +570,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "stage":
         stage(args.src, args.dst, int(args.max_mib * 2**20), args.keep_annotations)
     elif args.command == "run":
-        run_grid(args)
+        if args.folds < 2:
+            parser.error(f"--folds must be at least 2, got {args.folds}")
+        complete = run_grid(args)
+        print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
     else:
         write_report(Path(args.results), Path(args.out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,16 @@
-"""bench/circor_results.py: staging into parts, merging them back, the report, and a tiny real grid."""
+"""bench/circor_results.py: staging into parts, merging them back, resumable trainings, the interval
+arithmetic and the report of the cross-validation grid, and a tiny real grid on CPU."""
 
 import importlib.util
 import json
-import shutil
+import math
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from circor_fixtures import cloned_circor
 
 REPO = Path(__file__).resolve().parents[1]
 CIRCOR_MINI = REPO / "tests" / "data" / "circor-mini"
@@ -14,6 +19,7 @@ CIRCOR_MINI = REPO / "tests" / "data" / "circor-mini"
 def load_bench():
     spec = importlib.util.spec_from_file_location("circor_results", REPO / "bench" / "circor_results.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks the module up
     spec.loader.exec_module(module)
     return module
 
@@ -56,51 +62,199 @@ def test_merge_refuses_duplicates_and_a_missing_table(tmp_path):
         bench.merge(parts[1:], tmp_path / "merged")
 
 
-def record(arm, seed, wa, cost, pretrain=0.0):
-    scores = {"weighted_accuracy": wa, "uar": 0.5, "cost": cost, "auroc": float("nan"), "patients": 95.0}
-    settings = {"pretrain": ["experiment=circor_pretrain"], "finetune": ["experiment=circor_murmur"],
-                "common": ["trainer=gpu"], "shared_pretraining": False, "data": "circor-dev"}  # fmt: skip
-    return {"arm": arm, "seed": seed, "device": "NVIDIA H100", "settings": settings, "scores": scores,
-            "pretrain_seconds": pretrain, "finetune_seconds": 120.0}  # fmt: skip
+FAKE_TRAIN = """
+import json, signal, sys, time
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+run = Path(args["hydra.run.dir"])
+last = run / "checkpoints" / "last.ckpt"
+with open(run / "calls.jsonl", "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if "fail" in args or ("ckpt_path" in args and Path(args["ckpt_path"]).read_text() == "unreadable"):
+    print("cannot go on")
+    sys.exit(3)
+def stop(*_):  # as train.py's pre-emption callback: a checkpoint, then exit 143
+    last.parent.mkdir(exist_ok=True)
+    last.write_text("part")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(0 if "ckpt_path" in args else float(args["sleep"]))
+last.parent.mkdir(exist_ok=True)
+last.write_text("done")
+"""
 
 
-def test_report_gives_mean_and_sample_std_per_arm(tmp_path):
-    for r in [
-        record("scratch", 0, 0.6, 12000),
-        record("scratch", 1, 0.8, 14000),
-        record("pretrained", 0, 0.7, 11000, 60),
-    ]:
-        (tmp_path / f"{r['arm']}_seed{r['seed']}.json").write_text(json.dumps(r))
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    """bench.train runs this stand-in for train.py: it sleeps unless resumed, checkpoints on SIGTERM."""
+    (tmp_path / "train.py").write_text(FAKE_TRAIN)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(bench, "MIN_START_SECONDS", 0)
+    monkeypatch.setattr(bench, "GRACE_SECONDS", 20)
+    return tmp_path
+
+
+def calls(run_dir):
+    return [json.loads(line) for line in (run_dir / "calls.jsonl").read_text().splitlines()]
+
+
+def test_a_training_stopped_at_the_deadline_resumes_from_its_checkpoint_and_then_never_reruns(fake_train):
+    run = fake_train / "runs" / "cell"
+    assert bench.train(["sleep=60"], run, bench.Deadline(2 / 60)) is None  # stopped after 2 s
+    assert (run / "checkpoints" / "last.ckpt").read_text() == "part"
+    first = json.loads((run / "runner.json").read_text())
+    assert not first["finished"] and 1.5 < first["seconds"] < 30
+
+    state = bench.train(["sleep=60"], run, bench.Deadline(0))
+    assert state["finished"] and state["seconds"] > first["seconds"]
+    assert state["devices"] == [bench.device_name()]
+    assert calls(run)[1][-1] == f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    assert bench.train(["sleep=60"], run, bench.Deadline(0)) == state
+    assert len(calls(run)) == 2  # finished: not run again
+
+
+def test_a_stop_signal_to_the_runner_checkpoints_the_training_and_stops(fake_train):
+    deadline = bench.Deadline(0)
+    threading.Timer(2.0, deadline.stop).start()  # what the runner's SIGTERM / SIGINT handler calls
+    started = time.monotonic()
+    assert bench.train(["sleep=60"], fake_train / "runs" / "cell", deadline) is None
+    assert time.monotonic() - started < 30
+    assert (fake_train / "runs" / "cell" / "checkpoints" / "last.ckpt").read_text() == "part"
+
+
+def test_an_unresumable_checkpoint_restarts_the_training_and_a_failure_is_reported(fake_train):
+    run = fake_train / "runs" / "cell"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_text("unreadable")
+    assert bench.train(["sleep=0"], run, bench.Deadline(0))["finished"]
+    assert [any(a.startswith("ckpt_path=") for a in call) for call in calls(run)] == [True, False]
+    with pytest.raises(RuntimeError, match=r"train.py failed \(exit 3\)(.|\n)*cannot go on"):
+        bench.train(["sleep=0", "fail=1"], fake_train / "runs" / "other", bench.Deadline(0))
+
+
+def test_no_training_starts_too_close_to_the_deadline(fake_train, monkeypatch):
+    monkeypatch.setattr(bench, "MIN_START_SECONDS", 60)
+    assert bench.train(["sleep=0"], fake_train / "runs" / "cell", bench.Deadline(0.5)) is None
+    assert not (fake_train / "runs" / "cell").exists()
+
+
+def test_the_scored_checkpoint_is_last_or_the_one_best_on_val(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("last.ckpt", "best-epoch003-step0000120.ckpt"):
+        (folder / name).write_text("")
+    assert bench.checkpoint_of(tmp_path, "last") == folder / "last.ckpt"
+    assert bench.checkpoint_of(tmp_path, "best") == folder / "best-epoch003-step0000120.ckpt"
+    (folder / "best-epoch005-step0000200.ckpt").write_text("")
+    with pytest.raises(FileNotFoundError, match="expected one best checkpoint"):
+        bench.checkpoint_of(tmp_path, "best")
+
+
+@pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
+                                                    (0.975, 4, 2.7764), (0.975, 14, 2.1448), (0.95, 9, 1.8331)])
+def test_t_quantiles_match_the_tables(p, df, expected):
+    assert bench.t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_interval_is_the_corrected_resampled_t_interval():
+    # by hand: mean 0.03; s^2 = (0.0004 + 0 + 0.0001 + 0.0009) / 3; times (1/4 + 1/(2 - 1)); t(0.975, 3) = 3.182446
+    mean, half, n = bench.interval([0.01, 0.03, 0.02, 0.06], 1.0)
+    assert (mean, n) == (pytest.approx(0.03), 4)
+    assert half == pytest.approx(3.182446 * math.sqrt(1.25 * 0.0014 / 3), rel=1e-5)
+    assert bench.interval([0.5, math.nan], 0.25)[1:] == (pytest.approx(math.nan, nan_ok=True), 1)
+
+
+# patients of fold 0 and fold 1 (Present=0, Unknown=1, Absent=2): pooled, Present 1/1, Unknown 0/1, Absent 2/2
+FOLD_PATIENTS = {
+    0: {"id": ["11", "12"], "target": [0, 2], "pred": [0, 2], "probs": [[0.7, 0.1, 0.2], [0.1, 0.2, 0.7]]},
+    1: {"id": ["13", "14"], "target": [1, 2], "pred": [2, 2], "probs": [[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]]},
+}
+
+
+def cell(arm, fold, seed, wa, cost=12000.0):
+    scores = {"weighted_accuracy": wa, "uar": 0.5, "auroc": math.nan, "recall_Unknown": 0.25, "cost": cost,
+              "patients": 2.0}
+    settings = {"folds": 2, "checkpoint": "last", "pretrain": ["experiment=circor_pretrain"],
+                "finetune": ["trainer.max_epochs=8"], "common": ["trainer=gpu", "data.split=kfold"],
+                "recipes": {"murmur": "experiment=circor_murmur"}, "data": "circor-dev"}
+    patients = {**FOLD_PATIENTS[fold], "class_names": ["Present", "Unknown", "Absent"], "rule": "hierarchical",
+                "outcome": [-1, -1], "recordings": [4, 4]}
+    return {"task": "murmur", "fold": fold, "seed": seed, "arm": arm, "cards": ["NVIDIA H100 80GB HBM3"],
+            "score_card": "NVIDIA H100 80GB HBM3", "pretrain_seconds": 60.0 if arm == "pretrained" else 0.0,
+            "finetune_seconds": 120.0, "score_seconds": 3.0, "settings": settings, "scores": scores,
+            "patients": patients}  # fmt: skip
+
+
+def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_checked_intervals(tmp_path):
+    scratch = [0.70, 0.72, 0.74, 0.76]  # (fold, seed) = (0, 0), (1, 0), (0, 1), (1, 1)
+    pretrained = [0.71, 0.75, 0.76, 0.82]  # differences 0.01, 0.03, 0.02, 0.06
+    (tmp_path / "cells").mkdir()
+    for index, (fold, seed) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        for arm, values in (("scratch", scratch), ("pretrained", pretrained)):
+            record = cell(arm, fold, seed, values[index])
+            (tmp_path / "cells" / f"murmur_fold{fold}_seed{seed}_{arm}.json").write_text(json.dumps(record))
     bench.write_report(tmp_path, tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
-    assert "| from scratch | 2 | 0.700 ± 0.141 | 0.500 ± 0.000 | 13000 ± 1414 | n/a | 2.0 |" in text
-    assert "| circor_pretrain, then finetuned | 1 | 0.700 | 0.500 | 11000 | n/a | 1.0 pretrain + 2.0 finetune |" in text
-    assert "NVIDIA H100" in text
+    # scratch: mean 0.73, s^2 = 0.002 / 3, corrected x 1.25, t(0.975, 3): half-width 0.0919
+    assert ("| from scratch | 4 | 0.730 [0.638, 0.822] | 0.500 [0.500, 0.500] | n/a | 0.250 [0.250, 0.250] | "
+            "12000 [12000, 12000] | 2.0 | NVIDIA H100 80GB HBM3 |") in text
+    # paired: mean 0.03, half-width 0.0769 (test_interval_is_the_corrected_resampled_t_interval)
+    assert "| 4 | +0.030 [-0.047, +0.107] | +0.000 [+0.000, +0.000] | n/a |" in text
+    # pooled over both folds: weighted accuracy (5 + 0 + 2) / (5 + 3 + 2), UAR (1 + 0 + 1) / 3
+    assert "| scratch | 0 | 0.700 | 0.667 | 1.000 | 0.000 | n/a | 4 |" in text
+    assert "| 1 | 1 | pretrained | 0.820 | 0.500 | n/a | 0.250 | 12000 | 2 | NVIDIA H100 80GB HBM3 | 1.0 + 2.0 |" in text
+    assert "Nadeau-Bengio: s² (1/n + 1/1)" in text
+
+
+def test_pooling_refuses_a_patient_tested_twice():
+    with pytest.raises(ValueError, match="two folds"):
+        bench.pooled_scores([cell("scratch", 0, 0, 0.7), cell("scratch", 0, 0, 0.7)])
+
+
+def test_a_results_folder_refuses_a_grid_with_other_settings(tmp_path):
+    bench.check_grid(tmp_path, {"folds": 5, "finetune": ["trainer.max_epochs=8"]})
+    bench.check_grid(tmp_path, {"folds": 5, "finetune": ["trainer.max_epochs=8"]})
+    with pytest.raises(ValueError, match=r"other settings \(finetune\): use another --results"):
+        bench.check_grid(tmp_path, {"folds": 5, "finetune": ["trainer.max_epochs=9"]})
 
 
 @pytest.mark.slow
-def test_tiny_grid_on_cpu_trains_scores_resumes_and_reports(tmp_path):
-    data = tmp_path / "circor"
-    shutil.copytree(CIRCOR_MINI, data)
-    (data / "split.csv").write_text(
-        "patient_id,split\n2530,train\n9979,train\n49748,train\n50216,train\n9983,val\n50743,val\n"
-    )
+def test_tiny_cross_validation_grid_on_cpu_trains_scores_resumes_and_reports(tmp_path, capsys):
+    data = cloned_circor(tmp_path / "circor", copies=2)  # 12 patients, two per stratum at least
     results, out = tmp_path / "runs", tmp_path / "report.md"
     tiny = ["+model.depth=2", "+model.embed_dim=16", "data.target_length=128", "data.batch_size=8",
-            "trainer.limit_train_batches=2", "trainer.num_sanity_val_steps=0", "model.backend=torch"]  # fmt: skip
+            "trainer.limit_train_batches=2", "trainer.num_sanity_val_steps=0", "model.backend=torch",
+            "data.val_fraction=0.2"]  # fmt: skip
     argv = ["run", "--data", str(data), "--results", str(results), "--out", str(out), "--trainer", "cpu",
-            "--seeds", "0", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--num-workers", "0",
-            "--override", *tiny, "--pretrain-override", "mask.count=8", "mask.val_count=8",
+            "--tasks", "murmur", "murmur_timing", "--folds", "2", "--seeds", "0", "--pretrain-epochs", "1",
+            "--finetune-epochs", "1", "--num-workers", "0", "--override", *tiny,
+            "--pretrain-override", "mask.count=8", "mask.val_count=8",
             "--finetune-override", "task.fstride=16", "task.tstride=16", "task.warmup_steps=1"]  # fmt: skip
     bench.main(argv)
-    runs = {p.name: json.loads(p.read_text()) for p in results.glob("*.json")}
-    assert set(runs) == {"scratch_seed0.json", "pretrained_seed0.json"}
-    pretrained = runs["pretrained_seed0.json"]
-    assert pretrained["pretrain_seconds"] > 0 and pretrained["scores"]["patients"] == 2
-    assert 0 <= pretrained["scores"]["weighted_accuracy"] <= 1
-    # the finetune really started from the pretraining checkpoint
-    log = (results / "runs" / "pretrained_seed0" / "stdout.log").read_text()
-    assert "finetuning from" in log and "pretrain_seed0" in log
-    assert "| from scratch | 1 |" in out.read_text()
+    assert "grid complete" in capsys.readouterr().out
+    cells = {p.stem: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
+    assert set(cells) == {f"{task}_fold{fold}_seed0_{arm}" for task in ("murmur", "murmur_timing")
+                          for fold in (0, 1) for arm in ("scratch", "pretrained")}  # fmt: skip
+    for fold in (0, 1):
+        # every patient is scored once per seed, in its own fold
+        ids = [cells[f"murmur_fold{fold}_seed0_scratch"]["patients"]["id"] for fold in (0, 1)]
+        assert sorted(ids[0] + ids[1]) == sorted(set(ids[0] + ids[1])) and len(ids[0] + ids[1]) == 12
+        # one pretraining per fold serves both label schemes; it saw the fold's options
+        config = (results / "runs" / f"pretrain_fold{fold}_seed0" / ".hydra" / "overrides.yaml").read_text()
+        assert "data.split=kfold" in config and f"data.fold={fold}" in config and "data.split_seed=0" in config
+        for task in ("murmur", "murmur_timing"):
+            record = cells[f"{task}_fold{fold}_seed0_pretrained"]
+            assert record["pretrain_seconds"] > 0 and record["finetune_seconds"] > 0
+            assert record["cards"] == [bench.device_name()] and record["scores"]["patients"] == 6
+            log = (results / "runs" / f"{task}_fold{fold}_seed0_pretrained" / "stdout.log").read_text()
+            assert "finetuning from" in log and f"pretrain_fold{fold}_seed0" in log
+    assert 0 <= cells["murmur_timing_fold0_seed0_scratch"]["scores"]["murmur_weighted_accuracy"] <= 1
+    text = out.read_text()
+    assert "### `murmur`" in text and "### `murmur_timing`" in text and "Pooled out-of-fold" in text
+    assert "| 2 | " in text.split("Paired difference")[1]  # two (fold, seed) pairs per scheme
+
     bench.main(argv)  # everything is done: nothing reruns
-    assert json.loads((results / "scratch_seed0.json").read_text()) == runs["scratch_seed0.json"]
+    second = capsys.readouterr().out
+    assert "train.py" not in second and "grid complete" in second
+    assert json.loads((results / "cells" / "murmur_fold0_seed0_scratch.json").read_text()) == cells[
+        "murmur_fold0_seed0_scratch"]

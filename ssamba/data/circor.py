@@ -47,6 +47,7 @@ SYSTOLIC_TIMINGS = {  # "Systolic murmur timing" value -> class of a Present pat
     "Holosystolic": "present-holosystolic",
 }
 TASKS = {"murmur": MURMUR_CLASSES, "murmur_timing": TIMING_CLASSES, "outcome": OUTCOME_CLASSES}
+SPLIT_KINDS = ("holdout", "kfold")  # data.split: seeded fractions of patients, or one fold of a k-fold partition
 
 
 @dataclass
@@ -155,20 +156,23 @@ def _recordings_on_disk(folder: str, pid: str, locations: list[str]) -> list[tup
     return [(stem.split("_")[1], stem) for stem in stems] if stems else [(loc, f"{pid}_{loc}") for loc in locations]
 
 
+def _shuffled_strata(patients: list[Patient], seed: int) -> list[tuple[str, list[str]]]:
+    """(stratum, patient ids) by stratum name, each shuffled by ``seed``; strata are (murmur, outcome)."""
+    generator = torch.Generator().manual_seed(seed)
+    strata: dict[str, list[str]] = {}
+    for patient in patients:
+        strata.setdefault(f"{patient.murmur}/{patient.outcome}", []).append(patient.id)
+    return [(key, [strata[key][i] for i in torch.randperm(len(strata[key]), generator=generator).tolist()])
+            for key in sorted(strata)]
+
+
 def stratified_split(patients: list[Patient], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Patient id -> split, stratified on (murmur, outcome) and reproducible from ``seed``.
 
     Patients are ordered by stratum (shuffled within), then every split takes an evenly spaced
     selection of that order: each stratum is represented in proportion and totals are exact.
     """
-    generator = torch.Generator().manual_seed(seed)
-    strata: dict[str, list[str]] = {}
-    for patient in patients:
-        strata.setdefault(f"{patient.murmur}/{patient.outcome}", []).append(patient.id)
-    order = []
-    for key in sorted(strata):
-        ids = strata[key]
-        order += [ids[i] for i in torch.randperm(len(ids), generator=generator).tolist()]
+    order = [pid for _, ids in _shuffled_strata(patients, seed) for pid in ids]
     total, assignment = len(order), {}
     for split in ("test", "val"):
         count = min(round(fractions.get(split, 0.0) * total), len(order))
@@ -176,6 +180,33 @@ def stratified_split(patients: list[Patient], fractions: dict[str, float], seed:
         assignment.update({order[k]: split for k in chosen})
         order = [pid for k, pid in enumerate(order) if k not in chosen]
     assignment.update({pid: "train" for pid in order})
+    return assignment
+
+
+def stratified_folds(patients: list[Patient], folds: int, seed: int) -> dict[str, int]:
+    """Patient id -> fold in ``0..folds-1``, stratified on (murmur, outcome), reproducible from ``seed``.
+
+    The stratum-ordered, shuffled patients are dealt to the folds in turn, so every fold holds each
+    stratum's share to within one patient and fold sizes differ by at most one. A stratum with fewer
+    patients than folds would leave a fold without it, and is refused.
+    """
+    strata = _shuffled_strata(patients, seed)
+    small = [(key, len(ids)) for key, ids in strata if len(ids) < folds]
+    if small:
+        key, count = min(small, key=lambda pair: pair[1])
+        raise ValueError(f"data.folds={folds}: stratum {key} (murmur/outcome) has only {count} patient(s), "
+                         f"fewer than the folds; use data.folds<={count}")
+    order = [pid for _, ids in strata for pid in ids]
+    return {pid: k % folds for k, pid in enumerate(order)}
+
+
+def kfold_split(patients: list[Patient], folds: int, fold: int, val_fraction: float, seed: int) -> dict[str, str]:
+    """Patient id -> split for cross-validation fold ``fold``: its patients are ``test``; ``val_fraction``
+    of the other folds' patients (stratified, same ``seed``) are ``val``, the rest ``train``."""
+    fold_of = stratified_folds(patients, folds, seed)
+    rest = [p for p in patients if fold_of[p.id] != fold]
+    assignment = stratified_split(rest, {"val": val_fraction}, seed)
+    assignment.update({pid: "test" for pid, k in fold_of.items() if k == fold})
     return assignment
 
 
@@ -212,7 +243,9 @@ class CirCorDataModule(AudioDataModule):
     """``data=circor``: murmur, murmur-timing or outcome classification on CirCor DigiScope recordings.
 
     The split depends on patients' murmur and outcome only, never on ``task``: murmur and
-    murmur-timing runs with the same split options score the same patients.
+    murmur-timing runs with the same split options score the same patients. ``split=kfold`` makes
+    fold ``fold`` of a stratified ``folds``-fold partition the test patients and carves val from the
+    other folds, so pretraining and finetuning on a fold never read its test patients.
     """
 
     multilabel = False
@@ -224,6 +257,9 @@ class CirCorDataModule(AudioDataModule):
         task: str = "murmur",
         label_level: str = "patient",
         split_file: str | None = None,
+        split: str = "holdout",
+        folds: int = 5,
+        fold: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.25,
         split_seed: int = 0,
@@ -239,6 +275,15 @@ class CirCorDataModule(AudioDataModule):
             raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {task!r}")
         if label_level not in ("patient", "recording"):
             raise ValueError(f"data.label_level must be 'patient' or 'recording', got {label_level!r}")
+        if split not in SPLIT_KINDS:
+            raise ValueError(f"data.split must be one of {list(SPLIT_KINDS)}, got {split!r}")
+        if split == "kfold":
+            if split_file is not None:
+                raise ValueError("data.split_file and data.split=kfold exclude each other: set data.split_file=null")
+            if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+                raise ValueError(f"data.folds must be an integer >= 2, got {folds!r}")
+            if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+                raise ValueError(f"data.fold must be an integer in 0..{folds - 1} (data.folds={folds}), got {fold!r}")
         if split_file is not None and not os.path.isfile(split_file):
             raise FileNotFoundError(f"data.split_file: no such file: {split_file}")
         self.root = os.path.expanduser(root)
@@ -247,6 +292,8 @@ class CirCorDataModule(AudioDataModule):
         self.label_level = label_level
         self.label_names = list(TASKS[task])
         self.split_file = split_file
+        self.split = split
+        self.folds, self.fold = folds, fold
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.split_seed = split_seed
         self.crop = (crop_seconds, crop_hop_seconds)
@@ -257,6 +304,8 @@ class CirCorDataModule(AudioDataModule):
         if task == "murmur_timing":  # an unknown timing value fails here, not mid-training
             for patient in self.patients:
                 timing_class(patient)
+        if split == "kfold":  # too few patients of a stratum for the folds fails here, not at setup
+            self._assignment = self._assign()
 
     @property
     def patients(self) -> list[Patient]:
@@ -266,16 +315,21 @@ class CirCorDataModule(AudioDataModule):
 
     @property
     def assignment(self) -> dict[str, str]:
+        """Patient id -> train / val / test."""
         if self._assignment is None:
-            if self.split_file:
-                assignment = read_split_file(self.split_file)
-                unknown = [p.id for p in self.patients if p.id not in assignment]
-                if unknown:
-                    raise ValueError(f"{self.split_file}: no split for patient(s) {unknown[:5]}")
-                self._assignment = assignment
-            else:
-                self._assignment = stratified_split(self.patients, self.fractions, self.split_seed)
+            self._assignment = self._assign()
         return self._assignment
+
+    def _assign(self) -> dict[str, str]:
+        if self.split_file:
+            assignment = read_split_file(self.split_file)
+            unknown = [p.id for p in self.patients if p.id not in assignment]
+            if unknown:
+                raise ValueError(f"{self.split_file}: no split for patient(s) {unknown[:5]}")
+            return assignment
+        if self.split == "kfold":
+            return kfold_split(self.patients, self.folds, self.fold, self.fractions["val"], self.split_seed)
+        return stratified_split(self.patients, self.fractions, self.split_seed)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -289,6 +343,9 @@ class CirCorDataModule(AudioDataModule):
     def split_description(self) -> str:
         if self.split_file:
             return f"patient-wise, data.split_file={self.split_file}"
+        if self.split == "kfold":
+            return (f"patient-wise stratified {self.folds}-fold cross-validation, fold {self.fold} as test, "
+                    f"val {self.fractions['val']:g} of the other folds' patients, seed {self.split_seed}")
         return (f"patient-wise, stratified on murmur and outcome, val {self.fractions['val']:g} / "
                 f"test {self.fractions['test']:g} of patients, seed {self.split_seed}")
 

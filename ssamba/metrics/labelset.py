@@ -171,9 +171,9 @@ def aggregate_label_set(
 class PatientLabelSetMetrics(PatientChallengeMetrics):
     """Patient-level scores for any single-label class set (same ``update`` as :class:`PatientChallengeMetrics`).
 
-    ``compute()`` gives :func:`label_set_scores` over patients, ``patients`` (their number) and, for
-    murmur-named sets other than the Challenge's own, the collapsed Challenge scores under
-    ``murmur_<score>``. :meth:`confusion_matrix` gives the patients' ``[true, pred]`` counts.
+    ``compute()`` (and :meth:`scores` of given predictions) gives :func:`label_set_scores` over patients,
+    ``patients`` (their number) and, for murmur-named sets other than the Challenge's own, the collapsed
+    Challenge scores under ``murmur_<score>``. :meth:`confusion_matrix` gives the patients' ``[true, pred]`` counts.
     """
 
     def __init__(self, class_names: Sequence[str], rule: str = "mean", **kwargs) -> None:
@@ -192,8 +192,7 @@ class PatientLabelSetMetrics(PatientChallengeMetrics):
     ) -> PatientPredictions:
         return aggregate_label_set(logits, target, patient, recording, self.class_names, self.rule, outcome)
 
-    def compute(self) -> dict[str, Tensor]:
-        predictions = self.predictions()
+    def scores(self, predictions: PatientPredictions) -> dict[str, Tensor]:
         scores = label_set_scores(predictions.preds, predictions.probs, predictions.target, self.class_names)
         scores["patients"] = torch.tensor(float(predictions.target.numel()), dtype=torch.float64)
         if murmur_groups(self.class_names) is not None and self.class_names != MURMUR_CLASSES:

@@ -254,7 +254,11 @@ class PatientChallengeMetrics(Metric):
         )
 
     def compute(self) -> dict[str, Tensor]:
-        return patient_scores(self.predictions(), self.class_names)
+        return self.scores(self.predictions())
+
+    def scores(self, predictions: PatientPredictions) -> dict[str, Tensor]:
+        """The scores of patient predictions, also of ones gathered elsewhere (e.g. pooled over folds)."""
+        return patient_scores(predictions, self.class_names)
 
     def patient_id(self, code: int) -> str:
         """The original id of a patient code seen by this process (the code itself otherwise)."""

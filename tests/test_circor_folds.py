@@ -1,0 +1,128 @@
+"""CirCor cross-validation splits (data.split=kfold): stratified folds that partition the patients, a
+val part carved from each fold's training patients, clear errors, and pretraining that reads only the
+training patients' audio."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from circor_fixtures import cloned_circor
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from ssamba.data import CirCorDataModule
+from ssamba.data.circor import Patient, kfold_split, read_patients, stratified_folds, stratified_split
+
+ROOT = Path(__file__).resolve().parents[1]
+CIRCOR_MINI = ROOT / "tests" / "data" / "circor-mini"
+STRATA = {("Absent", "Normal"): 23, ("Absent", "Abnormal"): 11, ("Present", "Abnormal"): 9,
+          ("Unknown", "Normal"): 5, ("Present", None): 6}  # fmt: skip
+
+
+def cohort() -> list[Patient]:
+    """54 patients in five murmur/outcome strata (one without outcomes), ids in no particular order."""
+    patients, number = [], 0
+    for (murmur, outcome), count in STRATA.items():
+        for _ in range(count):
+            number += 1
+            patients.append(Patient(str(1000 + (number * 37) % 541), murmur, outcome, set()))
+    assert len({p.id for p in patients}) == len(patients)
+    return patients
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_folds_partition_the_patients_and_are_stratified(folds, seed):
+    patients = cohort()
+    fold_of = stratified_folds(patients, folds, seed)
+    assert sorted(fold_of) == sorted(p.id for p in patients)  # every patient in exactly one fold
+    sizes = Counter(fold_of.values())
+    assert set(sizes) == set(range(folds)) and max(sizes.values()) - min(sizes.values()) <= 1
+    for (murmur, outcome), count in STRATA.items():
+        per_fold = Counter(fold_of[p.id] for p in patients if (p.murmur, p.outcome) == (murmur, outcome))
+        assert sorted(per_fold) == list(range(folds))
+        assert {per_fold[k] for k in range(folds)} <= {count // folds, -(-count // folds)}
+
+
+def test_folds_are_reproducible_by_seed_and_differ_between_seeds():
+    patients = cohort()
+    assert stratified_folds(patients, 5, 3) == stratified_folds(list(patients), 5, 3)
+    assert stratified_folds(patients, 5, 3) != stratified_folds(patients, 5, 4)
+
+
+def test_kfold_split_tests_each_patient_once_and_carves_val_from_the_training_patients():
+    patients, folds = cohort(), 3
+    fold_of = stratified_folds(patients, folds, 2)
+    tested = Counter()
+    for fold in range(folds):
+        assignment = kfold_split(patients, folds, fold, 0.2, 2)
+        assert sorted(assignment) == sorted(p.id for p in patients)
+        test = {pid for pid, split in assignment.items() if split == "test"}
+        assert test == {pid for pid, k in fold_of.items() if k == fold}
+        val = [pid for pid, split in assignment.items() if split == "val"]
+        assert len(val) == round(0.2 * (len(patients) - len(test)))
+        tested.update(test)
+    assert set(tested.values()) == {1} and len(tested) == len(patients)
+
+
+def test_the_holdout_split_is_unchanged():
+    """Pinned from the implementation before k-fold existed: the same options give the same patients."""
+    patients = read_patients(str(CIRCOR_MINI))
+    assert stratified_split(patients, {"val": 0.2, "test": 0.35}, 7) == {
+        "50743": "test", "9983": "test", "49748": "val", "50216": "train", "2530": "train", "9979": "train"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"split": "folds"}, r"data.split must be one of \['holdout', 'kfold'\], got 'folds'"),
+        ({"split": "kfold", "folds": 1}, r"data.folds must be an integer >= 2, got 1"),
+        ({"split": "kfold", "folds": 2, "fold": 2}, r"data.fold must be an integer in 0..1 \(data.folds=2\), got 2"),
+        ({"split": "kfold", "fold": -1}, r"data.fold must be an integer in 0..4"),
+        ({"split": "kfold", "folds": 3}, r"data.folds=3: stratum Absent/Normal \(murmur/outcome\) has only 2 "
+                                         r"patient\(s\), fewer than the folds; use data.folds<=2"),
+        ({"split": "kfold", "split_file": str(CIRCOR_MINI / "training_data.csv")},
+         "data.split_file and data.split=kfold exclude each other"),
+    ],
+)  # fmt: skip
+def test_bad_fold_options_fail_with_one_line_naming_the_key(tmp_path, options, message):
+    root = cloned_circor(tmp_path / "circor", copies=2)
+    with pytest.raises(ValueError, match=message) as error:
+        CirCorDataModule(root=str(root), **options)
+    assert "\n" not in str(error.value)
+
+
+def test_circor_mini_has_strata_too_small_for_two_folds():
+    with pytest.raises(ValueError, match=r"data.folds=2: stratum .* has only 1 patient"):
+        CirCorDataModule(root=str(CIRCOR_MINI), split="kfold", folds=2)
+
+
+def test_datamodule_folds_cover_every_patient_once_as_test(tmp_path):
+    root = cloned_circor(tmp_path / "circor", copies=3)
+    seen = Counter()
+    for fold in range(3):
+        dm = CirCorDataModule(root=str(root), split="kfold", folds=3, fold=fold, split_seed=4, num_workers=0)
+        assert dm.splits == ("train", "val", "test")
+        parts = {split: {p.id for p in dm.split_patients(split)} for split in dm.splits}
+        assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+        assert sum(map(len, parts.values())) == 18
+        seen.update(parts["test"])
+        assert "3-fold cross-validation, fold" in dm.split_description
+    assert len(seen) == 18 and set(seen.values()) == {1}
+
+
+def test_pretraining_on_a_fold_reads_only_its_training_patients_audio(tmp_path):
+    """experiment=circor_pretrain with the fold options: the fit stage builds train and val from the other
+    folds' patients; no item of the test fold is read."""
+    root = cloned_circor(tmp_path / "circor", copies=2)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=circor_pretrain", f"data.root={root}", "data.split=kfold",
+                                          "data.folds=2", "data.fold=1", "data.split_seed=3", "data.num_workers=0"])
+    dm = instantiate(cfg.data)
+    test = {p.id for p in dm.split_patients("test")}
+    assert len(test) == 6
+    dm.setup("fit")
+    assert set(dm.datasets) == {"train", "val"}
+    read = {Path(item.path).name.split("_")[0] for split in ("train", "val") for item in dm.datasets[split].items}
+    assert read and not read & test
+    assert read == {p.id for p in dm.split_patients("train")} | {p.id for p in dm.split_patients("val")}
