@@ -58,6 +58,22 @@ def test_loader_skips_whole_batches_and_draws_nothing_from_the_global_rng():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_mid_epoch_resume_on_fewer_ranks_with_the_same_global_batch_continues_the_epoch():
+    data = list(range(24))
+    done = [i for rank in range(2) for i in list(ResumableSampler(data, seed=5, num_replicas=2, rank=rank))[:2 * 3]]
+    loader = ResumableDataLoader(data, batch_size=6, seed=5)  # one rank, batch 6 = 2 ranks x 3
+    loader.load_state_dict({"epoch": 0, "batches_done": 2, "batch_size": 3, "num_replicas": 2})
+    rest = [i for batch in loader for i in batch.tolist()]
+    assert sorted(done + rest) == data
+
+
+def test_mid_epoch_resume_with_another_global_batch_is_refused():
+    loader = ResumableDataLoader(list(range(24)), batch_size=4)
+    with pytest.raises(RuntimeError, match="data.batch_size: .* global batch of 6 .* 1 x 4"):
+        loader.load_state_dict({"epoch": 0, "batches_done": 2, "batch_size": 3, "num_replicas": 2})
+    loader.load_state_dict({"epoch": 0, "batches_done": 4, "batch_size": 3, "num_replicas": 2})  # epoch complete
+
+
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     torch.save(capture_rng_states(), tmp_path / "rng.pt")
