@@ -31,6 +31,12 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def worker_seed(seed: int, epoch: int) -> int:
+    """The DataLoader's base seed for epoch ``epoch`` (its workers' seeds follow from it), drawn from no RNG."""
+    key = f"{seed}/{epoch}/workers".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
 class ResumableSampler(DistributedSampler):
     """Seeded per-epoch shuffle over this rank's share of the items, able to start after ``skip`` items.
 
@@ -74,9 +80,7 @@ class ResumableDataLoader(DataLoader):
                          generator=torch.Generator(), **kwargs)
 
     def __iter__(self):
-        epoch = self.sampler.current_epoch()
-        key = f"{self.sampler.seed}/{epoch}/workers".encode()
-        self.generator.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+        self.generator.manual_seed(worker_seed(self.sampler.seed, self.sampler.current_epoch()))
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
