@@ -156,3 +156,15 @@ def test_resume_without_the_rng_states_would_differ(uninterrupted, tmp_path):
     expected, _ = final_state(uninterrupted)
     got, _ = final_state(tmp_path / "resumed")
     assert any(not torch.equal(got["state_dict"][k], v) for k, v in expected["state_dict"].items())
+
+
+def test_last_checkpoint_follows_every_epoch_when_the_metric_stops_improving(tmp_path):
+    """Monitoring ``epoch`` with mode=min makes epoch 0 the best for good; last.ckpt must still reach the end
+    (Lightning >= 2.6's ModelCheckpoint alone leaves it at the best epoch's step 4)."""
+    never_better = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min",
+                    "callbacks.periodic_checkpoint.every_n_train_steps=500"]
+    result = train(tmp_path, *never_better)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert [p.name for p in folder.glob("best-*")] == ["best-epoch000-step0000004.ckpt"]
