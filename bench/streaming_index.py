@@ -25,6 +25,7 @@ Writes ``streaming_index.json`` and ``streaming_index.md`` in ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pickle
@@ -81,11 +82,12 @@ def build_index(base: Path, folder: Path, items: int) -> int:
     return count * chunk["chunk_size"]
 
 
-def view(blob: bytes, ranks: int, rank: int, workers: int, worker: int):
-    """The dataset as litdata sees it inside DataLoader worker ``worker`` of rank ``rank``."""
+def view(opened, ranks: int, rank: int, workers: int, worker: int):
+    """The dataset as litdata sees it inside DataLoader worker ``worker`` of rank ``rank``: a copy of the opened
+    one (a worker receives it pickled) with that worker's rank and number."""
     from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 
-    dataset = pickle.loads(blob)
+    dataset = copy.deepcopy(opened)
     dataset.distributed_env = _DistributedEnv(ranks, rank, ranks)  # one rank per node, as on 8 nodes x 1 GPU
     dataset._forced_worker_env = _WorkerEnv(workers, worker)
     return dataset
@@ -108,11 +110,10 @@ def measure(folder: str, ranks: int, workers: int, batch_size: int, rate_items: 
     result["items"] = len(dataset)  # litdata reads the index here (Lightning asks to count the batches)
     result["open_s"] = time.perf_counter() - start
     result["rss_after_open_mb"] = rss_mb()
-    blob = pickle.dumps(dataset)
-    result["worker_dataset_pickle_kb"] = len(blob) / 1024
+    result["worker_dataset_pickle_kb"] = len(pickle.dumps(dataset)) / 1024
 
     tracemalloc.start()
-    first = view(blob, ranks, 0, workers, 0)
+    first = view(dataset, ranks, 0, workers, 0)
     iter(first)
     next(first)
     result["worker_epoch_start_traced_mb"] = tracemalloc.get_traced_memory()[1] / 2**20  # peak
@@ -122,7 +123,7 @@ def measure(folder: str, ranks: int, workers: int, batch_size: int, rate_items: 
     assign, first_item = [], []
     for rank in range(ranks):
         for worker in range(workers):
-            current = view(blob, ranks, rank, workers, worker)
+            current = view(dataset, ranks, rank, workers, worker)
             t0 = time.perf_counter()
             iter(current)
             t1 = time.perf_counter()
@@ -135,7 +136,7 @@ def measure(folder: str, ranks: int, workers: int, batch_size: int, rate_items: 
                              "items_per_worker": current.stop_length}
     result["rss_after_all_views_in_one_process_mb"] = rss_mb()
 
-    worker = view(blob, ranks, 0, workers, 0)
+    worker = view(dataset, ranks, 0, workers, 0)
     iter(worker)
     next(worker)
     result["items_per_s_full"] = items_per_s(worker, rate_items)
@@ -143,7 +144,7 @@ def measure(folder: str, ranks: int, workers: int, batch_size: int, rate_items: 
     raw = litdata.StreamingDataset(folder, shuffle=True, seed=42)
     raw.set_batch_size(batch_size)
     raw.set_num_workers(workers)
-    raw = view(pickle.dumps(raw), ranks, 0, workers, 0)
+    raw = view(raw, ranks, 0, workers, 0)
     iter(raw)
     next(raw)
     result["items_per_s_raw"] = items_per_s(raw, raw_items)
