@@ -96,8 +96,9 @@ def test_two_nodes_write_one_run_folder(two_nodes):
 
 
 def test_two_node_checkpoint_resumes_mid_epoch_on_one_node(two_nodes, tmp_path):
-    command = [sys.executable, "train.py", *RUN, "trainer=cpu", "data.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}",
-               f"ckpt_path={two_nodes / 'run' / 'checkpoints' / 'last.ckpt'}", probe(tmp_path / "probe")]
+    last = two_nodes / "run" / "checkpoints" / "last.ckpt"
+    command = [sys.executable, "train.py", *RUN, "trainer=cpu", "data.batch_size=4", f"ckpt_path={last}",
+               f"hydra.run.dir={tmp_path / 'run'}", probe(tmp_path / "probe")]
     result = subprocess.run(command, cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     resumed = batches(read(str(tmp_path / "probe"), 0))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("litdata", reason="streaming needs the litdata package (a core dependency; often missing on GPU images)")
+pytest.importorskip("litdata", reason="streaming needs the litdata package (a core dependency)")
 from ssamba.data import SyntheticDataModule  # noqa: E402
 from ssamba.data.streaming import write_shards  # noqa: E402
 

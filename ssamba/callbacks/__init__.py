@@ -5,5 +5,5 @@ from ssamba.callbacks.preemption import PreemptionCheckpoint
 from ssamba.callbacks.random_state import RandomStateCheckpoint
 from ssamba.callbacks.resume_points import EveryEpochLastCheckpoint
 
-__all__ = ["EveryEpochLastCheckpoint", "NonFiniteGuard", "NonFiniteTrainingError", "PeriodicCheckpoint", "PreemptionCheckpoint",
-           "RandomStateCheckpoint"]
+__all__ = ["EveryEpochLastCheckpoint", "NonFiniteGuard", "NonFiniteTrainingError", "PeriodicCheckpoint",
+           "PreemptionCheckpoint", "RandomStateCheckpoint"]

@@ -10,8 +10,8 @@
   job exports its own overrides and output folder, and a worker started for it runs just that job.
 * Between multirun jobs the process group is torn down and the launcher's environment variables are
   removed, so the next job starts its own workers on a fresh port.
-* Processes started by torchrun or srun (several nodes) each compose the config: the default run folder's
-  ``${now:...}`` is resolved by each of them, so such a run must name its folder (``hydra.run.dir``).
+* Processes started by torchrun or srun (e.g. on several nodes) each compose the config and would each resolve
+  the default run folder's ``${now:...}``, so such a run must name its folder (``hydra.run.dir``).
 * Cluster sweeps (``hydra/launcher=submitit_slurm``): a job that submitit requeued after its time limit or a
   pre-emption runs again in its own folder and continues from the ``last.ckpt`` it wrote there.
 """
