@@ -2,8 +2,8 @@
 probes.RecordTraining, out: DIR}`` with this folder on PYTHONPATH).
 
 Every rank appends one JSON line per training batch to ``DIR/rank<global rank>.jsonl`` as it happens (flushed, so
-a killed run leaves what it did): epoch, optimizer step, item ids and a digest of the masks the batch drew. At the
-end of fit each rank adds a line with a digest of its weights.
+a killed run leaves what it did): epoch, optimizer step, item ids, a digest of the masks the batch drew and a digest
+of the weights after the step.
 """
 from __future__ import annotations
 
@@ -52,7 +52,5 @@ class RecordTraining(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         masks, self.masks = self.masks, []
         self._write(trainer, {"epoch": trainer.current_epoch, "step": trainer.global_step - 1,
-                              "ids": list(batch["id"]), "masks": digest(masks)})
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._write(trainer, {"weights": digest(pl_module.state_dict().values()), "step": trainer.global_step})
+                              "ids": list(batch["id"]), "masks": digest(masks),
+                              "weights": digest(pl_module.state_dict().values())})

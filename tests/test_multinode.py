@@ -1,6 +1,7 @@
 """Two nodes emulated on one host: each "node" is a torchrun agent with one process (``--nnodes 2 --node-rank
 0|1``, rendezvous on 127.0.0.1), running train.py with ``trainer.num_nodes=2 trainer.devices=1`` over gloo, as
-on a cluster. Checks what the one-node DDP tests check, and a resume of the two-node checkpoint on one node."""
+on a cluster. Checks what the one-node DDP tests check, and that the checkpoint both nodes wrote when they were
+pre-empted (SIGTERM to every process, as SLURM sends it) resumes on one node."""
 import os
 import socket
 import subprocess
@@ -14,14 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from probes import read  # noqa: E402
 
-# 16 items, batch 2 per rank: 4 steps per epoch. The two-node run stops at step 6, in the middle of epoch 1,
-# where its periodic last.ckpt was written; the one-node run resumes there with batch 4 (the same global batch).
+# 16 items, batch 2 per rank: 4 steps per epoch. Both processes get SIGTERM as step 6 starts (epoch 1); they finish
+# it and write last.ckpt at step 7, one batch before the epoch ends. The one-node run resumes there with batch 4
+# (the same global batch).
 RUN = ["logger=csv", "+model.depth=2", "+model.embed_dim=32", "model.backend=torch", "data.target_length=64",
        "mask.count=12", "mask.val_count=12", "data.num_train=16", "data.num_val=8", "data.num_test=0",
        "data.num_workers=0", "trainer.max_epochs=2", "task.warmup_steps=2", "task.figure_every_n_steps=0",
        "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null",
-       "++callbacks.model_summary=null", "callbacks.periodic_checkpoint.every_n_train_steps=2"]
-TWO_NODES = ["trainer=ddp_sim", "trainer.devices=1", "trainer.num_nodes=2", "data.batch_size=2", "trainer.max_steps=6"]
+       "++callbacks.model_summary=null"]
+TWO_NODES = ["trainer=ddp_sim", "trainer.devices=1", "trainer.num_nodes=2", "data.batch_size=2"]
+PREEMPT = "+callbacks.fault={_target_: reliability_faults.SignalAtStep, step: 6, signal_name: SIGTERM}"
 ITEMS = {f"synthetic-train-{i}" for i in range(16)}
 
 
@@ -65,26 +68,22 @@ def launch_nodes(tmp_path: Path, *overrides: str) -> list[subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_nodes")
-    results = launch_nodes(tmp, f"hydra.run.dir={tmp / 'run'}", probe(tmp / "probe"))
-    for result in results:
-        assert result.returncode == 0, result.stdout[-4000:]
+    results = launch_nodes(tmp, f"hydra.run.dir={tmp / 'run'}", probe(tmp / "probe"), PREEMPT)
+    for result in results:  # the agents report their process's exit status 143 (SIGTERM) as a failure
+        assert result.returncode != 0 and "exitcode  : 143" in result.stdout, result.stdout[-4000:]
+    assert "stopping at global step 7 on SIGTERM" in results[0].stdout, results[0].stdout[-4000:]
     return tmp
 
 
-def batches(records: list[dict]) -> list[dict]:
-    return [r for r in records if "ids" in r]
-
-
-def test_two_nodes_share_each_epoch_and_end_with_the_same_weights(two_nodes):
+def test_two_nodes_share_each_epoch_and_keep_the_same_weights(two_nodes):
     ranks = [read(str(two_nodes / "probe"), rank) for rank in (0, 1)]
-    steps = [[r["step"] for r in batches(records)] for records in ranks]
-    assert steps[0] == steps[1] == list(range(6))
-    epoch0 = [[i for r in batches(records) if r["epoch"] == 0 for i in r["ids"]] for records in ranks]
+    assert [r["step"] for r in ranks[0]] == [r["step"] for r in ranks[1]] == list(range(7))
+    epoch0 = [[i for r in records if r["epoch"] == 0 for i in r["ids"]] for records in ranks]
     assert len(epoch0[0]) == len(epoch0[1]) == 8  # equal shares
     assert set(epoch0[0]) | set(epoch0[1]) == ITEMS and not set(epoch0[0]) & set(epoch0[1])  # each item once
-    for first, second in zip(batches(ranks[0]), batches(ranks[1])):
+    for first, second in zip(*ranks):
         assert first["masks"] != second["masks"]  # every rank draws its own masks
-    assert ranks[0][-1]["weights"] == ranks[1][-1]["weights"]
+        assert first["weights"] == second["weights"]  # after every step
 
 
 def test_two_nodes_write_one_run_folder(two_nodes):
@@ -92,7 +91,7 @@ def test_two_nodes_write_one_run_folder(two_nodes):
     assert sorted(p.name for p in two_nodes.iterdir()) == ["probe", "run"]  # nothing under the default outputs
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "metrics.csv").is_file()
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 6 and len(checkpoint["callbacks"]["RandomStateCheckpoint"]["ranks"]) == 2
+    assert checkpoint["global_step"] == 7 and len(checkpoint["callbacks"]["RandomStateCheckpoint"]["ranks"]) == 2
 
 
 def test_two_node_checkpoint_resumes_mid_epoch_on_one_node(two_nodes, tmp_path):
@@ -101,12 +100,11 @@ def test_two_node_checkpoint_resumes_mid_epoch_on_one_node(two_nodes, tmp_path):
                f"hydra.run.dir={tmp_path / 'run'}", probe(tmp_path / "probe")]
     result = subprocess.run(command, cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    resumed = batches(read(str(tmp_path / "probe"), 0))
-    assert [(r["epoch"], r["step"]) for r in resumed] == [(1, 6), (1, 7)]
-    before = [i for rank in (0, 1) for r in batches(read(str(two_nodes / "probe"), rank)) if r["epoch"] == 1
-              for i in r["ids"]]
-    after = [i for r in resumed for i in r["ids"]]
-    assert len(before) == len(after) == 8 and set(before) | set(after) == ITEMS  # epoch 1 completed, no repeats
+    resumed = read(str(tmp_path / "probe"), 0)
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(1, 7)]
+    before = [i for rank in (0, 1) for r in read(str(two_nodes / "probe"), rank) if r["epoch"] == 1 for i in r["ids"]]
+    after = resumed[0]["ids"]
+    assert len(before) == 12 and len(after) == 4 and set(before) | set(after) == ITEMS  # epoch 1 done, no repeats
 
 
 def test_torchrun_without_a_run_folder_is_refused(tmp_path):
