@@ -15,12 +15,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from ssamba.callbacks.resume_points import last_checkpoint_path
+from ssamba.errors import ConfigError
 from ssamba.tasks import build_task
 from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
                                  keep_earlier_metrics, quote_numeric_choices, requeued_checkpoint,
-                                 with_cpu_quickstart)
+                                 unshared_run_folder, with_cpu_quickstart)
 from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
 
 log = logging.getLogger("train")
@@ -28,6 +29,9 @@ log = logging.getLogger("train")
 
 def train(cfg: DictConfig) -> float | None:
     validate_config(cfg)
+    problem = unshared_run_folder()
+    if problem:
+        raise ConfigError(problem)
     L.seed_everything(cfg.seed, workers=True)
     export_job_for_ddp_workers()
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -58,6 +58,22 @@ def test_loader_skips_whole_batches_and_draws_nothing_from_the_global_rng():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_mid_epoch_resume_on_fewer_ranks_with_the_same_global_batch_continues_the_epoch():
+    data = list(range(24))
+    done = [i for rank in range(2) for i in list(ResumableSampler(data, seed=5, num_replicas=2, rank=rank))[:2 * 3]]
+    loader = ResumableDataLoader(data, batch_size=6, seed=5)  # one rank, batch 6 = 2 ranks x 3
+    loader.load_state_dict({"epoch": 0, "batches_done": 2, "batch_size": 3, "num_replicas": 2})
+    rest = [i for batch in loader for i in batch.tolist()]
+    assert sorted(done + rest) == data
+
+
+def test_mid_epoch_resume_with_another_global_batch_is_refused():
+    loader = ResumableDataLoader(list(range(24)), batch_size=4)
+    with pytest.raises(RuntimeError, match="data.batch_size: .* global batch of 6 .* 1 x 4"):
+        loader.load_state_dict({"epoch": 0, "batches_done": 2, "batch_size": 3, "num_replicas": 2})
+    loader.load_state_dict({"epoch": 0, "batches_done": 4, "batch_size": 3, "num_replicas": 2})  # epoch complete
+
+
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     torch.save(capture_rng_states(), tmp_path / "rng.pt")
@@ -140,3 +156,15 @@ def test_resume_without_the_rng_states_would_differ(uninterrupted, tmp_path):
     expected, _ = final_state(uninterrupted)
     got, _ = final_state(tmp_path / "resumed")
     assert any(not torch.equal(got["state_dict"][k], v) for k, v in expected["state_dict"].items())
+
+
+def test_last_checkpoint_follows_every_epoch_when_the_metric_stops_improving(tmp_path):
+    """Monitoring ``epoch`` with mode=min makes epoch 0 the best for good; last.ckpt must still reach the end
+    (Lightning >= 2.6's ModelCheckpoint alone leaves it at the best epoch's step 4)."""
+    never_better = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min",
+                    "callbacks.periodic_checkpoint.every_n_train_steps=500"]
+    result = train(tmp_path, *never_better)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert [p.name for p in folder.glob("best-*")] == ["best-epoch000-step0000004.ckpt"]

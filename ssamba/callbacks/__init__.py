@@ -4,7 +4,8 @@ from ssamba.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from ssamba.callbacks.periodic import PeriodicCheckpoint
 from ssamba.callbacks.preemption import PreemptionCheckpoint
 from ssamba.callbacks.random_state import RandomStateCheckpoint
+from ssamba.callbacks.resume_points import EveryEpochLastCheckpoint
 from ssamba.callbacks.wandb_predictions import WandbPredictions
 
-__all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "PeriodicCheckpoint", "PreemptionCheckpoint",
-           "RandomStateCheckpoint", "WandbPredictions"]
+__all__ = ["EveryEpochLastCheckpoint", "NonFiniteGuard", "NonFiniteTrainingError", "PeriodicCheckpoint",
+           "PreemptionCheckpoint", "RandomStateCheckpoint", "WandbPredictions"]

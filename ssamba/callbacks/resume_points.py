@@ -60,3 +60,26 @@ class ResumePointCallback(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._pending:
             self._flush(trainer)
+
+
+class EveryEpochLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` follows every validation (or epoch end), as before Lightning 2.6.
+
+    From 2.6 on, ``save_last=True`` writes ``last.ckpt`` only when a top-k checkpoint is saved at the same step:
+    once the monitored metric stops improving, ``last.ckpt`` stays at the best epoch, and a resume from it would
+    train the later epochs again.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_skipped(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_skipped(trainer)
+
+    def _save_last_if_skipped(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skipped: saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -31,6 +31,12 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def worker_seed(seed: int, epoch: int) -> int:
+    """The DataLoader's base seed for epoch ``epoch`` (its workers' seeds follow from it), drawn from no RNG."""
+    key = f"{seed}/{epoch}/workers".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
 class ResumableSampler(DistributedSampler):
     """Seeded per-epoch shuffle over this rank's share of the items, able to start after ``skip`` items.
 
@@ -74,23 +80,33 @@ class ResumableDataLoader(DataLoader):
                          generator=torch.Generator(), **kwargs)
 
     def __iter__(self):
-        epoch = self.sampler.current_epoch()
-        key = f"{self.sampler.seed}/{epoch}/workers".encode()
-        self.generator.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+        self.generator.manual_seed(worker_seed(self.sampler.seed, self.sampler.current_epoch()))
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the epoch: Lightning stores this in checkpoints (loops.fit_loop)."""
         trainer = self.sampler.trainer
-        if trainer is None:
-            return {"epoch": self.sampler.epoch, "batches_done": 0}
-        return {"epoch": self.sampler.current_epoch(),
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        batches_done = 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = self.sampler.epoch if trainer is None else self.sampler.current_epoch()
+        return {"epoch": epoch, "batches_done": batches_done, "batch_size": self.batch_size,
+                "num_replicas": self.sampler.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Called by Lightning on a mid-epoch restart, before the first iterator is made."""
+        """Called by Lightning on a mid-epoch restart, before the first iterator is made.
+
+        The ranks' shares interleave one permutation, so the items done are its first ``batches_done x global
+        batch`` entries whatever the number of ranks: a run resumed on another number of nodes or devices
+        continues exactly when the global batch (batch size x ranks) is the same.
+        """
         epoch = self.sampler.current_epoch()
         if state["epoch"] != epoch:
             raise RuntimeError(f"checkpoint's data position is in epoch {state['epoch']} but the trainer resumes "
                                f"epoch {epoch}")
+        saved = state.get("batch_size", self.batch_size), state.get("num_replicas", self.sampler.num_replicas)
+        mid_epoch = state["batches_done"] * saved[0] < len(self.dataset) // saved[1]
+        if mid_epoch and saved[0] * saved[1] != self.batch_size * self.sampler.num_replicas:
+            raise RuntimeError(
+                f"data.batch_size: the checkpoint stopped mid-epoch with a global batch of {saved[0] * saved[1]} "
+                f"({saved[1]} rank(s) x {saved[0]}), this run has {self.sampler.num_replicas} x {self.batch_size}; "
+                f"keep batch size x ranks equal to resume mid-epoch, or resume from an end-of-epoch checkpoint")
         self.sampler.skip = state["batches_done"] * self.batch_size

@@ -21,6 +21,7 @@ import torch
 from ssamba.data.audio import BadAudio, prepare_waveform, read_audio
 from ssamba.data.base import AudioDataModule, ClipDataset, Collate, Item
 from ssamba.data.cli import instantiate_data
+from ssamba.data.resumable import run_seed, worker_seed
 
 SIDECAR = "ssamba.json"
 
@@ -110,6 +111,22 @@ class ShardDataset(litdata.StreamingDataset):
         return self.clip.finish(item, wav, [])
 
 
+class ShardLoader(litdata.StreamingDataLoader):
+    """litdata's loader, whose state (epoch, items yielded) Lightning saves in checkpoints and restores on a
+    mid-epoch resume, with a base seed of ``(run seed, epoch)`` for its iterators.
+
+    A plain DataLoader draws that seed from the global torch RNG whenever an iterator starts; a resumed run starts
+    one more than the interrupted run did, which would shift every mask drawn after the resume.
+    """
+
+    def __init__(self, dataset: ShardDataset, **kwargs):
+        super().__init__(dataset, generator=torch.Generator(), **kwargs)
+
+    def _get_iterator(self):
+        self.generator.manual_seed(worker_seed(run_seed(), self.current_epoch))
+        return super()._get_iterator()
+
+
 class ShardDataModule(AudioDataModule):
     """``data=shards``: streams the shard folders written by :func:`write_shards`.
 
@@ -164,13 +181,13 @@ class ShardDataModule(AudioDataModule):
         return ShardDataset(self.dirs[split], clip, shuffle=train and self.shuffle, seed=self.seed,
                             max_cache_size=self.max_cache_size)
 
-    def dataloader(self, split: str, shuffle: bool | None = None) -> litdata.StreamingDataLoader:
+    def dataloader(self, split: str, shuffle: bool | None = None) -> ShardLoader:
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__} has no {split!r} split (has: {', '.join(self.splits)})")
         if split not in self.datasets:
             self.datasets[split] = self.make_dataset(split)
         train = split == "train"
-        return litdata.StreamingDataLoader(
+        return ShardLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers,

@@ -10,6 +10,8 @@
   job exports its own overrides and output folder, and a worker started for it runs just that job.
 * Between multirun jobs the process group is torn down and the launcher's environment variables are
   removed, so the next job starts its own workers on a fresh port.
+* Processes started by torchrun or srun (e.g. on several nodes) each compose the config and would each resolve
+  the default run folder's ``${now:...}``, so such a run must name its folder (``hydra.run.dir``).
 * Cluster sweeps (``hydra/launcher=submitit_slurm``): a job that submitit requeued after its time limit or a
   pre-emption runs again in its own folder and continues from the ``last.ckpt`` it wrote there.
 """
@@ -100,6 +102,37 @@ def end_distributed_job() -> None:
     for key in _launcher_env_to_clear:
         os.environ.pop(key, None)
     _launcher_env_to_clear.clear()
+
+
+def external_launcher() -> str | None:
+    """``torchrun`` or ``srun`` when one of them started this process as one of several, else None (one process,
+    or workers that Lightning started itself, which it hands the run folder)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torchrun"
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return "srun"
+    return None
+
+
+def unshared_run_folder() -> str | None:
+    """Why the processes of this run might not share one output folder, or None.
+
+    Under torchrun or srun every process composes the config and resolves the default
+    ``hydra.run.dir`` (``.../runs/${now:...}``) itself, at a slightly different time and possibly on another
+    node's clock; rank 0 would write checkpoints and metrics to one folder and the others their logs elsewhere.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    launcher = external_launcher()
+    if launcher is None or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return None
+    if any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in HydraConfig.get().overrides.hydra):
+        return None
+    example = "$SLURM_JOB_ID" if launcher == "srun" else "<job name>"
+    return (f"hydra.run.dir: set it on the command line when {launcher} starts the processes (e.g. "
+            f"hydra.run.dir=outputs/<name>/runs/{example}); each process would resolve the default "
+            f"...runs/${{now:...}} folder itself and the ranks could write to different folders")
 
 
 def in_submitit_job() -> bool:
