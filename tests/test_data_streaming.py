@@ -2,6 +2,7 @@
 and DataLoader workers see disjoint parts."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -77,3 +78,27 @@ def test_device_features_from_shards(shards):
     dm.setup("fit")
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch["fbank"].shape == (4, 32, 128) and torch.isfinite(batch["fbank"]).all()
+
+
+def test_shards_are_written_by_spawned_workers_even_beside_a_notebook_kernel(tmp_path, monkeypatch):
+    """litdata would fork its workers once ipykernel is imported (a notebook, or a test session that ran
+    one); a fork of a process with live threads can hang, so write_shards asks for spawn, and puts the
+    process's start method back afterwards."""
+    import multiprocessing
+    import types
+
+    from ssamba.data import SyntheticDataModule
+
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    before = multiprocessing.get_start_method(allow_none=True)
+    chosen = []
+    original = multiprocessing.set_start_method
+    monkeypatch.setattr(multiprocessing, "set_start_method",
+                        lambda method, force=False: (chosen.append(method), original(method, force=force)))
+    source = SyntheticDataModule(num_train=4, num_val=0, num_test=0, target_length=64)
+    assert write_shards(source, "train", str(tmp_path / "shards"), chunk_bytes="16KB", workers=1) == 4
+    assert chosen == ["spawn", before]
+    assert multiprocessing.get_start_method(allow_none=True) == before
+    dm = module(tmp_path / "shards", shuffle=False)
+    dm.setup("fit")
+    assert sorted(ids_of(dm.train_dataloader())) == sorted(f"synthetic-train-{i}" for i in range(4))

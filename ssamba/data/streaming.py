@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 from functools import partial
 
@@ -58,15 +59,23 @@ def write_shards(
     if not items:
         raise ValueError(f"the {split} split has no items")
     generated = any(item.path is None for item in items)
-    litdata.optimize(
-        fn=partial(_pack, reader_module=datamodule if generated else None),
-        inputs=items,
-        output_dir=output_dir,
-        chunk_bytes=chunk_bytes,
-        num_workers=workers,
-        reorder_files=False,
-        verbose=False,
-    )
+    # litdata forks its workers when ipykernel is loaded (a notebook, or a test run that ran one), and a
+    # fork of a process with live threads can hang in the child; spawn always works here (the packing
+    # function is importable). litdata sets the start method for the whole process: put it back after.
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        litdata.optimize(
+            fn=partial(_pack, reader_module=datamodule if generated else None),
+            inputs=items,
+            output_dir=output_dir,
+            chunk_bytes=chunk_bytes,
+            num_workers=workers,
+            reorder_files=False,
+            verbose=False,
+            start_method="spawn",
+        )
+    finally:
+        multiprocessing.set_start_method(start_method, force=True)
     if "://" not in output_dir:  # litdata reports worker failures only in their own logs
         with open(os.path.join(output_dir, "index.json")) as f:
             if not json.load(f).get("chunks"):
