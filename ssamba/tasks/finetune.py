@@ -59,7 +59,26 @@ def check_strides(patch_shape: tuple[int, int], fstride: int | None, tstride: in
                               f"(experiment=finetune_frame for frame patches)")
 
 
-class Finetuning(EncoderTask):
+class ClassifierTraining:
+    """The loss and training step that finetuning and probing share: logits from ``self(fbank)``, BCE
+    for multi-label data or cross entropy on (mixup-soft) targets, in fp32, weighted per class by
+    ``class_weights`` (None: unweighted). The class sets ``loss_name`` and ``class_weights``."""
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.loss_name == "bce":
+            return F.binary_cross_entropy_with_logits(logits.float(), target.float(), weight=self.class_weights)
+        # soft targets: mixup-mixed labels
+        return F.cross_entropy(logits.float(), target.float(), weight=self.class_weights)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self(batch["fbank"])
+        loss = self.loss(logits, batch["target"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=logits.shape[0])
+        return loss
+
+
+class Finetuning(ClassifierTraining, EncoderTask):
     """Encoder + :class:`ClassificationHead`; BCE or CE; head learning-rate multiplier."""
 
     task_name = "finetune"
@@ -141,12 +160,6 @@ class Finetuning(EncoderTask):
         return [{"params": body, "name": "encoder"},
                 {"params": head, "name": "head", "lr": self.base_lr() * self.head_lr_multiplier}]
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.loss_name == "bce":
-            return F.binary_cross_entropy_with_logits(logits.float(), target.float(), weight=self.class_weights)
-        # soft targets: mixup-mixed labels
-        return F.cross_entropy(logits.float(), target.float(), weight=self.class_weights)
-
     def checkpoint_record(self) -> dict[str, Any]:
         record = super().checkpoint_record()
         record["head"] = {"num_classes": self.num_classes, "pooling": self.head.pooling,
@@ -154,13 +167,6 @@ class Finetuning(EncoderTask):
         return record
 
     # --- steps ------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        logits = self(batch["fbank"])
-        loss = self.loss(logits, batch["target"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=logits.shape[0])
-        return loss
-
     def evaluation_step(self, batch: dict, stage: str) -> Tensor | None:
         if batch["fbank"].shape[0] == 0:  # every item of the batch was unusable (counted by the data)
             return None

@@ -18,14 +18,13 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssamba.errors import ConfigError
 from ssamba.models.heads import LayerProbeHead
 from ssamba.tasks.base import EncoderTask
-from ssamba.tasks.finetune import LOSSES, Finetuning, check_strides, load_pretrained_encoder
+from ssamba.tasks.finetune import LOSSES, ClassifierTraining, Finetuning, check_strides, load_pretrained_encoder
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,11 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class Probing(EncoderTask):
+class Probing(ClassifierTraining, EncoderTask):
     """Frozen encoder + :class:`LayerProbeHead`; CE (or BCE for multi-label data); accuracy."""
 
     task_name = "probe"
+    class_weights = None  # the probe trains unweighted (ClassifierTraining's loss)
 
     def __init__(self, optimizer, encoder: nn.Module | Any = None, pretrained: str | None = None,
                  backend: str | None = None, fstride: int | None = None, tstride: int | None = None,
@@ -95,19 +95,7 @@ class Probing(EncoderTask):
     def forward(self, fbank: Tensor) -> Tensor:
         return self.head(self.layer_outputs(fbank))
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.loss_name == "bce":
-            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-        return F.cross_entropy(logits.float(), target.float())
-
     # --- steps ------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        logits = self(batch["fbank"])
-        loss = self.loss(logits, batch["target"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=logits.shape[0])
-        return loss
-
     def evaluation_step(self, batch: dict, stage: str) -> Tensor | None:
         """Logs the loss and accuracy; returns the logits (the W&B prediction tables read them)."""
         if batch["fbank"].shape[0] == 0:  # every item of the batch was unusable (counted by the data)
