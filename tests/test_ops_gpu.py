@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ssamba.models import build_encoder
+from ssamba.models import ssamba as ssamba_module
 from ssamba.models.ssamba import BiMambaMixer, MambaBlock, SSAMBAConfig
 from ssamba.ops import BranchWeights, bimamba_inner
 from ssamba.ops import bimamba as bimamba_module
@@ -23,7 +24,8 @@ def _available(backend, monkeypatch):
     if backend == "cuda" and cuda_kernels() is None:
         pytest.skip("mamba-ssm / causal-conv1d not installed")
     if backend == "triton-plain":
-        monkeypatch.setattr(bimamba_module, "gluon_scan_usable", lambda *args: False)
+        for module in (bimamba_module, ssamba_module):
+            monkeypatch.setattr(module, "gluon_scan_usable", lambda *args: False)
         return "triton"
     return backend
 
@@ -160,6 +162,44 @@ def test_block_fused_add_norm_matches_torch(norm, first_layer):
     names = ["hidden"] + ([] if first_layer else ["residual"]) + [n for n, _ in block.named_parameters()]
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert _relerr(g, g_ref) <= 1e-2, f"grad {name}: {_relerr(g, g_ref):.2e}"
+
+
+def _pair_step(encoder, fbank, pair):
+    """A bf16 training step of ``encoder`` with its pairs run by ``pair`` (the encoder's fused or
+    two-block path): output, every parameter gradient, and the peak memory above the start."""
+    encoder._pair = pair
+    encoder.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    torch.manual_seed(1)  # the same drop-path draws on both paths
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = encoder(fbank)
+    out.float().pow(2).mean().backward()
+    peak = torch.cuda.max_memory_allocated() - start
+    del encoder._pair
+    grads = torch.cat([p.grad.flatten() for p in encoder.parameters()]).double()
+    return out.detach().double(), grads, peak
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_fused_pair_matches_two_blocks_and_keeps_less(norm):
+    """The published pair as one Function (``ops.pair``) vs two blocks, in a bf16 training step of the
+    tiny encoder at the pretraining grid with drop path: the same outputs and gradients (bf16 <= 1e-2;
+    the residual stream's arithmetic is the same fp32) and, per pair, at least half of the memory
+    arithmetic says it saves (two fp32 residuals and two bf16 normed streams kept, against one fp32
+    residual and one bf16 hidden)."""
+    if not (triton_available() and gluon_scan_usable(torch.device("cuda"), 16, 384)):
+        pytest.skip("the fused pair runs on the Gluon scan")
+    torch.manual_seed(0)
+    encoder = build_encoder("ssamba_tiny", norm=norm, drop_path_rate=0.1, backend="triton").cuda().train()
+    fbank = torch.randn(8, 1024, 128, device="cuda")
+    out_ref, grads_ref, peak_ref = _pair_step(encoder, fbank, encoder._pair_blocks)
+    out, grads, peak = _pair_step(encoder, fbank, encoder._pair_fused)
+    assert _relerr(out, out_ref) <= 1e-2 and _relerr(grads, grads_ref) <= 1e-2
+    pairs, tokens, dim = len(encoder.layers) // 2, out.shape[0] * out.shape[1], out.shape[2]
+    arithmetic = pairs * tokens * dim * (2 * 4 + 2 * 2 - (4 + 2))
+    assert peak_ref - peak >= arithmetic / 2, f"saved {(peak_ref - peak) / 2**20:.0f} MiB of {arithmetic / 2**20:.0f}"
 
 
 def _encoder_run(encoder, fbank, backend, dtype):

@@ -7,6 +7,7 @@ Triton picks interpreter or compiler when ``triton.language`` is first imported,
 the checks run in one child process started with ``TRITON_INTERPRET=1`` (``python
 tests/test_ops_triton.py`` runs them and prints a JSON report); each test reads its entry.
 """
+import contextlib
 import json
 import math
 import os
@@ -288,12 +289,11 @@ def _reference_gluon_scan(u, dt_f, dt_b, bc, params):
     return torch.cat(ys, -1)
 
 
-@check("gluon-mixer-function")
-def _check_gluon_mixer_function():
-    """The Gluon path's autograd Function (what it keeps, recomputes and projects) with its scan kernels
-    swapped for the reference: the whole mixer (in_proj and out_proj inside) and the xz entry point
-    against the PyTorch path, outputs and every gradient. (The kernels themselves: tests/test_ops_gpu.py.)"""
-    from ssamba.ops import bimamba_mixer, gluon_bimamba
+@contextlib.contextmanager
+def _gluon_scan_replaced_by_reference():
+    """The Gluon path's autograd code with its scan kernels (which the interpreter cannot run) swapped
+    for the reference; everything else (conv, gate, norm kernels) runs in the interpreter."""
+    from ssamba.ops import gluon_bimamba
 
     def scan_fwd(u, dt_f, dt_b, bc, params):
         with torch.no_grad():
@@ -308,6 +308,21 @@ def _check_gluon_mixer_function():
         dA_log, dD, dbias = (torch.stack(dparams[i:i + 2]) for i in (0, 2, 4))
         return du, ddt_f, ddt_b, dbc.view(batch, length, 2, 2, -1), dA_log, dD, dbias
 
+    original = gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd
+    gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd = scan_fwd, scan_bwd
+    try:
+        yield
+    finally:
+        gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd = original
+
+
+@check("gluon-mixer-function")
+def _check_gluon_mixer_function():
+    """The Gluon path's autograd Function (what it keeps, recomputes and projects) with its scan kernels
+    swapped for the reference: the whole mixer (in_proj and out_proj inside) and the xz entry point
+    against the PyTorch path, outputs and every gradient. (The kernels themselves: tests/test_ops_gpu.py.)"""
+    from ssamba.ops import bimamba_mixer, gluon_bimamba
+
     g = torch.Generator().manual_seed(5)
     batch, length, dim, E, N, R = 2, 23, 12, 16, 4, 3
     fwd, bwd = _branch(E, N, R, 4, g), _branch(E, N, R, 4, g, zero_bias=True)
@@ -315,9 +330,7 @@ def _check_gluon_mixer_function():
     out_proj = (torch.randn(dim, E, generator=g) * E ** -0.5).requires_grad_()
     hidden = torch.randn(batch, length, dim, generator=g).requires_grad_()
     xz = torch.randn(batch, length, 2 * E, generator=g).requires_grad_()
-    original = gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd
-    gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd = scan_fwd, scan_bwd
-    try:
+    with _gluon_scan_replaced_by_reference():
         for params, run, reference in (
                 ([hidden, in_proj, out_proj, *fwd, *bwd],
                  lambda: gluon_bimamba.bimamba_mixer_gluon(hidden, in_proj, out_proj, fwd, bwd),
@@ -330,8 +343,100 @@ def _check_gluon_mixer_function():
             for i, (got, want) in enumerate(zip(torch.autograd.grad(out, params, dy),
                                                 torch.autograd.grad(out_ref, params, dy))):
                 assert _relerr(got, want) < 1e-5, f"gradient {i}: {_relerr(got, want):.2e}"
-    finally:
-        gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd = original
+
+
+# (batch, length, D, norm, residual, which layers drop paths, hidden dtype): as ADD_NORM_CASES, plus a
+# pair where only one layer drops (the other gets ones)
+PAIR_NORM_CASES = {
+    "pair-add-norm-layernorm-drop-path": (3, 7, 24, "layer", True, (True, True), torch.float32),
+    "pair-add-norm-rmsnorm-one-layer-drops": (2, 9, 32, "rms", True, (False, True), torch.float32),
+    "pair-add-norm-first-pair": (2, 5, 20, "layer", False, (False, False), torch.float32),
+    "pair-add-norm-bf16-branch-many-tiles": (4, 300, 16, "layer", True, (True, True), torch.bfloat16),
+}
+
+
+def _check_pair_add_norm(batch, length, D, norm, with_residual, drops, dtype):
+    """Both layers' add+norm and the pair's next residual in one pass, and the backward that recomputes
+    them from hidden and residual, vs float64 autograd: outputs, input and weight gradients."""
+    from ssamba.ops.pair import _scales
+    from ssamba.ops.triton_norm import pair_add_norm_bwd, pair_add_norm_fwd
+
+    g = torch.Generator().manual_seed(batch * 1000 + length * 10 + D)
+    hidden = torch.randn(batch, length, D, generator=g).to(dtype)
+    residual = torch.randn(batch, length, D, generator=g) if with_residual else None
+    drop = torch.tensor([0.0, 1.25, 1.25, 0.0][:batch])
+    scales = _scales(*((drop.flip(0) if i else drop) if on else None for i, on in enumerate(drops)), hidden)
+    params = [torch.randn(D, generator=g) for _ in range(4)]
+    if norm == "rms":
+        params[1] = params[3] = None
+    grads_out = [torch.randn(batch, length, D, generator=g) for _ in range(3)]
+    leaves = [t.double().requires_grad_() for t in (hidden, residual, *params) if t is not None]
+    h64, r64 = leaves[0], leaves[1] if with_residual else None
+    w64 = [t.double().requires_grad_() if t is not None else None for t in params]
+    leaves = [h64] + ([r64] if with_residual else []) + [t for t in w64 if t is not None]
+    xs = [h64 if r64 is None else r64 + h64 * (1.0 if scales is None else s.double()[:, None, None])
+          for s in (scales or (None, None))]
+    ys = [torch.nn.functional.layer_norm(x, (D,), w, b, 1e-5) if norm == "layer" else
+          torch.nn.functional.rms_norm(x, (D,), w, 1e-5) for x, w, b in zip(xs, w64[0::2], w64[1::2])]
+    new64 = xs[0] + xs[1]
+    loss64 = sum((t * d.double()).sum() for t, d in zip((*ys, new64), grads_out))
+    want = torch.autograd.grad(loss64, leaves)
+
+    residual_dtype = torch.float32 if with_residual else dtype
+    y_f, y_b, new = pair_add_norm_fwd(hidden, residual, scales, tuple(params[:2]), tuple(params[2:]), 1e-5,
+                                      torch.float32, residual_dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert new.dtype == residual_dtype and _relerr(new, new64) < tol, "next residual"
+    assert _relerr(y_f, ys[0]) < 1e-5 and _relerr(y_b, ys[1]) < 1e-5, "normed streams"
+    again = pair_add_norm_fwd(hidden, residual, scales, tuple(params[:2]), tuple(params[2:]), 1e-5, torch.float32, None)
+    assert again[2] is None and torch.equal(again[0], y_f) and torch.equal(again[1], y_b), "recompute"
+    d_hidden, d_residual, d_norms = pair_add_norm_bwd(hidden, residual, scales, (params[0], params[2]), norm == "rms",
+                                                      1e-5, *grads_out)
+    got = [d_hidden] + ([d_residual] if with_residual else []) + [
+        d for d, p in zip(d_norms, params) if p is not None]
+    assert d_hidden.dtype == dtype and (d_residual is None) == (not with_residual)
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert _relerr(a, e) < tol, f"gradient {i}: {_relerr(a, e):.2e}"
+
+
+for _name, _case in PAIR_NORM_CASES.items():
+    check(_name)(lambda case=_case: _check_pair_add_norm(*case))
+
+
+@check("published-pair-function")
+def _check_published_pair_function():
+    """A pair of the published pairing as one Function (``ops.pair``, Gluon scan swapped for the
+    reference) vs the encoder's two PyTorch blocks, training with drop path (the same draws): the
+    pair's outputs and the gradients of its inputs and of both layers' parameters, for LayerNorm and
+    RMSNorm, the first pair (no residual) and a later one."""
+    from ssamba.models.ssamba import SSAMBAConfig, SSAMBAEncoder
+
+    for norm, first in (("layernorm", False), ("rmsnorm", False), ("layernorm", True)):
+        torch.manual_seed(3)
+        encoder = SSAMBAEncoder(SSAMBAConfig(embed_dim=12, depth=4, d_state=4, drop_path_rate=0.5, norm=norm,
+                                             backend="torch")).train()
+        fwd, bwd = encoder.layers[2], encoder.layers[3]
+        with torch.no_grad():  # trained-like parameters rather than the init's ones/zeros
+            for p in (*fwd.norm.parameters(), *bwd.norm.parameters()):
+                p.normal_()
+        g = torch.Generator().manual_seed(7)
+        hidden = torch.randn(4, 19, 12, generator=g).requires_grad_()
+        residual = None if first else torch.randn(4, 19, 12, generator=g).requires_grad_()
+        d_hidden, d_residual = torch.randn(4, 19, 12, generator=g), torch.randn(4, 19, 12, generator=g)
+        inputs = [t for t in (hidden, residual) if t is not None] + [*fwd.parameters(), *bwd.parameters()]
+
+        def run(pair):
+            torch.manual_seed(11)
+            out, res = pair(fwd, bwd, hidden, residual)
+            loss = (out * d_hidden).sum() + (res * d_residual).sum()
+            return out, res, torch.autograd.grad(loss, inputs)
+
+        reference = run(encoder._pair_blocks)
+        with _gluon_scan_replaced_by_reference():
+            fused = run(encoder._pair_fused)
+        assert _relerr(fused[0], reference[0]) < 1e-5 and _relerr(fused[1], reference[1]) < 1e-6, (norm, first)
+        for i, (a, e) in enumerate(zip(fused[2], reference[2])):
+            assert _relerr(a, e) < 1e-5, f"{norm}, first={first}: gradient {i}: {_relerr(a, e):.2e}"
 
 
 for _name, _case in SCAN_CASES.items():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..constants import MEL_BINS
-from ..ops.backend import BACKENDS, resolve_backend, triton_or_fallback
+from ..ops.backend import BACKENDS, gluon_scan_usable, resolve_backend, triton_or_fallback
 from ..ops.bimamba import BranchWeights, bimamba_mixer
 from . import released
 from .layers import DropPath, PatchTokenEncoder, grid_shape
@@ -112,6 +112,12 @@ class BiMambaMixer(nn.Module):
         return bimamba_mixer(hidden, self.in_proj.weight, self.out_proj.weight,
                              *(branches[::-1] if reverse else branches), self.cfg.backend)
 
+    def flat_weights(self, reverse: bool = False) -> tuple[Tensor, ...]:
+        """``(in_proj, out_proj, *branch, *branch)`` in the order ``forward(reverse=...)`` runs the branches."""
+        branches = _branch_params(self, ""), _branch_params(self, "_b")
+        first, second = branches[::-1] if reverse else branches
+        return self.in_proj.weight, self.out_proj.weight, *first, *second
+
 
 class MambaBlock(nn.Module):
     """Add -> norm -> mixer; returns ``(hidden, residual)`` like the released Vim block."""
@@ -134,6 +140,16 @@ class MambaBlock(nn.Module):
             normed, residual = self._add_norm(hidden, residual)
         return self.mixer(normed, reverse), residual
 
+    def norm_weights(self) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)`` of the norm; bias None for RMSNorm."""
+        return self.norm.weight, self.norm.bias if isinstance(self.norm, nn.LayerNorm) else None
+
+    def residual_dtype(self, hidden: Tensor, residual: Tensor | None) -> torch.dtype:
+        """The dtype of the residual stream this block returns."""
+        if self.cfg.residual_in_fp32:
+            return torch.float32
+        return hidden.dtype if residual is None else torch.result_type(hidden, residual)
+
     def _add_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         normed = self.norm(residual.to(self.norm.weight.dtype))
@@ -144,9 +160,8 @@ class MambaBlock(nn.Module):
         from ..ops.triton_norm import add_norm
 
         scale = None if residual is None else self.drop_path.sample_scale(hidden.shape[0], hidden.device)
-        bias = self.norm.bias if isinstance(self.norm, nn.LayerNorm) else None
-        return add_norm(hidden, residual, self.norm.weight, bias, self.cfg.norm_eps, scale,
-                        torch.float32 if self.cfg.residual_in_fp32 else None)
+        return add_norm(hidden, residual, *self.norm_weights(), self.cfg.norm_eps, scale,
+                        self.residual_dtype(hidden, residual))
 
 
 class SSAMBAEncoder(PatchTokenEncoder):
@@ -195,9 +210,7 @@ class SSAMBAEncoder(PatchTokenEncoder):
             # layer 2i+1 runs on the time-reversed stream and its outputs are flipped back; every op
             # but the mixer is per token, so it runs in the original order with reverse=True
             for fwd, bwd in zip(self.layers[0::2], self.layers[1::2]):
-                h_f, r_f = fwd(hidden, residual)
-                h_b, r_b = bwd(hidden, residual, reverse=True)
-                hidden, residual = h_f + h_b, r_f + r_b
+                hidden, residual = self._pair(fwd, bwd, hidden, residual)
                 if return_hidden_states:
                     states.append(residual + hidden)
         else:
@@ -209,6 +222,33 @@ class SSAMBAEncoder(PatchTokenEncoder):
         if self.config.final_norm == "twice":
             out = self.norm_f(out)
         return (out, states) if return_hidden_states else out
+
+
+    def _pair(self, fwd: MambaBlock, bwd: MambaBlock, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One pair of the published pairing; where the Gluon scan runs, as one Function that keeps only
+        the pair's inputs for the backward (``ops.pair``), else as two blocks."""
+        cfg = self.config
+        if (hidden.is_cuda and resolve_backend(cfg.backend, on_cuda=True) == "triton"
+                and gluon_scan_usable(hidden.device, cfg.d_state, cfg.d_inner)):
+            return triton_or_fallback(cfg.backend, lambda: self._pair_fused(fwd, bwd, hidden, residual),
+                                      lambda: self._pair_blocks(fwd, bwd, hidden, residual))
+        return self._pair_blocks(fwd, bwd, hidden, residual)
+
+    @staticmethod
+    def _pair_blocks(fwd: MambaBlock, bwd: MambaBlock, hidden: Tensor, residual: Tensor | None):
+        h_f, r_f = fwd(hidden, residual)
+        h_b, r_b = bwd(hidden, residual, reverse=True)
+        return h_f + h_b, r_f + r_b
+
+    def _pair_fused(self, fwd: MambaBlock, bwd: MambaBlock, hidden: Tensor, residual: Tensor | None):
+        from ..ops.pair import published_pair
+
+        batch = hidden.shape[0]
+        scales = (None, None) if residual is None else tuple(
+            block.drop_path.sample_scale(batch, hidden.device) for block in (fwd, bwd))
+        return published_pair(hidden, residual, scales, (fwd.norm_weights(), bwd.norm_weights()), self.config.norm_eps,
+                              fwd.residual_dtype(hidden, residual),
+                              (fwd.mixer.flat_weights(), bwd.mixer.flat_weights(reverse=True)))
 
 
 SIZES = {"tiny": {"embed_dim": 192}, "small": {"embed_dim": 384}, "base": {"embed_dim": 768}}
