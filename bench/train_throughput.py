@@ -49,6 +49,7 @@ CASES = {  # label -> overrides
     "ssamba_base, 2 passes": ["model=base", "task.joint_passes=2", "task.cuda_graphs=false"],
     "ssamba_base, 2 passes, CUDA graphs": ["model=base", "task.joint_passes=2", "task.cuda_graphs=true"],
     "ssast_base, 2 passes": ["model=ssast_base", "task.joint_passes=2", "task.cuda_graphs=false"],
+    "ssast_base, 2 passes, CUDA graphs": ["model=ssast_base", "task.joint_passes=2", "task.cuda_graphs=true"],
     # finetuning at its default patch stride 10 (overlapping patches: 1212 tokens for 1024 frames)
     "ssamba_tiny, finetune, eager": ["task=finetune", "model=tiny", "data.num_classes=527", "task.cuda_graphs=false"],
     "ssamba_tiny, finetune, CUDA graphs": ["task=finetune", "model=tiny", "data.num_classes=527",

@@ -108,14 +108,17 @@ class BiMambaMixer(nn.Module):
         """``reverse=True``: ``mixer(hidden.flip(1)).flip(1)`` without the flips. Reversing time turns
         each direction's scan (and conv) into the other's, so it is the mixer with the two branches'
         parameters swapped; everything else is per token."""
+        return bimamba_mixer(hidden, self.in_proj.weight, self.out_proj.weight, *self.branches(reverse),
+                             self.cfg.backend)
+
+    def branches(self, reverse: bool = False) -> tuple[BranchWeights, BranchWeights]:
+        """The two directions' parameters in the order ``forward(reverse=...)`` runs them."""
         branches = _branch_params(self, ""), _branch_params(self, "_b")
-        return bimamba_mixer(hidden, self.in_proj.weight, self.out_proj.weight,
-                             *(branches[::-1] if reverse else branches), self.cfg.backend)
+        return branches[::-1] if reverse else branches
 
     def flat_weights(self, reverse: bool = False) -> tuple[Tensor, ...]:
-        """``(in_proj, out_proj, *branch, *branch)`` in the order ``forward(reverse=...)`` runs the branches."""
-        branches = _branch_params(self, ""), _branch_params(self, "_b")
-        first, second = branches[::-1] if reverse else branches
+        """``(in_proj, out_proj, *branch, *branch)``, the mixer's tensors as ``ops.pair`` takes them."""
+        first, second = self.branches(reverse)
         return self.in_proj.weight, self.out_proj.weight, *first, *second
 
 
@@ -222,7 +225,6 @@ class SSAMBAEncoder(PatchTokenEncoder):
         if self.config.final_norm == "twice":
             out = self.norm_f(out)
         return (out, states) if return_hidden_states else out
-
 
     def _pair(self, fwd: MambaBlock, bwd: MambaBlock, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         """One pair of the published pairing; where the Gluon scan runs, as one Function that keeps only
