@@ -78,15 +78,19 @@ class GraphedPasses:
 
     def _capture(self, inputs: tuple[Tensor, ...], key: tuple) -> None:
         # one capture (memory pool, static input copies) per pass, so their replays may run in any
-        # order and a later pass's inputs do not overwrite those an earlier pass's backward reads
+        # order and a later pass's inputs do not overwrite those an earlier pass's backward reads (the
+        # sample inputs are the graph's static inputs). Inputs that take gradients (the mask token)
+        # are passed as they are.
         autocast_dtype = key[-1]
         x, *masking = inputs
-        # inputs that take gradients (the mask token) are passed as they are, the others as copies
-        samples = (x.detach().clone(), *(t if t.requires_grad else t.clone() for t in masking))
+
+        def samples():
+            return x.detach().clone(), *(t if t.requires_grad else t.clone() for t in masking)
+
         with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=False), _thread_local_capture():
             self.graphed = tuple(
-                torch.cuda.make_graphed_callables(_EncoderPass(self.encoder), samples,
+                torch.cuda.make_graphed_callables(_EncoderPass(self.encoder), samples(),
                                                   num_warmup_iters=self.warmup_iters)
                 for _ in range(self.passes))
         self.key = key
