@@ -4,18 +4,23 @@ Composes ``conf/train.yaml`` with the given overrides (synthetic data; the pretr
 finetuning at its default patch stride), runs ``trainer.fit`` for a fixed number of optimizer steps
 and times the last ones with the device synchronised, so data loading, the encoder passes, the
 heads, the optimizer and Lightning's own overhead are all inside the figure. On a GPU each case runs
-in a process of its own, so its peak ``torch.cuda.max_memory_allocated`` (over the whole fit: every
-activation, gradient, optimizer state and CUDA-graph pool) owes nothing to the cases before it.
+in a process of its own, so its peak memory owes nothing to the cases before it. Two peaks over the
+whole fit: ``torch.cuda.max_memory_allocated`` (every live tensor: activations, gradients, optimizer
+state) and ``max_memory_reserved`` (what the caching allocator held from the driver, CUDA-graph pools
+included: closer to what the card must have free). A graph pool keeps the memory of its capture's
+temporaries after they are freed, so with graphs the reserved peak says more than the allocated one.
 
     python bench/train_throughput.py                       # GPU: every case (stock ones need mamba-ssm)
     python bench/train_throughput.py --only finetune base  # GPU: the cases whose label contains either text
     python bench/train_throughput.py --only finetune --extra task.fstride=16 task.tstride=16  # other shapes
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
-    python bench/train_throughput.py --write               # also docs/performance/train.json
+    python bench/train_throughput.py --write               # also docs/performance/train.json (rows merged
+                                                           # by label, each with its card, torch and date)
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import subprocess
@@ -107,6 +112,7 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     seconds = timer.end - timer.start
     return {"samples_per_s": timer.timed * batch / seconds, "ms_per_step": 1000 * seconds / timer.timed,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
             "steps_timed": timer.timed, "batch": batch, "tokens": task.encoder.num_patches + task.encoder.num_prefix_tokens,
             "backend": "mamba_ssm.Mamba" if stock else getattr(task.encoder.config, "backend", "-")}
 
@@ -165,17 +171,27 @@ def main() -> None:
         except RuntimeError as error:  # e.g. out of memory, or kernels a CUDA graph cannot capture
             print(f"{label}: failed: {error}", flush=True)
             continue
-        print(f"{label}: {results[label]['samples_per_s']:.1f} samples/s "
-              f"({results[label]['ms_per_step']:.1f} ms/step), peak {_gib(results[label]['peak_gib'])} GiB", flush=True)
-    lines = [f"| run | backend | tokens | ms / step | samples / s | peak GiB |", "|---|---|---|---|---|---|"]
+        row = results[label]
+        print(f"{label}: {row['samples_per_s']:.1f} samples/s ({row['ms_per_step']:.1f} ms/step), peak "
+              f"{_gib(row['peak_gib'])} GiB allocated, {_gib(row.get('peak_reserved_gib'))} GiB reserved", flush=True)
+    lines = ["| run | backend | tokens | ms / step | samples / s | peak GiB allocated | peak GiB reserved |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['backend']} | {v['tokens']} | {v['ms_per_step']:.1f} | {v['samples_per_s']:.1f} | "
-              f"{_gib(v['peak_gib'])} |" for k, v in results.items()]
+              f"{_gib(v['peak_gib'])} | {_gib(v.get('peak_reserved_gib'))} |" for k, v in results.items()]
     table = "\n".join(lines)
     print(f"\n{device}, torch {torch.__version__}, batch {batch}, {' '.join(args.extra)}\n{table}")
     if args.write:
-        out = ROOT / "docs" / "performance" / "train.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"device": device, "torch": torch.__version__, "runs": results}, indent=2) + "\n")
+        write_rows(ROOT / "docs" / "performance" / "train.json", results, device, " ".join(args.extra))
+
+
+def write_rows(path: Path, results: dict, device: str, extra: str) -> None:
+    """Merge this run's rows into ``path`` by label, each row carrying its card, torch version, date and
+    extra overrides (rows of other runs are kept: compare rows of one run only)."""
+    rows = json.loads(path.read_text())["runs"] if path.exists() else {}
+    stamp = {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "extra": extra}
+    rows.update({label: {**row, **stamp} for label, row in results.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
