@@ -1,13 +1,17 @@
 """Train an encoder: ``python train.py model=tiny task=pretrain [group=choice] [key=value]``.
 
 Compose the config, check it, seed, build data / task / callbacks / loggers / trainer, fit, test the
-best checkpoint where the data has a test split, and return the monitored metric (for sweepers).
+best checkpoint where the data has a test split (and with ``score_checkpoint=last|best`` score one per patient,
+as evaluate.py does), and return the monitored metric (for sweepers).
 Config groups and recipes: docs/training.md.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -16,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssamba.callbacks.resume_points import last_checkpoint_path
 from ssamba.errors import ConfigError
+from ssamba.evaluation import score_checkpoint
 from ssamba.tasks import build_task
 from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
@@ -35,6 +40,9 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     export_job_for_ddp_workers()
     datamodule = hydra.utils.instantiate(cfg.data)
+    if cfg.get("score_checkpoint") and not ("test" in getattr(datamodule, "splits", ())
+                                            and hasattr(datamodule, "aggregation")):
+        raise ConfigError(f"score_checkpoint={cfg.score_checkpoint}: the data has no test split of patients to score")
     task = build_task(cfg, datamodule)
     callbacks = build_callbacks(cfg)
     prepare_wandb(cfg)
@@ -51,6 +59,8 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.get("test") and _has_test_split(datamodule):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
+        if cfg.get("score_checkpoint") and trainer.is_global_zero:
+            _score_test(cfg.score_checkpoint, trainer, datamodule, cfg.paths.output_dir)
         exit_code = 0
     finally:
         finish_wandb(exit_code)
@@ -58,6 +68,23 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         log.info("%s = %s; outputs in %s", cfg.task.monitor, score, cfg.paths.output_dir)
     return score
+
+
+def _score_test(which: str, trainer: L.Trainer, datamodule, output_dir: str) -> None:
+    """Score the run's ``which`` checkpoint on the test patients in this process, exactly as evaluate.py would
+    (rebuilt from the file), and write scores and patient predictions to ``<run>/test_scores.json``: a second
+    process would redo the imports, the device set-up and the loader workers."""
+    path = last_checkpoint_path(trainer) if which == "last" else trainer.checkpoint_callback.best_model_path
+    started = time.perf_counter()
+    precision = "bf16" if "bf16" in str(trainer.precision) else "32"
+    scores, patients = score_checkpoint(path, datamodule, "test", trainer.strategy.root_device, precision)
+    record = {"checkpoint": which, "split": "test", "precision": precision, "scores": scores, "patients": patients,
+              "seconds": time.perf_counter() - started}
+    target = Path(output_dir) / "test_scores.json"
+    partial = target.with_suffix(".json.part")
+    partial.write_text(json.dumps(record) + "\n")
+    partial.replace(target)  # a reader never sees half a file
+    log.info("test patients: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
 
 def _has_test_split(datamodule) -> bool:

@@ -67,6 +67,8 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 CONFIDENCE = 0.95
 GRACE_SECONDS = 120  # after SIGTERM: the batch in flight, a validation due, writing last.ckpt
 MIN_START_SECONDS = 60  # no training starts with less time left before --stop-after-minutes
+LAST_CHECKPOINT = "checkpoints/last.ckpt"  # what a finished pretraining leaves for its finetunings
+TEST_SCORES = "test_scores.json"  # what a finished finetuning leaves for its cell (train.py score_checkpoint=...)
 
 
 # --- staging ----------------------------------------------------------------------------------
@@ -177,20 +179,27 @@ def _run_until(command: list[str], log_path: Path, deadline: Deadline) -> tuple[
     return code, time.perf_counter() - start
 
 
-def train(overrides: list[str], run_dir: Path, deadline: Deadline) -> dict | None:
+def train(overrides: list[str], run_dir: Path, deadline: Deadline, output: str) -> dict | None:
     """``python train.py <overrides>`` into ``run_dir``, resumed from its ``last.ckpt`` when an earlier call
     was stopped. Its state (``runner.json``: finished, wall seconds of all attempts, cards) is returned once
-    finished; None when the deadline (or a stop signal to the runner) stopped it first."""
+    finished; None when the deadline (or a stop signal to the runner) stopped it first.
+
+    ``output`` is the file (relative to ``run_dir``) that the cells read from the finished run. A run marked
+    finished without it (its folder came from another machine, where checkpoints stay) is trained again."""
     state_path = run_dir / "runner.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"finished": False, "seconds": 0.0,
                                                                               "devices": []}  # fmt: skip
-    if state["finished"]:
+    if state["finished"] and (run_dir / output).is_file():
         return state
+    if state["finished"]:
+        print(f"{run_dir.name}: finished earlier, but its {output} is not here (trained on another machine?); "
+              "training it again", flush=True)
+        state["finished"] = False
     if deadline.left() < MIN_START_SECONDS:
         print(f"{run_dir.name}: not started (--stop-after-minutes or a stop signal); the next call runs it", flush=True)
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / LAST_CHECKPOINT
     resuming = last.is_file()
     command = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}", *([f"ckpt_path={last}"] * resuming)]
     code, seconds = _run_until(command, run_dir / "stdout.log", deadline)
@@ -206,47 +215,9 @@ def train(overrides: list[str], run_dir: Path, deadline: Deadline) -> dict | Non
     if resuming:  # e.g. a checkpoint cut short by a killed job: start this training over
         print(f"{run_dir.name}: resuming from {last} failed (exit {code}); starting it over", flush=True)
         shutil.rmtree(run_dir / "checkpoints")
-        return train(overrides, run_dir, deadline)
+        return train(overrides, run_dir, deadline, output)
     tail = (run_dir / "stdout.log").read_text()[-4000:]
     raise RuntimeError(f"train.py failed (exit {code}) in {run_dir}:\n{tail}")
-
-
-def checkpoint_of(run_dir: Path, which: str) -> Path:
-    """The run's ``last.ckpt``, or (``best``) the one its checkpoint callback kept as best on val."""
-    folder = run_dir / "checkpoints"
-    found = [folder / "last.ckpt"] if which == "last" else sorted(folder.glob("best-*.ckpt"))
-    if len(found) != 1 or not found[0].is_file():
-        raise FileNotFoundError(f"{folder}: expected one {which} checkpoint, found {[p.name for p in found]}")
-    return found[0]
-
-
-def score(ckpt: Path, run_dir: Path, num_workers: int) -> tuple[dict[str, float], dict]:
-    """Patient-level scores of ``ckpt`` on the test patients of the run's own data config (its fold), and
-    the patient predictions behind them (for pooling over folds)."""
-    import hydra
-    import torch
-    from omegaconf import OmegaConf
-
-    from ssamba.evaluation import check_compatible, load_finetuned, score_split
-
-    checkpoint = load_finetuned(str(ckpt))
-    data = OmegaConf.load(run_dir / ".hydra" / "config.yaml").data
-    data.num_workers = num_workers
-    datamodule = hydra.utils.instantiate(data)
-    check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metric = score_split(checkpoint.build_classifier(), datamodule, "test", datamodule.aggregation, device,
-                         "bf16" if device.type == "cuda" else "32")  # fmt: skip
-    predictions = metric.predictions()
-    outcome = predictions.outcome.tolist() if predictions.outcome is not None else [-1] * len(predictions.preds)
-    patients = {
-        "class_names": list(datamodule.label_names), "rule": datamodule.aggregation,
-        "id": [metric.patient_id(code) for code in predictions.patient.tolist()],
-        "target": predictions.target.tolist(), "pred": predictions.preds.tolist(),
-        "probs": predictions.probs.tolist(),
-        "outcome": outcome, "recordings": predictions.num_recordings.tolist(),
-    }  # fmt: skip
-    return {name: float(value) for name, value in metric.scores(predictions).items()}, patients
 
 
 def device_name() -> str:
@@ -279,6 +250,7 @@ class Grid:
     args: argparse.Namespace
     deadline: Deadline
     results: Path
+    work: Path
     common: list[str]
     pretrain: list[str]
     finetune: list[str]
@@ -288,21 +260,30 @@ class Grid:
 def run_grid(args: argparse.Namespace) -> bool:
     """Train and score every missing cell until done or ``--stop-after-minutes``; True when the grid is complete."""
     results = Path(args.results)
-    data_root = merge([Path(p) for p in args.data], results / "data")
+    work = Path(args.work) if args.work else results
+    data_root = merge([Path(p) for p in args.data], work / "data")
     common = [
         f"data.root={data_root}", f"data.num_workers={args.num_workers}", f"trainer={args.trainer}",
         "logger=csv", "test=false", "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null",
         "data.split_file=null", "data.split=kfold", f"data.folds={args.folds}", *args.override,
     ]  # fmt: skip
-    pretrain = ["experiment=circor_pretrain", f"trainer.max_epochs={args.pretrain_epochs}", *args.pretrain_override]
-    finetune = [f"trainer.max_epochs={args.finetune_epochs}", *args.finetune_override]
+    # No checkpoint or validation pass that the cell does not read (the numbers stay the same: the sanity check
+    # still makes the val loader draw its one seed from the global RNG at the start, and the epoch-stepped
+    # finetuning schedule needs no val): the pretraining keeps only last.ckpt (its val drives the plateau
+    # schedule); the finetuning validates only after its last epoch unless --checkpoint best picks an epoch,
+    # and scores the test patients in its own process (score_checkpoint, as evaluate.py).
+    pretrain = ["experiment=circor_pretrain", f"trainer.max_epochs={args.pretrain_epochs}",
+                "callbacks.model_checkpoint.save_top_k=0", *args.pretrain_override]
+    lean = [f"trainer.check_val_every_n_epoch={args.finetune_epochs}", "callbacks.model_checkpoint.save_top_k=0"]
+    finetune = [f"trainer.max_epochs={args.finetune_epochs}", f"score_checkpoint={args.checkpoint}",
+                *(lean if args.checkpoint == "last" else []), *args.finetune_override]
     settings = {
         "folds": args.folds, "checkpoint": args.checkpoint, "pretrain": pretrain, "finetune": finetune,
         "common": [o for o in common if not o.startswith(("data.root=", "data.num_workers="))],  # no machine paths
     }  # fmt: skip
     check_grid(results, settings)
     settings |= {"recipes": {task: f"experiment={RECIPES[task]}" for task in args.tasks}, "data": args.data_description}
-    grid = Grid(args, Deadline(args.stop_after_minutes), results, common, pretrain, finetune, settings)
+    grid = Grid(args, Deadline(args.stop_after_minutes), results, work, common, pretrain, finetune, settings)
     (results / "cells").mkdir(parents=True, exist_ok=True)
     complete = True
     stops = (signal.SIGTERM, signal.SIGINT)  # a job's end or Ctrl-C: checkpoint the training, then stop
@@ -325,30 +306,32 @@ def cell_path(results: Path, task: str, fold: int, seed: int, arm: str) -> Path:
 
 
 def run_cells(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> bool:
-    """The cells of one (fold, seed, arm), one per label scheme: pretraining (arm pretrained, shared by the
-    schemes), finetuning, scoring. False when the deadline stopped a training."""
-    runs, each = grid.results / "runs", [f"data.fold={fold}", f"data.split_seed={seed}", f"seed={seed}"]
+    """The missing cells of one (fold, seed, arm), one per label scheme: pretraining (arm pretrained, shared by the
+    schemes), then at once the finetunings that start from it, each scored on the test patients in its own
+    process. A pretraining's checkpoint stays on the machine that made it: a pretraining finished on another
+    machine is done again here. False when the deadline stopped a training."""
+    runs, each = grid.work / "runs", [f"data.fold={fold}", f"data.split_seed={seed}", f"seed={seed}"]
     init, pretrained = [], {"seconds": 0.0, "devices": []}
     if arm == "pretrained":
         pretrain_dir = runs / f"pretrain_fold{fold}_seed{seed}"
-        pretrained = train([*grid.pretrain, *grid.common, *each], pretrain_dir, grid.deadline)
+        pretrained = train([*grid.pretrain, *grid.common, *each], pretrain_dir, grid.deadline, LAST_CHECKPOINT)
         if pretrained is None:
             return False
-        init = [f"task.pretrained={checkpoint_of(pretrain_dir, 'last')}"]
+        init = [f"task.pretrained={pretrain_dir / LAST_CHECKPOINT}"]
     for task in tasks:
         run_dir = runs / f"{task}_fold{fold}_seed{seed}_{arm}"
         finetuned = train([f"experiment={RECIPES[task]}", *grid.finetune, *grid.common, *each, *init], run_dir,
-                          grid.deadline)  # fmt: skip
+                          grid.deadline, TEST_SCORES)  # fmt: skip
         if finetuned is None:
             return False
-        started = time.perf_counter()
-        scores, patients = score(checkpoint_of(run_dir, grid.args.checkpoint), run_dir, grid.args.num_workers)
+        scored = json.loads((run_dir / TEST_SCORES).read_text())
+        scores = scored["scores"]
         record = {
             "task": task, "fold": fold, "seed": seed, "arm": arm,
-            "cards": sorted({*pretrained["devices"], *finetuned["devices"]}), "score_card": device_name(),
+            "cards": sorted({*pretrained["devices"], *finetuned["devices"]}),
             "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
-            "score_seconds": time.perf_counter() - started, "settings": grid.settings, "scores": scores,
-            "patients": patients,
+            "score_seconds": scored["seconds"], "settings": grid.settings, "scores": scores,
+            "patients": scored["patients"],
         }  # fmt: skip
         cell_path(grid.results, task, fold, seed, arm).write_text(json.dumps(record, indent=1) + "\n")
         print(f"{run_dir.name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[task]),
@@ -546,7 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = commands.add_parser("run", help="train and score the missing cells of the grid (resumes)")
     grid.add_argument("--data", nargs="+", required=True, help="a CirCor folder, or the staged parts")
     grid.add_argument("--data-description", default="", help="one line on the data, for the report")
-    grid.add_argument("--results", default=".gpudata/circor-cv", help="per-cell JSON files and run folders")
+    grid.add_argument("--results", default=".gpudata/circor-cv",
+                      help="the grid's settings (grid.json) and per-cell JSON files (cells/)")
+    grid.add_argument("--work", default="", help="run folders and the joined data (default: --results); "
+                      "keep it out of a --results folder that is committed")
     grid.add_argument("--out", default="circor-cv.md", help="markdown report")
     grid.add_argument("--tasks", nargs="+", choices=list(RECIPES), default=["murmur"], help="label schemes")
     grid.add_argument("--folds", type=int, default=5)

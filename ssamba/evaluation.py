@@ -1,4 +1,5 @@
-"""Scoring a finetuned checkpoint on a CirCor-style split, outside of training (``evaluate.py``).
+"""Scoring a finetuned checkpoint on a CirCor-style split: ``evaluate.py``, and ``train.py score_checkpoint=...``
+right after training (one code path, so both give the same numbers).
 
 The classifier is rebuilt from the checkpoint's own record (``checkpoint["ssamba"]``: encoder
 config after the finetuning grid, head settings, input normalisation), so scoring needs neither
@@ -17,9 +18,10 @@ from torch import Tensor, nn
 
 from ssamba.checkpoints import Checkpoint, load_checkpoint
 from ssamba.metrics.labelset import patient_metrics
-from ssamba.metrics.patient import PatientChallengeMetrics
+from ssamba.metrics.patient import PatientChallengeMetrics, PatientPredictions
 
 BATCH_METRIC_KEYS = ("patient", "recording", "id", "outcome")
+SCORED_CHECKPOINTS = ("last", "best")  # train.py score_checkpoint=...: the run's last.ckpt, or its best on val
 
 
 def load_finetuned(path: str) -> Checkpoint:
@@ -82,3 +84,29 @@ def score_split(
         fields = {k: batch[k] for k in BATCH_METRIC_KEYS if k in batch}
         metric.update(logits.float(), batch["target"], **fields)
     return metric
+
+
+def patient_table(metric: PatientChallengeMetrics, predictions: PatientPredictions, class_names: Sequence[str],
+                  rule: str) -> dict[str, list]:
+    """The patients' predictions as plain JSON lists (ids, targets, predictions, probabilities, outcome or -1,
+    recordings), enough to score any set of them again later (pooling folds)."""
+    outcome = predictions.outcome.tolist() if predictions.outcome is not None else [-1] * len(predictions.preds)
+    return {
+        "class_names": list(class_names), "rule": rule,
+        "id": [metric.patient_id(code) for code in predictions.patient.tolist()],
+        "target": predictions.target.tolist(), "pred": predictions.preds.tolist(),
+        "probs": predictions.probs.tolist(), "outcome": outcome, "recordings": predictions.num_recordings.tolist(),
+    }  # fmt: skip
+
+
+def score_checkpoint(path: str, datamodule: Any, split: str, device: torch.device,
+                     precision: str = "32") -> tuple[dict[str, float], dict[str, list]]:
+    """Patient-level scores of the finetuning checkpoint ``path`` on ``split`` of ``datamodule`` (its own
+    aggregation rule), and the patient predictions behind them (:func:`patient_table`)."""
+    checkpoint = load_finetuned(path)
+    check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
+    rule = datamodule.aggregation
+    metric = score_split(checkpoint.build_classifier(), datamodule, split, rule, device, precision)
+    predictions = metric.predictions()
+    scores = {name: float(value) for name, value in metric.scores(predictions).items()}
+    return scores, patient_table(metric, predictions, datamodule.label_names, rule)

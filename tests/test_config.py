@@ -84,6 +84,8 @@ def test_defaults_are_the_reference_pretraining():
     (["task=finetune", "task.pretrained=/no/such.ckpt"], "task.pretrained=/no/such.ckpt: no such checkpoint file"),
     (["task=finetune", "task.num_classes=0"], "task.num_classes=0: must be a positive integer"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such checkpoint file"),
+    (["score_checkpoint=last"], "score_checkpoint=last: allowed values are last, best or null, with task=finetune"),
+    (["task=finetune", "score_checkpoint=final"], "score_checkpoint=final: allowed values are last, best or null"),
     (["data=audioset"], "data.root: is required"),
 ])
 def test_inconsistent_values_name_the_key(overrides, message):

@@ -94,22 +94,25 @@ def fake_train(tmp_path, monkeypatch):
     return tmp_path
 
 
+LAST = bench.LAST_CHECKPOINT
+
+
 def calls(run_dir):
     return [json.loads(line) for line in (run_dir / "calls.jsonl").read_text().splitlines()]
 
 
 def test_a_training_stopped_at_the_deadline_resumes_from_its_checkpoint_and_then_never_reruns(fake_train):
     run = fake_train / "runs" / "cell"
-    assert bench.train(["sleep=60"], run, bench.Deadline(2 / 60)) is None  # stopped after 2 s
+    assert bench.train(["sleep=60"], run, bench.Deadline(2 / 60), LAST) is None  # stopped after 2 s
     assert (run / "checkpoints" / "last.ckpt").read_text() == "part"
     first = json.loads((run / "runner.json").read_text())
     assert not first["finished"] and 1.5 < first["seconds"] < 30
 
-    state = bench.train(["sleep=60"], run, bench.Deadline(0))
+    state = bench.train(["sleep=60"], run, bench.Deadline(0), LAST)
     assert state["finished"] and state["seconds"] > first["seconds"]
     assert state["devices"] == [bench.device_name()]
     assert calls(run)[1][-1] == f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
-    assert bench.train(["sleep=60"], run, bench.Deadline(0)) == state
+    assert bench.train(["sleep=60"], run, bench.Deadline(0), LAST) == state
     assert len(calls(run)) == 2  # finished: not run again
 
 
@@ -117,7 +120,7 @@ def test_a_stop_signal_to_the_runner_checkpoints_the_training_and_stops(fake_tra
     deadline = bench.Deadline(0)
     threading.Timer(2.0, deadline.stop).start()  # what the runner's SIGTERM / SIGINT handler calls
     started = time.monotonic()
-    assert bench.train(["sleep=60"], fake_train / "runs" / "cell", deadline) is None
+    assert bench.train(["sleep=60"], fake_train / "runs" / "cell", deadline, LAST) is None
     assert time.monotonic() - started < 30
     assert (fake_train / "runs" / "cell" / "checkpoints" / "last.ckpt").read_text() == "part"
 
@@ -126,28 +129,26 @@ def test_an_unresumable_checkpoint_restarts_the_training_and_a_failure_is_report
     run = fake_train / "runs" / "cell"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_text("unreadable")
-    assert bench.train(["sleep=0"], run, bench.Deadline(0))["finished"]
+    assert bench.train(["sleep=0"], run, bench.Deadline(0), LAST)["finished"]
     assert [any(a.startswith("ckpt_path=") for a in call) for call in calls(run)] == [True, False]
     with pytest.raises(RuntimeError, match=r"train.py failed \(exit 3\)(.|\n)*cannot go on"):
-        bench.train(["sleep=0", "fail=1"], fake_train / "runs" / "other", bench.Deadline(0))
+        bench.train(["sleep=0", "fail=1"], fake_train / "runs" / "other", bench.Deadline(0), LAST)
 
 
 def test_no_training_starts_too_close_to_the_deadline(fake_train, monkeypatch):
     monkeypatch.setattr(bench, "MIN_START_SECONDS", 60)
-    assert bench.train(["sleep=0"], fake_train / "runs" / "cell", bench.Deadline(0.5)) is None
+    assert bench.train(["sleep=0"], fake_train / "runs" / "cell", bench.Deadline(0.5), LAST) is None
     assert not (fake_train / "runs" / "cell").exists()
 
 
-def test_the_scored_checkpoint_is_last_or_the_one_best_on_val(tmp_path):
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    for name in ("last.ckpt", "best-epoch003-step0000120.ckpt"):
-        (folder / name).write_text("")
-    assert bench.checkpoint_of(tmp_path, "last") == folder / "last.ckpt"
-    assert bench.checkpoint_of(tmp_path, "best") == folder / "best-epoch003-step0000120.ckpt"
-    (folder / "best-epoch005-step0000200.ckpt").write_text("")
-    with pytest.raises(FileNotFoundError, match="expected one best checkpoint"):
-        bench.checkpoint_of(tmp_path, "best")
+def test_a_run_finished_on_another_machine_without_its_output_is_trained_again(fake_train, capsys):
+    run = fake_train / "runs" / "pretrain"
+    first = bench.train(["sleep=0"], run, bench.Deadline(0), LAST)
+    (run / LAST).unlink()  # what a copy of the run folders without the git-ignored checkpoints leaves
+    again = bench.train(["sleep=0"], run, bench.Deadline(0), LAST)
+    assert "finished earlier, but its checkpoints/last.ckpt is not here" in capsys.readouterr().out
+    assert again["finished"] and again["seconds"] > first["seconds"] and (run / LAST).read_text() == "done"
+    assert len(calls(run)) == 2 and not any(a.startswith("ckpt_path=") for a in calls(run)[1])
 
 
 @pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
@@ -180,7 +181,7 @@ def cell(arm, fold, seed, wa, cost=12000.0):
     patients = {**FOLD_PATIENTS[fold], "class_names": ["Present", "Unknown", "Absent"], "rule": "hierarchical",
                 "outcome": [-1, -1], "recordings": [4, 4]}
     return {"task": "murmur", "fold": fold, "seed": seed, "arm": arm, "cards": ["NVIDIA H100 80GB HBM3"],
-            "score_card": "NVIDIA H100 80GB HBM3", "pretrain_seconds": 60.0 if arm == "pretrained" else 0.0,
+            "pretrain_seconds": 60.0 if arm == "pretrained" else 0.0,
             "finetune_seconds": 120.0, "score_seconds": 3.0, "settings": settings, "scores": scores,
             "patients": patients}  # fmt: skip
 

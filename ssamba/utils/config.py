@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssamba.checkpoints import HUB_SCHEME
 from ssamba.errors import ConfigError
+from ssamba.evaluation import SCORED_CHECKPOINTS
 from ssamba.models.heads import POOLINGS
 from ssamba.tasks import TASKS
 from ssamba.tasks.finetune import LOSSES
@@ -113,6 +114,10 @@ def validate_config(cfg: DictConfig) -> None:
                           "allowed: task.cuda_graphs=false, or trainer=gpu|ddp")
     if _get(cfg, "task.warmup_steps", 0) < 0:
         raise ConfigError(f"task.warmup_steps={cfg.task.warmup_steps}: must be >= 0")
+    scored = _get(cfg, "score_checkpoint")
+    if scored is not None and (task != "finetune" or scored not in SCORED_CHECKPOINTS):
+        raise ConfigError(f"score_checkpoint={scored}: allowed values are {', '.join(SCORED_CHECKPOINTS)} or null, "
+                          "with task=finetune")
     ckpt_path = _get(cfg, "ckpt_path")
     if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (or use 'last' / 'best')")
