@@ -314,6 +314,10 @@ def run_cells(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> b
     init, pretrained = [], {"seconds": 0.0, "devices": []}
     if arm == "pretrained":
         pretrain_dir = runs / f"pretrain_fold{fold}_seed{seed}"
+        served = [t for t in RECIPES if t not in tasks and cell_path(grid.results, t, fold, seed, arm).is_file()]
+        if served and not (pretrain_dir / LAST_CHECKPOINT).is_file():
+            print(f"{pretrain_dir.name}: finished elsewhere (the {', '.join(served)} cells started from it), but its "
+                  "checkpoint is not on this machine; pretraining again", flush=True)
         pretrained = train([*grid.pretrain, *grid.common, *each], pretrain_dir, grid.deadline, LAST_CHECKPOINT)
         if pretrained is None:
             return False

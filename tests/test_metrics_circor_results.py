@@ -81,6 +81,8 @@ signal.signal(signal.SIGTERM, stop)
 time.sleep(0 if "ckpt_path" in args else float(args["sleep"]))
 last.parent.mkdir(exist_ok=True)
 last.write_text("done")
+if "score_checkpoint" in args:  # as train.py: the test patients' scores of a finetuning
+    (run / "test_scores.json").write_text(json.dumps({"scores": {"patients": 2.0}, "patients": {}, "seconds": 0.5}))
 """
 
 
@@ -149,6 +151,28 @@ def test_a_run_finished_on_another_machine_without_its_output_is_trained_again(f
     assert "finished earlier, but its checkpoints/last.ckpt is not here" in capsys.readouterr().out
     assert again["finished"] and again["seconds"] > first["seconds"] and (run / LAST).read_text() == "done"
     assert len(calls(run)) == 2 and not any(a.startswith("ckpt_path=") for a in calls(run)[1])
+
+
+def test_a_pretraining_done_on_another_machine_is_done_again_before_its_remaining_finetuning(fake_train, capsys):
+    results, work = fake_train / "committed", fake_train / "work"
+    (results / "cells").mkdir(parents=True)
+    done = cell("pretrained", 0, 0, 0.7)  # the murmur cell came back from another machine; its runs stayed there
+    (results / "cells" / "murmur_fold0_seed0_pretrained.json").write_text(json.dumps(done))
+    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last")
+    grid = bench.Grid(args, bench.Deadline(0), results, work, ["sleep=0"], ["experiment=circor_pretrain"],
+                      ["score_checkpoint=last"],
+                      done["settings"] | {"recipes": {"murmur_timing": "experiment=circor_timing"}})  # fmt: skip
+    assert bench.run_cells(grid, ["murmur_timing"], 0, 0, "pretrained")
+    out = capsys.readouterr().out
+    assert "pretrain_fold0_seed0: finished elsewhere (the murmur cells started from it)" in out
+    assert out.index("pretrain_fold0_seed0:") < out.index("experiment=circor_timing")  # then at once its finetuning
+    pretraining = work / "runs" / "pretrain_fold0_seed0"
+    assert len(calls(pretraining)) == 1 and (pretraining / LAST).read_text() == "done"
+    finetuning = calls(work / "runs" / "murmur_timing_fold0_seed0_pretrained")
+    assert f"task.pretrained={pretraining / LAST}" in finetuning[0] and "score_checkpoint=last" in finetuning[0]
+    record = json.loads((results / "cells" / "murmur_timing_fold0_seed0_pretrained.json").read_text())
+    assert record["pretrain_seconds"] > 0 and record["score_seconds"] == 0.5 and record["scores"] == {"patients": 2.0}
+    assert not (results / "runs").exists()  # run folders stay in --work
 
 
 @pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
