@@ -8,9 +8,10 @@ patients; ``data.val_fraction`` of the other folds' patients are val and the res
 ``scratch`` finetunes (``experiment=circor_murmur``, or ``circor_timing`` for ``murmur_timing``) from
 random weights; arm ``pretrained`` first runs ``experiment=circor_pretrain`` on the same fold and seed
 (the train patients' audio, the val patients' for its monitor; one pretraining serves both label
-schemes), then finetunes from its last checkpoint. Each finetuned model's last checkpoint (or, with
-``--checkpoint best``, the one best on val) is scored per patient on the fold's test patients, which
-choose nothing. The report: per scheme and arm the mean over cells with a 95% interval, the paired
+schemes), then finetunes from its last checkpoint, at once, on the same machine. Each finetuned model's last
+checkpoint (or, with ``--checkpoint best``, the one best on val) is scored per patient on the fold's test
+patients, which choose nothing, in the finetuning's own process (``train.py score_checkpoint=...``, the
+evaluate.py code path). The report: per scheme and arm the mean over cells with a 95% interval, the paired
 difference pretrained - scratch with its interval, the pooled out-of-fold scores of every seed, and
 each cell with its card and wall time (docs/heart-murmurs.md says what the intervals mean).
 
@@ -20,8 +21,17 @@ each cell with its card and wall time (docs/heart-murmurs.md says what the inter
     # on the GPU machine, with a CirCor folder or the parts; the same command resumes the grid:
     python bench/circor_results.py run --data .gpudata/circor/part* --results .gpudata/circor-cv \\
         --tasks murmur murmur_timing --folds 5 --seeds 0 1 2 --stop-after-minutes 8 --out circor-cv.md
+    # a grid over several machines: the cells (small JSON files) accumulate in the repository, the run
+    # folders (checkpoints) stay on each machine; commit docs/results/circor-cv/ after each call
+    python bench/circor_results.py run --data .gpudata/circor/part* --results docs/results/circor-cv \\
+        --work .gpudata/circor-cv-work --tasks murmur murmur_timing --stop-after-minutes 8 \\
+        --out docs/results/circor-cv.md
     # anywhere, from the per-cell JSON files:
     python bench/circor_results.py report --results .gpudata/circor-cv --out docs/results/circor-cv.md
+
+A call skips every cell whose ``cells/*.json`` is in ``--results``; cells of several folders merge by copying
+them into one (same ``grid.json``). A pretraining whose checkpoint is not on this machine is done again (the log
+says so) before the finetunings that start from it.
 
 Extra Hydra overrides go to every training (``--override``) or to one kind (``--pretrain-override``,
 ``--finetune-override``), e.g. ``--override +model.depth=2`` for a quick check.
