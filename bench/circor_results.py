@@ -216,6 +216,8 @@ def train(overrides: list[str], run_dir: Path, deadline: Deadline, output: str) 
     state["seconds"] += seconds
     state["devices"] = sorted({*state["devices"], device_name()})
     state["finished"] = code == 0
+    if code == 0:
+        state["wall_times"] = wall_times(run_dir, seconds)
     state_path.write_text(json.dumps(state, indent=2) + "\n")
     if code == 0:
         return state
@@ -228,6 +230,19 @@ def train(overrides: list[str], run_dir: Path, deadline: Deadline, output: str) 
         return train(overrides, run_dir, deadline, output)
     tail = (run_dir / "stdout.log").read_text()[-4000:]
     raise RuntimeError(f"train.py failed (exit {code}) in {run_dir}:\n{tail}")
+
+
+def wall_times(run_dir: Path, seconds: float) -> dict[str, float]:
+    """Where the last attempt's ``seconds`` went (``ssamba.callbacks.WallTimes``' sums), with its process start-up
+    (to the start of fitting) and what followed fitting (the test patients' scoring, the exit)."""
+    path = run_dir / "wall_times.json"
+    if not path.is_file():
+        return {}
+    phases = json.loads(path.read_text())
+    ended = time.time()
+    start, fit_start, fit_end = ended - seconds, phases.pop("fit_start"), phases.pop("fit_end")
+    return {"seconds": round(seconds, 3), "start_seconds": round(fit_start - start, 3), **phases,
+            "after_fit_seconds": round(ended - fit_end, 3)}
 
 
 def device_name() -> str:
@@ -275,13 +290,16 @@ def run_grid(args: argparse.Namespace) -> bool:
     common = [
         f"data.root={data_root}", f"data.num_workers={args.num_workers}", f"trainer={args.trainer}",
         "logger=csv", "test=false", "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null",
-        "data.split_file=null", "data.split=kfold", f"data.folds={args.folds}", *args.override,
+        "data.split_file=null", "data.split=kfold", f"data.folds={args.folds}",
+        "+callbacks.wall_times._target_=ssamba.callbacks.WallTimes", "+callbacks.wall_times.dirpath=${paths.output_dir}",
+        *args.override,
     ]  # fmt: skip
-    # No checkpoint or validation pass that the cell does not read (the numbers stay the same: the sanity check
-    # still makes the val loader draw its one seed from the global RNG at the start, and the epoch-stepped
-    # finetuning schedule needs no val): the pretraining keeps only last.ckpt (its val drives the plateau
-    # schedule); the finetuning validates only after its last epoch unless --checkpoint best picks an epoch,
-    # and scores the test patients in its own process (score_checkpoint, as evaluate.py).
+    # No checkpoint or validation pass that the cell does not read: the pretraining keeps only last.ckpt (its val
+    # drives the plateau schedule); the finetuning validates only after its last epoch unless --checkpoint best
+    # picks an epoch, and scores the test patients in its own process (score_checkpoint, as evaluate.py). The
+    # numbers stay the same: the epoch-stepped finetuning schedule needs no val, and the val loader draws its
+    # one seed from the global RNG in the sanity check either way (with loader workers, which persist, and the
+    # sanity check on: the runner's defaults; without them every val pass draws one, and fewer change the draws).
     pretrain = ["experiment=circor_pretrain", f"trainer.max_epochs={args.pretrain_epochs}",
                 "callbacks.model_checkpoint.save_top_k=0", *args.pretrain_override]
     lean = [f"trainer.check_val_every_n_epoch={args.finetune_epochs}", "callbacks.model_checkpoint.save_top_k=0"]
@@ -346,6 +364,7 @@ def run_cells(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> b
             "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
             "score_seconds": scored["seconds"], "settings": grid.settings, "scores": scores,
             "patients": scored["patients"],
+            "wall_times": {"pretrain": pretrained.get("wall_times", {}), "finetune": finetuned.get("wall_times", {})},
         }  # fmt: skip
         cell_path(grid.results, task, fold, seed, arm).write_text(json.dumps(record, indent=1) + "\n")
         print(f"{run_dir.name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[task]),

@@ -271,6 +271,11 @@ def test_tiny_cross_validation_grid_on_cpu_trains_scores_resumes_and_reports(tmp
             record = cells[f"{task}_fold{fold}_seed0_pretrained"]
             assert record["pretrain_seconds"] > 0 and record["finetune_seconds"] > 0
             assert record["cards"] == [bench.device_name()] and record["scores"]["patients"] == 6
+            times = record["wall_times"]["finetune"]  # where the finetuning's wall time went
+            assert times["steps"] == 2 and times["validations"] == 1 and times["checkpoint_saves"] == 1  # no sanity
+            assert times["after_fit_seconds"] >= record["score_seconds"] > 0 and times["start_seconds"] > 0
+            assert times["seconds"] == pytest.approx(record["finetune_seconds"], abs=1e-3)  # one attempt
+            assert record["wall_times"]["pretrain"]["steps"] == 2
             log = (results / "runs" / f"{task}_fold{fold}_seed0_pretrained" / "stdout.log").read_text()
             assert "finetuning from" in log and f"pretrain_fold{fold}_seed0" in log
     assert 0 <= cells["murmur_timing_fold0_seed0_scratch"]["scores"]["murmur_weighted_accuracy"] <= 1
