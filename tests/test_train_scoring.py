@@ -62,7 +62,6 @@ def test_in_process_scores_are_evaluate_py_s_and_the_lean_settings_change_nothin
     assert epochs == {"1"}  # validated once, after the last epoch
 
 
-
 def test_score_checkpoint_without_test_patients_stops_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "task=finetune", "data=synthetic", "trainer=cpu", "logger=csv",
                              "score_checkpoint=last", f"paths.log_dir={tmp_path}"],
