@@ -526,6 +526,12 @@ def render(records: list[dict]) -> str:
         f"their shared patients (Nadeau-Bengio: s² (1/n + 1/{folds - 1})); see docs/heart-murmurs.md.",
         "",
     ]
+    tasks = sorted({r["task"] for r in records})
+    expected = len(tasks) * folds * len(seeds) * len(ARMS)
+    if len(records) < expected:
+        lines += [f"**Incomplete grid: {len(records)} of the {expected} cells of these label schemes and seeds.** "
+                  "The cells so far cover only some folds, i.e. some of the patients; read no ordering of the arms "
+                  "into them.", ""]
     for task in REPORTED:
         rows = [r for r in records if r["task"] == task]
         if rows:

@@ -229,6 +229,10 @@ def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_check
     assert "| scratch | 0 | 0.700 | 0.667 | 1.000 | 0.000 | n/a | 4 |" in text
     assert "| 1 | 1 | pretrained | 0.820 | 0.500 | n/a | 0.250 | 12000 | 2 | NVIDIA H100 80GB HBM3 | 1.0 + 2.0 |" in text
     assert "Nadeau-Bengio: s² (1/n + 1/1)" in text
+    assert "Incomplete grid" not in text
+    (tmp_path / "cells" / "murmur_fold1_seed1_pretrained.json").unlink()
+    bench.write_report(tmp_path, tmp_path / "report.md")
+    assert "**Incomplete grid: 7 of the 8 cells" in (tmp_path / "report.md").read_text()
 
 
 def test_pooling_refuses_a_patient_tested_twice():

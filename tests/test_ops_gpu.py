@@ -164,6 +164,22 @@ def test_block_fused_add_norm_matches_torch(norm, first_layer):
         assert _relerr(g, g_ref) <= 1e-2, f"grad {name}: {_relerr(g, g_ref):.2e}"
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton-plain"])
+def test_parameter_gradients_keep_no_activation_sized_buffer(backend, monkeypatch):
+    """No parameter gradient of a training step is a view of an activation-sized buffer (the scan's
+    dB/dC, 2 MiB here): a gradient keeps its storage alive until the optimizer step. Views of small
+    per-layer buffers (a few parameters' gradients side by side) are fine."""
+    name = _available(backend, monkeypatch)
+    torch.manual_seed(0)
+    encoder = build_encoder("ssamba_tiny", depth=4, backend=name).cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = encoder(torch.randn(16, 1024, 128, device="cuda"))
+    out.float().pow(2).mean().backward()
+    for pname, p in encoder.named_parameters():
+        extra = p.grad.untyped_storage().nbytes() - p.grad.numel() * p.grad.element_size()
+        assert extra <= 2**18, f"{pname}: its gradient keeps {extra} bytes more alive"
+
+
 def _pair_step(encoder, fbank, pair):
     """A bf16 training step of ``encoder`` with its pairs run by ``pair`` (the encoder's fused or
     two-block path): output, every parameter gradient, and the peak memory above the start."""

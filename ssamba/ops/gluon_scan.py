@@ -499,11 +499,12 @@ def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
     align, in_units = _in_alignment_units(u, dt_f, bc)
     du = torch.empty_like(u)
     ddt_b = torch.empty_like(ddt_f)
-    # everything accumulated atomically, zeroed by one fill
-    n_bc, n_a = batch * length * 4 * d_state, dim2 * d_state
-    acc = torch.zeros(n_bc + n_a + 2 * dim2, device=u.device, dtype=torch.float32)
-    dBC = acc[:n_bc].view(batch, length, 2, 2, d_state)
-    dparam = acc[n_bc:]
+    # accumulated atomically, so zeroed first. The parameters' gradients get a buffer of their own: the
+    # parameters' .grad keeps them, and views of one shared buffer kept the batch-sized dB/dC alive with
+    # them, every layer's until the optimizer step (docs/performance.md, "Training memory")
+    n_a = dim2 * d_state
+    dBC = torch.zeros(batch, length, 2, 2, d_state, device=u.device, dtype=torch.float32)
+    dparam = torch.zeros(n_a + 2 * dim2, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_bwd_kernel[grid](
         u, dt_f, dt_b, bc, *params, g, ckpt, du, ddt_f, ddt_b, dBC, dparam, length, num_chunks, *in_units,
