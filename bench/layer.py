@@ -6,6 +6,9 @@ after warm-up:
   averaged (what the released Vim/SSAMBA code computes with its patched fork), plus the residual add;
 - ``ours-<backend>``: our ``MambaBlock`` (add -> norm -> bidirectional mixer) per available backend;
   ``ours`` in the JSON is ``backend=auto``;
+- ``ours-pair``: a pair of layers as the encoder runs it with the published pairing (``backend=auto``;
+  on the Gluon path one Function for both, ``ops.pair``), its time halved: per layer, comparable with
+  the rows above;
 - ``ssast``: the SSAST/ViT pre-norm block (``scaled_dot_product_attention``) of ``ssamba.models.ssast``.
 
     python bench/layer.py --write           # GPU -> docs/performance/layer.json + table in docs/performance.md
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssamba.models.ssamba import MambaBlock, SSAMBAConfig
+from ssamba.models.ssamba import MambaBlock, SSAMBAConfig, SSAMBAEncoder
 from ssamba.models.ssast import Block as SSASTBlock
 from ssamba.models.ssast import SSASTConfig
 from ssamba.ops.backend import cuda_kernels, resolve_backend, triton_available
@@ -77,6 +80,20 @@ class OursBlock(nn.Module):
 
     def forward(self, hidden, residual):
         return self.block(hidden, residual)
+
+
+class OursPair(nn.Module):
+    """Two layers of the published pairing on one stream, run as the encoder runs them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.encoder = SSAMBAEncoder(SSAMBAConfig(embed_dim=dim, depth=2, drop_path_rate=0.0))
+
+    def forward(self, hidden, residual):
+        return self.encoder._pair(*self.encoder.layers, hidden, residual)
+
+
+LAYERS_PER_STEP = {"ours-pair": 2}  # a candidate whose step runs several layers reports per layer
 
 
 class SSASTLayer(nn.Module):
@@ -194,16 +211,18 @@ def run_layers(args, device: torch.device) -> dict:
     for dim in args.dims:
         row = {}
         candidates = {f"ours-{b}": (lambda b=b: OursBlock(dim, b)) for b in our_backends(device)}
+        candidates["ours-pair"] = lambda: OursPair(dim)
         if device.type == "cuda" and not args.no_stock and stock_available():
             candidates["stock"] = lambda: StockBidirectional(dim)
         candidates["ssast"] = lambda: SSASTLayer(dim)
         for name, make in candidates.items():
             layer = make().to(device)
             step = layer_step(layer, args.batch, args.tokens, dim, device)
-            row[name] = time_steps(step, device, args.warmup, args.iters)
+            per_layer = LAYERS_PER_STEP.get(name, 1)
+            row[name] = time_steps(step, device, args.warmup, args.iters) / per_layer
             if device.type == "cuda":
                 try:
-                    row[f"{name} graph"] = graph_replay_ms(step, device, args.iters)
+                    row[f"{name} graph"] = graph_replay_ms(step, device, args.iters) / per_layer
                 except RuntimeError as error:  # a layer whose kernels cannot be captured keeps its eager time only
                     print(f"d={dim} {name}: CUDA-graph capture failed: {error}", flush=True)
             print(f"d={dim} {name}: {row[name]:.3f} ms" + (f", graph replay {row[f'{name} graph']:.3f} ms"
@@ -220,7 +239,9 @@ def write_outputs(results: dict, args, device: torch.device) -> None:
     for dim, row in results.items():
         layer_json[f"d{dim}"] = {"stock_ms": row.get("stock"), "ours_ms": row.get("ours-auto"),
                                  "ssast_ms": row.get("ssast"), "stock_graph_ms": row.get("stock graph"),
-                                 "ours_graph_ms": row.get("ours-auto graph"), "ssast_graph_ms": row.get("ssast graph")}
+                                 "ours_graph_ms": row.get("ours-auto graph"), "ssast_graph_ms": row.get("ssast graph"),
+                                 "ours_pair_per_layer_ms": row.get("ours-pair"),
+                                 "ours_pair_per_layer_graph_ms": row.get("ours-pair graph")}
     out_dir = ROOT / "docs" / "performance"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "layer.json").write_text(json.dumps(layer_json, indent=2) + "\n")
@@ -232,7 +253,8 @@ def write_outputs(results: dict, args, device: torch.device) -> None:
              f"batch {args.batch}, {args.tokens} tokens, bf16 autocast, median of {args.iters} CUDA-event timings "
              f"after {args.warmup} warm-up steps. `ours-auto` resolved to `{resolved}`. `stock` = LayerNorm + two "
              "stock `mamba_ssm.Mamba` modules (h and flip(h)) averaged; `ssast` = pre-norm ViT block with "
-             "`scaled_dot_product_attention`. \"graph\": the same step captured once as a CUDA graph and "
+             "`scaled_dot_product_attention`; `ours-pair` = a pair of layers as the encoder runs them (the published "
+             "pairing), per layer. \"graph\": the same step captured once as a CUDA graph and "
              "replayed (device time only, as training runs it). Raw numbers: docs/performance/layer.json.", "",
              "| layer | " + " | ".join(f"d={d}{' graph' if suffix else ''} (ms)" for d, suffix in columns) + " |",
              "|---|" + "---|" * len(columns)]
