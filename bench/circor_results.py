@@ -53,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,8 +336,8 @@ def cell_path(results: Path, task: str, fold: int, seed: int, arm: str) -> Path:
 
 def run_cells(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> bool:
     """The missing cells of one (fold, seed, arm), one per label scheme: pretraining (arm pretrained, shared by the
-    schemes), then at once the finetunings that start from it, each scored on the test patients in its own
-    process. A pretraining's checkpoint stays on the machine that made it: a pretraining finished on another
+    schemes), then at once the finetunings that start from it (with ``--parallel 2`` both schemes' together),
+    each scored on the test patients in its own process. A pretraining's checkpoint stays on the machine that made it: a pretraining finished on another
     machine is done again here. False when the deadline stopped a training."""
     runs, each = grid.work / "runs", [f"data.fold={fold}", f"data.split_seed={seed}", f"seed={seed}"]
     init, pretrained = [], {"seconds": 0.0, "devices": []}
@@ -350,27 +351,40 @@ def run_cells(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> b
         if pretrained is None:
             return False
         init = [f"task.pretrained={pretrain_dir / LAST_CHECKPOINT}"]
-    for task in tasks:
+
+    def finetune(task: str) -> tuple[str, Path, dict | None]:
         run_dir = runs / f"{task}_fold{fold}_seed{seed}_{arm}"
-        finetuned = train([f"experiment={RECIPES[task]}", *grid.finetune, *grid.common, *each, *init], run_dir,
-                          grid.deadline, TEST_SCORES)  # fmt: skip
-        if finetuned is None:
-            return False
-        scored = json.loads((run_dir / TEST_SCORES).read_text())
-        scores = scored["scores"]
-        record = {
-            "task": task, "fold": fold, "seed": seed, "arm": arm,
-            "cards": sorted({*pretrained["devices"], *finetuned["devices"]}),
-            "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
-            "score_seconds": scored["seconds"], "settings": grid.settings, "scores": scores,
-            "patients": scored["patients"],
-            "wall_times": {"pretrain": pretrained.get("wall_times", {}), "finetune": finetuned.get("wall_times", {})},
-        }  # fmt: skip
-        cell_path(grid.results, task, fold, seed, arm).write_text(json.dumps(record, indent=1) + "\n")
-        print(f"{run_dir.name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[task]),
-              flush=True)  # fmt: skip
-        write_report(grid.results, Path(grid.args.out))
-    return True
+        return task, run_dir, train([f"experiment={RECIPES[task]}", *grid.finetune, *grid.common, *each, *init],
+                                    run_dir, grid.deadline, TEST_SCORES)  # fmt: skip
+
+    complete = True
+    with ThreadPoolExecutor(max_workers=grid.args.parallel) as pool:  # --parallel: the schemes' finetunings at once
+        for done in as_completed([pool.submit(finetune, task) for task in tasks]):
+            task, run_dir, finetuned = done.result()
+            if finetuned is None:
+                complete = False
+            else:
+                record_cell(grid, task, fold, seed, arm, run_dir, pretrained, finetuned)
+    return complete
+
+
+def record_cell(grid: Grid, task: str, fold: int, seed: int, arm: str, run_dir: Path, pretrained: dict,
+                finetuned: dict) -> None:
+    """Write a finished cell's JSON (scores, the patients' predictions, cards, wall times) and the report."""
+    scored = json.loads((run_dir / TEST_SCORES).read_text())
+    scores = scored["scores"]
+    record = {
+        "task": task, "fold": fold, "seed": seed, "arm": arm,
+        "cards": sorted({*pretrained["devices"], *finetuned["devices"]}),
+        "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
+        "score_seconds": scored["seconds"], "settings": grid.settings, "scores": scores,
+        "patients": scored["patients"],
+        "wall_times": {"pretrain": pretrained.get("wall_times", {}), "finetune": finetuned.get("wall_times", {})},
+    }  # fmt: skip
+    cell_path(grid.results, task, fold, seed, arm).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{run_dir.name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[task]),
+          flush=True)  # fmt: skip
+    write_report(grid.results, Path(grid.args.out))
 
 
 # --- statistics -------------------------------------------------------------------------------------
@@ -583,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="the finetuning checkpoint scored: last, or best on the val patients")
     grid.add_argument("--trainer", default="gpu", help="trainer config group choice (gpu, cpu, default)")
     grid.add_argument("--num-workers", type=int, default=8)
+    grid.add_argument("--parallel", type=int, default=1, choices=(1, 2),
+                      help="2: the two label schemes' finetunings of a cell train at once (on one GPU that a "
+                           "single training leaves partly idle; compare the cells' wall times before relying on it)")
     grid.add_argument("--stop-after-minutes", type=float, default=0.0,
                       help="stop the training in progress then (it resumes on the next call); 0: no limit")
     grid.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every training")

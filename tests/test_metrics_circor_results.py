@@ -78,6 +78,17 @@ def stop(*_):  # as train.py's pre-emption callback: a checkpoint, then exit 143
     last.write_text("part")
     sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
+if "rendezvous" in args:  # go on only once another training has started too (within 10 s), else fail
+    meeting = Path(args["rendezvous"])
+    meeting.mkdir(exist_ok=True)
+    (meeting / run.name).touch()
+    waited = 0.0
+    while len(list(meeting.iterdir())) < 2:
+        if waited > 10:
+            print("alone at the rendezvous")
+            sys.exit(4)
+        time.sleep(0.1)
+        waited += 0.1
 time.sleep(0 if "ckpt_path" in args else float(args["sleep"]))
 last.parent.mkdir(exist_ok=True)
 last.write_text("done")
@@ -158,7 +169,7 @@ def test_a_pretraining_done_on_another_machine_is_done_again_before_its_remainin
     (results / "cells").mkdir(parents=True)
     done = cell("pretrained", 0, 0, 0.7)  # the murmur cell came back from another machine; its runs stayed there
     (results / "cells" / "murmur_fold0_seed0_pretrained.json").write_text(json.dumps(done))
-    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last")
+    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=1)
     grid = bench.Grid(args, bench.Deadline(0), results, work, ["sleep=0"], ["experiment=circor_pretrain"],
                       ["score_checkpoint=last"],
                       done["settings"] | {"recipes": {"murmur_timing": "experiment=circor_timing"}})  # fmt: skip
@@ -173,6 +184,25 @@ def test_a_pretraining_done_on_another_machine_is_done_again_before_its_remainin
     record = json.loads((results / "cells" / "murmur_timing_fold0_seed0_pretrained.json").read_text())
     assert record["pretrain_seconds"] > 0 and record["score_seconds"] == 0.5 and record["scores"] == {"patients": 2.0}
     assert not (results / "runs").exists()  # run folders stay in --work
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_parallel_2_trains_both_schemes_finetunings_at_once(fake_train, parallel):
+    """Each stand-in training waits until the other has started: only --parallel 2 lets both finish."""
+    results, work = fake_train / "results", fake_train / "work"
+    settings = cell("scratch", 0, 0, 0.7)["settings"]
+    settings = settings | {"recipes": {"murmur": "experiment=circor_murmur", "murmur_timing": "experiment=circor_timing"}}
+    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel)
+    grid = bench.Grid(args, bench.Deadline(0), results, work, ["sleep=0", f"rendezvous={fake_train / 'meet'}"],
+                      [], ["score_checkpoint=last"], settings)  # fmt: skip
+    (results / "cells").mkdir(parents=True)
+    if parallel == 1:
+        with pytest.raises(RuntimeError, match="alone at the rendezvous"):
+            bench.run_cells(grid, ["murmur", "murmur_timing"], 0, 0, "scratch")
+        return
+    assert bench.run_cells(grid, ["murmur", "murmur_timing"], 0, 0, "scratch")
+    assert {p.stem for p in (results / "cells").glob("*.json")} == {"murmur_fold0_seed0_scratch",
+                                                                    "murmur_timing_fold0_seed0_scratch"}
 
 
 @pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
