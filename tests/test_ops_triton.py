@@ -370,10 +370,8 @@ def _check_pair_add_norm(batch, length, D, norm, with_residual, drops, dtype):
     if norm == "rms":
         params[1] = params[3] = None
     grads_out = [torch.randn(batch, length, D, generator=g) for _ in range(3)]
-    leaves = [t.double().requires_grad_() for t in (hidden, residual, *params) if t is not None]
-    h64, r64 = leaves[0], leaves[1] if with_residual else None
-    w64 = [t.double().requires_grad_() if t is not None else None for t in params]
-    leaves = [h64] + ([r64] if with_residual else []) + [t for t in w64 if t is not None]
+    h64, r64, *w64 = (None if t is None else t.double().requires_grad_() for t in (hidden, residual, *params))
+    leaves = [t for t in (h64, r64, *w64) if t is not None]
     xs = [h64 if r64 is None else r64 + h64 * (1.0 if scales is None else s.double()[:, None, None])
           for s in (scales or (None, None))]
     ys = [torch.nn.functional.layer_norm(x, (D,), w, b, 1e-5) if norm == "layer" else

@@ -63,17 +63,28 @@ def _norm_input_grad(xhat, dy, w, rstd, dim, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(tile, rows, dim, d, d_mask, BLOCK_M: tl.constexpr):
+    """Row tile ``tile``'s row indices, row mask, element mask and element offsets."""
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = r < rows
+    return r, row_mask, row_mask[:, None] & d_mask[None, :], r.to(tl.int64)[:, None] * dim + d[None, :]
+
+
+@triton.jit
+def _row_scale(scale_ptr, r, row_mask, length):
+    """Each row's drop-path factor (one per sample: 0 or 1 / keep probability), as a column."""
+    return tl.load(scale_ptr + r // length, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
 def _add_norm_fwd_kernel(h_ptr, r_ptr, scale_ptr, w_ptr, b_ptr, y_ptr, res_ptr, mean_ptr, rstd_ptr, rows, dim, length,
                          eps, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, IS_RMS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    row_mask = r < rows
-    mask = row_mask[:, None] & (d < dim)[None, :]
-    offs = r.to(tl.int64)[:, None] * dim + d[None, :]
+    r, row_mask, mask, offs = _row_tile(tl.program_id(0), rows, dim, d, d < dim, BLOCK_M)
     x = _load_rows(h_ptr, offs, mask)
-    if HAS_SCALE:  # drop path: one factor per sample (0 or 1 / keep probability)
-        x *= tl.load(scale_ptr + r // length, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_SCALE:  # drop path
+        x *= _row_scale(scale_ptr, r, row_mask, length)
     if HAS_RESIDUAL:
         x += _load_rows(r_ptr, offs, mask)
     tl.store(res_ptr + offs, x.to(res_ptr.dtype.element_ty), mask=mask)
@@ -99,10 +110,7 @@ def _add_norm_bwd_kernel(dy_ptr, dres_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, sca
     acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     first = tl.program_id(0) * tiles_per_program
     for tile in range(first, first + tiles_per_program):
-        r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = r < rows
-        mask = row_mask[:, None] & d_mask[None, :]
-        offs = r.to(tl.int64)[:, None] * dim + d[None, :]
+        r, row_mask, mask, offs = _row_tile(tile, rows, dim, d, d_mask, BLOCK_M)
         x = _load_rows(x_ptr, offs, mask)
         dy = _load_rows(dy_ptr, offs, mask)
         rstd = tl.load(rstd_ptr + r, mask=row_mask, other=0.0)
@@ -116,7 +124,7 @@ def _add_norm_bwd_kernel(dy_ptr, dres_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, sca
         if HAS_RESIDUAL:
             tl.store(dr_ptr + offs, dx.to(dr_ptr.dtype.element_ty), mask=mask)
         if HAS_SCALE:
-            dx *= tl.load(scale_ptr + r // length, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+            dx *= _row_scale(scale_ptr, r, row_mask, length)
         tl.store(dh_ptr + offs, dx.to(dh_ptr.dtype.element_ty), mask=mask)
         acc_w += dy * xhat
         acc_b += dy
@@ -132,8 +140,8 @@ def _pair_inputs(h_ptr, r_ptr, sf_ptr, sb_ptr, offs, r, mask, row_mask, length,
     if HAS_RESIDUAL:
         res = _load_rows(r_ptr, offs, mask)
         if HAS_SCALE:
-            x_f = h * tl.load(sf_ptr + r // length, mask=row_mask, other=0.0).to(tl.float32)[:, None] + res
-            x_b = h * tl.load(sb_ptr + r // length, mask=row_mask, other=0.0).to(tl.float32)[:, None] + res
+            x_f = h * _row_scale(sf_ptr, r, row_mask, length) + res
+            x_b = h * _row_scale(sb_ptr, r, row_mask, length) + res
         else:
             x_f = h + res
             x_b = x_f
@@ -148,11 +156,8 @@ def _pair_add_norm_fwd_kernel(h_ptr, r_ptr, sf_ptr, sb_ptr, wf_ptr, bf_ptr, wb_p
                               rows, dim, length, eps, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
                               IS_RMS: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    row_mask = r < rows
-    mask = row_mask[:, None] & (d < dim)[None, :]
-    offs = r.to(tl.int64)[:, None] * dim + d[None, :]
+    r, row_mask, mask, offs = _row_tile(tl.program_id(0), rows, dim, d, d < dim, BLOCK_M)
     x_f, x_b = _pair_inputs(h_ptr, r_ptr, sf_ptr, sb_ptr, offs, r, mask, row_mask, length, HAS_RESIDUAL, HAS_SCALE)
     if STORE_RESIDUAL:
         tl.store(res_ptr + offs, (x_f + x_b).to(res_ptr.dtype.element_ty), mask=mask)
@@ -180,10 +185,7 @@ def _pair_add_norm_bwd_kernel(h_ptr, r_ptr, sf_ptr, sb_ptr, wf_ptr, wb_ptr, dyf_
     acc_bb = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     first = tl.program_id(0) * tiles_per_program
     for tile in range(first, first + tiles_per_program):
-        r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = r < rows
-        mask = row_mask[:, None] & d_mask[None, :]
-        offs = r.to(tl.int64)[:, None] * dim + d[None, :]
+        r, row_mask, mask, offs = _row_tile(tile, rows, dim, d, d_mask, BLOCK_M)
         x_f, x_b = _pair_inputs(h_ptr, r_ptr, sf_ptr, sb_ptr, offs, r, mask, row_mask, length, HAS_RESIDUAL,
                                 HAS_SCALE)
         dy_f = _load_rows(dyf_ptr, offs, mask)
@@ -199,9 +201,7 @@ def _pair_add_norm_bwd_kernel(h_ptr, r_ptr, sf_ptr, sb_ptr, wf_ptr, wb_ptr, dyf_
         if HAS_RESIDUAL:
             tl.store(dr_ptr + offs, (dx_f + dx_b).to(dr_ptr.dtype.element_ty), mask=mask)
         if HAS_SCALE:
-            s_f = tl.load(sf_ptr + r // length, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-            s_b = tl.load(sb_ptr + r // length, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-            d_h = dx_f * s_f + dx_b * s_b
+            d_h = dx_f * _row_scale(sf_ptr, r, row_mask, length) + dx_b * _row_scale(sb_ptr, r, row_mask, length)
         else:
             d_h = dx_f + dx_b
         tl.store(dh_ptr + offs, d_h.to(dh_ptr.dtype.element_ty), mask=mask)
