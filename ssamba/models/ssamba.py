@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..constants import MEL_BINS
-from ..ops.backend import BACKENDS, gluon_scan_usable, resolve_backend, triton_or_fallback
-from ..ops.bimamba import BranchWeights, bimamba_mixer
+from ..ops.backend import BACKENDS, resolve_backend, triton_or_fallback
+from ..ops.bimamba import BranchWeights, bimamba_mixer, gluon_mixer_runs
 from . import released
 from .layers import DropPath, PatchTokenEncoder, grid_shape
 from .registry import config_overrides, register_model
@@ -230,8 +230,7 @@ class SSAMBAEncoder(PatchTokenEncoder):
         """One pair of the published pairing; where the Gluon scan runs, as one Function that keeps only
         the pair's inputs for the backward (``ops.pair``), else as two blocks."""
         cfg = self.config
-        if (hidden.is_cuda and resolve_backend(cfg.backend, on_cuda=True) == "triton"
-                and gluon_scan_usable(hidden.device, cfg.d_state, cfg.d_inner)):
+        if gluon_mixer_runs(cfg.backend, hidden.device, cfg.d_state, cfg.d_inner):
             return triton_or_fallback(cfg.backend, lambda: self._pair_fused(fwd, bwd, hidden, residual),
                                       lambda: self._pair_blocks(fwd, bwd, hidden, residual))
         return self._pair_blocks(fwd, bwd, hidden, residual)

@@ -55,14 +55,19 @@ def _bimamba_inner_triton(xz: Tensor, fwd: BranchWeights, bwd: BranchWeights) ->
         torch.cat([fwd.D, bwd.D]))
 
 
+def gluon_mixer_runs(backend: str, device: torch.device, d_state: int, channels: int) -> bool:
+    """Whether ``backend`` runs the mixer as the Gluon path's one Function here (and the encoder a published
+    pair as ``ops.pair``): the ``triton`` backend where the Gluon scan can run."""
+    return resolve_backend(backend, device.type == "cuda") == "triton" and gluon_scan_usable(device, d_state, channels)
+
+
 def bimamba_mixer(hidden: Tensor, in_proj: Tensor, out_proj: Tensor, fwd: BranchWeights, bwd: BranchWeights,
                   backend: str = "auto") -> Tensor:
     """The mixer from its input ``hidden [batch, L, d]`` to its output: ``out_proj(bimamba_inner(in_proj(hidden)))``
     (bias-free projections). Where the Gluon scan runs, one autograd Function does it all and keeps
     neither the in_proj output nor the out_proj input for the backward (it recomputes them)."""
     requested = backend
-    if resolve_backend(backend, hidden.is_cuda) == "triton" and gluon_scan_usable(hidden.device, fwd.A_log.shape[1],
-                                                                                   fwd.A_log.shape[0]):
+    if gluon_mixer_runs(backend, hidden.device, fwd.A_log.shape[1], fwd.A_log.shape[0]):
         from .gluon_bimamba import bimamba_mixer_gluon
 
         return triton_or_fallback(requested, lambda: bimamba_mixer_gluon(hidden, in_proj, out_proj, fwd, bwd),
