@@ -53,7 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,15 +314,12 @@ def run_grid(args: argparse.Namespace) -> bool:
     settings |= {"recipes": {task: f"experiment={RECIPES[task]}" for task in args.tasks}, "data": args.data_description}
     grid = Grid(args, Deadline(args.stop_after_minutes), results, work, common, pretrain, finetune, settings)
     (results / "cells").mkdir(parents=True, exist_ok=True)
-    complete = True
-    stops = (signal.SIGTERM, signal.SIGINT)  # a job's end or Ctrl-C: checkpoint the training, then stop
+    jobs = [job for seed, fold, arm in itertools.product(args.seeds, range(args.folds), args.arms)
+            for job in cell_jobs(grid, args.tasks, fold, seed, arm)]  # fmt: skip
+    stops = (signal.SIGTERM, signal.SIGINT)  # a job's end or Ctrl-C: checkpoint the trainings, then stop
     before = [signal.signal(signum, grid.deadline.stop) for signum in stops]
     try:
-        for seed, fold, arm in itertools.product(args.seeds, range(args.folds), args.arms):
-            todo = [t for t in args.tasks if not cell_path(results, t, fold, seed, arm).is_file()]
-            if todo and not run_cells(grid, todo, fold, seed, arm):
-                complete = False
-                break
+        complete = run_jobs(grid, jobs)
     finally:
         for signum, handler in zip(stops, before):
             signal.signal(signum, handler)
@@ -334,50 +331,108 @@ def cell_path(results: Path, task: str, fold: int, seed: int, arm: str) -> Path:
     return results / "cells" / f"{task}_fold{fold}_seed{seed}_{arm}.json"
 
 
-def run_cells(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> bool:
-    """The missing cells of one (fold, seed, arm), one per label scheme: pretraining (arm pretrained, shared by the
-    schemes), then at once the finetunings that start from it (with ``--parallel 2`` both schemes' together),
-    each scored on the test patients in its own process. A pretraining's checkpoint stays on the machine that made it: a pretraining finished on another
-    machine is done again here. False when the deadline stopped a training."""
-    runs, each = grid.work / "runs", [f"data.fold={fold}", f"data.split_seed={seed}", f"seed={seed}"]
-    init, pretrained = [], {"seconds": 0.0, "devices": []}
+@dataclass(eq=False)
+class Job:
+    """One training of the grid: a fold and seed's pretraining (``task`` None), or a finetuning whose cell
+    (``task``, ``fold``, ``seed``, ``arm``) it scores, after the pretraining it ``needs`` for arm pretrained."""
+
+    fold: int
+    seed: int
+    arm: str
+    task: str | None = None
+    needs: Job | None = None
+
+    @property
+    def run_dir_name(self) -> str:
+        if self.task is None:
+            return f"pretrain_fold{self.fold}_seed{self.seed}"
+        return f"{self.task}_fold{self.fold}_seed{self.seed}_{self.arm}"
+
+
+def cell_jobs(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> list[Job]:
+    """The trainings of one (fold, seed, arm)'s missing cells, one per label scheme: for arm pretrained its
+    pretraining first (shared by the schemes), then the finetunings that start from it. A pretraining's
+    checkpoint stays on the machine that made it: one finished on another machine is done again here."""
+    todo = [t for t in tasks if not cell_path(grid.results, t, fold, seed, arm).is_file()]
+    if not todo:
+        return []
+    pretraining = None
     if arm == "pretrained":
-        pretrain_dir = runs / f"pretrain_fold{fold}_seed{seed}"
-        served = [t for t in RECIPES if t not in tasks and cell_path(grid.results, t, fold, seed, arm).is_file()]
-        if served and not (pretrain_dir / LAST_CHECKPOINT).is_file():
-            print(f"{pretrain_dir.name}: finished elsewhere (the {', '.join(served)} cells started from it), but its "
-                  "checkpoint is not on this machine; pretraining again", flush=True)
-        pretrained = train([*grid.pretrain, *grid.common, *each], pretrain_dir, grid.deadline, LAST_CHECKPOINT)
-        if pretrained is None:
-            return False
-        init = [f"task.pretrained={pretrain_dir / LAST_CHECKPOINT}"]
-
-    def finetune(task: str) -> tuple[str, Path, dict | None]:
-        run_dir = runs / f"{task}_fold{fold}_seed{seed}_{arm}"
-        return task, run_dir, train([f"experiment={RECIPES[task]}", *grid.finetune, *grid.common, *each, *init],
-                                    run_dir, grid.deadline, TEST_SCORES)  # fmt: skip
-
-    complete = True
-    with ThreadPoolExecutor(max_workers=grid.args.parallel) as pool:  # --parallel: the schemes' finetunings at once
-        for done in as_completed([pool.submit(finetune, task) for task in tasks]):
-            task, run_dir, finetuned = done.result()
-            if finetuned is None:
-                complete = False
-            else:
-                record_cell(grid, task, fold, seed, arm, run_dir, pretrained, finetuned)
-    return complete
+        pretraining = Job(fold, seed, arm)
+        served = [t for t in RECIPES if t not in todo and cell_path(grid.results, t, fold, seed, arm).is_file()]
+        if served and not (grid.work / "runs" / pretraining.run_dir_name / LAST_CHECKPOINT).is_file():
+            print(f"{pretraining.run_dir_name}: finished elsewhere (the {', '.join(served)} cells started from it), "
+                  "but its checkpoint is not on this machine; pretraining again", flush=True)
+    return [job for job in (pretraining, *(Job(fold, seed, arm, task, pretraining) for task in todo)) if job]
 
 
-def record_cell(grid: Grid, task: str, fold: int, seed: int, arm: str, run_dir: Path, pretrained: dict,
-                finetuned: dict) -> None:
+def train_job(grid: Grid, job: Job) -> dict | None:
+    """Train one job (``train``'s result: its state, or None when stopped by the deadline)."""
+    run_dir = grid.work / "runs" / job.run_dir_name
+    each = [f"data.fold={job.fold}", f"data.split_seed={job.seed}", f"seed={job.seed}"]
+    if job.task is None:
+        return train([*grid.pretrain, *grid.common, *each], run_dir, grid.deadline, LAST_CHECKPOINT)
+    init = [f"task.pretrained={grid.work / 'runs' / job.needs.run_dir_name / LAST_CHECKPOINT}"] if job.needs else []
+    return train([f"experiment={RECIPES[job.task]}", *grid.finetune, *grid.common, *each, *init], run_dir,
+                 grid.deadline, TEST_SCORES)  # fmt: skip
+
+
+def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
+    """Train ``jobs`` up to ``--parallel`` at once, each as soon as the pretraining it needs has finished, in the
+    order given (the grid's: seeds, then folds, then arms) wherever an earlier one must wait; write each finished
+    finetuning's cell. True when every job finished. A failed training stops the others (they checkpoint and
+    resume on the next call) and is raised once they have stopped."""
+    finished: dict[Job, dict] = {}
+    pending, running, complete, failure = list(jobs), {}, True, None
+    with ThreadPoolExecutor(max_workers=grid.args.parallel) as pool:
+        while pending or running:
+            for job in list(pending):
+                if len(running) >= grid.args.parallel or failure or grid.deadline.left() < MIN_START_SECONDS:
+                    break
+                if job.needs is None or job.needs in finished:
+                    pending.remove(job)
+                    running[pool.submit(train_job, grid, job)] = job
+                elif job.needs not in running.values() and job.needs not in pending:  # stopped: its turn is next call
+                    pending.remove(job)
+                    complete = False
+            if not running:
+                break
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)  # a timeout lets signals reach us
+            for future in done:
+                job = running.pop(future)
+                try:
+                    state = future.result()
+                except Exception as error:  # noqa: BLE001 (raised below, once the other trainings have stopped)
+                    failure = failure or error
+                    grid.deadline.stop()
+                    continue
+                if state is None:
+                    complete = False
+                    continue
+                finished[job] = state
+                if job.task is not None:
+                    pretrained = finished[job.needs] if job.needs else {"seconds": 0.0, "devices": []}
+                    record_cell(grid, job, pretrained, state)
+    if failure:
+        raise failure
+    if pending:
+        print(f"{len(pending)} training(s) not started (--stop-after-minutes or a stop signal); the next call runs "
+              "them", flush=True)
+    return complete and not pending
+
+
+def record_cell(grid: Grid, job: Job, pretrained: dict, finetuned: dict) -> None:
     """Write a finished cell's JSON (scores, the patients' predictions, cards, wall times) and the report."""
+    task, fold, seed, arm = job.task, job.fold, job.seed, job.arm
+    run_dir = grid.work / "runs" / job.run_dir_name
     scored = json.loads((run_dir / TEST_SCORES).read_text())
     scores = scored["scores"]
     record = {
         "task": task, "fold": fold, "seed": seed, "arm": arm,
         "cards": sorted({*pretrained["devices"], *finetuned["devices"]}),
         "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
-        "score_seconds": scored["seconds"], "settings": grid.settings, "scores": scores,
+        "score_seconds": scored["seconds"], "parallel": grid.args.parallel, "settings": grid.settings,
+        "scores": scores,
         "patients": scored["patients"],
         "wall_times": {"pretrain": pretrained.get("wall_times", {}), "finetune": finetuned.get("wall_times", {})},
     }  # fmt: skip
@@ -515,6 +570,8 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
     for r in sorted(records, key=lambda r: (r["seed"], r["fold"], ARMS.index(r["arm"]))):
         cells = [number(r["scores"].get(k, math.nan), d) for k, _, d in reported]
         minutes = f"{r['pretrain_seconds'] / 60:.1f} + {r['finetune_seconds'] / 60:.1f}"
+        if r.get("parallel", 1) > 1:  # wall minutes that may overlap other trainings on the machine
+            minutes += f" (--parallel {r['parallel']})"
         lines.append(f"| {r['fold']} | {r['seed']} | {r['arm']} | " + " | ".join(cells)
                      + f" | {int(r['scores']['patients'])} | {', '.join(r['cards'])} | {minutes} |")
     return lines + [""]
@@ -597,9 +654,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="the finetuning checkpoint scored: last, or best on the val patients")
     grid.add_argument("--trainer", default="gpu", help="trainer config group choice (gpu, cpu, default)")
     grid.add_argument("--num-workers", type=int, default=8)
-    grid.add_argument("--parallel", type=int, default=1, choices=(1, 2),
-                      help="2: the two label schemes' finetunings of a cell train at once (on one GPU that a "
-                           "single training leaves partly idle; compare the cells' wall times before relying on it)")
+    grid.add_argument("--parallel", type=int, default=1,
+                      help="trainings at once on the machine (a finetuning of this size leaves an H100 partly idle); "
+                           "each gets --num-workers loader workers; cells record it: their wall times may overlap")
     grid.add_argument("--stop-after-minutes", type=float, default=0.0,
                       help="stop the training in progress then (it resumes on the next call); 0: no limit")
     grid.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every training")
@@ -614,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         if args.folds < 2:
             parser.error(f"--folds must be at least 2, got {args.folds}")
+        if args.parallel < 1:
+            parser.error(f"--parallel must be at least 1, got {args.parallel}")
         complete = run_grid(args)
         print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
     else:

@@ -4,6 +4,7 @@ arithmetic and the report of the cross-validation grid, and a tiny real grid on 
 import importlib.util
 import json
 import math
+import shutil
 import sys
 import threading
 import time
@@ -70,7 +71,13 @@ run = Path(args["hydra.run.dir"])
 last = run / "checkpoints" / "last.ckpt"
 with open(run / "calls.jsonl", "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
-if "fail" in args or ("ckpt_path" in args and Path(args["ckpt_path"]).read_text() == "unreadable"):
+def mark(event):  # the order of all trainings' starts and ends, for tests that run several at once
+    if "timeline" in args:
+        with open(args["timeline"], "a") as f:
+            f.write(json.dumps([run.name, event]) + "\\n")
+mark("start")
+if "fail" in args or args.get("fail_run") == run.name or (
+        "ckpt_path" in args and Path(args["ckpt_path"]).read_text() == "unreadable"):
     print("cannot go on")
     sys.exit(3)
 def stop(*_):  # as train.py's pre-emption callback: a checkpoint, then exit 143
@@ -83,7 +90,7 @@ if "rendezvous" in args:  # go on only once another training has started too (wi
     meeting.mkdir(exist_ok=True)
     (meeting / run.name).touch()
     waited = 0.0
-    while len(list(meeting.iterdir())) < 2:
+    while len(list(meeting.iterdir())) < int(args.get("meet", 2)):
         if waited > 10:
             print("alone at the rendezvous")
             sys.exit(4)
@@ -92,6 +99,7 @@ if "rendezvous" in args:  # go on only once another training has started too (wi
 time.sleep(0 if "ckpt_path" in args else float(args["sleep"]))
 last.parent.mkdir(exist_ok=True)
 last.write_text("done")
+mark("end")
 if "score_checkpoint" in args:  # as train.py: the test patients' scores of a finetuning
     (run / "test_scores.json").write_text(json.dumps({"scores": {"patients": 2.0}, "patients": {}, "seconds": 0.5}))
 """
@@ -164,45 +172,106 @@ def test_a_run_finished_on_another_machine_without_its_output_is_trained_again(f
     assert len(calls(run)) == 2 and not any(a.startswith("ckpt_path=") for a in calls(run)[1])
 
 
+def fake_grid(fake_train, results, common, parallel=1, recipes=("murmur",)):
+    """A Grid for the stand-in train.py: ``common`` goes to every training."""
+    recipes = {t: f"experiment={bench.RECIPES[t]}" for t in recipes}
+    settings = cell("scratch", 0, 0, 0.7)["settings"] | {"recipes": recipes, "folds": 5}  # no fold set complete
+    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel)
+    (results / "cells").mkdir(parents=True, exist_ok=True)
+    return bench.Grid(args, bench.Deadline(0), results, fake_train / "work", common, ["experiment=circor_pretrain"],
+                      ["score_checkpoint=last"], settings)  # fmt: skip
+
+
+def grid_jobs(grid, folds, arms, tasks=("murmur",)):
+    return [job for fold in folds for arm in arms for job in bench.cell_jobs(grid, list(tasks), fold, 0, arm)]
+
+
+def timeline_of(path):
+    return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
+
+
 def test_a_pretraining_done_on_another_machine_is_done_again_before_its_remaining_finetuning(fake_train, capsys):
-    results, work = fake_train / "committed", fake_train / "work"
-    (results / "cells").mkdir(parents=True)
+    results = fake_train / "committed"
+    grid = fake_grid(fake_train, results, ["sleep=0"], recipes=("murmur_timing",))
     done = cell("pretrained", 0, 0, 0.7)  # the murmur cell came back from another machine; its runs stayed there
     (results / "cells" / "murmur_fold0_seed0_pretrained.json").write_text(json.dumps(done))
-    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=1)
-    grid = bench.Grid(args, bench.Deadline(0), results, work, ["sleep=0"], ["experiment=circor_pretrain"],
-                      ["score_checkpoint=last"],
-                      done["settings"] | {"recipes": {"murmur_timing": "experiment=circor_timing"}})  # fmt: skip
-    assert bench.run_cells(grid, ["murmur_timing"], 0, 0, "pretrained")
+    jobs = bench.cell_jobs(grid, ["murmur", "murmur_timing"], 0, 0, "pretrained")
+    assert [job.run_dir_name for job in jobs] == ["pretrain_fold0_seed0", "murmur_timing_fold0_seed0_pretrained"]
+    assert bench.run_jobs(grid, jobs)
     out = capsys.readouterr().out
     assert "pretrain_fold0_seed0: finished elsewhere (the murmur cells started from it)" in out
     assert out.index("pretrain_fold0_seed0:") < out.index("experiment=circor_timing")  # then at once its finetuning
-    pretraining = work / "runs" / "pretrain_fold0_seed0"
+    pretraining = grid.work / "runs" / "pretrain_fold0_seed0"
     assert len(calls(pretraining)) == 1 and (pretraining / LAST).read_text() == "done"
-    finetuning = calls(work / "runs" / "murmur_timing_fold0_seed0_pretrained")
+    finetuning = calls(grid.work / "runs" / "murmur_timing_fold0_seed0_pretrained")
     assert f"task.pretrained={pretraining / LAST}" in finetuning[0] and "score_checkpoint=last" in finetuning[0]
     record = json.loads((results / "cells" / "murmur_timing_fold0_seed0_pretrained.json").read_text())
     assert record["pretrain_seconds"] > 0 and record["score_seconds"] == 0.5 and record["scores"] == {"patients": 2.0}
+    assert record["parallel"] == 1
     assert not (results / "runs").exists()  # run folders stay in --work
 
 
-@pytest.mark.parametrize("parallel", [1, 2])
-def test_parallel_2_trains_both_schemes_finetunings_at_once(fake_train, parallel):
-    """Each stand-in training waits until the other has started: only --parallel 2 lets both finish."""
-    results, work = fake_train / "results", fake_train / "work"
-    settings = cell("scratch", 0, 0, 0.7)["settings"]
-    settings = settings | {"recipes": {"murmur": "experiment=circor_murmur", "murmur_timing": "experiment=circor_timing"}}
-    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel)
-    grid = bench.Grid(args, bench.Deadline(0), results, work, ["sleep=0", f"rendezvous={fake_train / 'meet'}"],
-                      [], ["score_checkpoint=last"], settings)  # fmt: skip
-    (results / "cells").mkdir(parents=True)
-    if parallel == 1:
-        with pytest.raises(RuntimeError, match="alone at the rendezvous"):
-            bench.run_cells(grid, ["murmur", "murmur_timing"], 0, 0, "scratch")
-        return
-    assert bench.run_cells(grid, ["murmur", "murmur_timing"], 0, 0, "scratch")
-    assert {p.stem for p in (results / "cells").glob("*.json")} == {"murmur_fold0_seed0_scratch",
-                                                                    "murmur_timing_fold0_seed0_scratch"}
+@pytest.mark.parametrize("parallel", [2, 3])
+def test_parallel_trains_cells_of_different_folds_at_once(fake_train, parallel):
+    """Each stand-in training waits until ``parallel`` trainings have started: only that many at once lets them
+    finish, and the grid's order decides which start together (fold 0's cells, then fold 1's)."""
+    results, timeline = fake_train / "results", fake_train / "timeline.jsonl"
+    grid = fake_grid(fake_train, results, ["sleep=0", f"rendezvous={fake_train / 'meet'}", f"meet={parallel}",
+                                           f"timeline={timeline}"], parallel, ("murmur", "murmur_timing"))
+    jobs = grid_jobs(grid, [0, 1], ["scratch"], ("murmur", "murmur_timing"))[:parallel]
+    assert bench.run_jobs(grid, jobs)
+    cells = {p.stem: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
+    assert set(cells) == {job.run_dir_name for job in jobs}
+    assert {name for name, _ in timeline_of(timeline)[:parallel]} == set(cells)  # all started before any ended
+    assert all(record["parallel"] == parallel for record in cells.values())
+    assert f"0.0 + 0.0 (--parallel {parallel})" in (fake_train / "report.md").read_text()
+
+
+def test_one_at_a_time_cannot_meet_a_rendezvous_of_two(fake_train):
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=0", f"rendezvous={fake_train / 'meet'}"])
+    with pytest.raises(RuntimeError, match="alone at the rendezvous"):
+        bench.run_jobs(grid, grid_jobs(grid, [0, 1], ["scratch"]))
+
+
+def test_finetunings_start_after_their_pretraining_and_other_cells_fill_the_wait(fake_train):
+    timeline = fake_train / "timeline.jsonl"
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=1", f"timeline={timeline}"], 2,
+                     ("murmur", "murmur_timing"))
+    jobs = grid_jobs(grid, [0, 1], ["pretrained", "scratch"], ("murmur", "murmur_timing"))
+    assert len(jobs) == 10 and bench.run_jobs(grid, jobs)
+    events = timeline_of(timeline)
+    assert len(events) == 20 and len(list((grid.results / "cells").glob("*.json"))) == 8
+    for fold in (0, 1):
+        pretrained_end = events.index((f"pretrain_fold{fold}_seed0", "end"))
+        for task in ("murmur", "murmur_timing"):
+            assert events.index((f"{task}_fold{fold}_seed0_pretrained", "start")) > pretrained_end
+    # while fold 0's pretraining runs, the next training in the grid's order that needs nothing starts beside it
+    assert set(events[:2]) == {("pretrain_fold0_seed0", "start"), ("murmur_fold0_seed0_scratch", "start")}
+    running, most = 0, 0
+    for _, event in events:
+        running += 1 if event == "start" else -1
+        most = max(most, running)
+    assert most == 2
+
+
+def test_a_failed_training_stops_the_others_which_resume_on_the_next_call(fake_train):
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=60", "fail_run=murmur_fold1_seed0_scratch"], 2)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"train.py failed \(exit 3\)"):
+        bench.run_jobs(grid, grid_jobs(grid, [0, 1, 2], ["scratch"]))
+    assert time.monotonic() - started < 40  # not the other training's 60 s
+    runs = grid.work / "runs"
+    assert (runs / "murmur_fold0_seed0_scratch" / LAST).read_text() == "part"  # checkpointed, so it resumes
+    assert not (runs / "murmur_fold2_seed0_scratch").exists()  # nothing new started after the failure
+
+
+def test_trainings_the_deadline_leaves_no_time_for_are_counted_and_not_started(fake_train, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "MIN_START_SECONDS", 60)
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=0"], 2)
+    grid.deadline = bench.Deadline(0.5)
+    assert not bench.run_jobs(grid, grid_jobs(grid, [0, 1, 2], ["scratch", "pretrained"]))
+    assert "9 training(s) not started" in capsys.readouterr().out
+    assert not (grid.work / "runs").exists()
 
 
 @pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
@@ -289,7 +358,7 @@ def test_tiny_cross_validation_grid_on_cpu_trains_scores_resumes_and_reports(tmp
             "--finetune-epochs", "1", "--num-workers", "0", "--override", *tiny,
             "--pretrain-override", "mask.count=8", "mask.val_count=8",
             "--finetune-override", "task.fstride=16", "task.tstride=16", "task.warmup_steps=1"]  # fmt: skip
-    bench.main(argv)
+    bench.main([*argv, "--parallel", "3"])
     assert "grid complete" in capsys.readouterr().out
     cells = {p.stem: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
     assert set(cells) == {f"{task}_fold{fold}_seed0_{arm}" for task in ("murmur", "murmur_timing")
@@ -322,3 +391,13 @@ def test_tiny_cross_validation_grid_on_cpu_trains_scores_resumes_and_reports(tmp
     assert "train.py" not in second and "grid complete" in second
     assert json.loads((results / "cells" / "murmur_fold0_seed0_scratch.json").read_text()) == cells[
         "murmur_fold0_seed0_scratch"]
+
+    # a cell trained alone scores as it did among three trainings at once
+    again = "murmur_fold1_seed0_pretrained"
+    (results / "cells" / f"{again}.json").unlink()
+    shutil.rmtree(results / "runs" / again)
+    bench.main(argv)
+    assert capsys.readouterr().out.count("+ ") == 1  # that finetuning only: its pretraining is still here
+    alone = json.loads((results / "cells" / f"{again}.json").read_text())
+    assert alone["parallel"] == 1 and cells[again]["parallel"] == 3
+    assert alone["scores"] == cells[again]["scores"] and alone["patients"] == cells[again]["patients"]
