@@ -320,7 +320,8 @@ def _gluon_scan_replaced_by_reference():
 def _check_gluon_mixer_function():
     """The Gluon path's autograd Function (what it keeps, recomputes and projects) with its scan kernels
     swapped for the reference: the whole mixer (in_proj and out_proj inside) and the xz entry point
-    against the PyTorch path, outputs and every gradient. (The kernels themselves: tests/test_ops_gpu.py.)"""
+    against the PyTorch path, outputs and every gradient, and which per-token tensors it keeps for the
+    backward. (The kernels themselves: tests/test_ops_gpu.py.)"""
     from ssamba.ops import bimamba_mixer, gluon_bimamba
 
     g = torch.Generator().manual_seed(5)
@@ -337,7 +338,12 @@ def _check_gluon_mixer_function():
                  lambda: bimamba_mixer(hidden, in_proj, out_proj, fwd, bwd, "torch")),
                 ([xz, *fwd, *bwd], lambda: gluon_bimamba.bimamba_inner_gluon(xz, fwd, bwd),
                  lambda: bimamba_inner(xz.transpose(1, 2), fwd, bwd, "torch"))):
-            out, out_ref = run(), reference()
+            kept = []  # what the Function saves for its backward
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+                out = run()
+            out_ref = reference()
+            # per token only its input and the directions' output sum (and the scan's states, None here)
+            assert [s for s in kept if s[:2] == (batch, length)] == [tuple(params[0].shape), (batch, length, E)]
             dy = torch.randn(out.shape, generator=g)
             assert _relerr(out, out_ref) < 1e-5
             for i, (got, want) in enumerate(zip(torch.autograd.grad(out, params, dy),

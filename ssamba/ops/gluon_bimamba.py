@@ -8,11 +8,11 @@ the batch inside the scan kernel. Kernel launches are few on purpose: at the tin
 host's launch cost is comparable to the GPU work (docs/performance.md).
 
 What the backward keeps is what costs memory in training (every layer's, for two passes, until the
-backward reaches it): the mixer's input (``[batch, L, d]``), the x_proj outputs, the sum of the two
-directions' outputs (``[batch, L, E]``), the scan's chunk-entry states and the weights. The in_proj
-output, the conv output, dt and the out_proj input are recomputed in the backward by the forward's
-kernels from the forward's inputs, so to the same values; B and C are gathered again from the
-x_proj outputs (docs/performance.md, "Training memory").
+backward reaches it): the mixer's input (``[batch, L, d]``), the sum of the two directions' outputs
+(``[batch, L, E]``), the scan's chunk-entry states and the weights. The in_proj output, the conv
+output, the x_proj outputs (B, C and dt's low-rank input), dt and the out_proj input are recomputed
+in the backward by the forward's kernels and matmuls from the forward's inputs, so to the same values
+(docs/performance.md, "Training memory").
 """
 from __future__ import annotations
 
@@ -57,8 +57,7 @@ def mixer_forward(x: Tensor, in_proj: Tensor | None, out_proj: Tensor | None,
     params = tuple(t.contiguous() for t in (fwd[5], bwd[5], fwd[6], bwd[6], fwd[4], bwd[4]))
     y, ckpt = scan_fwd(xc, dt_f, dt_b, bc, params)
     out, y_sum = gate_fwd(y, xz[..., dim:])
-    saved = (w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, x_dbl_f, x_dbl_b, y_sum,
-             ckpt, *params)
+    saved = (w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, y_sum, ckpt, *params)
     return (out if w_out is None else F.linear(out, w_out)), saved
 
 
@@ -66,13 +65,14 @@ def mixer_backward(x: Tensor, saved: tuple, dout: Tensor, param_dtypes: list, pr
     """Gradients w.r.t. ``(x, in_proj, out_proj, *weights)`` of :func:`mixer_forward`, given its input
     ``x`` and ``saved`` (``param_dtypes``/``projection_dtypes``: the weights' dtypes, None for an absent
     projection)."""
-    (w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, x_dbl_f, x_dbl_b, y_sum,
-     ckpt, *params) = saved
-    # recomputed by the forward's kernels from the forward's inputs: the same values
+    w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, y_sum, ckpt, *params = saved
+    # recomputed by the forward's kernels and matmuls from the forward's inputs: the same values
     xz = x if w_in is None else F.linear(x.to(w_in.dtype), w_in)
     dim = xz.shape[-1] // 2
     dtype = xz.dtype
     xc = bidir_conv_fwd(xz[..., :dim], conv_weight, conv_bias)
+    x_dbl_f = F.linear(xc[..., :dim], x_proj_f)
+    x_dbl_b = F.linear(xc[..., dim:], x_proj_b)
     bc, dt_f, dt_b = _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b)
     dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
     gated = None if w_out is None else torch.empty_like(y_sum, dtype=dtype)
