@@ -412,7 +412,7 @@ def _check_published_pair_function():
     """A pair of the published pairing as one Function (``ops.pair``, Gluon scan swapped for the
     reference) vs the encoder's two PyTorch blocks, training with drop path (the same draws): the
     pair's outputs and the gradients of its inputs and of both layers' parameters, for LayerNorm and
-    RMSNorm, the first pair (no residual) and a later one."""
+    RMSNorm, the first pair (no residual) and a later one; and which per-token tensors it keeps."""
     from ssamba.models.ssamba import SSAMBAConfig, SSAMBAEncoder
 
     for norm, first in (("layernorm", False), ("rmsnorm", False), ("layernorm", True)):
@@ -438,6 +438,12 @@ def _check_published_pair_function():
         reference = run(encoder._pair_blocks)
         with _gluon_scan_replaced_by_reference():
             fused = run(encoder._pair_fused)
+            kept = []  # what the pair's forward saves for its backward
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+                encoder._pair_fused(fwd, bwd, hidden, residual)
+        # per token: its inputs, and each mixer's output sum (and the scans' states, None here)
+        expected = [(4, 19, 12)] * (1 if first else 2) + [(4, 19, 24)] * 2
+        assert [s for s in kept if s[:2] == (4, 19)] == expected, (norm, first, kept)
         assert _relerr(fused[0], reference[0]) < 1e-5 and _relerr(fused[1], reference[1]) < 1e-6, (norm, first)
         for i, (a, e) in enumerate(zip(fused[2], reference[2])):
             assert _relerr(a, e) < 1e-5, f"{norm}, first={first}: gradient {i}: {_relerr(a, e):.2e}"
