@@ -3,10 +3,11 @@
 Triton compiles for a named target on any machine (it ships ``ptxas``), so this script runs the training
 path's kernel wrappers (``ssamba.ops``) on CPU tensors of the real shapes and dtypes, behind a stand-in
 for Triton's GPU driver: every launch compiles the kernel with the arguments it would get on the GPU
-(alignment and divisibility specialisations included), for ``--arch`` (90: the H100 and H200), and then
-does nothing. Reported per kernel and configuration: registers per thread, bytes of local memory (register
-spills), static and launch shared memory, and SASS instructions. Shared memory beyond the target's limit
-fails as it would at a GPU launch. The values the wrappers compute are meaningless: only the compiles are.
+(alignment and divisibility specialisations included) for ``--arch`` (90: H100 and H200; 80: A100; 86
+and 89: consumer Ampere and Ada cards; 100: B200), and then does nothing. Reported per kernel and
+configuration: registers per thread, bytes of local memory (register spills), the launch's shared memory,
+and SASS instructions. Shared memory beyond the target's limit fails as it would at a GPU launch. The
+values the wrappers compute are meaningless: only the compiles are.
 
     python bench/kernel_resources.py                 # the table
     python bench/kernel_resources.py --json out.json # the records, for tests and diffs
@@ -33,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# per-block limits of the targets (CUDA programming guide, compute capabilities table)
-MAX_SHARED = {90: 227 * 1024, 100: 227 * 1024}
+# shared memory a block may ask for, per compute capability (CUDA programming guide, compute capabilities table)
+MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 REGISTERS_PER_SM = 65536
 MULTIPROCESSORS = 132  # an H100 SXM's; only the norm backward's program count depends on it
 BATCH, LENGTH = 16, 513  # the pretraining grid's 513 tokens; a batch of 16 gives batch x L the divisibility of 64's
