@@ -61,26 +61,13 @@ class OfflineDriver:
     def __init__(self, arch: int):
         from triton.backends.compiler import GPUTarget
 
+        self.arch = arch
         self.target = GPUTarget("cuda", arch, 32)
+        self.cuobjdump = Path(triton_root()) / "backends" / "nvidia" / "bin" / "cuobjdump"
         self.launches: list[dict] = []
         self.usage: dict[str, dict] = {}  # compiled kernel's hash -> resources
-        cuobjdump = Path(triton_root()) / "backends" / "nvidia" / "bin" / "cuobjdump"
-        loading: list[str] = []  # the hash of the kernel being loaded: Triton asks for its launcher, then loads it
-        self._loading = loading
-        usage = self.usage
-
-        class Utils:
-            @staticmethod
-            def get_device_properties(device):
-                return {"max_shared_mem": MAX_SHARED[arch], "multiprocessor_count": MULTIPROCESSORS}
-
-            @staticmethod
-            def load_binary(name, cubin, shared, device):
-                resources = usage[loading.pop()] = _resource_usage(cubin, cuobjdump)
-                threads = REGISTERS_PER_SM // max(resources["registers"], 1) // 32 * 32
-                return None, None, resources["registers"], resources["local_bytes"], min(1024, threads)
-
-        self.utils = Utils()
+        self.loading: list[str] = []  # Triton asks for a kernel's launcher, then loads its binary
+        self.utils = _OfflineUtils(self)
 
     def get_current_device(self):
         return 0
@@ -92,7 +79,7 @@ class OfflineDriver:
         return self.target
 
     def launcher_cls(self, src, metadata):
-        self._loading.append(metadata.hash)
+        self.loading.append(metadata.hash)
         constants = {name: value for (index,), value in src.constants.items()
                      for name in [src.fn.arg_names[index]] if isinstance(value, (bool, int))}
 
@@ -100,6 +87,22 @@ class OfflineDriver:
             self.launches.append({"kernel": src.name, "hash": metadata.hash, "num_warps": metadata.num_warps,
                                   "shared_bytes": metadata.shared, "constants": constants})
         return launch
+
+
+class _OfflineUtils:
+    """The driver's ``utils``: the target's limits, and a "load" that reads the binary's resources."""
+
+    def __init__(self, driver: OfflineDriver):
+        self.driver = driver
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": MAX_SHARED[self.driver.arch], "multiprocessor_count": MULTIPROCESSORS}
+
+    def load_binary(self, name, cubin, shared, device):
+        resources = _resource_usage(cubin, self.driver.cuobjdump)
+        self.driver.usage[self.driver.loading.pop()] = resources
+        threads = REGISTERS_PER_SM // max(resources["registers"], 1) // 32 * 32
+        return None, None, resources["registers"], resources["local_bytes"], min(1024, threads)
 
 
 def triton_root() -> str:
