@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -34,12 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ssamba.models.ssamba import SIZES  # noqa: E402
+
 # shared memory a block may ask for, per compute capability (CUDA programming guide, compute capabilities table)
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 REGISTERS_PER_SM = 65536
 MULTIPROCESSORS = 132  # an H100 SXM's; only the norm backward's program count depends on it
 BATCH, LENGTH = 16, 513  # the pretraining grid's 513 tokens; a batch of 16 gives batch x L the divisibility of 64's
-WIDTHS = {"tiny": 192, "base": 768}  # embed_dim; the mixer's E is twice it, d_state 16, dt_rank ceil(d / 16)
 
 
 def _resource_usage(cubin: bytes, cuobjdump: Path) -> dict:
@@ -134,20 +134,23 @@ def _randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
 
-def training_path(width: str) -> None:
+def training_path(size: str) -> None:
     """One published pair's forward and backward as bf16 training runs it (the fused pair's add+norm, both
-    mixers on the Gluon scan), the single add+norm, and the plain-Triton mixer (GPUs without the Gluon scan)."""
+    mixers on the Gluon scan), the single add+norm, and the plain-Triton mixer (GPUs without the Gluon scan),
+    at the widths of SSAMBA-``size``."""
+    from ssamba.models.ssamba import SSAMBAConfig
     from ssamba.ops import gluon_bimamba, triton_bimamba, triton_norm
 
-    d = WIDTHS[width]
-    E, N, R = 2 * d, 16, math.ceil(d / 16)
+    config = SSAMBAConfig(embed_dim=SIZES[size]["embed_dim"])
+    d, N, R, K = config.embed_dim, config.d_state, config.dt_rank, config.d_conv
+    E = config.expand * d
     bf16 = torch.bfloat16
     hidden, residual = _randn(BATCH, LENGTH, d, dtype=bf16), _randn(BATCH, LENGTH, d)
     scales = (torch.ones(BATCH), torch.ones(BATCH))
     norm = (_randn(d), _randn(d))
     normed_f, _, _ = triton_norm.pair_add_norm_fwd(hidden, residual, scales, norm, norm, 1e-5, bf16, torch.float32)
     in_proj, out_proj = _randn(2 * E, d), _randn(d, E)
-    branch = [_randn(E, 1, 4), _randn(E), _randn(R + 2 * N, E), _randn(E, R), _randn(E), _randn(E, N), _randn(E)]
+    branch = [_randn(E, 1, K), _randn(E), _randn(R + 2 * N, E), _randn(E, R), _randn(E), _randn(E, N), _randn(E)]
     weights = (*branch, *[t.clone() for t in branch])
     out, saved = gluon_bimamba.mixer_forward(normed_f, in_proj, out_proj, weights)
     grads = gluon_bimamba.mixer_backward(normed_f, saved, torch.randn_like(out), [t.dtype for t in weights],
@@ -163,23 +166,23 @@ def training_path(width: str) -> None:
     torch.autograd.backward([normed, new_residual], [torch.randn_like(normed), torch.randn_like(new_residual)])
 
     xz = _randn(BATCH, LENGTH, 2 * E, dtype=bf16).requires_grad_()
-    plain = [_randn(2 * E, 4), _randn(2 * E), _randn(R + 2 * N, E), _randn(R + 2 * N, E), _randn(E, R), _randn(E, R),
+    plain = [_randn(2 * E, K), _randn(2 * E), _randn(R + 2 * N, E), _randn(R + 2 * N, E), _randn(E, R), _randn(E, R),
              _randn(2 * E), _randn(2 * E, N), _randn(2 * E)]
     y = triton_bimamba.bimamba_inner_triton(xz, *[t.requires_grad_() for t in plain])
     y.backward(torch.randn_like(y))
 
 
-def collect(arch: int = 90, widths=tuple(WIDTHS)) -> list[dict]:
-    """One record per width and distinct compiled kernel: name, launch configuration and resources."""
+def collect(arch: int, sizes: list[str]) -> list[dict]:
+    """One record per model size and distinct compiled kernel: name, launch configuration and resources."""
     records, seen = [], set()
     with offline(arch) as driver:
-        for width in widths:
+        for size in sizes:
             start = len(driver.launches)
-            training_path(width)
+            training_path(size)
             for launch in driver.launches[start:]:
-                if (launch["hash"], width) not in seen:
-                    seen.add((launch["hash"], width))
-                    records.append({"width": width, **{k: v for k, v in launch.items() if k != "hash"},
+                if (launch["hash"], size) not in seen:
+                    seen.add((launch["hash"], size))
+                    records.append({"size": size, **{k: v for k, v in launch.items() if k != "hash"},
                                     **driver.usage[launch["hash"]]})
     return records
 
@@ -195,11 +198,11 @@ def render(records: list[dict], arch: int) -> str:
              f"arguments as bf16 training at batch {BATCH} x {LENGTH} tokens passes them. Resources read from the "
              "compiled binaries (cuobjdump), not measured on a GPU: spill bytes are local memory per thread, "
              "shared bytes what the launch asks for.", "",
-             "| width | kernel | configuration | warps | registers | spill bytes | shared bytes | SASS instructions |",
+             "| model | kernel | configuration | warps | registers | spill bytes | shared bytes | SASS instructions |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
         config = " ".join(f"{k}={v}" for k, v in sorted(r["constants"].items()))
-        lines.append(f"| {r['width']} | `{r['kernel']}` | {config} | {r['num_warps']} | {r['registers']} | "
+        lines.append(f"| {r['size']} | `{r['kernel']}` | {config} | {r['num_warps']} | {r['registers']} | "
                      f"{r['local_bytes']} | {r['shared_bytes']} | {r['sass_instructions']} |")
     return "\n".join(lines) + "\n"
 
@@ -207,11 +210,11 @@ def render(records: list[dict], arch: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED), help="compute capability x 10")
-    parser.add_argument("--width", nargs="+", choices=list(WIDTHS), default=list(WIDTHS))
+    parser.add_argument("--size", nargs="+", choices=list(SIZES), default=list(SIZES), help="SSAMBA sizes")
     parser.add_argument("--json", type=Path, help="also write the records here")
     parser.add_argument("--write", action="store_true", help="write docs/performance/kernels.{md,json}")
     args = parser.parse_args(argv)
-    records = collect(args.arch, args.width)
+    records = collect(args.arch, args.size)
     text = render(records, args.arch)
     print(text)
     outputs = [args.json] if args.json else []

@@ -38,13 +38,13 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(tmp_path, arc
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     records = json.loads(out.read_text())
-    assert {r["width"] for r in records} == {"tiny", "base"}
-    for width in ("tiny", "base"):  # the path reaches every kernel, at both widths
-        assert {r["kernel"] for r in records if r["width"] == width} == ops_kernels()
+    assert {r["size"] for r in records} == {"tiny", "small", "base"}
+    for size in ("tiny", "small", "base"):  # the path reaches every kernel at every size
+        assert {r["kernel"] for r in records if r["size"] == size} == ops_kernels()
     for r in records:
-        assert r["local_bytes"] == 0, f"{r['width']} {r['kernel']} {r['constants']} spills {r['local_bytes']} bytes"
+        assert r["local_bytes"] == 0, f"{r['size']} {r['kernel']} {r['constants']} spills {r['local_bytes']} bytes"
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] <= {90: 227, 80: 163}[arch] * 1024
         assert r["sass_instructions"] > 0
     # the Gluon scan's configurations as _config chooses them: two threads per channel below 1024 channels
-    scan_bwd = {r["width"]: r["constants"] for r in records if r["kernel"] == "_scan_bwd_kernel"}
-    assert scan_bwd["tiny"]["SPLIT"] == 2 and scan_bwd["base"]["SPLIT"] == 1 and scan_bwd["tiny"]["T"] == 16
+    scan_bwd = {r["size"]: r["constants"] for r in records if r["kernel"] == "_scan_bwd_kernel"}
+    assert scan_bwd["tiny"]["SPLIT"] == scan_bwd["small"]["SPLIT"] == 2 and scan_bwd["base"]["SPLIT"] == 1
