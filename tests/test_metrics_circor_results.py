@@ -85,13 +85,13 @@ def stop(*_):  # as train.py's pre-emption callback: a checkpoint, then exit 143
     last.write_text("part")
     sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
-if "rendezvous" in args:  # go on only once another training has started too (within 10 s), else fail
+if "rendezvous" in args:  # go on only once `meet` trainings have started (within `patience` s), else fail
     meeting = Path(args["rendezvous"])
     meeting.mkdir(exist_ok=True)
     (meeting / run.name).touch()
     waited = 0.0
     while len(list(meeting.iterdir())) < int(args.get("meet", 2)):
-        if waited > 10:
+        if waited > float(args.get("patience", 10)):
             print("alone at the rendezvous")
             sys.exit(4)
         time.sleep(0.1)
@@ -228,7 +228,7 @@ def test_parallel_trains_cells_of_different_folds_at_once(fake_train, parallel):
 
 
 def test_one_at_a_time_cannot_meet_a_rendezvous_of_two(fake_train):
-    grid = fake_grid(fake_train, fake_train / "results", ["sleep=0", f"rendezvous={fake_train / 'meet'}"])
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=0", f"rendezvous={fake_train / 'meet'}", "patience=1"])
     with pytest.raises(RuntimeError, match="alone at the rendezvous"):
         bench.run_jobs(grid, grid_jobs(grid, [0, 1], ["scratch"]))
 
