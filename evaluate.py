@@ -50,8 +50,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = checkpoint.build_classifier(backend=cfg.backend)
     device = resolve_device(cfg.device)
     metric = score_split(model, datamodule, cfg.split, rule, device, str(cfg.precision))
-    scores = {name: float(value) for name, value in metric.compute().items()}
-    predictions = metric.predictions()
+    predictions = metric.predictions()  # aggregated once, for the scores and the outputs
+    scores = {name: float(value) for name, value in metric.scores(predictions).items()}
 
     patient_ids = [metric.patient_id(code) for code in predictions.patient.tolist()]
     figure = confusion_figure(

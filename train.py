@@ -22,6 +22,7 @@ from ssamba.callbacks.resume_points import last_checkpoint_path
 from ssamba.errors import ConfigError
 from ssamba.evaluation import score_checkpoint
 from ssamba.tasks import build_task
+from ssamba.utils.atomic_checkpoint import atomic_write_bytes
 from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
@@ -80,10 +81,7 @@ def _score_test(which: str, trainer: L.Trainer, datamodule, output_dir: str) -> 
     scores, patients = score_checkpoint(path, datamodule, "test", trainer.strategy.root_device, precision)
     record = {"checkpoint": which, "split": "test", "precision": precision, "scores": scores, "patients": patients,
               "seconds": time.perf_counter() - started}
-    target = Path(output_dir) / "test_scores.json"
-    partial = target.with_suffix(".json.part")
-    partial.write_text(json.dumps(record) + "\n")
-    partial.replace(target)  # a reader never sees half a file
+    atomic_write_bytes((json.dumps(record) + "\n").encode(), Path(output_dir) / "test_scores.json")
     log.info("test patients: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
 

@@ -292,7 +292,8 @@ def run_grid(args: argparse.Namespace) -> bool:
         f"data.root={data_root}", f"data.num_workers={args.num_workers}", f"trainer={args.trainer}",
         "logger=csv", "test=false", "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null",
         "data.split_file=null", "data.split=kfold", f"data.folds={args.folds}",
-        "+callbacks.wall_times._target_=ssamba.callbacks.WallTimes", "+callbacks.wall_times.dirpath=${paths.output_dir}",
+        "+callbacks.wall_times._target_=ssamba.callbacks.WallTimes",
+        "+callbacks.wall_times.dirpath=${paths.output_dir}",
         *args.override,
     ]  # fmt: skip
     # No checkpoint or validation pass that the cell does not read: the pretraining keeps only last.ckpt (its val
@@ -349,6 +350,11 @@ class Job:
         return f"{self.task}_fold{self.fold}_seed{self.seed}_{self.arm}"
 
 
+def job_folder(grid: Grid, job: Job) -> Path:
+    """Where a job's training runs (checkpoints, logs, runner.json): in --work, never in --results."""
+    return grid.work / "runs" / job.run_dir_name
+
+
 def cell_jobs(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> list[Job]:
     """The trainings of one (fold, seed, arm)'s missing cells, one per label scheme: for arm pretrained its
     pretraining first (shared by the schemes), then the finetunings that start from it. A pretraining's
@@ -360,7 +366,7 @@ def cell_jobs(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> l
     if arm == "pretrained":
         pretraining = Job(fold, seed, arm)
         served = [t for t in RECIPES if t not in todo and cell_path(grid.results, t, fold, seed, arm).is_file()]
-        if served and not (grid.work / "runs" / pretraining.run_dir_name / LAST_CHECKPOINT).is_file():
+        if served and not (job_folder(grid, pretraining) / LAST_CHECKPOINT).is_file():
             print(f"{pretraining.run_dir_name}: finished elsewhere (the {', '.join(served)} cells started from it), "
                   "but its checkpoint is not on this machine; pretraining again", flush=True)
     return [job for job in (pretraining, *(Job(fold, seed, arm, task, pretraining) for task in todo)) if job]
@@ -368,13 +374,12 @@ def cell_jobs(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> l
 
 def train_job(grid: Grid, job: Job) -> dict | None:
     """Train one job (``train``'s result: its state, or None when stopped by the deadline)."""
-    run_dir = grid.work / "runs" / job.run_dir_name
     each = [f"data.fold={job.fold}", f"data.split_seed={job.seed}", f"seed={job.seed}"]
     if job.task is None:
-        return train([*grid.pretrain, *grid.common, *each], run_dir, grid.deadline, LAST_CHECKPOINT)
-    init = [f"task.pretrained={grid.work / 'runs' / job.needs.run_dir_name / LAST_CHECKPOINT}"] if job.needs else []
-    return train([f"experiment={RECIPES[job.task]}", *grid.finetune, *grid.common, *each, *init], run_dir,
-                 grid.deadline, TEST_SCORES)  # fmt: skip
+        return train([*grid.pretrain, *grid.common, *each], job_folder(grid, job), grid.deadline, LAST_CHECKPOINT)
+    init = [f"task.pretrained={job_folder(grid, job.needs) / LAST_CHECKPOINT}"] if job.needs else []
+    return train([f"experiment={RECIPES[job.task]}", *grid.finetune, *grid.common, *each, *init],
+                 job_folder(grid, job), grid.deadline, TEST_SCORES)  # fmt: skip
 
 
 def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
@@ -423,12 +428,10 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
 
 def record_cell(grid: Grid, job: Job, pretrained: dict, finetuned: dict) -> None:
     """Write a finished cell's JSON (scores, the patients' predictions, cards, wall times) and the report."""
-    task, fold, seed, arm = job.task, job.fold, job.seed, job.arm
-    run_dir = grid.work / "runs" / job.run_dir_name
-    scored = json.loads((run_dir / TEST_SCORES).read_text())
+    scored = json.loads((job_folder(grid, job) / TEST_SCORES).read_text())
     scores = scored["scores"]
     record = {
-        "task": task, "fold": fold, "seed": seed, "arm": arm,
+        "task": job.task, "fold": job.fold, "seed": job.seed, "arm": job.arm,
         "cards": sorted({*pretrained["devices"], *finetuned["devices"]}),
         "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
         "score_seconds": scored["seconds"], "parallel": grid.args.parallel, "settings": grid.settings,
@@ -436,8 +439,8 @@ def record_cell(grid: Grid, job: Job, pretrained: dict, finetuned: dict) -> None
         "patients": scored["patients"],
         "wall_times": {"pretrain": pretrained.get("wall_times", {}), "finetune": finetuned.get("wall_times", {})},
     }  # fmt: skip
-    cell_path(grid.results, task, fold, seed, arm).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{run_dir.name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[task]),
+    cell_path(grid.results, job.task, job.fold, job.seed, job.arm).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{job.run_dir_name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[job.task]),
           flush=True)  # fmt: skip
     write_report(grid.results, Path(grid.args.out))
 

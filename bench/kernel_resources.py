@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssamba.models.ssamba import SIZES  # noqa: E402
+from ssamba.models.ssamba import SIZES, SSAMBAConfig  # noqa: E402
 
 # shared memory a block may ask for, per compute capability (CUDA programming guide, compute capabilities table)
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
@@ -138,7 +138,6 @@ def training_path(size: str) -> None:
     """One published pair's forward and backward as bf16 training runs it (the fused pair's add+norm, both
     mixers on the Gluon scan), the single add+norm, and the plain-Triton mixer (GPUs without the Gluon scan),
     at the widths of SSAMBA-``size``."""
-    from ssamba.models.ssamba import SSAMBAConfig
     from ssamba.ops import gluon_bimamba, triton_bimamba, triton_norm
 
     config = SSAMBAConfig(embed_dim=SIZES[size]["embed_dim"])
