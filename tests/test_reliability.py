@@ -98,24 +98,25 @@ def test_bf16_mixed_keeps_parameters_and_the_scan_in_fp32(monkeypatch):
     import ssamba.ops.selective_scan as scan
 
     scan_dtypes, mixer_inputs = [], []
-    original_scan, original_inner = scan._hillis_steele, bimamba_module.bimamba_inner
+    original_prepare, original_inner = scan._prepare, bimamba_module.bimamba_inner
 
-    def recording_scan(a, x):
-        scan_dtypes.append((a.dtype, x.dtype))
-        return original_scan(a, x)
+    def recording_prepare(*args):
+        prepared = original_prepare(*args)  # what either solver computes in
+        scan_dtypes.append(tuple(t.dtype for t in prepared))
+        return prepared
 
     def recording_inner(xz, *args):
         mixer_inputs.append(xz.dtype)
         return original_inner(xz, *args)
 
-    monkeypatch.setattr(scan, "_hillis_steele", recording_scan)
+    monkeypatch.setattr(scan, "_prepare", recording_prepare)
     monkeypatch.setattr(bimamba_module, "bimamba_inner", recording_inner)
     encoder = ssamba.build_encoder("tiny", **TINY)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = encoder.forward_features(torch.randn(2, 64, 128))
     assert set(mixer_inputs) == {torch.bfloat16}  # autocast is on: the in_proj ran in bf16
     out.float().pow(2).mean().backward()
-    assert scan_dtypes and set(scan_dtypes) == {(torch.float32, torch.float32)}  # the SSM state h_t is fp32
+    assert scan_dtypes and set(scan_dtypes) == {(torch.float32,) * 5}  # the SSM state h_t is fp32
     assert {p.dtype for p in encoder.parameters()} == {torch.float32}
     assert {p.grad.dtype for p in encoder.parameters() if p.grad is not None} == {torch.float32}
 

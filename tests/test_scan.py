@@ -1,8 +1,17 @@
-"""The parallel selective scan against the step-by-step reference."""
+"""Both solvers of the PyTorch selective scan against the step-by-step reference."""
 import pytest
 import torch
 
+import ssamba.ops.selective_scan as scan
 from ssamba.ops import selective_scan_ref, selective_scan_torch
+
+SOLVERS = {"stepped": 0, "log-depth": 2 ** 62}  # STEPPED_MIN_STATE that forces each solver on CPU
+
+
+@pytest.fixture(params=list(SOLVERS))
+def solver(request, monkeypatch):
+    monkeypatch.setattr(scan, "STEPPED_MIN_STATE", SOLVERS[request.param])
+    return request.param
 
 
 def _inputs(batch, dim, length, d_state, groups, dtype=torch.float64, seed=0):
@@ -17,9 +26,9 @@ def _inputs(batch, dim, length, d_state, groups, dtype=torch.float64, seed=0):
                 C=rnd(*B_shape), D=rnd(dim), z=rnd(batch, dim, length), delta_bias=rnd(dim), delta_softplus=True)
 
 
-@pytest.mark.parametrize("length", [1, 2, 7, 16, 33, 129])
+@pytest.mark.parametrize("length", [1, 2, 7, 16, 32, 33, 129])
 @pytest.mark.parametrize("groups", [None, 1, 2])
-def test_parallel_scan_matches_sequential_float64(length, groups):
+def test_scan_matches_sequential_float64(length, groups, solver):
     args = _inputs(2, 6, length, 4, groups, seed=length)
     y_ref = selective_scan_ref(**args)
     y = selective_scan_torch(**args)
@@ -30,7 +39,7 @@ def test_parallel_scan_matches_sequential_float64(length, groups):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
 
 
-def test_scan_without_optional_terms_and_float32():
+def test_scan_without_optional_terms_and_float32(solver):
     args = _inputs(1, 4, 50, 3, None, dtype=torch.float32, seed=3)
     for key in ("D", "z", "delta_bias"):
         args[key] = None
@@ -41,7 +50,7 @@ def test_scan_without_optional_terms_and_float32():
     torch.testing.assert_close(y, selective_scan_ref(**args), rtol=1e-4, atol=1e-5)
 
 
-def test_scan_keeps_bfloat16_io():
+def test_scan_keeps_bfloat16_io(solver):
     args = _inputs(1, 4, 9, 3, None, dtype=torch.float32, seed=4)
     args["u"] = args["u"].detach().bfloat16()
     assert selective_scan_torch(**args).dtype == torch.bfloat16
@@ -68,3 +77,29 @@ def test_triton_failure_falls_back_only_under_auto(monkeypatch):
     assert backend.triton_or_fallback("auto", broken, lambda: "fallback") == "fallback"
     assert backend._triton_failure and "PTX compile failed" in backend._triton_failure[0]
     assert backend.resolve_backend("auto", on_cuda=True) != "triton"
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward while ``fn`` runs (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_cpu_picks_the_stepped_scan_for_big_states_and_it_keeps_no_state_per_step(monkeypatch):
+    """A layer-sized state on CPU steps through time; for training it keeps its inputs and one state per
+    32-step chunk, not the ``[batch, channels, N, L]`` decays and states the log-depth scan keeps."""
+    batch, dim, d_state, length = 2, 512, 16, 256
+    assert batch * dim * d_state >= scan.STEPPED_MIN_STATE
+    args = _inputs(batch, dim, length, d_state, 2, dtype=torch.float32)
+    one_state_per_step = batch * dim * d_state * length * 4
+    stepped = _saved_bytes(lambda: selective_scan_torch(**args))
+    monkeypatch.setattr(scan, "STEPPED_MIN_STATE", SOLVERS["log-depth"])
+    log_depth = _saved_bytes(lambda: selective_scan_torch(**args))
+    assert stepped < one_state_per_step <= log_depth / 2  # the stepped one keeps [batch, dim, L] inputs

@@ -10,10 +10,18 @@ are ``[batch, dim, length]``, ``A`` is ``[dim, d_state]``, ``B`` and ``C`` are
 ``[batch, d_state, length]`` or grouped ``[batch, groups, d_state, length]`` (channel ``d`` uses
 group ``d // (dim // groups)``), ``D`` and ``delta_bias`` are ``[dim]``.
 
-``selective_scan_torch`` solves the linear recurrence with a log-depth (Hillis-Steele) scan, so
-its cost is O(L log L) vectorised work rather than L Python steps, and its backward is a second
-scan in reverse rather than autograd through every step. ``selective_scan_ref`` is the
-step-by-step loop kept as the ground truth for tests.
+``selective_scan_torch`` picks one of two solvers of the linear recurrence, both with a hand-written
+backward rather than autograd through every step:
+
+- on CPU, once the state (batch x channels x states) is big enough to amortise an op's overhead, it
+  steps through time on the ``[batch, channels, states]`` state: O(L) work on cache-sized tensors.
+  Its backward recomputes each chunk of ``STEPPED_CHUNK`` steps from the state saved at the chunk's
+  start, so training keeps L / STEPPED_CHUNK states per layer instead of L;
+- elsewhere (a GPU, where each op is a kernel launch, or a small state) a log-depth (Hillis-Steele)
+  scan over ``[batch, channels, states, L]`` tensors: O(L log L) work in ceil(log2 L) vectorised
+  steps, whose backward is the same scan in reverse.
+
+``selective_scan_ref`` is the step-by-step loop under autograd, kept as the ground truth for tests.
 """
 from __future__ import annotations
 
@@ -94,17 +102,81 @@ class _LinearScan(torch.autograd.Function):
         return lam * h_prev, lam
 
 
+# Where stepping through time beats the log-depth scan on CPU: measured on a 2-core CPU, forward +
+# backward, the stepped scan was 1.3-2x slower at 2048 state elements, level at 4096-8192 and 4-18x
+# faster from 16384 up (a tiny SSAMBA layer at batch 4 holds 4 x 768 x 16 = 49152).
+STEPPED_MIN_STATE = 8192
+STEPPED_CHUNK = 32  # time steps per recomputed chunk in the stepped scan's backward
+
+
+class _SteppedScan(torch.autograd.Function):
+    """``y_t = C_t . h_t`` with ``h_t = exp(delta_t A) h_{t-1} + du_t B_t``, one time step per iteration.
+
+    Time-first contiguous layouts so that each step reads whole slices: ``delta``, ``du``: ``[L, batch,
+    groups, channels per group]``; ``A``: ``[groups, channels per group, N]``; ``B``, ``C``: ``[L, batch,
+    groups, N]``; ``y`` like ``delta``. Keeps only its inputs and the state at each chunk's start."""
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        h = delta.new_zeros(*delta.shape[1:], A.shape[-1])
+        y = torch.empty_like(delta)
+        chunk_starts = []
+        for t in range(delta.shape[0]):
+            if t % STEPPED_CHUNK == 0:
+                chunk_starts.append(h)
+            h = torch.addcmul(torch.exp(delta[t, ..., None] * A) * h, du[t, ..., None], B[t, :, :, None, :])
+            torch.matmul(h, C[t, ..., None], out=y[t, ..., None])
+        ctx.save_for_backward(delta, du, A, B, C, *chunk_starts)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        delta, du, A, B, C, *chunk_starts = ctx.saved_tensors
+        dy = dy.contiguous()
+        length = delta.shape[0]
+        d_delta, d_du, dB, dC = (torch.empty_like(t) for t in (delta, du, B, C))
+        dA = torch.zeros_like(chunk_starts[0])  # per batch element, summed at the end
+        carry = torch.zeros_like(chunk_starts[0])  # a_{t+1} * lambda_{t+1}, lambda_t = dLoss/dh_t
+        for c in reversed(range(len(chunk_starts))):
+            start, stop = c * STEPPED_CHUNK, min((c + 1) * STEPPED_CHUNK, length)
+            states, decays = [chunk_starts[c]], []
+            for t in range(start, stop):  # the chunk's states again, from its first
+                decays.append(torch.exp(delta[t, ..., None] * A))
+                states.append(torch.addcmul(decays[-1] * states[-1], du[t, ..., None], B[t, :, :, None, :]))
+            for k in reversed(range(stop - start)):
+                t = start + k
+                lam = torch.addcmul(carry, dy[t, ..., None], C[t, :, :, None, :])
+                torch.matmul(dy[t, :, :, None, :], states[k + 1], out=dC[t, :, :, None, :])
+                torch.matmul(du[t, :, :, None, :], lam, out=dB[t, :, :, None, :])
+                torch.matmul(lam, B[t, ..., None], out=d_du[t, ..., None])
+                carry = decays[k] * lam
+                d_exponent = carry * states[k]  # the gradient w.r.t. delta_t * A
+                torch.sum(d_exponent * A, -1, out=d_delta[t])
+                dA.addcmul_(d_exponent, delta[t, ..., None])
+        return d_delta, d_du, dA.sum(0), dB, dC
+
+
+def _time_first(x: Tensor) -> Tensor:
+    return x.permute(-1, *range(x.dim() - 1)).contiguous()
+
+
 def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                          z: Tensor | None = None, delta_bias: Tensor | None = None,
                          delta_softplus: bool = False) -> Tensor:
-    """Parallel selective scan; same function and signature as mamba-ssm's ``selective_scan_fn``."""
+    """Selective scan in PyTorch; same function and signature as mamba-ssm's ``selective_scan_fn``."""
     out_dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     per_group = dim // groups
-    decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])  # [b, d, n, l]
-    drive = (delta * u).view(batch, groups, per_group, 1, length) * B[:, :, None]  # [b, g, dg, n, l]
-    h = _LinearScan.apply(decay, drive.reshape(batch, dim, d_state, length))
-    y = (h.view(batch, groups, per_group, d_state, length) * C[:, :, None]).sum(3).reshape(batch, dim, length)
+    if u.device.type == "cpu" and batch * dim * d_state >= STEPPED_MIN_STATE:
+        y = _SteppedScan.apply(_time_first(delta.view(batch, groups, per_group, length)),
+                               _time_first((delta * u).view(batch, groups, per_group, length)),
+                               A.view(groups, per_group, d_state), _time_first(B), _time_first(C))
+        y = y.permute(1, 2, 3, 0).reshape(batch, dim, length)
+    else:
+        decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])  # [b, d, n, l]
+        drive = (delta * u).view(batch, groups, per_group, 1, length) * B[:, :, None]  # [b, g, dg, n, l]
+        h = _LinearScan.apply(decay, drive.reshape(batch, dim, d_state, length))
+        y = (h.view(batch, groups, per_group, d_state, length) * C[:, :, None]).sum(3).reshape(batch, dim, length)
     return _finish(y, u, D, z, out_dtype)
