@@ -50,6 +50,14 @@ def test_scan_without_optional_terms_and_float32(solver):
     torch.testing.assert_close(y, selective_scan_ref(**args), rtol=1e-4, atol=1e-5)
 
 
+def test_scan_state_stays_fp32_under_cpu_autocast(solver):
+    args = _inputs(2, 8, 40, 4, 2, dtype=torch.float32, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan_torch(**args)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, selective_scan_ref(**args), rtol=1e-5, atol=1e-5)
+
+
 def test_scan_keeps_bfloat16_io(solver):
     args = _inputs(1, 4, 9, 3, None, dtype=torch.float32, seed=4)
     args["u"] = args["u"].detach().bfloat16()

@@ -102,9 +102,10 @@ class _LinearScan(torch.autograd.Function):
         return lam * h_prev, lam
 
 
-# Where stepping through time beats the log-depth scan on CPU: measured on a 2-core CPU, forward +
-# backward, the stepped scan was 1.3-2x slower at 2048 state elements, level at 4096-8192 and 4-18x
-# faster from 16384 up (a tiny SSAMBA layer at batch 4 holds 4 x 768 x 16 = 49152).
+# Where stepping through time beats the log-depth scan on CPU. Forward + backward on a 2-core CPU at
+# L = 64 / 256 / 1024, stepped against log-depth: 4.4x / 3.8x / 1.4x slower at 2048 state elements,
+# 1.9x / 1.4x slower / level at 4096, 1.2x slower / 1.8x / 6x faster at 8192, 1.3x / 3.7x / 6.7x faster
+# at 16384; 15x faster at an SSAMBA-tiny layer's 49152 (batch 4, L = 601; bench/cpu_scan.py).
 STEPPED_MIN_STATE = 8192
 STEPPED_CHUNK = 32  # time steps per recomputed chunk in the stepped scan's backward
 
@@ -170,9 +171,10 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     groups, d_state = B.shape[1], A.shape[1]
     per_group = dim // groups
     if u.device.type == "cpu" and batch * dim * d_state >= STEPPED_MIN_STATE:
-        y = _SteppedScan.apply(_time_first(delta.view(batch, groups, per_group, length)),
-                               _time_first((delta * u).view(batch, groups, per_group, length)),
-                               A.view(groups, per_group, d_state), _time_first(B), _time_first(C))
+        with torch.autocast("cpu", enabled=False):  # its matmuls carry the state: kept in the compute dtype
+            y = _SteppedScan.apply(_time_first(delta.view(batch, groups, per_group, length)),
+                                   _time_first((delta * u).view(batch, groups, per_group, length)),
+                                   A.view(groups, per_group, d_state), _time_first(B), _time_first(C))
         y = y.permute(1, 2, 3, 0).reshape(batch, dim, length)
     else:
         decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])  # [b, d, n, l]
