@@ -324,7 +324,7 @@ def run_grid(args: argparse.Namespace) -> bool:
     finally:
         for signum, handler in zip(stops, before):
             signal.signal(signum, handler)
-    write_report(results, Path(args.out))
+    write_report(results, Path(args.out), grid_plan(args))
     return complete
 
 
@@ -442,7 +442,12 @@ def record_cell(grid: Grid, job: Job, pretrained: dict, finetuned: dict) -> None
     cell_path(grid.results, job.task, job.fold, job.seed, job.arm).write_text(json.dumps(record, indent=1) + "\n")
     print(f"{job.run_dir_name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[job.task]),
           flush=True)  # fmt: skip
-    write_report(grid.results, Path(grid.args.out))
+    write_report(grid.results, Path(grid.args.out), grid_plan(grid.args))
+
+
+def grid_plan(args: argparse.Namespace) -> dict:
+    """The cells a run or report was asked for, for the report's count of those still to come."""
+    return {key: getattr(args, key) for key in ("tasks", "seeds", "arms") if getattr(args, key, None)}
 
 
 # --- statistics -------------------------------------------------------------------------------------
@@ -580,8 +585,10 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
     return lines + [""]
 
 
-def render(records: list[dict]) -> str:
-    """Markdown: per label scheme the arms' means with intervals, the paired difference, pooled scores, cells."""
+def render(records: list[dict], plan: dict | None = None) -> str:
+    """Markdown: per label scheme the arms' means with intervals, the paired difference, pooled scores, cells.
+    ``plan`` (``tasks``, ``seeds``, ``arms``: what a run was asked for) counts the cells still to come; the
+    cells' own schemes and seeds, with both arms, are counted either way."""
     if not records:
         raise ValueError("no results to report")
     settings = records[0]["settings"]
@@ -600,12 +607,15 @@ def render(records: list[dict]) -> str:
         f"their shared patients (Nadeau-Bengio: s² (1/n + 1/{folds - 1})); see docs/heart-murmurs.md.",
         "",
     ]
-    tasks = sorted({r["task"] for r in records})
-    expected = len(tasks) * folds * len(seeds) * len(ARMS)
+    plan = plan or {}
+    tasks = sorted({r["task"] for r in records} | set(plan.get("tasks", ())))
+    planned_seeds = sorted(set(seeds) | set(plan.get("seeds", ())))
+    arms = sorted(set(ARMS) | set(plan.get("arms", ())))
+    expected = len(tasks) * folds * len(planned_seeds) * len(arms)
     if len(records) < expected:
-        lines += [f"**Incomplete grid: {len(records)} of the {expected} cells of these label schemes and seeds.** "
-                  "The cells so far cover only some folds, i.e. some of the patients; read no ordering of the arms "
-                  "into them.", ""]
+        lines += [f"**Incomplete grid: {len(records)} of the {expected} cells** (label schemes {', '.join(tasks)}; "
+                  f"seeds {', '.join(map(str, planned_seeds))}; {folds} folds; arms {', '.join(arms)}). The cells "
+                  "so far cover only some folds and seeds; read no ordering of the arms into them.", ""]
     for task in REPORTED:
         rows = [r for r in records if r["task"] == task]
         if rows:
@@ -623,11 +633,11 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: Path, out: Path) -> None:
+def write_report(results: Path, out: Path, plan: dict | None = None) -> None:
     records = load_results(results)
     if records:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(records))
+        out.write_text(render(records, plan))
         print(f"report: {out} ({len(records)} cells)", flush=True)
 
 
@@ -668,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="write the markdown report from --results")
     report.add_argument("--results", required=True)
     report.add_argument("--out", required=True)
+    report.add_argument("--tasks", nargs="+", choices=list(RECIPES), help="label schemes planned (for the count "
+                        "of cells to come; default: those with cells)")
+    report.add_argument("--seeds", type=int, nargs="+", help="seeds planned (default: those with cells)")
     args = parser.parse_args(argv)
     if args.command == "stage":
         stage(args.src, args.dst, int(args.max_mib * 2**20), args.keep_annotations)
@@ -679,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         complete = run_grid(args)
         print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
     else:
-        write_report(Path(args.results), Path(args.out))
+        write_report(Path(args.results), Path(args.out), grid_plan(args))
     return 0
 
 

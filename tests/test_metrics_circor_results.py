@@ -331,7 +331,11 @@ def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_check
     assert "Incomplete grid" not in text
     (tmp_path / "cells" / "murmur_fold1_seed1_pretrained.json").unlink()
     bench.write_report(tmp_path, tmp_path / "report.md")
-    assert "**Incomplete grid: 7 of the 8 cells" in (tmp_path / "report.md").read_text()
+    assert "**Incomplete grid: 7 of the 8 cells** (label schemes murmur; seeds 0, 1;" in (tmp_path / "report.md").read_text()
+    bench.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report.md"), "--seeds", "0", "1", "2",
+                "--tasks", "murmur", "murmur_timing"])
+    assert ("**Incomplete grid: 7 of the 24 cells** (label schemes murmur, murmur_timing; seeds 0, 1, 2; 2 folds; "
+            "arms pretrained, scratch)") in (tmp_path / "report.md").read_text()
 
 
 def test_pooling_refuses_a_patient_tested_twice():
