@@ -151,4 +151,12 @@ def test_benchmark_script_runs_in_smoke_mode(tmp_path):
     rows = json.loads((tmp_path / "perf.json").read_text())["rows"]
     assert [(r["mode"], r["tokens"]) for r in rows][:3] == [("ssamba", 64), ("ssast", 64), ("ssast-windowed", 64)]
     assert all(r["seconds"] > 0 for r in rows)
-    assert "| ssamba_tiny | ssamba (torch scan) | 256 | 2 |" in (tmp_path / "perf.md").read_text()
+    text = (tmp_path / "perf.md").read_text()
+    assert "| ssamba_tiny | ssamba (torch scan) | 256 | 2 |" in text
+    timed = [dict(model=f"{mode}_tiny", mode=mode, tokens=64, batch=2, seconds=seconds, peak_gib=peak)
+             for mode, seconds, peak in (("ssamba", 3.0, 1.0), ("ssast", 4.0, 0.5))]
+    assert bench.markdown(timed, "t").endswith("- 64 tokens: SSAMBA takes 0.75x SSAST's time and 2.00x its peak "
+                                               "memory (SDPA kernels)\n")
+    (tmp_path / "perf.md").unlink()
+    bench.main(["--render", str(tmp_path / "perf.json"), "--out", str(tmp_path / "perf")])
+    assert (tmp_path / "perf.md").read_text() == text.replace(", smoke sizes", "")
