@@ -16,13 +16,13 @@ import argparse
 import contextlib
 import json
 import math
-import platform
 import statistics
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from layer import device_name
 from ssamba.models import build_encoder
 from ssamba.ops.backend import resolve_backend
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in args.modes:
             rows.append(measure(mode, args.size, tokens, args))
             print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
+    device = device_name(torch.device(args.device))
     text = markdown(rows, header(device, torch.__version__, args.bf16, args.smoke))
     print(text)
     if args.out:

@@ -143,7 +143,8 @@ def test_embed_command_runs_as_documented():
     assert result.stdout.startswith("usage: python -m ssamba.embed")
 
 
-def test_benchmark_script_runs_in_smoke_mode(tmp_path):
+def test_benchmark_script_runs_in_smoke_mode(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))  # as run as a script: helpers beside it
     spec = importlib.util.spec_from_file_location("bench_embed", Path(__file__).parents[1] / "bench" / "embed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -48,3 +48,4 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(tmp_path, arc
     # the Gluon scan's configurations as _config chooses them: two threads per channel below 1024 channels
     scan_bwd = {r["size"]: r["constants"] for r in records if r["kernel"] == "_scan_bwd_kernel"}
     assert scan_bwd["tiny"]["SPLIT"] == scan_bwd["small"]["SPLIT"] == 2 and scan_bwd["base"]["SPLIT"] == 1
+    assert all(constants["T"] == 16 for constants in scan_bwd.values())

@@ -1,11 +1,16 @@
 """Both solvers of the PyTorch selective scan against the step-by-step reference."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import ssamba.ops.selective_scan as scan
 from ssamba.ops import selective_scan_ref, selective_scan_torch
 
-SOLVERS = {"stepped": 0, "log-depth": 2 ** 62}  # STEPPED_MIN_STATE that forces each solver on CPU
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from cpu_scan import SOLVERS, saved_bytes  # noqa: E402
 
 
 @pytest.fixture(params=list(SOLVERS))
@@ -87,19 +92,6 @@ def test_triton_failure_falls_back_only_under_auto(monkeypatch):
     assert backend.resolve_backend("auto", on_cuda=True) != "triton"
 
 
-def _saved_bytes(fn):
-    """Bytes of the tensors autograd keeps for the backward while ``fn`` runs (each storage once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_cpu_picks_the_stepped_scan_for_big_states_and_it_keeps_no_state_per_step(monkeypatch):
     """A layer-sized state on CPU steps through time; for training it keeps its inputs and one state per
     32-step chunk, not the ``[batch, channels, N, L]`` decays and states the log-depth scan keeps."""
@@ -107,7 +99,7 @@ def test_cpu_picks_the_stepped_scan_for_big_states_and_it_keeps_no_state_per_ste
     assert batch * dim * d_state >= scan.STEPPED_MIN_STATE
     args = _inputs(batch, dim, length, d_state, 2, dtype=torch.float32)
     one_state_per_step = batch * dim * d_state * length * 4
-    stepped = _saved_bytes(lambda: selective_scan_torch(**args))
+    stepped = saved_bytes(lambda: selective_scan_torch(**args))
     monkeypatch.setattr(scan, "STEPPED_MIN_STATE", SOLVERS["log-depth"])
-    log_depth = _saved_bytes(lambda: selective_scan_torch(**args))
+    log_depth = saved_bytes(lambda: selective_scan_torch(**args))
     assert stepped < one_state_per_step <= log_depth / 2  # the stepped one keeps [batch, dim, L] inputs

@@ -110,6 +110,13 @@ STEPPED_MIN_STATE = 8192
 STEPPED_CHUNK = 32  # time steps per recomputed chunk in the stepped scan's backward
 
 
+def _step(h: Tensor, delta: Tensor, du: Tensor, A: Tensor, B: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """Time step ``t`` of the recurrence in ``_SteppedScan``'s layouts: its decay ``exp(delta_t A)`` and the
+    next state (the forward and the backward's recompute both take it from here)."""
+    decay = torch.exp(delta[t, ..., None] * A)
+    return decay, torch.addcmul(decay * h, du[t, ..., None], B[t, :, :, None, :])
+
+
 class _SteppedScan(torch.autograd.Function):
     """``y_t = C_t . h_t`` with ``h_t = exp(delta_t A) h_{t-1} + du_t B_t``, one time step per iteration.
 
@@ -125,7 +132,7 @@ class _SteppedScan(torch.autograd.Function):
         for t in range(delta.shape[0]):
             if t % STEPPED_CHUNK == 0:
                 chunk_starts.append(h)
-            h = torch.addcmul(torch.exp(delta[t, ..., None] * A) * h, du[t, ..., None], B[t, :, :, None, :])
+            _, h = _step(h, delta, du, A, B, t)
             torch.matmul(h, C[t, ..., None], out=y[t, ..., None])
         ctx.save_for_backward(delta, du, A, B, C, *chunk_starts)
         return y
@@ -142,8 +149,9 @@ class _SteppedScan(torch.autograd.Function):
             start, stop = c * STEPPED_CHUNK, min((c + 1) * STEPPED_CHUNK, length)
             states, decays = [chunk_starts[c]], []
             for t in range(start, stop):  # the chunk's states again, from its first
-                decays.append(torch.exp(delta[t, ..., None] * A))
-                states.append(torch.addcmul(decays[-1] * states[-1], du[t, ..., None], B[t, :, :, None, :]))
+                decay, state = _step(states[-1], delta, du, A, B, t)
+                decays.append(decay)
+                states.append(state)
             for k in reversed(range(stop - start)):
                 t = start + k
                 lam = torch.addcmul(carry, dy[t, ..., None], C[t, :, :, None, :])
