@@ -28,6 +28,8 @@ each cell with its card and wall time (docs/heart-murmurs.md says what the inter
         --out docs/results/circor-cv.md
     # anywhere, from the per-cell JSON files:
     python bench/circor_results.py report --results .gpudata/circor-cv --out docs/results/circor-cv.md
+    # another recipe's grid (its own --results) against this one, pair by pair (scheme, fold, seed):
+    python bench/circor_results.py compare --base docs/results/circor-cv --other .gpudata/cv-other --out cmp.md
 
 A call skips every cell whose ``cells/*.json`` is in ``--results``; cells of several folders merge by copying
 them into one (same ``grid.json``). A pretraining whose checkpoint is not on this machine is done again (the log
@@ -641,6 +643,77 @@ def write_report(results: Path, out: Path, plan: dict | None = None) -> None:
         print(f"report: {out} ({len(records)} cells)", flush=True)
 
 
+# --- two recipes, pair by pair -------------------------------------------------------------------
+def setting_changes(base: dict, other: dict) -> list[str]:
+    """What the other grid's Hydra overrides add or drop, per kind, against the base grid's."""
+    lines = []
+    for kind in ("common", "pretrain", "finetune"):
+        before, after = base.get(kind, []), other.get(kind, [])
+        added, dropped = [o for o in after if o not in before], [o for o in before if o not in after]
+        if added or dropped:
+            change = "; ".join(part for part in (f"adds `{' '.join(added)}`" if added else "",
+                                                 f"drops `{' '.join(dropped)}`" if dropped else "") if part)
+            lines.append(f"- {kind}: {change}")
+    return lines or ["- none: the same overrides (another seed set or arm only)"]
+
+
+def compare_pairs(base: list[dict], other: list[dict], base_arm: str, other_arm: str) -> dict[str, list[tuple]]:
+    """Per label scheme, the (base cell, other cell) pairs of the same fold and seed. Paired cells must have
+    scored the same patients (same data, same partition), else the pairing means nothing and is refused."""
+    index = {(r["task"], r["fold"], r["seed"]): r for r in base if r["arm"] == base_arm}
+    pairs: dict[str, list[tuple]] = {}
+    for r in other:
+        key = (r["task"], r["fold"], r["seed"])
+        if r["arm"] != other_arm or key not in index:
+            continue
+        if index[key]["patients"]["id"] != r["patients"]["id"]:
+            raise ValueError(f"{r['task']} fold {r['fold']} seed {r['seed']}: the two grids scored different "
+                             "patients (other data or another partition), so their cells cannot be paired")
+        pairs.setdefault(r["task"], []).append((index[key], r))
+    return pairs
+
+
+def render_comparison(base_dir: Path, other_dir: Path, base_arm: str, other_arm: str) -> str:
+    """Markdown: the other grid's recipe minus the base grid's, over the (scheme, fold, seed) cells both
+    scored, with the same corrected intervals as the report's paired differences."""
+    base, other = load_results(base_dir), load_results(other_dir)
+    if not base or not other:
+        raise ValueError(f"no cells in {base_dir if not base else other_dir}/cells")
+    folds = base[0]["settings"]["folds"]
+    if other[0]["settings"]["folds"] != folds:
+        raise ValueError(f"the grids have {folds} and {other[0]['settings']['folds']} folds: cells of different "
+                         "partitions cannot be paired")
+    pairs = compare_pairs(base, other, base_arm, other_arm)
+    if not pairs:
+        raise ValueError(f"no (label scheme, fold, seed) cell of arm {other_arm} in {other_dir} has a {base_arm} "
+                         f"cell in {base_dir} to pair with")
+    ratio = 1 / (folds - 1)
+    lines = [f"## CirCor: `{other_dir.name}` ({other_arm}) minus `{base_dir.name}` ({base_arm}), pair by pair", "",
+             f"Written {datetime.date.today().isoformat()} by `bench/circor_results.py compare`. A pair is one label "
+             f"scheme, fold and seed scored by both grids: the same {folds}-fold partition, the same test patients. "
+             f"Intervals: {CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})), "
+             "as in the cross-validation report; an interval that spans 0 orders neither recipe.", "",
+             f"What `{other_dir.name}` changes (Hydra overrides against `{base_dir.name}`):", "",
+             *setting_changes(base[0]["settings"], other[0]["settings"]), ""]  # fmt: skip
+    for task in REPORTED:
+        if task not in pairs:
+            continue
+        reported, matched = REPORTED[task], pairs[task]
+        titles = " | ".join(title for _, title, _ in reported)
+        rule = "|---" * len(reported) + "|"
+        seeds = ", ".join(map(str, sorted({b["seed"] for b, _ in matched})))
+        lines += [f"### `{task}`: {SCHEME_TITLES[task]}", "", f"{len(matched)} pairs (seeds {seeds}).", "",
+                  f"| | {titles} |", f"|---{rule}"]  # fmt: skip
+        for name, side in ((f"`{base_dir.name}` ({base_arm})", 0), (f"`{other_dir.name}` ({other_arm})", 1)):
+            cells = [with_interval([p[side]["scores"].get(k, math.nan) for p in matched], ratio, d)
+                     for k, _, d in reported]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        diffs = [with_interval([o["scores"].get(k, math.nan) - b["scores"].get(k, math.nan) for b, o in matched],
+                               ratio, d, signed=True) for k, _, d in reported]
+        lines += [f"| difference | " + " | ".join(diffs) + " |", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -681,18 +754,34 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--tasks", nargs="+", choices=list(RECIPES), help="label schemes planned (for the count "
                         "of cells to come; default: those with cells)")
     report.add_argument("--seeds", type=int, nargs="+", help="seeds planned (default: those with cells)")
+    compare = commands.add_parser("compare", help="another grid's recipe minus a base grid's, pair by pair "
+                                  "(same scheme, fold and seed)")
+    compare.add_argument("--base", required=True, help="results folder of the base recipe")
+    compare.add_argument("--other", required=True, help="results folder of the recipe compared with it")
+    compare.add_argument("--base-arm", choices=ARMS, default="scratch")
+    compare.add_argument("--other-arm", choices=ARMS, default="scratch")
+    compare.add_argument("--out", required=True, help="markdown report")
     args = parser.parse_args(argv)
-    if args.command == "stage":
-        stage(args.src, args.dst, int(args.max_mib * 2**20), args.keep_annotations)
-    elif args.command == "run":
-        if args.folds < 2:
-            parser.error(f"--folds must be at least 2, got {args.folds}")
-        if args.parallel < 1:
-            parser.error(f"--parallel must be at least 1, got {args.parallel}")
-        complete = run_grid(args)
-        print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
-    else:
-        write_report(Path(args.results), Path(args.out), grid_plan(args))
+    try:
+        if args.command == "stage":
+            stage(args.src, args.dst, int(args.max_mib * 2**20), args.keep_annotations)
+        elif args.command == "run":
+            if args.folds < 2:
+                parser.error(f"--folds must be at least 2, got {args.folds}")
+            if args.parallel < 1:
+                parser.error(f"--parallel must be at least 1, got {args.parallel}")
+            complete = run_grid(args)
+            print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
+        elif args.command == "compare":
+            out = Path(args.out)
+            text = render_comparison(Path(args.base), Path(args.other), args.base_arm, args.other_arm)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            print(f"comparison: {out}", flush=True)
+        else:
+            write_report(Path(args.results), Path(args.out), grid_plan(args))
+    except (ValueError, FileNotFoundError) as error:  # bad input: one line, not a traceback
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
 
 

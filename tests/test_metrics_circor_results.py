@@ -2,6 +2,7 @@
 arithmetic and the report of the cross-validation grid, and a tiny real grid on CPU."""
 
 import importlib.util
+import itertools
 import json
 import math
 import shutil
@@ -336,6 +337,55 @@ def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_check
                 "--tasks", "murmur", "murmur_timing"])
     assert ("**Incomplete grid: 7 of the 24 cells** (label schemes murmur, murmur_timing; seeds 0, 1, 2; 2 folds; "
             "arms pretrained, scratch)") in (tmp_path / "report.md").read_text()
+
+
+def write_cells(folder, arm, values, finetune=None, seeds=(0, 1)):
+    """Cells of (fold, seed) = (0, 0), (1, 0), (0, 1), (1, 1) with these weighted accuracies."""
+    (folder / "cells").mkdir(parents=True, exist_ok=True)
+    for value, (seed, fold) in zip(values, itertools.product(seeds, (0, 1))):
+        record = cell(arm, fold, seed, value)
+        if finetune is not None:
+            record["settings"]["finetune"] = finetune
+        (folder / "cells" / f"murmur_fold{fold}_seed{seed}_{arm}.json").write_text(json.dumps(record))
+
+
+def test_compare_pairs_two_recipes_by_fold_and_seed_with_hand_checked_intervals(tmp_path):
+    write_cells(tmp_path / "base", "scratch", [0.70, 0.72, 0.74, 0.76])
+    write_cells(tmp_path / "longer", "scratch", [0.71, 0.75, 0.76, 0.82], finetune=["trainer.max_epochs=20"])
+    write_cells(tmp_path / "longer", "scratch", [0.9, 0.9], finetune=["trainer.max_epochs=20"], seeds=(2,))  # no pair
+    out = tmp_path / "compare.md"
+    assert bench.main(["compare", "--base", str(tmp_path / "base"), "--other", str(tmp_path / "longer"),
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "- finetune: adds `trainer.max_epochs=20`; drops `trainer.max_epochs=8`" in text
+    assert "4 pairs (seeds 0, 1)." in text
+    assert "| `base` (scratch) | 0.730 [0.638, 0.822] |" in text
+    # the differences 0.01, 0.03, 0.02, 0.06: as test_interval_is_the_corrected_resampled_t_interval
+    assert "| difference | +0.030 [-0.047, +0.107] | +0.000 [+0.000, +0.000] | n/a |" in text
+
+
+def test_compare_refuses_cells_that_scored_other_patients_or_folds(tmp_path, capsys):
+    write_cells(tmp_path / "base", "scratch", [0.70, 0.72, 0.74, 0.76])
+    write_cells(tmp_path / "other", "pretrained", [0.71, 0.75, 0.76, 0.82])
+    moved = tmp_path / "other" / "cells" / "murmur_fold1_seed1_pretrained.json"
+    record = json.loads(moved.read_text())
+    record["patients"]["id"] = ["13", "15"]
+    moved.write_text(json.dumps(record))
+    args = ["compare", "--base", str(tmp_path / "base"), "--other", str(tmp_path / "other"), "--out",
+            str(tmp_path / "compare.md")]
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*args, "--other-arm", "pretrained"])
+    assert exit_.value.code == 2
+    assert "murmur fold 1 seed 1: the two grids scored different patients" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(args)  # no scratch cell in "other"
+    assert "no (label scheme, fold, seed) cell of arm scratch" in capsys.readouterr().err
+    record["settings"]["folds"] = 3
+    for path in (tmp_path / "other" / "cells").glob("*.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": record["settings"]}))
+    with pytest.raises(ValueError, match="2 and 3 folds"):
+        bench.render_comparison(tmp_path / "base", tmp_path / "other", "scratch", "pretrained")
+    assert not (tmp_path / "compare.md").exists()
 
 
 def test_pooling_refuses_a_patient_tested_twice():
