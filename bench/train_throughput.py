@@ -2,17 +2,21 @@
 
 Composes ``conf/train.yaml`` with the given overrides (synthetic data; the pretraining task, or
 finetuning at its default patch stride), runs ``trainer.fit`` for a fixed number of optimizer steps
-and times the last ones with the device synchronised, so data loading, the encoder passes, the
-heads, the optimizer and Lightning's own overhead are all inside the figure. On a GPU each case runs
-in a process of its own, so its peak memory owes nothing to the cases before it. Two peaks over the
-whole fit: ``torch.cuda.max_memory_allocated`` (every live tensor: activations, gradients, optimizer
-state) and ``max_memory_reserved`` (what the caching allocator held from the driver, CUDA-graph pools
+and times the last ones, the device synchronised before the first and after the last only (rows
+of docs/performance/train.json without ``synchronised`` were timed with a wait after every step,
+which kept the host from running ahead), so data loading, the encoder passes, the heads, the
+optimizer and Lightning's own overhead are all inside the figure. Without ``--callbacks`` no
+callback runs; with it, those of a user's run that act every step (non-finite guard, progress bar).
+On a GPU each case runs in a process of its own, so its peak memory owes nothing to the cases before
+it. Two peaks over the whole fit: ``torch.cuda.max_memory_allocated`` (every live tensor:
+activations, gradients, optimizer state) and ``max_memory_reserved`` (what the caching allocator held from the driver, CUDA-graph pools
 included: closer to what the card must have free). A graph pool keeps the memory of its capture's
 temporaries after they are freed, so with graphs the reserved peak says more than the allocated one.
 
     python bench/train_throughput.py                       # GPU: every case (stock ones need mamba-ssm)
     python bench/train_throughput.py --only finetune base  # GPU: the cases whose label contains either text
     python bench/train_throughput.py --only finetune --extra task.fstride=16 task.tstride=16  # other shapes
+    python bench/train_throughput.py --only "tiny, finetune" --callbacks  # with the callbacks a user's run has
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
     python bench/train_throughput.py --write               # also docs/performance/train.json (rows merged
                                                            # by label, each with its card, torch and date)
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssamba.tasks import build_task  # noqa: E402
+from ssamba.utils.instantiate import build_callbacks  # noqa: E402
 from layer import stock_available, use_stock_mixers  # noqa: E402  (bench/ is the script's directory)
 import hydra  # noqa: E402
 
@@ -65,10 +70,11 @@ CASES = {  # label -> overrides
 
 
 class StepTimer(L.Callback):
-    """Wall time of optimizer steps ``warmup .. warmup + steps``, device synchronised at both ends."""
+    """Wall time of optimizer steps ``warmup .. warmup + steps``, the device synchronised at both ends only:
+    a wait at every step would keep the host from preparing a step while the device runs the one before."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.timed = warmup, None, None, 0
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps, self.start, self.end, self.timed = warmup, steps, None, None, 0
 
     def _sync(self, module):
         if module.device.type == "cuda":
@@ -80,18 +86,23 @@ class StepTimer(L.Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.start is not None:
+        if self.start is not None and trainer.global_step == self.warmup + self.steps:
             self._sync(module)
             self.end = time.perf_counter()
             self.timed = trainer.global_step - self.warmup
 
 
-def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool) -> dict:
+# --callbacks: train.py's default callbacks that act every step; not those that write files or only print once
+QUIET_CALLBACKS = ["callbacks.model_checkpoint=null", "callbacks.periodic_checkpoint=null",
+                   "callbacks.wandb_predictions=null", "callbacks.model_summary=null"]
+
+
+def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool, callbacks: bool = False) -> dict:
     stock = STOCK in overrides
     overrides = [o for o in overrides if o != STOCK]
     pretrain = not any(o.startswith("task=") for o in overrides)
     task_keys = ["task=pretrain", "task.figure_every_n_steps=0"] if pretrain else []
-    common = ["~callbacks", "data=synthetic", *task_keys, f"data.batch_size={batch}", "logger=none", "test=false",
+    common = [*(QUIET_CALLBACKS if callbacks else ["~callbacks"]), "data=synthetic", *task_keys, f"data.batch_size={batch}", "logger=none", "test=false",
               f"trainer.max_steps={warmup + steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
               "+trainer.enable_checkpointing=false",
               f"data.num_train={batch * (warmup + steps + 1)}", f"paths.output_dir={tempfile.mkdtemp()}"]
@@ -103,9 +114,9 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     task = build_task(cfg, datamodule)
     if stock:
         use_stock_mixers(task.encoder)
-    timer = StepTimer(warmup)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=False, enable_progress_bar=False,
-                                      enable_model_summary=False)
+    timer = StepTimer(warmup, steps)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer, *(build_callbacks(cfg) if callbacks else [])],
+                                      logger=False, enable_progress_bar=callbacks, enable_model_summary=False)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(task, datamodule=datamodule)
@@ -113,16 +124,18 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     return {"samples_per_s": timer.timed * batch / seconds, "ms_per_step": 1000 * seconds / timer.timed,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
+            "synchronised": "before the first and after the last timed step", "callbacks": callbacks,
             "steps_timed": timer.timed, "batch": batch, "tokens": task.encoder.num_patches + task.encoder.num_prefix_tokens,
             "backend": "mamba_ssm.Mamba" if stock else getattr(task.encoder.config, "backend", "-")}
 
 
-def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: list[str]) -> dict:
+def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: list[str], callbacks: bool) -> dict:
     """``measure`` of one case in a fresh process (its CUDA memory, graph pools included, starts empty)."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--case", label, "--result", str(result), "--steps", str(steps),
-                   "--warmup", str(warmup), "--batch", str(batch), "--extra", *extra]
+                   "--warmup", str(warmup), "--batch", str(batch), *(["--callbacks"] if callbacks else []),
+                   "--extra", *extra]
         child = subprocess.run(command)
         if child.returncode or not result.exists():
             raise RuntimeError(f"the child process exited with status {child.returncode}")
@@ -141,13 +154,16 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps")
     parser.add_argument("--only", nargs="+", help="run the cases whose label contains any of these texts")
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides added to every case")
+    parser.add_argument("--callbacks", action="store_true",
+                        help="with train.py's default callbacks that act every step (non-finite guard, progress bar, "
+                             "RNG state, pre-emption), as a user's run has them; rows are labelled so")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (what the parent starts)
     parser.add_argument("--result", help=argparse.SUPPRESS)  # where --case writes its figures
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.smoke
     if args.case:
-        figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu)
+        figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu, args.callbacks)
         Path(args.result).write_text(json.dumps(figures))
         return
     device = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
@@ -166,13 +182,14 @@ def main() -> None:
         else:
             steps, warmup, batch = args.steps, args.warmup, args.batch
         try:  # a GPU case in a child process of its own, so that its peak memory is its own
-            results[label] = (measure_in_child(label, steps, warmup, batch, args.extra) if gpu
-                              else measure(overrides + args.extra, steps, warmup, batch, gpu))
+            row_label = f"{label}, default callbacks" if args.callbacks else label
+            results[row_label] = (measure_in_child(label, steps, warmup, batch, args.extra, args.callbacks) if gpu
+                                  else measure(overrides + args.extra, steps, warmup, batch, gpu, args.callbacks))
         except RuntimeError as error:  # e.g. out of memory, or kernels a CUDA graph cannot capture
             print(f"{label}: failed: {error}", flush=True)
             continue
-        row = results[label]
-        print(f"{label}: {row['samples_per_s']:.1f} samples/s ({row['ms_per_step']:.1f} ms/step), peak "
+        row = results[row_label]
+        print(f"{row_label}: {row['samples_per_s']:.1f} samples/s ({row['ms_per_step']:.1f} ms/step), peak "
               f"{_gib(row['peak_gib'])} GiB allocated, {_gib(row.get('peak_reserved_gib'))} GiB reserved", flush=True)
     lines = ["| run | backend | tokens | ms / step | samples / s | peak GiB allocated | peak GiB reserved |",
              "|---|---|---|---|---|---|---|"]

@@ -26,9 +26,10 @@ TINY = {"depth": 2, "embed_dim": 32, "input_tdim": 64, "backend": "torch"}
 class Regression(L.LightningModule):
     """y = Wx on fixed data; ``nan_steps`` make the loss NaN, ``inf_grad_steps`` one gradient infinite."""
 
-    def __init__(self, nan_steps=(), inf_grad_steps=()):
+    def __init__(self, nan_steps=(), inf_grad_steps=(), fused=False):
         super().__init__()
         self.layer = nn.Linear(4, 1)
+        self.fused = fused  # torch's fused AdamW skips a step on the device; the plain one on the guard's word
         self.nan_steps, self.inf_grad_steps = set(nan_steps), set(inf_grad_steps)
         self.weights = {}  # global step -> weights before that step
 
@@ -42,23 +43,29 @@ class Regression(L.LightningModule):
             self.layer.weight.grad[0, 0] = float("inf")
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.1)
+        return torch.optim.AdamW(self.parameters(), lr=0.1, fused=self.fused)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
 
 
-def fit(module, tmp_path, max_consecutive=3, max_steps=8):
-    guard = NonFiniteGuard(max_consecutive=max_consecutive)
+def fit(module, tmp_path, max_consecutive=3, max_steps=8, check_every_n_steps=50, guard_class=NonFiniteGuard):
+    guard = guard_class(max_consecutive=max_consecutive, check_every_n_steps=check_every_n_steps)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[guard, L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints")])
     return trainer, guard
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
-    module = Regression(nan_steps={2}, inf_grad_steps={4, 5})
-    trainer, guard = fit(module, tmp_path)
+# (fused optimizer, check_every_n_steps): the host's decision every step; the device's, read every step or at the
+# epoch's end (8 steps)
+PATHS = [(False, 1), (True, 1), (True, 50)]
+
+
+@pytest.mark.parametrize(("fused", "check_every"), PATHS)
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, fused, check_every):
+    module = Regression(nan_steps={2}, inf_grad_steps={4, 5}, fused=fused)
+    trainer, guard = fit(module, tmp_path, check_every_n_steps=check_every)
     trainer.fit(module)
     assert guard.skipped == 3 and guard.consecutive == 0 and trainer.global_step == 8
     for step in (2, 4, 5):  # the skipped steps left the weights alone
@@ -68,14 +75,62 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert trainer.callback_metrics["train/nonfinite_steps"] == 3
 
 
-def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_from_before(tmp_path):
-    module = Regression(nan_steps={3, 4, 5, 6})
-    trainer, guard = fit(module, tmp_path, max_consecutive=3)
-    with pytest.raises(NonFiniteTrainingError, match=r"3 consecutive optimizer steps .* \(global steps 3\.\.5;"):
+@pytest.mark.parametrize(("fused", "check_every"), PATHS)
+def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_of_finite_weights(tmp_path, fused, check_every):
+    module = Regression(nan_steps={3, 4, 5, 6}, fused=fused)
+    trainer, guard = fit(module, tmp_path, max_consecutive=3, check_every_n_steps=check_every)
+    # read every step: stopped right after step 5; read at the epoch's end: after step 7, which was finite
+    later = "" if check_every == 1 else ", stopped at global step 8"
+    with pytest.raises(NonFiniteTrainingError,
+                       match=rf"3 consecutive optimizer steps .* \(global steps 3\.\.5; 4 in this run{later}\)"
+                       if check_every > 1 else r"3 consecutive optimizer steps .* \(global steps 3\.\.5; 3 in this run\)"):
         trainer.fit(module)
     saved = torch.load(tmp_path / "checkpoints" / "nonfinite-step0000003.ckpt", weights_only=True)
-    assert torch.equal(saved["state_dict"]["layer.weight"], module.weights[3])  # the weights before step 3
+    expected = module.weights[3] if check_every == 1 else module.layer.weight.detach()  # before step 3 / after 7
+    assert torch.equal(saved["state_dict"]["layer.weight"], expected)
     assert torch.isfinite(saved["state_dict"]["layer.weight"]).all()
+    if check_every > 1:
+        assert not torch.equal(module.weights[7], expected)  # step 7 did train
+
+
+class HostReadsForbidden(NonFiniteGuard):
+    """The guard with every way of reading a tensor's value on the host failing inside its per-step hooks."""
+
+    READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
+
+    def _forbidding(self, hook, *args):
+        def refuse(*_, **__):
+            raise AssertionError("the guard read a tensor on the host inside a training step")
+
+        saved = {name: getattr(torch.Tensor, name) for name in self.READS}
+        try:
+            for name in self.READS:
+                setattr(torch.Tensor, name, refuse)
+            return hook(*args)
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+
+    def on_before_backward(self, *args):
+        return self._forbidding(super().on_before_backward, *args)
+
+    def on_before_optimizer_step(self, *args):
+        return self._forbidding(super().on_before_optimizer_step, *args)
+
+
+def test_with_a_fused_optimizer_the_guard_decides_on_the_device_without_reading_a_value_each_step(tmp_path):
+    module = Regression(nan_steps={2}, inf_grad_steps={5}, fused=True)
+    trainer, guard = fit(module, tmp_path, check_every_n_steps=4, guard_class=HostReadsForbidden)
+    trainer.fit(module)
+    assert guard.skipped == 2 and trainer.global_step == 8
+    for step in (2, 5):
+        assert torch.equal(module.weights[step], module.weights[step + 1])
+    assert trainer.optimizers[0].state[module.layer.weight]["step"] == 6  # skipped steps are not counted either
+    assert not hasattr(trainer.optimizers[0], "found_inf")  # nothing left for a later step outside the guard
+    module = Regression(nan_steps={2}, fused=False)  # the plain optimizer needs the host's decision
+    trainer, guard = fit(module, tmp_path / "plain", guard_class=HostReadsForbidden)
+    with pytest.raises(AssertionError, match="read a tensor on the host"):
+        trainer.fit(module)
 
 
 def test_nonfinite_stop_through_train_py(tmp_path):

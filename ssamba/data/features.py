@@ -86,13 +86,13 @@ def batched_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None) -> to
     previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
     frames = (frames - PREEMPHASIS * previous) * window
     spectrum = torch.fft.rfft(frames, n=FFT_SIZE).abs().pow(2.0)
-    eps = torch.tensor(torch.finfo(torch.float32).eps, device=wavs.device)
-    fbank = torch.max(spectrum @ mel, eps).log()
+    fbank = (spectrum @ mel).clamp_min(torch.finfo(torch.float32).eps).log()
     if lengths is not None:
         valid = torch.where(
             lengths >= WINDOW_SAMPLES, 1 + (lengths - WINDOW_SAMPLES) // HOP_SAMPLES, torch.zeros_like(lengths)
         )
-        keep = torch.arange(fbank.shape[1], device=wavs.device)[None, :] < valid.to(wavs.device)[:, None]
+        # non-blocking: a plain host-to-GPU copy would make the host wait for the queued work first
+        keep = torch.arange(fbank.shape[1], device=wavs.device)[None, :] < valid.to(wavs.device, non_blocking=True)[:, None]
         fbank = fbank * keep[..., None]
     return fbank
 

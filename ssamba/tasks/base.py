@@ -134,6 +134,15 @@ class EncoderTask(L.LightningModule):
             for group, lr in zip(groups, scheduled):
                 group["lr"] = lr
 
+    def log_training(self, values: dict[str, Tensor], batch_size: int) -> None:
+        """``<name>_step``, this rank's value (and the progress bar's), and ``<name>_epoch``, the epoch's mean
+        over every rank. Reducing every step's value over DDP ranks would make each step wait for all ranks
+        and for the device (Lightning's reduction starts with a barrier)."""
+        self.log_dict({f"{name}_step": value for name, value in values.items()}, on_step=True, on_epoch=False,
+                      prog_bar=True)
+        self.log_dict({f"{name}_epoch": value for name, value in values.items()}, on_step=False, on_epoch=True,
+                      sync_dist=True, batch_size=batch_size)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.log_lr()
 
@@ -144,7 +153,8 @@ class EncoderTask(L.LightningModule):
         factor = self.warmup_factor()
         for index, group in enumerate(self.trainer.optimizers[0].param_groups):
             name = "lr" if index == 0 else f"lr_{group.get('name', index)}"
-            self.log(name, group["lr"] * factor, on_step=True, on_epoch=False, prog_bar=index == 0)
+            # a host tensor: a number would be copied to the GPU, and the copy waits for the queued work
+            self.log(name, torch.tensor(group["lr"] * factor), on_step=True, on_epoch=False, prog_bar=index == 0)
 
     # --- checkpoint record --------------------------------------------------------------------
     def checkpoint_record(self) -> dict[str, Any]:

@@ -73,8 +73,7 @@ class ClassifierTraining:
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self(batch["fbank"])
         loss = self.loss(logits, batch["target"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=logits.shape[0])
+        self.log_training({"train/loss": loss}, logits.shape[0])
         return loss
 
 

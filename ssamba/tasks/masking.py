@@ -46,16 +46,18 @@ def cluster_mask(batch: int, grid: tuple[int, int], count: int, cluster_sizes: S
     f_dim, t_dim = grid
     num_patches = f_dim * t_dim
     _check_count(count, num_patches)
-    sizes = torch.as_tensor(list(cluster_sizes), device=device)
-    if sizes.numel() == 0 or int(sizes.min()) < 1:
+    sides = [int(c) for c in cluster_sizes]
+    if not sides or min(sides) < 1:
         raise ValueError(f"cluster_sizes must be positive block sides, got {list(cluster_sizes)}")
-    side = int(sizes.max())
+    # from the host's list: a value read back from the GPU makes the host wait for its queued work
+    sizes = torch.tensor(sides).to(device, non_blocking=True)
+    side = max(sides)
     offsets = torch.arange(side, device=device)
     i, j = offsets.view(-1, 1), offsets.view(1, -1)  # block rows (frequency) and columns (time)
     no_block = torch.iinfo(torch.long).max
     first_block = torch.full((batch, num_patches + 1), no_block, dtype=torch.long, device=device)
     drawn = 0
-    chunk = max(8, 2 * count // int(sizes.float().pow(2).mean()) + 1)
+    chunk = max(8, 2 * count // int(sum(c * c for c in sides) / len(sides)) + 1)
     while True:
         starts = torch.randint(num_patches, (batch, chunk), device=device, generator=generator)
         c = sizes[torch.randint(len(sizes), (batch, chunk), device=device, generator=generator)]
@@ -73,7 +75,7 @@ def cluster_mask(batch: int, grid: tuple[int, int], count: int, cluster_sizes: S
         first_block.scatter_reduce_(1, index, block_id, reduce="amin")
         drawn += chunk
         covered = first_block[:, :num_patches] < no_block
-        if int(covered.sum(1).min()) >= count:
+        if int(covered.sum(1).min()) >= count:  # the one read of the device a mask needs (per round of blocks)
             break
     # Lowest block index first; random tie-break inside the block that is cut short.
     order = first_block[:, :num_patches].float() + 0.5 * torch.rand(batch, num_patches, device=device,

@@ -139,9 +139,7 @@ class MaskedPatchPretraining(EncoderTask):
     # --- steps ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.objective(batch["fbank"], self.mask_cfg["count"])
-        # on_step + on_epoch: Lightning logs train/<name>_step and train/<name>_epoch
-        self.log_dict({f"train/{k}": out[k] for k in ("loss", "nce", "mse", "acc")}, on_step=True, on_epoch=True,
-                      prog_bar=True, sync_dist=True, batch_size=batch["fbank"].shape[0])
+        self.log_training({f"train/{k}": out[k] for k in ("loss", "nce", "mse", "acc")}, batch["fbank"].shape[0])
         if self.figure_every_n_steps and self.global_step % self.figure_every_n_steps == 0:
             self.log_reconstruction(batch["fbank"][0], out["mask"][0], out["reconstruction"][0])
         return out["loss"]
