@@ -9,9 +9,10 @@ optimizer and Lightning's own overhead are all inside the figure. Without ``--ca
 callback runs; with it, those of a user's run that act every step (non-finite guard, progress bar).
 On a GPU each case runs in a process of its own, so its peak memory owes nothing to the cases before
 it. Two peaks over the whole fit: ``torch.cuda.max_memory_allocated`` (every live tensor:
-activations, gradients, optimizer state) and ``max_memory_reserved`` (what the caching allocator held from the driver, CUDA-graph pools
-included: closer to what the card must have free). A graph pool keeps the memory of its capture's
-temporaries after they are freed, so with graphs the reserved peak says more than the allocated one.
+activations, gradients, optimizer state) and ``max_memory_reserved`` (what the caching allocator
+held from the driver, CUDA-graph pools included: closer to what the card must have free). A graph
+pool keeps the memory of its capture's temporaries after they are freed, so with graphs the reserved
+peak says more than the allocated one.
 
     python bench/train_throughput.py                       # GPU: every case (stock ones need mamba-ssm)
     python bench/train_throughput.py --only finetune base  # GPU: the cases whose label contains either text
@@ -102,7 +103,8 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     overrides = [o for o in overrides if o != STOCK]
     pretrain = not any(o.startswith("task=") for o in overrides)
     task_keys = ["task=pretrain", "task.figure_every_n_steps=0"] if pretrain else []
-    common = [*(QUIET_CALLBACKS if callbacks else ["~callbacks"]), "data=synthetic", *task_keys, f"data.batch_size={batch}", "logger=none", "test=false",
+    common = [*(QUIET_CALLBACKS if callbacks else ["~callbacks"]), "data=synthetic", *task_keys,
+              f"data.batch_size={batch}", "logger=none", "test=false",
               f"trainer.max_steps={warmup + steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
               "+trainer.enable_checkpointing=false",
               f"data.num_train={batch * (warmup + steps + 1)}", f"paths.output_dir={tempfile.mkdtemp()}"]

@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class LazyMetricsProgressBar(TQDMProgressBar):
+    """Lightning's ``TQDMProgressBar`` whose shown metrics are read every ``metrics_every_n_steps`` steps."""
+
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
                  metrics_every_n_steps: int = 25):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)

@@ -91,8 +91,8 @@ def batched_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None) -> to
         valid = torch.where(
             lengths >= WINDOW_SAMPLES, 1 + (lengths - WINDOW_SAMPLES) // HOP_SAMPLES, torch.zeros_like(lengths)
         )
-        # non-blocking: a plain host-to-GPU copy would make the host wait for the queued work first
-        keep = torch.arange(fbank.shape[1], device=wavs.device)[None, :] < valid.to(wavs.device, non_blocking=True)[:, None]
+        valid = valid.to(wavs.device, non_blocking=True)  # a blocking copy would wait for the queued work first
+        keep = torch.arange(fbank.shape[1], device=wavs.device)[None, :] < valid[:, None]
         fbank = fbank * keep[..., None]
     return fbank
 
