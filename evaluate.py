@@ -1,4 +1,5 @@
-"""Score a finetuned checkpoint: ``python evaluate.py ckpt_path=... data=circor data.root=... [split=test]``.
+"""Score a finetuned checkpoint: ``python evaluate.py ckpt_path=... data=circor data.root=... [split=test]``;
+``ckpt_path=[a.ckpt,b.ckpt]`` scores several as one ensemble (mean class probabilities).
 
 Prints the patient-level scores, writes ``scores.json``, a confusion-matrix figure and the patients'
 predictions, and logs scores and figure to the configured loggers (``logger=wandb``). For the
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
-from ssamba.evaluation import check_compatible, load_finetuned, score_split
+from ssamba.evaluation import build_model, check_compatible, load_members, score_split
 from ssamba.metrics import is_challenge_label_set
 from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs, write_predictions
 
@@ -35,8 +36,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Score ``cfg.ckpt_path`` on ``cfg.split``; returns the scores as floats."""
-    checkpoint = load_finetuned(cfg.ckpt_path)
+    """Score ``cfg.ckpt_path`` (one checkpoint, or a list scored as one ensemble) on ``cfg.split``; returns the
+    scores as floats."""
+    paths = [str(p) for p in cfg.ckpt_path] if isinstance(cfg.ckpt_path, ListConfig) else [str(cfg.ckpt_path)]
+    if not paths:
+        raise ValueError("ckpt_path=[]: give a checkpoint, or a list of them for an ensemble")
+    members = load_members(paths)
+    checkpoint = members[0]
     with open_dict(cfg):  # the model's input: its own frame count and normalisation
         for key in ("target_length", "norm_mean", "norm_std"):
             value = getattr(checkpoint, key)
@@ -47,7 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.split not in datamodule.splits:
         raise ValueError(f"split={cfg.split!r}: the data has only {', '.join(datamodule.splits)}")
     rule = cfg.aggregation or getattr(datamodule, "aggregation", "hierarchical")
-    model = checkpoint.build_classifier(backend=cfg.backend)
+    model = build_model(members, backend=cfg.backend)
     device = resolve_device(cfg.device)
     metric = score_split(model, datamodule, cfg.split, rule, device, str(cfg.precision))
     predictions = metric.predictions()  # aggregated once, for the scores and the outputs
@@ -67,12 +73,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         write_predictions(predictions, patient_ids, datamodule.label_names, out_dir / "predictions.csv")
     figure.savefig(out_dir / "confusion_matrix.png", dpi=100)
     plain = {name: None if math.isnan(value) else value for name, value in scores.items()}  # strict JSON
-    summary = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "aggregation": rule, "scores": plain}
+    summary = {"ckpt_path": paths[0] if len(paths) == 1 else paths, "split": cfg.split, "aggregation": rule,
+               "scores": plain}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     from rich.console import Console
 
-    Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {Path(cfg.ckpt_path).name}"))
+    model_name = Path(paths[0]).name if len(paths) == 1 else f"ensemble of {len(paths)} checkpoints"
+    Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {model_name}"))
     log.info("patient outputs, scores.json and confusion_matrix.png in %s", out_dir)
     return scores
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ssamba.checkpoints import Checkpoint, load_checkpoint
 from ssamba.metrics.labelset import patient_metrics
 from ssamba.metrics.patient import PatientChallengeMetrics, PatientPredictions
+from ssamba.models import ClassifierEnsemble
 
 BATCH_METRIC_KEYS = ("patient", "recording", "id", "outcome")
 SCORED_CHECKPOINTS = ("last", "best")  # train.py score_checkpoint=...: the run's last.ckpt, or its best on val
@@ -38,6 +39,29 @@ def load_finetuned(path: str) -> Checkpoint:
             "head; evaluate a finetuning checkpoint"
         )
     return checkpoint
+
+
+def load_members(paths: Sequence[str]) -> list[Checkpoint]:
+    """The finetuning checkpoints of an ensemble (or of one model), which must agree on what the data gives
+    them: classes, input length, input normalisation and single- or multi-label head."""
+    members = [load_finetuned(str(path)) for path in paths]
+    first = members[0]
+    for path, member in zip(paths[1:], members[1:]):
+        for key in ("label_names", "target_length", "norm_mean", "norm_std"):
+            if getattr(member, key) != getattr(first, key):
+                raise ValueError(f"ckpt_path: {path} has {key}={getattr(member, key)!r} but {paths[0]} has "
+                                 f"{getattr(first, key)!r}; an ensemble's models must share it")
+        if bool(member.head.get("multilabel")) != bool(first.head.get("multilabel")):
+            raise ValueError(f"ckpt_path: {path} and {paths[0]} differ in multilabel; an ensemble's models must share it")
+    return members
+
+
+def build_model(members: Sequence[Checkpoint], backend: str | None = None) -> nn.Module:
+    """The classifier of one checkpoint, or the ensemble of several (mean class probabilities)."""
+    classifiers = [member.build_classifier(backend=backend) for member in members]
+    if len(classifiers) == 1:
+        return classifiers[0]
+    return ClassifierEnsemble(classifiers, multilabel=bool(members[0].head.get("multilabel"))).eval()
 
 
 def check_compatible(checkpoint: Checkpoint, label_names: Sequence[str], target_length: int) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ssamba.data import CirCorDataModule
-from ssamba.evaluation import check_compatible, load_finetuned
-from ssamba.models import build_encoder
+from ssamba.evaluation import build_model, check_compatible, load_finetuned, load_members, score_split
+from ssamba.models import ClassifierEnsemble, build_encoder
 from ssamba.tasks import Finetuning, data_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,9 +19,9 @@ CIRCOR_MINI = REPO / "tests" / "data" / "circor-mini"
 WEIGHTS = {"Present": 5, "Unknown": 3, "Absent": 1}
 
 
-def save_finetuned(path: Path, **data_overrides) -> Path:
+def save_finetuned(path: Path, seed: int = 0, **data_overrides) -> Path:
     """A finetuning checkpoint as train.py writes it: Lightning ``state_dict`` + the ``ssamba`` record."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     datamodule = CirCorDataModule(root=str(CIRCOR_MINI), target_length=128, num_workers=0, **data_overrides)
     encoder = build_encoder("tiny", depth=2, embed_dim=16, input_tdim=128, backend="torch")
     task = Finetuning(
@@ -123,3 +123,44 @@ def test_cli_scores_the_timing_label_set_and_writes_predictions(tmp_path):
     assert header[:3] == ["patient", "target", "prediction"] and len(header) == 3 + 7
     assert len(rows) - 1 == scores["patients"]
     assert not (out / "outputs").exists()  # Challenge output files are for the Challenge's label sets
+
+
+def test_an_ensemble_averages_its_members_probabilities():
+    members = [torch.nn.Linear(4, 3) for _ in range(3)]
+    x = torch.randn(5, 4)
+    mean = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
+    torch.testing.assert_close(ClassifierEnsemble(members)(x).softmax(-1), mean)
+    multilabel = torch.stack([m(x).sigmoid() for m in members]).mean(0)
+    torch.testing.assert_close(ClassifierEnsemble(members, multilabel=True)(x).sigmoid(), multilabel)
+
+
+def test_an_ensemble_of_one_model_twice_scores_as_the_model_and_mismatched_members_are_refused(checkpoint, tmp_path):
+    datamodule = CirCorDataModule(root=str(CIRCOR_MINI), target_length=128, num_workers=0)
+    device = torch.device("cpu")
+
+    def predictions(paths):
+        model = build_model(load_members([str(p) for p in paths]), backend="torch")
+        return score_split(model, datamodule, "test", "hierarchical", device).predictions()
+
+    single, twice = predictions([checkpoint]), predictions([checkpoint, checkpoint])
+    torch.testing.assert_close(twice.probs, single.probs)
+    assert torch.equal(twice.preds, single.preds)
+    other = predictions([checkpoint, save_finetuned(tmp_path / "seed1.ckpt", seed=1)])
+    assert not torch.allclose(other.probs, single.probs)  # the second member counts
+    timing = save_finetuned(tmp_path / "timing.ckpt", task="murmur_timing")
+    with pytest.raises(ValueError, match="has label_names=.*an ensemble's models must share it"):
+        load_members([str(checkpoint), str(timing)])
+
+
+def test_cli_scores_a_list_of_checkpoints_as_one_ensemble(checkpoint, tmp_path):
+    second = save_finetuned(tmp_path / "seed1.ckpt", seed=1)
+    out = tmp_path / "eval"
+    command = [
+        sys.executable, "evaluate.py", f"ckpt_path=[{checkpoint},{second}]", f"data.root={CIRCOR_MINI}",
+        "data.num_workers=0", "split=test", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ensemble of 2" in " ".join(result.stdout.split())  # the table title, however the table wraps it
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["ckpt_path"] == [str(checkpoint), str(second)] and summary["scores"]["patients"] == 2

@@ -51,6 +51,25 @@ class Classifier(nn.Module):
         return self.head(self.encoder.forward_features(fbank))
 
 
+class ClassifierEnsemble(nn.Module):
+    """Several classifiers of the same classes as one: the mean of their class probabilities (softmax, or
+    sigmoid for multi-label heads), returned as logits of that mean, so that patient rules, scores and
+    outputs treat the ensemble as one classifier (e.g. a cross-validation's fold models on new patients)."""
+
+    def __init__(self, members: list[nn.Module], multilabel: bool = False):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one classifier")
+        self.members = nn.ModuleList(members)
+        self.multilabel = multilabel
+
+    def forward(self, fbank: Tensor) -> Tensor:
+        logits = torch.stack([member(fbank).float() for member in self.members])
+        if self.multilabel:
+            return torch.logit(logits.sigmoid().mean(0), eps=1e-7)
+        return logits.softmax(-1).mean(0).clamp_min(1e-12).log()
+
+
 class LayerProbeHead(nn.Module):
     """SUPERB-style head on a frozen encoder's layer outputs ``[L, B, P + N, D]`` -> logits ``[B, C]``.
 
