@@ -710,7 +710,7 @@ def render_comparison(base_dir: Path, other_dir: Path, base_arm: str, other_arm:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         diffs = [with_interval([o["scores"].get(k, math.nan) - b["scores"].get(k, math.nan) for b, o in matched],
                                ratio, d, signed=True) for k, _, d in reported]
-        lines += [f"| difference | " + " | ".join(diffs) + " |", ""]
+        lines += ["| difference | " + " | ".join(diffs) + " |", ""]
     return "\n".join(lines)
 
 

@@ -52,7 +52,8 @@ def load_members(paths: Sequence[str]) -> list[Checkpoint]:
                 raise ValueError(f"ckpt_path: {path} has {key}={getattr(member, key)!r} but {paths[0]} has "
                                  f"{getattr(first, key)!r}; an ensemble's models must share it")
         if bool(member.head.get("multilabel")) != bool(first.head.get("multilabel")):
-            raise ValueError(f"ckpt_path: {path} and {paths[0]} differ in multilabel; an ensemble's models must share it")
+            raise ValueError(f"ckpt_path: {path} and {paths[0]} differ in multilabel; an ensemble's models must "
+                             "share it")
     return members
 
 

@@ -81,7 +81,8 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_of_finite_weights(tm
     trainer, guard = fit(module, tmp_path, max_consecutive=3, check_every_n_steps=check_every)
     # read every step: stopped right after step 5; read at the epoch's end: after step 7, which was finite
     counts = "3 in this run" if check_every == 1 else "4 in this run, stopped at global step 8"
-    with pytest.raises(NonFiniteTrainingError, match=rf"3 consecutive optimizer steps .* \(global steps 3\.\.5; {counts}\)"):
+    message = rf"3 consecutive optimizer steps .* \(global steps 3\.\.5; {counts}\)"
+    with pytest.raises(NonFiniteTrainingError, match=message):
         trainer.fit(module)
     saved = torch.load(tmp_path / "checkpoints" / "nonfinite-step0000003.ckpt", weights_only=True)
     expected = module.weights[3] if check_every == 1 else module.layer.weight.detach()  # before step 3 / after 7
