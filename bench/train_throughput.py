@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from ssamba.tasks import build_task  # noqa: E402
 from ssamba.utils.instantiate import build_callbacks  # noqa: E402
-from layer import stock_available, use_stock_mixers  # noqa: E402  (bench/ is the script's directory)
+from layer import device_name, stock_available, use_stock_mixers  # noqa: E402  (bench/ is the script's directory)
 import hydra  # noqa: E402
 
 STOCK = "stock composition"  # marks a case whose mixers are swapped for bench/layer.py's StockMixer
@@ -168,7 +167,7 @@ def main() -> None:
         figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu, args.callbacks)
         Path(args.result).write_text(json.dumps(figures))
         return
-    device = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
+    device = device_name(torch.device("cuda" if gpu else "cpu"))
     results = {}
     for label, overrides in CASES.items():
         if args.only and not any(text in label for text in args.only):
