@@ -18,6 +18,11 @@ from ssamba.callbacks import LazyMetricsProgressBar, NonFiniteGuard
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+# the warning each waiting operation raises; not the one-off "Synchronization debug mode is a prototype
+# feature ... synchronizing operations" that the first set_sync_debug_mode call of a process raises
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
 class RecordWaits(L.Callback):
     """From training step ``after`` on, the places where the host waited for the device, inside each step's
     hooks and training (first in the callback list: its hooks open and close the window)."""
@@ -36,7 +41,7 @@ class RecordWaits(L.Callback):
         if self._catcher is not None:
             torch.cuda.set_sync_debug_mode("default")
             self._catcher.__exit__(None, None, None)
-            self.waits += [f"{w.filename}:{w.lineno}" for w in self._seen if "synchroniz" in str(w.message)]
+            self.waits += [f"{w.filename}:{w.lineno}" for w in self._seen if SYNC_WARNING in str(w.message)]
             self._catcher = None
 
 
