@@ -47,8 +47,6 @@ import functools
 import itertools
 import json
 import math
-import os
-import platform
 import shutil
 import signal
 import statistics
@@ -61,6 +59,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import device_name  # noqa: E402  (bench/ is the script's directory)
 
 ARMS = ("scratch", "pretrained")
 ARM_TITLES = {"scratch": "from scratch", "pretrained": "circor_pretrain, then finetuned"}
@@ -246,14 +246,6 @@ def wall_times(run_dir: Path, seconds: float) -> dict[str, float]:
     start, fit_start, fit_end = ended - seconds, phases.pop("fit_start"), phases.pop("fit_end")
     return {"seconds": round(seconds, 3), "start_seconds": round(fit_start - start, 3), **phases,
             "after_fit_seconds": round(ended - fit_end, 3)}
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 # --- the grid -------------------------------------------------------------------------------------

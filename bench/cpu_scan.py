@@ -18,7 +18,8 @@ from contextlib import contextmanager
 
 import torch
 
-from layer import ROOT, device_name, replace_section
+from layer import ROOT, replace_section
+from machine import device_name
 import ssamba.ops.selective_scan as scan
 from ssamba.models import build_encoder
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +21,8 @@ import soundfile as sf
 import torch
 
 from ssamba.data import ManifestDataModule
+
+from machine import cores, cpu_model, device_name  # bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Data pipeline"
@@ -58,15 +57,8 @@ def clips_per_second(manifest: Path, workers: int, on_device: bool, device: torc
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1).strip() if found else cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} cores available, torch {torch.__version__}"
-    if device.type == "cuda":
-        text += f", {torch.cuda.get_device_name(device)}"
-    return text
+    text = f"{cpu_model()}, {cores()} cores available, torch {torch.__version__}"
+    return text + (f", {device_name(device)}" if device.type == "cuda" else "")
 
 
 def write_section(rows: list[tuple[str, int, float]], args, device: torch.device) -> None:

@@ -25,8 +25,6 @@ import argparse
 import csv
 import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import device_name  # noqa: E402  (bench/ is the script's directory)
 
 
 @dataclass(frozen=True)
@@ -109,14 +109,6 @@ def read_metric(run_dir: Path, metric: str) -> float:
     if not values:
         raise RowError(f"{path} has no {metric} values")
     return float(values[-1])
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def model_name(pretrained: str | None, overrides: list[str]) -> str:

@@ -22,7 +22,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from layer import device_name
+from machine import device_name
 from ssamba.models import build_encoder
 from ssamba.ops.backend import resolve_backend
 

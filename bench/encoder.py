@@ -14,7 +14,8 @@ import json
 
 import torch
 
-from layer import ROOT, device_name, replace_section, stock_available, time_steps, use_stock_mixers
+from layer import ROOT, replace_section, stock_available, time_steps, use_stock_mixers
+from machine import device_name
 from ssamba.models import build_encoder
 from ssamba.ops.backend import cuda_kernels, resolve_backend, triton_available
 

@@ -33,6 +33,8 @@ from ssamba.models.ssast import Block as SSASTBlock
 from ssamba.models.ssast import SSASTConfig
 from ssamba.ops.backend import cuda_kernels, resolve_backend, triton_available
 
+from machine import device_name  # bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -183,17 +185,6 @@ def our_backends(device: torch.device) -> list[str]:
     available += ["cuda"] if cuda and cuda_kernels() else []
     available += [] if cuda else ["torch"]
     return ["auto"] + [b for b in available if b != resolve_backend("auto", cuda)]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    try:  # Linux names the CPU model here; platform.processor() is often empty there
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def replace_section(path: Path, title: str, body: str) -> None:

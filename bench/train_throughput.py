@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from ssamba.tasks import build_task  # noqa: E402
 from ssamba.utils.instantiate import build_callbacks  # noqa: E402
-from layer import device_name, stock_available, use_stock_mixers  # noqa: E402  (bench/ is the script's directory)
+from layer import stock_available, use_stock_mixers  # noqa: E402  (bench/ is the script's directory)
+from machine import device_name  # noqa: E402
 import hydra  # noqa: E402
 
 STOCK = "stock composition"  # marks a case whose mixers are swapped for bench/layer.py's StockMixer

@@ -19,6 +19,8 @@ CIRCOR_MINI = REPO / "tests" / "data" / "circor-mini"
 
 
 def load_bench():
+    if str(REPO / "bench") not in sys.path:  # as run as a script: its helpers beside it
+        sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("circor_results", REPO / "bench" / "circor_results.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks the module up
