@@ -18,6 +18,7 @@ peak says more than the allocated one.
     python bench/train_throughput.py --only finetune base  # GPU: the cases whose label contains either text
     python bench/train_throughput.py --only finetune --extra task.fstride=16 task.tstride=16  # other shapes
     python bench/train_throughput.py --only "tiny, finetune" --callbacks  # with the callbacks a user's run has
+    python bench/train_throughput.py --only "tiny, 2 passes, CUDA" --profile  # GPU: where each step's device time goes
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
     python bench/train_throughput.py --write               # also docs/performance/train.json (rows merged
                                                            # by label, each with its card, torch and date)
@@ -70,12 +71,51 @@ CASES = {  # label -> overrides
 }
 
 
+# kernel name fragments -> the part of a training step a kernel belongs to; the first part that matches wins
+STEP_PARTS = (("scan", ("scan",)), ("conv", ("conv",)), ("add + norm", ("norm",)), ("gate", ("gate",)),
+              ("attention", ("flash", "fmha", "attention")), ("matmul", ("gemm", "cutlass", "xmma", "nvjet")),
+              ("optimizer", ("adam", "multi_tensor")), ("copies and fills", ("memcpy", "memset", "copy", "fill")))
+OTHER_PART = "other (elementwise, reductions)"
+
+
+def step_part(kernel: str) -> str:
+    name = kernel.lower()
+    return next((part for part, fragments in STEP_PARTS if any(f in name for f in fragments)), OTHER_PART)
+
+
+def device_time(kernels: list[tuple[str, float, float]], wall_us: float, steps: int, top: int = 12) -> dict:
+    """Per step of a profiled window: device-busy time (the union of the kernels' ``(name, start, end)``
+    intervals, in us, so kernels overlapping on other streams count once) against the window's wall time,
+    and the kernels' summed time by part of the step and by kernel."""
+    busy, reach = 0.0, float("-inf")
+    for _, start, end in sorted(kernels, key=lambda k: k[1]):
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    parts, by_name = {}, {}
+    for name, start, end in kernels:
+        parts[step_part(name)] = parts.get(step_part(name), 0.0) + end - start
+        total, launches = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + end - start, launches + 1)
+    heaviest = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return {"wall_ms_per_step": wall_us / steps / 1e3, "busy_ms_per_step": busy / steps / 1e3,
+            "busy_fraction": busy / wall_us if wall_us else 0.0,
+            "parts_ms_per_step": {part: us / steps / 1e3 for part, us in sorted(parts.items(), key=lambda p: -p[1])},
+            "kernels": [[name, us / steps / 1e3, launches / steps] for name, (us, launches) in heaviest]}
+
+
+def kernel_intervals(prof, device_type=torch.autograd.DeviceType.CUDA) -> list[tuple[str, float, float]]:
+    """``(name, start, end)`` in us of a finished ``torch.profiler.profile``'s events on ``device_type``."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == device_type]
+
+
 class StepTimer(L.Callback):
     """Wall time of optimizer steps ``warmup .. warmup + steps``, the device synchronised at both ends only:
-    a wait at every step would keep the host from preparing a step while the device runs the one before."""
+    a wait at every step would keep the host from preparing a step while the device runs the one before.
+    With a ``profiler`` (``torch.profiler.profile``), it records exactly those steps."""
 
-    def __init__(self, warmup: int, steps: int):
+    def __init__(self, warmup: int, steps: int, profiler=None):
         self.warmup, self.steps, self.start, self.end, self.timed = warmup, steps, None, None, 0
+        self.profiler = profiler
 
     def _sync(self, module):
         if module.device.type == "cuda":
@@ -83,6 +123,8 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.start is None:
+            if self.profiler is not None:
+                self.profiler.start()
             self._sync(module)
             self.start = time.perf_counter()
 
@@ -91,6 +133,8 @@ class StepTimer(L.Callback):
             self._sync(module)
             self.end = time.perf_counter()
             self.timed = trainer.global_step - self.warmup
+            if self.profiler is not None:
+                self.profiler.stop()
 
 
 # --callbacks: train.py's default callbacks that act every step; not those that write files or only print once
@@ -98,7 +142,8 @@ QUIET_CALLBACKS = ["callbacks.model_checkpoint=null", "callbacks.periodic_checkp
                    "callbacks.wandb_predictions=null", "callbacks.model_summary=null"]
 
 
-def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool, callbacks: bool = False) -> dict:
+def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool, callbacks: bool = False,
+            profile: bool = False) -> dict:
     stock = STOCK in overrides
     overrides = [o for o in overrides if o != STOCK]
     pretrain = not any(o.startswith("task=") for o in overrides)
@@ -116,14 +161,16 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
     task = build_task(cfg, datamodule)
     if stock:
         use_stock_mixers(task.encoder)
-    timer = StepTimer(warmup, steps)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
+    timer = StepTimer(warmup, steps, profiler)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer, *(build_callbacks(cfg) if callbacks else [])],
                                       logger=False, enable_progress_bar=callbacks, enable_model_summary=False)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(task, datamodule=datamodule)
     seconds = timer.end - timer.start
-    return {"samples_per_s": timer.timed * batch / seconds, "ms_per_step": 1000 * seconds / timer.timed,
+    profiled = {"profile": device_time(kernel_intervals(profiler), seconds * 1e6, timer.timed)} if profile else {}
+    return {**profiled, "samples_per_s": timer.timed * batch / seconds, "ms_per_step": 1000 * seconds / timer.timed,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
             "synchronised": "before the first and after the last timed step", "callbacks": callbacks,
@@ -131,13 +178,14 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
             "backend": "mamba_ssm.Mamba" if stock else getattr(task.encoder.config, "backend", "-")}
 
 
-def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: list[str], callbacks: bool) -> dict:
+def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: list[str], callbacks: bool,
+                     profile: bool) -> dict:
     """``measure`` of one case in a fresh process (its CUDA memory, graph pools included, starts empty)."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--case", label, "--result", str(result), "--steps", str(steps),
                    "--warmup", str(warmup), "--batch", str(batch), *(["--callbacks"] if callbacks else []),
-                   "--extra", *extra]
+                   *(["--profile"] if profile else []), "--extra", *extra]
         child = subprocess.run(command)
         if child.returncode or not result.exists():
             raise RuntimeError(f"the child process exited with status {child.returncode}")
@@ -159,13 +207,21 @@ def main() -> None:
     parser.add_argument("--callbacks", action="store_true",
                         help="with train.py's default callbacks that act every step (non-finite guard, progress bar, "
                              "RNG state, pre-emption), as a user's run has them; rows are labelled so")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: also where the timed steps' device time goes (torch.profiler: busy time against "
+                             "wall time, by part of the step and by kernel); the profiler slows the host, so "
+                             "such rows are printed, not written")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (what the parent starts)
     parser.add_argument("--result", help=argparse.SUPPRESS)  # where --case writes its figures
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.smoke
+    if args.profile and (not gpu or args.write):
+        parser.error("--profile reads kernel times, so it needs a CUDA device (not --smoke), and it slows the "
+                     "host, so its rows are not written (no --write)")
     if args.case:
-        figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu, args.callbacks)
+        figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu, args.callbacks,
+                          args.profile)
         Path(args.result).write_text(json.dumps(figures))
         return
     device = device_name(torch.device("cuda" if gpu else "cpu"))
@@ -185,7 +241,8 @@ def main() -> None:
             steps, warmup, batch = args.steps, args.warmup, args.batch
         try:  # a GPU case in a child process of its own, so that its peak memory is its own
             row_label = f"{label}, default callbacks" if args.callbacks else label
-            results[row_label] = (measure_in_child(label, steps, warmup, batch, args.extra, args.callbacks) if gpu
+            results[row_label] = (measure_in_child(label, steps, warmup, batch, args.extra, args.callbacks,
+                                                   args.profile) if gpu
                                   else measure(overrides + args.extra, steps, warmup, batch, gpu, args.callbacks))
         except RuntimeError as error:  # e.g. out of memory, or kernels a CUDA graph cannot capture
             print(f"{label}: failed: {error}", flush=True)
@@ -193,6 +250,8 @@ def main() -> None:
         row = results[row_label]
         print(f"{row_label}: {row['samples_per_s']:.1f} samples/s ({row['ms_per_step']:.1f} ms/step), peak "
               f"{_gib(row['peak_gib'])} GiB allocated, {_gib(row.get('peak_reserved_gib'))} GiB reserved", flush=True)
+        if "profile" in row:
+            print(describe_profile(row["profile"]), flush=True)
     lines = ["| run | backend | tokens | ms / step | samples / s | peak GiB allocated | peak GiB reserved |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['backend']} | {v['tokens']} | {v['ms_per_step']:.1f} | {v['samples_per_s']:.1f} | "
@@ -201,6 +260,14 @@ def main() -> None:
     print(f"\n{device}, torch {torch.__version__}, batch {batch}, {' '.join(args.extra)}\n{table}")
     if args.write:
         write_rows(ROOT / "docs" / "performance" / "train.json", results, device, " ".join(args.extra))
+
+
+def describe_profile(profile: dict) -> str:
+    parts = ", ".join(f"{part} {ms:.1f}" for part, ms in profile["parts_ms_per_step"].items())
+    kernels = "\n".join(f"    {ms:7.2f} ms  {launches:6.1f} x  {name[:100]}" for name, ms, launches in profile["kernels"])
+    return (f"  device busy {profile['busy_ms_per_step']:.1f} of {profile['wall_ms_per_step']:.1f} ms per step "
+            f"({100 * profile['busy_fraction']:.0f}%); ms per step by part: {parts}\n  heaviest kernels, ms and "
+            f"launches per step:\n{kernels}")
 
 
 def write_rows(path: Path, results: dict, device: str, extra: str) -> None:
