@@ -263,6 +263,8 @@ def main() -> None:
 
 
 def describe_profile(profile: dict) -> str:
+    if not profile["kernels"]:
+        return "  the profiler recorded no kernel in the timed steps"
     parts = ", ".join(f"{part} {ms:.1f}" for part, ms in profile["parts_ms_per_step"].items())
     kernels = "\n".join(f"    {ms:7.2f} ms  {launches:6.1f} x  {name[:100]}" for name, ms, launches in profile["kernels"])
     return (f"  device busy {profile['busy_ms_per_step']:.1f} of {profile['wall_ms_per_step']:.1f} ms per step "
