@@ -75,6 +75,12 @@ REPORTED = {  # label scheme -> (score key, column title, digits)
                       ("murmur_auroc", "murmur macro AUROC", 3), ("murmur_recall_Unknown", "Unknown recall", 3),
                       ("murmur_cost", "Challenge cost", 0)),
 }  # fmt: skip
+# the README's summary: per label scheme, the keys of murmur weighted accuracy, murmur UAR, Unknown recall and
+# timing UAR (None: the scheme has no timing classes); it replaces the text between the two markers
+README_KEYS = {"murmur": ("weighted_accuracy", "uar", "recall_Unknown", None),
+               "murmur_timing": ("murmur_weighted_accuracy", "murmur_uar", "murmur_recall_Unknown", "uar")}
+README_MARKERS = ("<!-- circor-cv summary: written by bench/circor_results.py report --readme -->",
+                  "<!-- end of circor-cv summary -->")
 TABLES = ("training_data.csv", "split.csv", "LICENSE.txt")
 AUDIO_SUFFIXES = (".wav", ".flac")
 CONFIDENCE = 0.95
@@ -579,6 +585,61 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
     return lines + [""]
 
 
+def planned_cells(records: list[dict], plan: dict | None) -> tuple[list[str], list[int], list[str], int]:
+    """Label schemes, seeds and arms of the grid (the cells' own and ``plan``'s), and its number of cells."""
+    plan = plan or {}
+    tasks = sorted({r["task"] for r in records} | set(plan.get("tasks", ())))
+    seeds = sorted({r["seed"] for r in records} | set(plan.get("seeds", ())))
+    arms = sorted(set(ARMS) | set(plan.get("arms", ())))
+    return tasks, seeds, arms, len(tasks) * records[0]["settings"]["folds"] * len(seeds) * len(arms)
+
+
+def readme_summary(records: list[dict], plan: dict | None = None) -> str:
+    """The README's table: per label scheme and arm the cells, the headline scores with their intervals and
+    the minutes per cell; then pretrained minus scratch, and whether any interval orders the arms."""
+    folds = records[0]["settings"]["folds"]
+    ratio = 1 / (folds - 1)
+    _, _, _, expected = planned_cells(records, plan)
+    lines = [f"{len(records)} of the grid's {expected} cells:", "",
+             "| label scheme | arm | cells | murmur weighted accuracy | murmur UAR | Unknown recall | "
+             "timing UAR (7 classes) | minutes per cell |", "|---|---|---|---|---|---|---|---|"]
+    differences, ordered = [], []
+    for task, keys in README_KEYS.items():
+        rows = [r for r in records if r["task"] == task]
+        for arm in ARMS:
+            cells = [r for r in rows if r["arm"] == arm]
+            if cells:
+                scores = [with_interval([r["scores"].get(k, math.nan) for r in cells], ratio, 3) if k else "-"
+                          for k in keys]
+                minutes = statistics.fmean((r["pretrain_seconds"] + r["finetune_seconds"]) / 60 for r in cells)
+                lines.append(f"| `{task}` | {ARM_TITLES[arm]} | {len(cells)} | " + " | ".join(scores)
+                             + f" | {minutes:.1f} |")
+        for key, title in ((keys[0], "murmur weighted accuracy"), (keys[3], "timing UAR")):
+            pairs = paired_differences(rows, key) if key else []
+            if len(pairs) > 1:
+                mean, half, _ = interval(pairs, ratio)
+                differences.append(f"{with_interval(pairs, ratio, 3, signed=True)} in {title} (`{task}`, "
+                                   f"{len(pairs)} pairs)")
+                if abs(mean) > half:
+                    ordered.append(f"{title} (`{task}`)")
+    if differences:
+        verdict = (f"the interval of {', '.join(ordered)} excludes 0" if ordered else
+                   "every interval spans 0, so no ordering of the arms is claimed")
+        lines += ["", f"Pretrained minus scratch, pair by pair: {'; '.join(differences)}: {verdict}."]
+    return "\n".join(lines)
+
+
+def write_readme_summary(readme: Path, records: list[dict], plan: dict | None) -> None:
+    """Replace the text between :data:`README_MARKERS` in ``readme`` with :func:`readme_summary`."""
+    text = readme.read_text()
+    start, end = (text.find(marker) for marker in README_MARKERS)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no block between the lines {README_MARKERS[0]} and {README_MARKERS[1]}")
+    head = text[:start + len(README_MARKERS[0])]
+    readme.write_text(f"{head}\n{readme_summary(records, plan)}\n{text[end:]}")
+    print(f"summary: {readme}", flush=True)
+
+
 def render(records: list[dict], plan: dict | None = None) -> str:
     """Markdown: per label scheme the arms' means with intervals, the paired difference, pooled scores, cells.
     ``plan`` (``tasks``, ``seeds``, ``arms``: what a run was asked for) counts the cells still to come; the
@@ -601,11 +662,7 @@ def render(records: list[dict], plan: dict | None = None) -> str:
         f"their shared patients (Nadeau-Bengio: s² (1/n + 1/{folds - 1})); see docs/heart-murmurs.md.",
         "",
     ]
-    plan = plan or {}
-    tasks = sorted({r["task"] for r in records} | set(plan.get("tasks", ())))
-    planned_seeds = sorted(set(seeds) | set(plan.get("seeds", ())))
-    arms = sorted(set(ARMS) | set(plan.get("arms", ())))
-    expected = len(tasks) * folds * len(planned_seeds) * len(arms)
+    tasks, planned_seeds, arms, expected = planned_cells(records, plan)
     if len(records) < expected:
         lines += [f"**Incomplete grid: {len(records)} of the {expected} cells** (label schemes {', '.join(tasks)}; "
                   f"seeds {', '.join(map(str, planned_seeds))}; {folds} folds; arms {', '.join(arms)}). The cells "
@@ -627,12 +684,14 @@ def render(records: list[dict], plan: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: Path, out: Path, plan: dict | None = None) -> None:
+def write_report(results: Path, out: Path, plan: dict | None = None, readme: Path | None = None) -> None:
     records = load_results(results)
     if records:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(records, plan))
         print(f"report: {out} ({len(records)} cells)", flush=True)
+        if readme is not None:
+            write_readme_summary(readme, records, plan)
 
 
 # --- two recipes, pair by pair -------------------------------------------------------------------
@@ -746,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--tasks", nargs="+", choices=list(RECIPES), help="label schemes planned (for the count "
                         "of cells to come; default: those with cells)")
     report.add_argument("--seeds", type=int, nargs="+", help="seeds planned (default: those with cells)")
+    report.add_argument("--readme", type=Path, help="also rewrite the summary between the circor-cv markers of "
+                                                    "this file (README.md)")
     compare = commands.add_parser("compare", help="another grid's recipe minus a base grid's, pair by pair "
                                   "(same scheme, fold and seed)")
     compare.add_argument("--base", required=True, help="results folder of the base recipe")
@@ -771,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(text)
             print(f"comparison: {out}", flush=True)
         else:
-            write_report(Path(args.results), Path(args.out), grid_plan(args))
+            write_report(Path(args.results), Path(args.out), grid_plan(args), args.readme)
     except (ValueError, FileNotFoundError) as error:  # bad input: one line, not a traceback
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     return 0

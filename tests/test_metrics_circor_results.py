@@ -341,6 +341,33 @@ def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_check
             "arms pretrained, scratch)") in (tmp_path / "report.md").read_text()
 
 
+def test_report_rewrites_the_readme_summary_between_its_markers_only(tmp_path, capsys):
+    write_cells(tmp_path, "scratch", [0.70, 0.72, 0.74, 0.76])
+    write_cells(tmp_path, "pretrained", [0.71, 0.75, 0.76, 0.82])
+    readme = tmp_path / "README.md"
+    start, end = bench.README_MARKERS
+    readme.write_text(f"# Title\n\nbefore\n{start}\nold table\n{end}\nafter\n")
+    args = ["report", "--results", str(tmp_path), "--out", str(tmp_path / "report.md"), "--readme", str(readme)]
+    assert bench.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith(f"# Title\n\nbefore\n{start}\n8 of the grid's 8 cells:") and "old table" not in text
+    assert text.endswith(f"{end}\nafter\n")
+    # the intervals of test_report_gives_means_paired_differences_and_pooled_scores_with_hand_checked_intervals
+    assert ("| `murmur` | from scratch | 4 | 0.730 [0.638, 0.822] | 0.500 [0.500, 0.500] | 0.250 [0.250, 0.250] | - "
+            "| 2.0 |") in text
+    assert "| `murmur` | circor_pretrain, then finetuned | 4 | 0.760 " in text and text.count("| `murmur` |") == 2
+    assert ("Pretrained minus scratch, pair by pair: +0.030 [-0.047, +0.107] in murmur weighted accuracy "
+            "(`murmur`, 4 pairs): every interval spans 0, so no ordering of the arms is claimed.") in text
+    write_cells(tmp_path, "pretrained", [0.73, 0.751, 0.769, 0.79])  # differences 0.03, 0.031, 0.029, 0.03
+    bench.main(args)
+    assert "(`murmur`, 4 pairs): the interval of murmur weighted accuracy (`murmur`) excludes 0." in readme.read_text()
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args)
+    assert exit_.value.code == 2 and "has no block between the lines" in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"
+
+
 def write_cells(folder, arm, values, finetune=None, seeds=(0, 1)):
     """Cells of (fold, seed) = (0, 0), (1, 0), (0, 1), (1, 1) with these weighted accuracies."""
     (folder / "cells").mkdir(parents=True, exist_ok=True)
