@@ -81,3 +81,34 @@ def test_masked_positions_select_like_boolean_indexing(style):
     mask = make_mask(style, 4, (8, 64), 100)
     x = torch.randn(4, 8 * 64, 5)
     torch.testing.assert_close(_rows_at(x, masked_positions(mask, 100)), x[mask].view(4, 100, 5), rtol=0, atol=0)
+
+
+def test_a_cluster_mask_never_reads_a_tensor_on_the_host(monkeypatch):
+    """On a GPU each such read would make the host wait for the device (tests/test_host_waits_gpu.py)."""
+    def refuse(*_):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for quirks in (False, True):
+        cluster_mask(4, (8, 64), 400, reference_quirks=quirks)
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_the_blocks_drawn_cover_the_count_in_every_clip_at_ssast_settings(quirks):
+    """SSAST pretrains with 400 of 512 patches in blocks of 3-5: the blocks drawn at once must cover them
+    (the uniform top-up is for masks that leave only a few patches unmasked)."""
+    from ssamba.tasks.masking import blocks_to_draw, first_covering_block
+
+    torch.manual_seed(0)
+    for sides in ([3, 4, 5], [3]):
+        blocks = blocks_to_draw((8, 64), 400, tuple(sides), quirks)
+        covered = (first_covering_block(5000, (8, 64), 400, sides, quirks) < blocks).sum(1)
+        assert covered.min() >= 400, (sides, int(covered.min()))
+    assert blocks_to_draw((8, 64), 400, (3, 4, 5), quirks) < blocks_to_draw((8, 64), 500, (3, 4, 5), quirks)
+
+
+def test_a_mask_that_leaves_one_patch_is_exact_even_when_its_blocks_fall_short():
+    torch.manual_seed(0)
+    quirky = cluster_mask(500, (12, 5), 59, reference_quirks=True)  # every patch but patch 0
+    assert quirky[:, 1:].all() and not quirky[:, 0].any()
