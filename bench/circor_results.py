@@ -478,6 +478,16 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
+def test_to_train(folds: int) -> float:
+    """A test fold's size over its training patients' in ``folds``-fold cross-validation (:func:`interval`)."""
+    return 1 / (folds - 1)
+
+
+def minutes_per_cell(cells: list[dict]) -> float:
+    """Mean wall minutes of the cells' trainings, a pretrained cell's pretraining included."""
+    return statistics.fmean((r["pretrain_seconds"] + r["finetune_seconds"]) / 60 for r in cells)
+
+
 def interval(values: list[float], test_to_train: float) -> tuple[float, float, int]:
     """(mean, half-width of its ``CONFIDENCE`` interval, n) over the finite ``values`` of fold x seed cells.
 
@@ -544,7 +554,7 @@ def load_results(results: Path) -> list[dict]:
 
 
 def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
-    reported, ratio = REPORTED[task], 1 / (folds - 1)
+    reported, ratio = REPORTED[task], test_to_train(folds)
     titles = " | ".join(title for _, title, _ in reported)
     rule = "|---" * len(reported) + "|"
     lines = [f"### `{task}`: {SCHEME_TITLES[task]}", "", f"| arm | cells | {titles} | minutes per cell | cards |",
@@ -553,7 +563,7 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
         rows = [r for r in records if r["arm"] == arm]
         if rows:
             cells = [with_interval([r["scores"].get(k, math.nan) for r in rows], ratio, d) for k, _, d in reported]
-            minutes = statistics.fmean((r["pretrain_seconds"] + r["finetune_seconds"]) / 60 for r in rows)
+            minutes = minutes_per_cell(rows)
             cards = ", ".join(sorted({c for r in rows for c in r["cards"]}))
             lines.append(f"| {ARM_TITLES[arm]} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} | {cards} |")
     pairs = paired_differences(records, reported[0][0])
@@ -598,7 +608,7 @@ def readme_summary(records: list[dict], plan: dict | None = None) -> str:
     """The README's table: per label scheme and arm the cells, the headline scores with their intervals and
     the minutes per cell; then pretrained minus scratch, and whether any interval orders the arms."""
     folds = records[0]["settings"]["folds"]
-    ratio = 1 / (folds - 1)
+    ratio = test_to_train(folds)
     _, _, _, expected = planned_cells(records, plan)
     lines = [f"{len(records)} of the grid's {expected} cells:", "",
              "| label scheme | arm | cells | murmur weighted accuracy | murmur UAR | Unknown recall | "
@@ -611,7 +621,7 @@ def readme_summary(records: list[dict], plan: dict | None = None) -> str:
             if cells:
                 scores = [with_interval([r["scores"].get(k, math.nan) for r in cells], ratio, 3) if k else "-"
                           for k in keys]
-                minutes = statistics.fmean((r["pretrain_seconds"] + r["finetune_seconds"]) / 60 for r in cells)
+                minutes = minutes_per_cell(cells)
                 lines.append(f"| `{task}` | {ARM_TITLES[arm]} | {len(cells)} | " + " | ".join(scores)
                              + f" | {minutes:.1f} |")
         for key, title in ((keys[0], "murmur weighted accuracy"), (keys[3], "timing UAR")):
@@ -738,7 +748,7 @@ def render_comparison(base_dir: Path, other_dir: Path, base_arm: str, other_arm:
     if not pairs:
         raise ValueError(f"no (label scheme, fold, seed) cell of arm {other_arm} in {other_dir} has a {base_arm} "
                          f"cell in {base_dir} to pair with")
-    ratio = 1 / (folds - 1)
+    ratio = test_to_train(folds)
     lines = [f"## CirCor: `{other_dir.name}` ({other_arm}) minus `{base_dir.name}` ({base_arm}), pair by pair", "",
              f"Written {datetime.date.today().isoformat()} by `bench/circor_results.py compare`. A pair is one label "
              f"scheme, fold and seed scored by both grids: the same {folds}-fold partition, the same test patients. "

@@ -93,7 +93,8 @@ def device_time(kernels: list[tuple[str, float, float]], wall_us: float, steps: 
         reach = max(reach, end)
     parts, by_name = {}, {}
     for name, start, end in kernels:
-        parts[step_part(name)] = parts.get(step_part(name), 0.0) + end - start
+        part = step_part(name)
+        parts[part] = parts.get(part, 0.0) + end - start
         total, launches = by_name.get(name, (0.0, 0))
         by_name[name] = (total + end - start, launches + 1)
     heaviest = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
