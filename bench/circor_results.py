@@ -596,11 +596,12 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
 
 
 def planned_cells(records: list[dict], plan: dict | None) -> tuple[list[str], list[int], list[str], int]:
-    """Label schemes, seeds and arms of the grid (the cells' own and ``plan``'s), and its number of cells."""
+    """Label schemes, seeds and arms of the grid (the cells' own and ``plan``'s; both arms where ``plan`` names
+    none), and its number of cells."""
     plan = plan or {}
     tasks = sorted({r["task"] for r in records} | set(plan.get("tasks", ())))
     seeds = sorted({r["seed"] for r in records} | set(plan.get("seeds", ())))
-    arms = sorted(set(ARMS) | set(plan.get("arms", ())))
+    arms = sorted(set(plan.get("arms") or ARMS) | {r["arm"] for r in records})
     return tasks, seeds, arms, len(tasks) * records[0]["settings"]["folds"] * len(seeds) * len(arms)
 
 
@@ -653,7 +654,7 @@ def write_readme_summary(readme: Path, records: list[dict], plan: dict | None) -
 def render(records: list[dict], plan: dict | None = None) -> str:
     """Markdown: per label scheme the arms' means with intervals, the paired difference, pooled scores, cells.
     ``plan`` (``tasks``, ``seeds``, ``arms``: what a run was asked for) counts the cells still to come; the
-    cells' own schemes and seeds, with both arms, are counted either way."""
+    cells' own schemes, seeds and arms are counted either way, and both arms where ``plan`` names none."""
     if not records:
         raise ValueError("no results to report")
     settings = records[0]["settings"]
@@ -815,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--tasks", nargs="+", choices=list(RECIPES), help="label schemes planned (for the count "
                         "of cells to come; default: those with cells)")
     report.add_argument("--seeds", type=int, nargs="+", help="seeds planned (default: those with cells)")
+    report.add_argument("--arms", nargs="+", choices=ARMS, help="arms planned (default: both)")
     report.add_argument("--readme", type=Path, help="also rewrite the summary between the circor-cv markers of "
                                                     "this file (README.md)")
     compare = commands.add_parser("compare", help="another grid's recipe minus a base grid's, pair by pair "

@@ -339,6 +339,12 @@ def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_check
                 "--tasks", "murmur", "murmur_timing"])
     assert ("**Incomplete grid: 7 of the 24 cells** (label schemes murmur, murmur_timing; seeds 0, 1, 2; 2 folds; "
             "arms pretrained, scratch)") in (tmp_path / "report.md").read_text()
+    for path in (tmp_path / "cells").glob("*_pretrained.json"):  # a screen of one arm counts that arm's cells
+        path.unlink()
+    bench.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report.md"), "--arms", "scratch"])
+    assert "Incomplete grid" not in (tmp_path / "report.md").read_text()
+    bench.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report.md")])
+    assert "**Incomplete grid: 4 of the 8 cells**" in (tmp_path / "report.md").read_text()
 
 
 def test_report_rewrites_the_readme_summary_between_its_markers_only(tmp_path, capsys):
