@@ -30,6 +30,8 @@ each cell with its card and wall time (docs/heart-murmurs.md says what the inter
     python bench/circor_results.py report --results .gpudata/circor-cv --out docs/results/circor-cv.md
     # another recipe's grid (its own --results) against this one, pair by pair (scheme, fold, seed):
     python bench/circor_results.py compare --base docs/results/circor-cv --other .gpudata/cv-other --out cmp.md
+    # patient decision rules scored on the cells' stored predictions (no training):
+    python bench/circor_results.py rules --results docs/results/circor-cv --out docs/results/circor-cv-rules.md
 
 A call skips every cell whose ``cells/*.json`` is in ``--results``; cells of several folders merge by copying
 them into one (same ``grid.json``). A pretraining whose checkpoint is not on this machine is done again (the log
@@ -512,8 +514,9 @@ def paired_differences(records: list[dict], key: str) -> list[float]:
             if arm == "scratch" and (fold, seed, "pretrained") in by_cell]  # fmt: skip
 
 
-def pooled_scores(records: list[dict]) -> dict[str, float]:
-    """Scores of the out-of-fold patient predictions of one (scheme, seed, arm), every fold's together."""
+def patient_scores_of(records: list[dict], preds: list[int] | None = None) -> dict[str, float]:
+    """Scores of the cells' stored patient predictions, taken together (``records`` of one scheme and arm), with
+    each patient's predicted class from ``preds`` (in the cells' order) instead of the stored one if given."""
     import torch
 
     from ssamba.metrics import patient_metrics
@@ -528,11 +531,16 @@ def pooled_scores(records: list[dict]) -> dict[str, float]:
     outcome = torch.tensor(rows["outcome"])
     predictions = PatientPredictions(
         patient=torch.tensor([id_code(i) for i in rows["id"]]), logits=probs.clamp(min=1e-12).log(), probs=probs,
-        preds=torch.tensor(rows["pred"]), target=torch.tensor(rows["target"]),
+        preds=torch.tensor(rows["pred"] if preds is None else preds), target=torch.tensor(rows["target"]),
         outcome=None if bool((outcome < 0).all()) else outcome, num_recordings=torch.tensor(rows["recordings"]),
     )  # fmt: skip
     metric = patient_metrics(first["class_names"], first["rule"])
     return {name: float(value) for name, value in metric.scores(predictions).items()}
+
+
+def pooled_scores(records: list[dict]) -> dict[str, float]:
+    """Scores of the out-of-fold patient predictions of one (scheme, seed, arm), every fold's together."""
+    return patient_scores_of(records)
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -776,6 +784,126 @@ def render_comparison(base_dir: Path, other_dir: Path, base_arm: str, other_arm:
     return "\n".join(lines)
 
 
+# --- patient decision rules on the cells' stored predictions ------------------------------------------
+# log-probability offsets searched for Present and Unknown by the rule fitted on the other folds
+BIAS_GRID = tuple(step / 4 for step in range(11))
+RULES = {  # name -> what it does, for the report
+    "recorded": "the cell's own predictions: the hierarchical rule over its recordings (the grid's scores)",
+    "mean": "argmax of the patient's probabilities (the softmax of its recordings' mean logits)",
+    "challenge weights": "argmax of the probabilities times the Challenge's class weights (5, 3, 1)",
+    "fitted offsets": "argmax of the log-probabilities plus offsets for Present and Unknown (each 0 to 2.5 by "
+                      "0.25) chosen for the best weighted accuracy on the same seed's other folds, scored by "
+                      "their own models: the fold's patients choose nothing",
+    "seed ensemble": "argmax of the mean of the patient's probabilities over the arm's seeds (each from the "
+                     "fold model that did not train on the patient)",
+}  # fmt: skip
+
+
+def _argmax(rows: list[list[float]]) -> list[int]:
+    return [max(range(len(row)), key=row.__getitem__) for row in rows]
+
+
+def _weighted_accuracy(target: list[int], preds: list[int], weights: list[float]) -> float:
+    scored = sum(weights[t] for t in target)
+    return sum(weights[t] for t, p in zip(target, preds) if t == p) / scored if scored else math.nan
+
+
+def fitted_offsets(records: list[dict], weights: list[float]) -> tuple[float, float]:
+    """The (Present, Unknown) log-probability offsets from :data:`BIAS_GRID` with the best weighted accuracy
+    over ``records``' patients; ties go to the smaller offsets."""
+    target = [t for r in records for t in r["patients"]["target"]]
+    logs = [[math.log(max(p, 1e-12)) for p in row] for r in records for row in r["patients"]["probs"]]
+    best = None
+    for present, unknown in itertools.product(BIAS_GRID, BIAS_GRID):
+        preds = _argmax([[row[0] + present, row[1] + unknown, *row[2:]] for row in logs])
+        score = _weighted_accuracy(target, preds, weights)
+        if best is None or score > best[0]:
+            best = (score, present, unknown)
+    return best[1], best[2]
+
+
+def rule_predictions(records: list[dict]) -> dict[str, dict[tuple, list[int]]]:
+    """Per rule of :data:`RULES`, each cell's patient predictions, by (fold, seed, arm). ``records``: one label
+    scheme whose classes are the Challenge's Present, Unknown, Absent. A rule with no prediction for a cell
+    (no other fold of its seed, or a patient that only one seed scored) leaves that cell out."""
+    from ssamba.metrics.challenge import CLASS_WEIGHTS, MURMUR_CLASSES
+
+    names = records[0]["patients"]["class_names"]
+    if tuple(names) != tuple(MURMUR_CLASSES):
+        raise ValueError(f"decision rules need the Challenge's murmur classes {list(MURMUR_CLASSES)}, "
+                         f"these cells have {names}")
+    weights = [CLASS_WEIGHTS[name] for name in names]
+    key = lambda r: (r["fold"], r["seed"], r["arm"])  # noqa: E731
+    rules: dict[str, dict[tuple, list[int]]] = {name: {} for name in RULES}
+    by_patient: dict[tuple[str, str], list[list[float]]] = {}  # (arm, patient) -> each seed's probabilities
+    for r in records:
+        for patient, row in zip(r["patients"]["id"], r["patients"]["probs"]):
+            by_patient.setdefault((r["arm"], patient), []).append(row)
+    for r in records:
+        patients = r["patients"]
+        rules["recorded"][key(r)] = list(patients["pred"])
+        rules["mean"][key(r)] = _argmax(patients["probs"])
+        rules["challenge weights"][key(r)] = _argmax([[w * p for w, p in zip(weights, row)]
+                                                      for row in patients["probs"]])
+        others = [o for o in records if o["seed"] == r["seed"] and o["arm"] == r["arm"] and o["fold"] != r["fold"]]
+        if others:
+            present, unknown = fitted_offsets(others, weights)
+            rules["fitted offsets"][key(r)] = _argmax([[math.log(max(row[0], 1e-12)) + present,
+                                                        math.log(max(row[1], 1e-12)) + unknown,
+                                                        *(math.log(max(p, 1e-12)) for p in row[2:])]
+                                                       for row in patients["probs"]])
+        seeds = [by_patient[(r["arm"], patient)] for patient in patients["id"]]
+        if all(len(rows) > 1 for rows in seeds):
+            rules["seed ensemble"][key(r)] = _argmax([[statistics.fmean(column) for column in zip(*rows)]
+                                                      for rows in seeds])
+    return rules
+
+
+RULE_KEYS = (("weighted_accuracy", "weighted accuracy", 3), ("uar", "UAR", 3), ("recall_Unknown", "Unknown recall", 3),
+             ("recall_Present", "Present recall", 3), ("cost", "Challenge cost", 0))  # fmt: skip
+
+
+def render_rules(results: Path, task: str) -> str:
+    """Markdown: per arm and rule of :data:`RULES`, the mean scores over the cells it predicted, and its
+    difference from the recorded predictions cell by cell, with the report's corrected intervals."""
+    records = [r for r in load_results(results) if r["task"] == task]
+    if not records:
+        raise ValueError(f"no `{task}` cells in {results}/cells")
+    folds = records[0]["settings"]["folds"]
+    ratio = test_to_train(folds)
+    predictions = rule_predictions(records)
+    scores = {(rule, k): patient_scores_of([r], preds) for rule, cells in predictions.items()
+              for k, preds in cells.items() for r in records if (r["fold"], r["seed"], r["arm"]) == k}
+    titles = " | ".join(title for _, title, _ in RULE_KEYS)
+    rule_line = "|---" * len(RULE_KEYS) + "|"
+    lines = [f"## CirCor `{task}`: patient decision rules on the grid's stored predictions", "",
+             f"Written {datetime.date.today().isoformat()} by `bench/circor_results.py rules` from the cells in "
+             f"`{results.name}` ({len(records)} cells). No model is trained or run: each rule turns the patient "
+             "probabilities the cells stored into predictions, which are scored as the grid scores them. Intervals: "
+             f"{CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})) over the "
+             "cells, as in the cross-validation report; a difference is the rule's score minus the recorded "
+             "predictions' in the same cell.", "", "Rules:", "",
+             *(f"- **{name}**: {text}" for name, text in RULES.items()), ""]  # fmt: skip
+    for arm in ARMS:
+        keys = sorted(k for k in predictions["recorded"] if k[2] == arm)
+        if not keys:
+            continue
+        lines += [f"### {ARM_TITLES[arm]}", "", f"| rule | cells | {titles} | weighted accuracy minus recorded |",
+                  f"|---|---{rule_line}---|"]  # fmt: skip
+        for rule in RULES:
+            cells = [k for k in keys if k in predictions[rule]]
+            if not cells:
+                continue
+            values = [with_interval([scores[(rule, k)].get(name, math.nan) for k in cells], ratio, digits)
+                      for name, _, digits in RULE_KEYS]
+            difference = "-" if rule == "recorded" else with_interval(
+                [scores[(rule, k)]["weighted_accuracy"] - scores[("recorded", k)]["weighted_accuracy"] for k in cells],
+                ratio, 3, signed=True)
+            lines.append(f"| {rule} | {len(cells)} | " + " | ".join(values) + f" | {difference} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -826,6 +954,11 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--base-arm", choices=ARMS, default="scratch")
     compare.add_argument("--other-arm", choices=ARMS, default="scratch")
     compare.add_argument("--out", required=True, help="markdown report")
+    rules = commands.add_parser("rules", help="patient decision rules (mean logits, class weights, offsets fitted "
+                                "on the other folds, seed ensemble) scored on the cells' stored predictions")
+    rules.add_argument("--results", required=True)
+    rules.add_argument("--task", choices=["murmur"], default="murmur", help="a label scheme of the Challenge's classes")
+    rules.add_argument("--out", required=True, help="markdown report")
     args = parser.parse_args(argv)
     try:
         if args.command == "stage":
@@ -837,6 +970,12 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--parallel must be at least 1, got {args.parallel}")
             complete = run_grid(args)
             print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
+        elif args.command == "rules":
+            out = Path(args.out)
+            text = render_rules(Path(args.results), args.task)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            print(f"decision rules: {out}", flush=True)
         elif args.command == "compare":
             out = Path(args.out)
             text = render_comparison(Path(args.base), Path(args.other), args.base_arm, args.other_arm)

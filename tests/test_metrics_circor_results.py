@@ -490,3 +490,53 @@ def test_tiny_cross_validation_grid_on_cpu_trains_scores_resumes_and_reports(tmp
     alone = json.loads((results / "cells" / f"{again}.json").read_text())
     assert alone["parallel"] == 1 and cells[again]["parallel"] == 3
     assert alone["scores"] == cells[again]["scores"] and alone["patients"] == cells[again]["patients"]
+
+
+def rule_cell(fold, seed, target, probs, arm="scratch"):
+    record = cell(arm, fold, seed, 0.5)
+    ids = [f"{fold}{index}" for index in range(len(target))]
+    record["patients"].update(id=ids, target=target, probs=probs, pred=[2] * len(target),
+                              outcome=[-1] * len(target), recordings=[4] * len(target))
+    return record
+
+
+def test_decision_rules_fit_nothing_on_the_scored_fold_and_average_seeds_per_patient(tmp_path, capsys):
+    # fold 1 (the other fold of fold 0): an Unknown patient one offset of 0.25 to 0.75 turns Unknown, an Absent one
+    # that turns at 0.78, an Absent one a Present offset of 0.69 turns Present: best offsets (0, 0.25), the smallest
+    fold1 = rule_cell(1, 0, [1, 2, 2], [[0.1, 0.4, 0.5], [0.05, 0.3, 0.65], [0.3, 0.1, 0.6]])
+    fold0 = rule_cell(0, 0, [1, 0], [[0.1, 0.42, 0.48], [0.2, 0.3, 0.5]])
+    weights = [5.0, 3.0, 1.0]
+    assert bench.fitted_offsets([fold1], weights) == (0.0, 0.25)
+    flipped = rule_cell(0, 0, [2, 2], fold0["patients"]["probs"])  # the fold's own targets choose nothing
+    for scored in (fold0, flipped):
+        rules = bench.rule_predictions([scored, fold1])
+        assert rules["fitted offsets"][(0, 0, "scratch")] == [1, 2]
+        assert rules["recorded"][(0, 0, "scratch")] == [2, 2] and rules["mean"][(0, 0, "scratch")] == [2, 2]
+        assert rules["challenge weights"][(0, 0, "scratch")] == [1, 0]  # 5 x 0.2 > 3 x 0.3 > 1 x 0.5
+        assert rules["seed ensemble"] == {}  # one seed: no patient has a second prediction
+    # seed 1 scores the same patients in the same folds: the ensemble averages each patient's two rows
+    seed1 = [rule_cell(0, 1, [1, 0], [[0.1, 0.1, 0.8], [0.9, 0.05, 0.05]]),
+             rule_cell(1, 1, [1, 2, 2], fold1["patients"]["probs"])]
+    rules = bench.rule_predictions([fold0, fold1, *seed1])
+    assert rules["seed ensemble"][(0, 0, "scratch")] == [2, 0]  # [0.1, 0.26, 0.64], [0.55, 0.175, 0.275]
+    assert rules["seed ensemble"][(0, 1, "scratch")] == [2, 0]
+    # the report scores every rule as the grid does, with the difference from the recorded predictions
+    def write(records):
+        (tmp_path / "cells").mkdir(exist_ok=True)
+        for r in records:
+            (tmp_path / "cells" / f"murmur_fold{r['fold']}_seed{r['seed']}_scratch.json").write_text(json.dumps(r))
+
+    write([fold0, fold1, *seed1])
+    assert bench.main(["rules", "--results", str(tmp_path), "--out", str(tmp_path / "rules.md")]) == 0
+    text = (tmp_path / "rules.md").read_text()
+    # fold 0, seed 0: the offsets get the Unknown patient (3 of 5 + 3), the recorded Absent for both get none
+    assert bench.patient_scores_of([fold0], [1, 2])["weighted_accuracy"] == 3 / 8
+    assert bench.patient_scores_of([fold0])["weighted_accuracy"] == 0.0
+    assert "| recorded | 4 |" in text and "| fitted offsets | 4 |" in text and "| seed ensemble | 4 |" in text
+    assert "### circor_pretrain" not in text
+    for record in (fold0, fold1, *seed1):
+        record["patients"]["class_names"] = ["absent", "unknown", "present"]
+    write([fold0, fold1, *seed1])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["rules", "--results", str(tmp_path), "--out", str(tmp_path / "rules.md")])
+    assert exit_.value.code == 2 and "decision rules need the Challenge's murmur classes" in capsys.readouterr().err
