@@ -791,9 +791,9 @@ RULES = {  # name -> what it does, for the report
     "recorded": "the cell's own predictions: the hierarchical rule over its recordings (the grid's scores)",
     "mean": "argmax of the patient's probabilities (the softmax of its recordings' mean logits)",
     "challenge weights": "argmax of the probabilities times the Challenge's class weights (5, 3, 1)",
-    "fitted offsets": "argmax of the log-probabilities plus offsets for Present and Unknown (each 0 to 2.5 by "
-                      "0.25) chosen for the best weighted accuracy on the same seed's other folds, scored by "
-                      "their own models: the fold's patients choose nothing",
+    "fitted offsets": f"argmax of the log-probabilities plus offsets for Present and Unknown (each {BIAS_GRID[0]} "
+                      f"to {BIAS_GRID[-1]} by {BIAS_GRID[1]}) chosen for the best weighted accuracy on the same "
+                      "seed's other folds, scored by their own models: the fold's patients choose nothing",
     "seed ensemble": "argmax of the mean of the patient's probabilities over the arm's seeds (each from the "
                      "fold model that did not train on the patient)",
 }  # fmt: skip
