@@ -30,8 +30,9 @@ each cell with its card and wall time (docs/heart-murmurs.md says what the inter
     python bench/circor_results.py report --results .gpudata/circor-cv --out docs/results/circor-cv.md
     # another recipe's grid (its own --results) against this one, pair by pair (scheme, fold, seed):
     python bench/circor_results.py compare --base docs/results/circor-cv --other .gpudata/cv-other --out cmp.md
-    # patient decision rules scored on the cells' stored predictions (no training):
-    python bench/circor_results.py rules --results docs/results/circor-cv --out docs/results/circor-cv-rules.md
+    # patient decision rules scored on the cells' stored predictions (no training; --data adds the quality gate):
+    python bench/circor_results.py rules --results docs/results/circor-cv --data <circor-dev folder> \\
+        --out docs/results/circor-cv-rules.md
 
 A call skips every cell whose ``cells/*.json`` is in ``--results``; cells of several folders merge by copying
 them into one (same ``grid.json``). A pretraining whose checkpoint is not on this machine is done again (the log
@@ -796,7 +797,12 @@ RULES = {  # name -> what it does, for the report
                       "seed's other folds, scored by their own models: the fold's patients choose nothing",
     "seed ensemble": "argmax of the mean of the patient's probabilities over the arm's seeds (each from the "
                      "fold model that did not train on the patient)",
+    "quality gate": "the recorded predictions, except that a patient not predicted Present becomes Unknown when a "
+                    "logistic regression on its recordings' signal-quality statistics (ssamba.data.quality; "
+                    "needs --data) scores it above a threshold; regression and threshold (the best weighted "
+                    "accuracy) fitted on the same seed's other folds: the fold's patients choose nothing",
 }  # fmt: skip
+QUALITY_L2 = 1e-2  # the gate's logistic regression: ridge penalty on its standardised features
 
 
 def _argmax(rows: list[list[float]]) -> list[int]:
@@ -822,10 +828,94 @@ def fitted_offsets(records: list[dict], weights: list[float]) -> tuple[float, fl
     return best[1], best[2]
 
 
-def rule_predictions(records: list[dict]) -> dict[str, dict[tuple, list[int]]]:
+def quality_table(data: list[Path]) -> dict[str, list[float]]:
+    """Each patient's :data:`ssamba.data.quality.PATIENT_FEATURES` from a CirCor folder (or its staged parts).
+    A recording that cannot be read is skipped and counted; a patient without one is left out."""
+    import tempfile
+
+    from ssamba.data.audio import BadAudio, read_audio
+    from ssamba.data.circor import read_patients
+    from ssamba.data.quality import patient_quality, recording_quality
+
+    table, skipped = {}, []
+    with tempfile.TemporaryDirectory() as joined:
+        for patient in read_patients(str(merge(data, Path(joined) / "circor"))):
+            rows = []
+            for recording in patient.recordings:
+                try:
+                    wave, rate = read_audio(recording.path)
+                except BadAudio as error:
+                    skipped.append(f"{error.reason}: {recording.id}")
+                    continue
+                rows.append(recording_quality(wave.mean(dim=0), rate))
+            if rows:
+                table[patient.id] = patient_quality(rows).tolist()
+    note = f", {len(skipped)} recordings skipped (first: {skipped[0]})" if skipped else ""
+    print(f"signal quality: {len(table)} patients{note}", flush=True)
+    return table
+
+
+def unknown_detector(features: list[list[float]], unknown: list[bool]):
+    """A class-balanced ridge logistic regression of Unknown on standardised features (both classes present);
+    returns the scorer of feature rows."""
+    import torch
+
+    x = torch.tensor(features, dtype=torch.float64)
+    y = torch.tensor(unknown, dtype=torch.float64)
+    mean, scale = x.mean(dim=0), x.std(dim=0).clamp(min=1e-9)
+    z = (x - mean) / scale
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200)
+    balance = (len(y) - y.sum()) / y.sum()
+
+    def loss():
+        optimizer.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ weight + bias, y, pos_weight=balance)
+        value = value + QUALITY_L2 * weight.square().sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    weight, bias = weight.detach(), bias.detach()
+    return lambda rows: (((torch.tensor(rows, dtype=torch.float64) - mean) / scale) @ weight + bias).tolist()
+
+
+def gated(preds: list[int], scores: list[float], threshold: float) -> list[int]:
+    """``preds`` with every patient not predicted Present (0) made Unknown (1) where its score exceeds ``threshold``."""
+    return [1 if pred != 0 and score > threshold else pred for pred, score in zip(preds, scores)]
+
+
+def quality_gate(cell: dict, others: list[dict], quality: dict[str, list[float]], weights: list[float]
+                 ) -> list[int] | None:
+    """The quality-gate rule's predictions of ``cell``, fitted on ``others`` (:data:`RULES`); None where the
+    other folds hold no Unknown patient (or only Unknown ones) to fit it on."""
+    def features(records):
+        missing = [i for r in records for i in r["patients"]["id"] if i not in quality]
+        if missing:
+            raise ValueError(f"patient {missing[0]} of the cells has no recording in --data ({len(missing)} missing)")
+        return [quality[i] for r in records for i in r["patients"]["id"]]
+
+    target = [t for r in others for t in r["patients"]["target"]]
+    if len({t == 1 for t in target}) < 2:
+        return None
+    preds = [p for r in others for p in r["patients"]["pred"]]
+    score = unknown_detector(features(others), [t == 1 for t in target])
+    fitted = score(features(others))
+    best = (_weighted_accuracy(target, preds, weights), math.inf)  # no override unless one helps
+    for threshold in sorted(set(fitted), reverse=True):  # from the fewest overrides; ties keep the fewer
+        value = _weighted_accuracy(target, gated(preds, fitted, threshold), weights)
+        if value > best[0]:
+            best = (value, threshold)
+    return gated(cell["patients"]["pred"], score(features([cell])), best[1])
+
+
+def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None = None
+                     ) -> dict[str, dict[tuple, list[int]]]:
     """Per rule of :data:`RULES`, each cell's patient predictions, by (fold, seed, arm). ``records``: one label
-    scheme whose classes are the Challenge's Present, Unknown, Absent. A rule with no prediction for a cell
-    (no other fold of its seed, or a patient that only one seed scored) leaves that cell out."""
+    scheme whose classes are the Challenge's Present, Unknown, Absent; ``quality``: patient -> quality features
+    (:func:`quality_table`), for the quality gate. A rule with no prediction for a cell (no other fold of its
+    seed, a patient that only one seed scored, no ``quality``) leaves that cell out."""
     from ssamba.metrics.challenge import CLASS_WEIGHTS, MURMUR_CLASSES
 
     names = records[0]["patients"]["class_names"]
@@ -846,6 +936,10 @@ def rule_predictions(records: list[dict]) -> dict[str, dict[tuple, list[int]]]:
         rules["challenge weights"][key(r)] = _argmax([[w * p for w, p in zip(weights, row)]
                                                       for row in patients["probs"]])
         others = [o for o in records if o["seed"] == r["seed"] and o["arm"] == r["arm"] and o["fold"] != r["fold"]]
+        if others and quality is not None:
+            gate = quality_gate(r, others, quality, weights)
+            if gate is not None:
+                rules["quality gate"][key(r)] = gate
         if others:
             present, unknown = fitted_offsets(others, weights)
             rules["fitted offsets"][key(r)] = _argmax([[math.log(max(row[0], 1e-12)) + present,
@@ -863,15 +957,17 @@ RULE_KEYS = (("weighted_accuracy", "weighted accuracy", 3), ("uar", "UAR", 3), (
              ("recall_Present", "Present recall", 3), ("cost", "Challenge cost", 0))  # fmt: skip
 
 
-def render_rules(results: Path, task: str) -> str:
+def render_rules(results: Path, task: str, data: list[Path] | None = None) -> str:
     """Markdown: per arm and rule of :data:`RULES`, the mean scores over the cells it predicted, and its
-    difference from the recorded predictions cell by cell, with the report's corrected intervals."""
+    difference from the recorded predictions cell by cell, with the report's corrected intervals. ``data``:
+    the CirCor folder (or parts) the cells scored, for the quality gate."""
     records = [r for r in load_results(results) if r["task"] == task]
     if not records:
         raise ValueError(f"no `{task}` cells in {results}/cells")
     folds = records[0]["settings"]["folds"]
     ratio = test_to_train(folds)
-    predictions = rule_predictions(records)
+    quality = quality_table(data) if data else None
+    predictions = rule_predictions(records, quality)
     scores = {(rule, k): patient_scores_of([r], preds) for rule, cells in predictions.items()
               for k, preds in cells.items() for r in records if (r["fold"], r["seed"], r["arm"]) == k}
     titles = " | ".join(title for _, title, _ in RULE_KEYS)
@@ -883,7 +979,10 @@ def render_rules(results: Path, task: str) -> str:
              f"{CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})) over the "
              "cells, as in the cross-validation report; a difference is the rule's score minus the recorded "
              "predictions' in the same cell.", "", "Rules:", "",
-             *(f"- **{name}**: {text}" for name, text in RULES.items()), ""]  # fmt: skip
+             *(f"- **{name}**: {text}" for name, text in RULES.items() if predictions[name]), ""]  # fmt: skip
+    if quality is not None:
+        lines[4:4] = [f"The quality gate read the recordings of {len(quality)} patients in --data (the cells' data: "
+                      f"{records[0]['settings'].get('data') or 'CirCor'}).", ""]
     for arm in ARMS:
         keys = sorted(k for k in predictions["recorded"] if k[2] == arm)
         if not keys:
@@ -955,10 +1054,13 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--other-arm", choices=ARMS, default="scratch")
     compare.add_argument("--out", required=True, help="markdown report")
     rules = commands.add_parser("rules", help="patient decision rules (mean logits, class weights, offsets fitted "
-                                "on the other folds, seed ensemble) scored on the cells' stored predictions")
+                                "on the other folds, seed ensemble, a signal-quality gate) scored on the cells' "
+                                "stored predictions")
     rules.add_argument("--results", required=True)
     rules.add_argument("--task", choices=["murmur"], default="murmur", help="a label scheme of the Challenge's classes")
     rules.add_argument("--out", required=True, help="markdown report")
+    rules.add_argument("--data", type=Path, nargs="+", help="the CirCor folder (or staged parts) the cells scored: "
+                       "adds the quality gate, from the recordings' signal-quality statistics")
     args = parser.parse_args(argv)
     try:
         if args.command == "stage":
@@ -972,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
             print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
         elif args.command == "rules":
             out = Path(args.out)
-            text = render_rules(Path(args.results), args.task)
+            text = render_rules(Path(args.results), args.task, args.data)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
             print(f"decision rules: {out}", flush=True)

@@ -540,3 +540,52 @@ def test_decision_rules_fit_nothing_on_the_scored_fold_and_average_seeds_per_pat
     with pytest.raises(SystemExit) as exit_:
         bench.main(["rules", "--results", str(tmp_path), "--out", str(tmp_path / "rules.md")])
     assert exit_.value.code == 2 and "decision rules need the Challenge's murmur classes" in capsys.readouterr().err
+
+
+def test_quality_gate_turns_only_non_present_predictions_unknown_and_is_fitted_on_the_other_folds(tmp_path, capsys):
+    weights = [5.0, 3.0, 1.0]
+    # the other fold: Unknown patients have a high first feature, the others a low one; all predicted Absent
+    others = rule_cell(1, 0, [1, 1, 2, 2, 0], [[0.1, 0.2, 0.7]] * 5)
+    others["patients"]["pred"] = [2, 2, 2, 2, 0]
+    quality = {"10": [3.0, 0.0], "11": [2.5, 1.0], "12": [0.0, 0.5], "13": [-0.5, 0.0], "14": [0.2, 1.0]}
+    scored = rule_cell(0, 0, [1, 0, 2], [[0.1, 0.2, 0.7]] * 3)
+    scored["patients"]["pred"] = [2, 0, 2]
+    quality.update({"00": [2.8, 0.5], "01": [3.0, 0.5], "02": [0.1, 0.5]})
+    # a high score makes Absent Unknown, never Present: the Present prediction stays
+    assert bench.quality_gate(scored, [others], quality, weights) == [1, 0, 2]
+    flipped = rule_cell(0, 0, [2, 2, 1], scored["patients"]["probs"])  # the fold's own targets choose nothing
+    flipped["patients"]["pred"] = [2, 0, 2]
+    assert bench.quality_gate(flipped, [others], quality, weights) == [1, 0, 2]
+    assert bench.rule_predictions([scored, others], quality)["quality gate"][(0, 0, "scratch")] == [1, 0, 2]
+    assert bench.rule_predictions([scored, others])["quality gate"] == {}  # no quality features: no gate
+    no_unknown = rule_cell(1, 0, [2, 2, 0, 2, 2], [[0.1, 0.2, 0.7]] * 5)  # nothing to fit on: the cell is left out
+    assert bench.quality_gate(scored, [no_unknown], quality, weights) is None
+    del quality["01"]
+    with pytest.raises(ValueError, match="patient 01 of the cells has no recording in --data"):
+        bench.quality_gate(scored, [others], quality, weights)
+
+
+def test_rules_with_data_read_the_recordings_and_add_the_quality_gate(tmp_path, capsys):
+    data = cloned_circor(tmp_path / "circor", copies=2)
+    patients = [row.split(",")[0] for row in (data / "training_data.csv").read_text().splitlines()[1:]]
+    murmur = {"Present": 0, "Unknown": 1, "Absent": 2}
+    classes = {row.split(",")[0]: murmur[row.split(",")[7]]
+               for row in (data / "training_data.csv").read_text().splitlines()[1:]}
+    (tmp_path / "cells").mkdir()
+    for fold, ids in enumerate((patients[:6], patients[6:])):  # each fold holds one copy of the Unknown patient
+        record = rule_cell(fold, 0, [classes[i] for i in ids], [[0.2, 0.1, 0.7]] * len(ids))
+        record["patients"]["id"] = ids
+        (tmp_path / "cells" / f"murmur_fold{fold}_seed0_scratch.json").write_text(json.dumps(record))
+    out = tmp_path / "rules.md"
+    assert bench.main(["rules", "--results", str(tmp_path), "--data", str(data), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "signal quality: 12 patients" in capsys.readouterr().out
+    assert "- **quality gate**:" in text and "| quality gate | 2 |" in text
+    bench.main(["rules", "--results", str(tmp_path), "--out", str(out)])
+    assert "quality gate" not in out.read_text()
+    broken = next((data / "training_data").glob(f"{patients[0]}_*.wav"))  # one unreadable, one missing recording
+    broken.unlink()
+    broken.write_bytes(b"not audio")
+    next((data / "training_data").glob(f"{patients[1]}_*.wav")).unlink()
+    assert bench.main(["rules", "--results", str(tmp_path), "--data", str(data), "--out", str(out)]) == 0
+    assert "signal quality: 12 patients, 2 recordings skipped (first: " in capsys.readouterr().out

@@ -1,0 +1,52 @@
+"""ssamba.data.quality: each signal-quality statistic responds to what it is named for."""
+
+import math
+
+import pytest
+import torch
+
+from ssamba.data.quality import PATIENT_FEATURES, RECORDING_FEATURES, patient_quality, recording_quality
+
+RATE = 4000
+
+
+def features(wave):
+    return dict(zip(RECORDING_FEATURES, recording_quality(wave, RATE).tolist()))
+
+
+def test_band_shares_centroid_and_level_follow_the_signal():
+    t = torch.arange(4 * RATE, dtype=torch.float64) / RATE
+    low, heart, high = (torch.sin(2 * math.pi * f * t) for f in (10.0, 60.0, 800.0))
+    assert features(low)["share_below_25hz"] > 0.99
+    assert features(heart)["share_25_150hz"] > 0.99 and abs(features(heart)["centroid_khz"] - 0.06) < 1e-3
+    assert features(high)["share_above_400hz"] > 0.99
+    assert abs(features(heart)["log_rms"] - math.log(math.sqrt(0.5))) < 1e-6
+    assert abs(features(0.01 * heart)["log_rms"] - features(heart)["log_rms"] - math.log(0.01)) < 1e-6
+
+
+def test_flatness_crest_clipping_and_level_spread_tell_noise_clicks_and_clipping_apart():
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(4 * RATE, generator=generator, dtype=torch.float64)
+    t = torch.arange(4 * RATE, dtype=torch.float64) / RATE
+    tone = torch.sin(2 * math.pi * 60.0 * t)
+    assert features(noise)["flatness"] > 0.4 and features(tone)["flatness"] < 0.01
+    clicks = 0.01 * noise.clone()
+    clicks[::RATE] = 5.0
+    assert features(clicks)["crest"] > 10 * features(noise)["crest"]
+    clipped = (3 * tone).clamp(-1, 1)
+    assert features(clipped)["clipped_percent"] > 5 * features(tone)["clipped_percent"]  # 79% vs 9% of a sine
+    bursts = noise * (t.floor() % 2)  # one second on, one off
+    assert features(bursts)["frame_level_spread"] > 5 * features(noise)["frame_level_spread"]
+
+
+def test_patient_rows_are_mean_min_max_and_count_and_bad_input_is_one_line():
+    rows = [torch.arange(len(RECORDING_FEATURES), dtype=torch.float64) + k for k in (0.0, 2.0, 4.0)]
+    patient = patient_quality(rows)
+    assert patient.shape == (len(PATIENT_FEATURES),) and PATIENT_FEATURES[-1] == "recordings"
+    n = len(RECORDING_FEATURES)
+    assert torch.equal(patient[:n], rows[1]) and torch.equal(patient[n:2 * n], rows[0])
+    assert torch.equal(patient[2 * n:3 * n], rows[2]) and patient[-1] == 3
+    with pytest.raises(ValueError, match="mono recording"):
+        recording_quality(torch.zeros(2, 100), RATE)
+    with pytest.raises(ValueError, match="at least one recording"):
+        patient_quality([])
