@@ -810,15 +810,30 @@ def _argmax(rows: list[list[float]]) -> list[int]:
 
 
 def _weighted_accuracy(target: list[int], preds: list[int], weights: list[float]) -> float:
-    scored = sum(weights[t] for t in target)
-    return sum(weights[t] for t, p in zip(target, preds) if t == p) / scored if scored else math.nan
+    """The Challenge's weighted accuracy (:func:`ssamba.metrics.challenge.weighted_accuracy`) of class indices."""
+    import torch
+
+    from ssamba.metrics.challenge import weighted_accuracy
+
+    classes = len(weights)
+    pairs = torch.tensor(target) * classes + torch.tensor(preds)
+    return float(weighted_accuracy(torch.bincount(pairs, minlength=classes * classes).view(classes, classes), weights))
+
+
+def _log_probs(rows: list[list[float]]) -> list[list[float]]:
+    return [[math.log(max(p, 1e-12)) for p in row] for row in rows]
+
+
+def cell_key(record: dict) -> tuple[int, int, str]:
+    """(fold, seed, arm): a cell of one label scheme."""
+    return record["fold"], record["seed"], record["arm"]
 
 
 def fitted_offsets(records: list[dict], weights: list[float]) -> tuple[float, float]:
     """The (Present, Unknown) log-probability offsets from :data:`BIAS_GRID` with the best weighted accuracy
     over ``records``' patients; ties go to the smaller offsets."""
     target = [t for r in records for t in r["patients"]["target"]]
-    logs = [[math.log(max(p, 1e-12)) for p in row] for r in records for row in r["patients"]["probs"]]
+    logs = _log_probs([row for r in records for row in r["patients"]["probs"]])
     best = None
     for present, unknown in itertools.product(BIAS_GRID, BIAS_GRID):
         preds = _argmax([[row[0] + present, row[1] + unknown, *row[2:]] for row in logs])
@@ -900,8 +915,9 @@ def quality_gate(cell: dict, others: list[dict], quality: dict[str, list[float]]
     if len({t == 1 for t in target}) < 2:
         return None
     preds = [p for r in others for p in r["patients"]["pred"]]
-    score = unknown_detector(features(others), [t == 1 for t in target])
-    fitted = score(features(others))
+    known = features(others)
+    score = unknown_detector(known, [t == 1 for t in target])
+    fitted = score(known)
     best = (_weighted_accuracy(target, preds, weights), math.inf)  # no override unless one helps
     for threshold in sorted(set(fitted), reverse=True):  # from the fewest overrides; ties keep the fewer
         value = _weighted_accuracy(target, gated(preds, fitted, threshold), weights)
@@ -923,7 +939,6 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
         raise ValueError(f"decision rules need the Challenge's murmur classes {list(MURMUR_CLASSES)}, "
                          f"these cells have {names}")
     weights = [CLASS_WEIGHTS[name] for name in names]
-    key = lambda r: (r["fold"], r["seed"], r["arm"])  # noqa: E731
     rules: dict[str, dict[tuple, list[int]]] = {name: {} for name in RULES}
     by_patient: dict[tuple[str, str], list[list[float]]] = {}  # (arm, patient) -> each seed's probabilities
     for r in records:
@@ -931,24 +946,22 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
             by_patient.setdefault((r["arm"], patient), []).append(row)
     for r in records:
         patients = r["patients"]
-        rules["recorded"][key(r)] = list(patients["pred"])
-        rules["mean"][key(r)] = _argmax(patients["probs"])
-        rules["challenge weights"][key(r)] = _argmax([[w * p for w, p in zip(weights, row)]
+        rules["recorded"][cell_key(r)] = list(patients["pred"])
+        rules["mean"][cell_key(r)] = _argmax(patients["probs"])
+        rules["challenge weights"][cell_key(r)] = _argmax([[w * p for w, p in zip(weights, row)]
                                                       for row in patients["probs"]])
         others = [o for o in records if o["seed"] == r["seed"] and o["arm"] == r["arm"] and o["fold"] != r["fold"]]
         if others and quality is not None:
             gate = quality_gate(r, others, quality, weights)
             if gate is not None:
-                rules["quality gate"][key(r)] = gate
+                rules["quality gate"][cell_key(r)] = gate
         if others:
             present, unknown = fitted_offsets(others, weights)
-            rules["fitted offsets"][key(r)] = _argmax([[math.log(max(row[0], 1e-12)) + present,
-                                                        math.log(max(row[1], 1e-12)) + unknown,
-                                                        *(math.log(max(p, 1e-12)) for p in row[2:])]
-                                                       for row in patients["probs"]])
+            rules["fitted offsets"][cell_key(r)] = _argmax([[row[0] + present, row[1] + unknown, *row[2:]]
+                                                            for row in _log_probs(patients["probs"])])
         seeds = [by_patient[(r["arm"], patient)] for patient in patients["id"]]
         if all(len(rows) > 1 for rows in seeds):
-            rules["seed ensemble"][key(r)] = _argmax([[statistics.fmean(column) for column in zip(*rows)]
+            rules["seed ensemble"][cell_key(r)] = _argmax([[statistics.fmean(column) for column in zip(*rows)]
                                                       for rows in seeds])
     return rules
 
@@ -968,8 +981,9 @@ def render_rules(results: Path, task: str, data: list[Path] | None = None) -> st
     ratio = test_to_train(folds)
     quality = quality_table(data) if data else None
     predictions = rule_predictions(records, quality)
-    scores = {(rule, k): patient_scores_of([r], preds) for rule, cells in predictions.items()
-              for k, preds in cells.items() for r in records if (r["fold"], r["seed"], r["arm"]) == k}
+    by_key = {cell_key(r): r for r in records}
+    scores = {(rule, k): patient_scores_of([by_key[k]], preds) for rule, cells in predictions.items()
+              for k, preds in cells.items()}
     titles = " | ".join(title for _, title, _ in RULE_KEYS)
     rule_line = "|---" * len(RULE_KEYS) + "|"
     lines = [f"## CirCor `{task}`: patient decision rules on the grid's stored predictions", "",
@@ -978,11 +992,11 @@ def render_rules(results: Path, task: str, data: list[Path] | None = None) -> st
              "probabilities the cells stored into predictions, which are scored as the grid scores them. Intervals: "
              f"{CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})) over the "
              "cells, as in the cross-validation report; a difference is the rule's score minus the recorded "
-             "predictions' in the same cell.", "", "Rules:", "",
-             *(f"- **{name}**: {text}" for name, text in RULES.items() if predictions[name]), ""]  # fmt: skip
+             "predictions' in the same cell.", ""]  # fmt: skip
     if quality is not None:
-        lines[4:4] = [f"The quality gate read the recordings of {len(quality)} patients in --data (the cells' data: "
-                      f"{records[0]['settings'].get('data') or 'CirCor'}).", ""]
+        lines += [f"The quality gate read the recordings of {len(quality)} patients in --data (the cells' data: "
+                  f"{records[0]['settings'].get('data') or 'CirCor'}).", ""]
+    lines += ["Rules:", "", *(f"- **{name}**: {text}" for name, text in RULES.items() if predictions[name]), ""]
     for arm in ARMS:
         keys = sorted(k for k in predictions["recorded"] if k[2] == arm)
         if not keys:
