@@ -153,7 +153,7 @@ def training_path(size: str) -> None:
     weights = (*branch, *[t.clone() for t in branch])
     out, saved = gluon_bimamba.mixer_forward(normed_f, in_proj, out_proj, weights)
     grads = gluon_bimamba.mixer_backward(normed_f, saved, torch.randn_like(out), [t.dtype for t in weights],
-                                         [in_proj.dtype, out_proj.dtype])
+                                         [in_proj.dtype, out_proj.dtype], R)
     triton_norm.pair_add_norm_bwd(hidden, residual, scales, (norm[0], norm[0]), False, 1e-5, grads[0], grads[0],
                                   torch.randn_like(residual))
     # the recompute in the pair's backward (no residual written) and the first pair (no residual, no drop path)

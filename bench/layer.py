@@ -278,16 +278,16 @@ def sweep(args, device: torch.device) -> None:
         E, N, B, L = 2 * dim, 16, args.batch, args.tokens
         gen = torch.Generator(device=device).manual_seed(0)
         rnd = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
-        u, dt_f, dt_b = rnd(B, L, 2 * E).bfloat16(), rnd(B, L, E).bfloat16(), rnd(B, L, E).bfloat16()
+        u, dt = rnd(B, L, 2 * E).bfloat16(), rnd(B, L, 2 * E).bfloat16()
         bc = rnd(B, L, 2, 2 * N).bfloat16()
         A_log = torch.log(torch.rand(2, E, N, device=device, generator=gen) * 15 + 1)
         params = (A_log[0], A_log[1], torch.ones(E, device=device), torch.ones(E, device=device),
                   torch.full((E,), -3.0, device=device), torch.full((E,), -3.0, device=device))
         g = rnd(B, L, E)
         for cfg in SWEEP_CONFIGS:
-            fwd = lambda: scan_fwd(u, dt_f, dt_b, bc, params, cfg)  # noqa: E731
+            fwd = lambda: scan_fwd(u, dt, bc, params, cfg)  # noqa: E731
             _, ckpt = fwd()
-            bwd = lambda: scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, cfg)  # noqa: E731
+            bwd = lambda: scan_bwd(u, dt, bc, params, ckpt, g, cfg)  # noqa: E731
             t_f = do_bench(fwd, warmup=50, rep=200, return_mode="median")
             t_b = do_bench(bwd, warmup=50, rep=200, return_mode="median")
             print(f"sweep d={dim} {cfg}: scan fwd {t_f:.3f} ms  bwd {t_b:.3f} ms", flush=True)

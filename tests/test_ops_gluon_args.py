@@ -9,7 +9,7 @@ gluon_scan = pytest.importorskip("ssamba.ops.gluon_scan", reason="needs triton w
 
 def _inputs(dim, dtype=torch.bfloat16, batch=2, length=9, d_state=16):
     u = torch.zeros(batch, length, 2 * dim, dtype=dtype)
-    dt = torch.zeros(batch, length, dim, dtype=dtype)
+    dt = torch.zeros(batch, length, 2 * dim, dtype=dtype)
     bc = torch.zeros(batch, length, 2, 2 * d_state, dtype=dtype)
     return u, dt, bc
 
@@ -38,8 +38,10 @@ def test_misaligned_inputs_are_copied_together_and_keep_sharing_strides():
     assert first.stride() == second.stride() and torch.equal(first, shifted)
 
 
-def test_bc_must_hold_both_directions_side_by_side():
+def test_bc_must_hold_both_directions_side_by_side_and_dt_both_directions_channels():
     u, dt, bc = _inputs(384)
-    gluon_scan._check(u, dt, dt, bc, 16)
+    gluon_scan._check(u, dt, bc, 16)
     with pytest.raises(ValueError, match="bc must be"):
-        gluon_scan._check(u, dt, dt, bc[:, :, 0], 16)
+        gluon_scan._check(u, dt, bc[:, :, 0], 16)
+    with pytest.raises(ValueError, match="dt must be"):
+        gluon_scan._check(u, dt[..., :384], bc, 16)

@@ -274,15 +274,15 @@ def _check_gate():
     assert torch.equal(again, out) and torch.equal(dz_again[..., E:], dz[..., E:])  # the forward's output again
 
 
-def _reference_gluon_scan(u, dt_f, dt_b, bc, params):
+def _reference_gluon_scan(u, dt, bc, params):
     """What ``gluon_scan.scan_fwd`` computes (``y [batch, L, 2E]``, the backward direction in original
     time order), with the step-by-step reference and autograd."""
     A_log_f, A_log_b, D_f, D_b, bias_f, bias_b = params
     E, N = u.shape[-1] // 2, A_log_f.shape[1]
     T = lambda x: x.transpose(1, 2)  # noqa: E731
     ys = []
-    for d, (dt, A_log, D, bias) in enumerate(((dt_f, A_log_f, D_f, bias_f), (dt_b, A_log_b, D_b, bias_b))):
-        rows = [u[..., d * E:(d + 1) * E], dt, bc[:, :, d, :N], bc[:, :, d, N:]]
+    for d, (A_log, D, bias) in enumerate(((A_log_f, D_f, bias_f), (A_log_b, D_b, bias_b))):
+        rows = [u[..., d * E:(d + 1) * E], dt[..., d * E:(d + 1) * E], bc[:, :, d, :N], bc[:, :, d, N:]]
         uu, dd, B, C = (r.flip(1) for r in rows) if d else rows
         y = T(selective_scan_ref(T(uu), T(dd), -torch.exp(A_log), T(B), T(C), D, None, bias, True))
         ys.append(y.flip(1) if d else y)
@@ -295,18 +295,18 @@ def _gluon_scan_replaced_by_reference():
     for the reference; everything else (conv, gate, norm kernels) runs in the interpreter."""
     from ssamba.ops import gluon_bimamba
 
-    def scan_fwd(u, dt_f, dt_b, bc, params):
+    def scan_fwd(u, dt, bc, params):
         with torch.no_grad():
-            return _reference_gluon_scan(u, dt_f, dt_b, bc, params), None
+            return _reference_gluon_scan(u, dt, bc, params), None
 
-    def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g):
-        inputs = [t.detach().requires_grad_() for t in (u, dt_f, dt_b, bc, *params)]
+    def scan_bwd(u, dt, bc, params, ckpt, g):
+        inputs = [t.detach().requires_grad_() for t in (u, dt, bc, *params)]
         with torch.enable_grad():
-            y = _reference_gluon_scan(*inputs[:4], tuple(inputs[4:]))
-            du, ddt_f, ddt_b, dbc, *dparams = (t.contiguous() for t in torch.autograd.grad(y, inputs, torch.cat([g, g], -1)))
+            y = _reference_gluon_scan(*inputs[:3], tuple(inputs[3:]))
+            du, ddt, dbc, *dparams = (t.contiguous() for t in torch.autograd.grad(y, inputs, torch.cat([g, g], -1)))
         batch, length = dbc.shape[:2]
         dA_log, dD, dbias = (torch.stack(dparams[i:i + 2]) for i in (0, 2, 4))
-        return du, ddt_f, ddt_b, dbc.view(batch, length, 2, 2, -1), dA_log, dD, dbias
+        return du, ddt, dbc.view(batch, length, 2, 2, -1), dA_log, dD, dbias
 
     original = gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd
     gluon_bimamba.scan_fwd, gluon_bimamba.scan_bwd = scan_fwd, scan_bwd

@@ -22,16 +22,56 @@ from torch import Tensor
 
 from .gluon_scan import scan_bwd, scan_fwd
 from .triton_conv import bidir_conv_bwd, bidir_conv_fwd
-from .triton_bimamba import branch_projection_grads
 from .triton_gate import gate_bwd, gate_fwd
 
 
-def _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b):
-    """From the x_proj outputs: B and C of both directions in one aligned buffer ``[batch, L, 2
-    (direction), 2N]``, and dt of each direction (the forward's and the backward's recompute)."""
-    dt_rank = dt_proj_f.shape[1]
-    bc = torch.stack((x_dbl_f[..., dt_rank:], x_dbl_b[..., dt_rank:]), dim=2)
-    return bc, F.linear(x_dbl_f[..., :dt_rank], dt_proj_f), F.linear(x_dbl_b[..., :dt_rank], dt_proj_b)
+def projection_weights(x_proj_f: Tensor, x_proj_b: Tensor, dt_proj_f: Tensor, dt_proj_b: Tensor,
+                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Both directions' x_proj and dt_proj as one block-diagonal weight each (``[2P + 4N, 2E]`` and
+    ``[2E, 2P]``), so that each projection is one matmul over ``xc [batch, L, 2E]`` instead of one per
+    direction: the per-direction outputs (44 columns at tiny, 12 for dt's low-rank input) were rows
+    cuBLAS can only read and write with narrow, slow kernels. The x_proj output's columns are
+    ``[dt_f | dt_b | B_f C_f | B_b C_b]``, dt's low-rank parts padded with zero rows to ``P``, the rank
+    rounded up to 8, so that every part starts on 16 bytes; the dt_proj output is ``dt [batch, L, 2E]``,
+    the forward direction's channels first, as the scan takes it."""
+    dim, dt_rank = dt_proj_f.shape
+    bc_cols = x_proj_f.shape[0] - dt_rank
+    padded = -(-dt_rank // 8) * 8
+    w_x = x_proj_f.new_zeros(2 * padded + 2 * bc_cols, 2 * dim, dtype=dtype)
+    w_dt = x_proj_f.new_zeros(2 * dim, 2 * padded, dtype=dtype)
+    for half, (x_proj, dt_proj) in enumerate(((x_proj_f, dt_proj_f), (x_proj_b, dt_proj_b))):
+        cols = slice(half * dim, (half + 1) * dim)
+        w_x[half * padded:half * padded + dt_rank, cols] = x_proj[:dt_rank]
+        w_x[2 * padded + half * bc_cols:2 * padded + (half + 1) * bc_cols, cols] = x_proj[dt_rank:]
+        w_dt[cols, half * padded:half * padded + dt_rank] = dt_proj
+    return w_x, w_dt
+
+
+def _projections(xc: Tensor, w_x: Tensor, w_dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The x_proj output, ``dt [batch, L, 2E]`` and B/C of both directions ``[batch, L, 2, 2N]``, a
+    view of the x_proj output (the forward's and the backward's recompute)."""
+    x_dbl = F.linear(xc, w_x)
+    low_rank = w_dt.shape[1]
+    return x_dbl, F.linear(x_dbl[..., :low_rank], w_dt), x_dbl[..., low_rank:].unflatten(-1, (2, -1))
+
+
+def _projection_grads(xc: Tensor, x_dbl: Tensor, ddt: Tensor, dBC: Tensor, w_x: Tensor, w_dt: Tensor,
+                      dxc: Tensor, dt_rank: int) -> list[tuple[Tensor, Tensor]]:
+    """Backward of :func:`_projections`: adds the gradient w.r.t. ``xc`` into ``dxc`` and returns each
+    direction's ``(d x_proj, d dt_proj)``, cut from the block-diagonal weights' gradients."""
+    dim2, low_rank = xc.shape[-1], w_dt.shape[1]
+    dim, padded, bc_cols = dim2 // 2, low_rank // 2, (w_x.shape[0] - low_rank) // 2
+    ddt, x_dbl = ddt.reshape(-1, dim2), x_dbl.view(-1, x_dbl.shape[-1])
+    d_w_dt = ddt.t() @ x_dbl[:, :low_rank]
+    d_x_dbl = torch.cat([ddt @ w_dt, dBC.flatten(0, 1).flatten(1).to(ddt.dtype)], 1)
+    d_w_x = d_x_dbl.t() @ xc.view(-1, dim2)
+    dxc.view(-1, dim2).addmm_(d_x_dbl, w_x)
+    grads = []
+    for half in range(2):
+        cols, low = slice(half * dim, (half + 1) * dim), slice(half * padded, half * padded + dt_rank)
+        bc_rows = slice(low_rank + half * bc_cols, low_rank + (half + 1) * bc_cols)
+        grads.append((torch.cat([d_w_x[low, cols], d_w_x[bc_rows, cols]]), d_w_dt[cols, low]))
+    return grads
 
 
 def mixer_forward(x: Tensor, in_proj: Tensor | None, out_proj: Tensor | None,
@@ -47,45 +87,39 @@ def mixer_forward(x: Tensor, in_proj: Tensor | None, out_proj: Tensor | None,
     dim = xz.shape[-1] // 2
     conv_weight = torch.cat([fwd[0], bwd[0]]).flatten(1)
     conv_bias = torch.cat([fwd[1], bwd[1]])
-    # the projections' weights in the activations' dtype, cast once and kept for the backward
-    x_proj_f, x_proj_b, dt_proj_f, dt_proj_b = (w.to(dtype) for w in (fwd[2], bwd[2], fwd[3], bwd[3]))
+    # the projections' weights in the activations' dtype, built once and kept for the backward
+    w_x, w_dt = projection_weights(fwd[2], bwd[2], fwd[3], bwd[3], dtype)
     w_out = None if out_proj is None else out_proj.to(dtype)
     xc = bidir_conv_fwd(xz[..., :dim], conv_weight, conv_bias)
-    x_dbl_f = F.linear(xc[..., :dim], x_proj_f)
-    x_dbl_b = F.linear(xc[..., dim:], x_proj_b)
-    bc, dt_f, dt_b = _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b)
+    _, dt, bc = _projections(xc, w_x, w_dt)
     params = tuple(t.contiguous() for t in (fwd[5], bwd[5], fwd[6], bwd[6], fwd[4], bwd[4]))
-    y, ckpt = scan_fwd(xc, dt_f, dt_b, bc, params)
+    y, ckpt = scan_fwd(xc, dt, bc, params)
     out, y_sum = gate_fwd(y, xz[..., dim:])
-    saved = (w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, y_sum, ckpt, *params)
+    saved = (w_in, w_out, conv_weight, conv_bias, w_x, w_dt, y_sum, ckpt, *params)
     return (out if w_out is None else F.linear(out, w_out)), saved
 
 
-def mixer_backward(x: Tensor, saved: tuple, dout: Tensor, param_dtypes: list, projection_dtypes: list) -> list:
+def mixer_backward(x: Tensor, saved: tuple, dout: Tensor, param_dtypes: list, projection_dtypes: list,
+                   dt_rank: int) -> list:
     """Gradients w.r.t. ``(x, in_proj, out_proj, *weights)`` of :func:`mixer_forward`, given its input
     ``x`` and ``saved`` (``param_dtypes``/``projection_dtypes``: the weights' dtypes, None for an absent
-    projection)."""
-    w_in, w_out, conv_weight, conv_bias, x_proj_f, x_proj_b, dt_proj_f, dt_proj_b, y_sum, ckpt, *params = saved
+    projection; ``dt_rank``: the dt_proj weights' rank)."""
+    w_in, w_out, conv_weight, conv_bias, w_x, w_dt, y_sum, ckpt, *params = saved
     # recomputed by the forward's kernels and matmuls from the forward's inputs: the same values
     xz = x if w_in is None else F.linear(x.to(w_in.dtype), w_in)
     dim = xz.shape[-1] // 2
     dtype = xz.dtype
     xc = bidir_conv_fwd(xz[..., :dim], conv_weight, conv_bias)
-    x_dbl_f = F.linear(xc[..., :dim], x_proj_f)
-    x_dbl_b = F.linear(xc[..., dim:], x_proj_b)
-    bc, dt_f, dt_b = _b_c_dt(x_dbl_f, x_dbl_b, dt_proj_f, dt_proj_b)
+    x_dbl, dt, bc = _projections(xc, w_x, w_dt)
     dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
     gated = None if w_out is None else torch.empty_like(y_sum, dtype=dtype)
     d_gated = dout if w_out is None else dout.to(dtype) @ w_out
     g = gate_bwd(d_gated, y_sum, xz[..., dim:], dxz[..., dim:], gated)
     d_out_proj = None if w_out is None else dout.reshape(-1, dout.shape[-1]).to(dtype).t() @ gated.view(-1, dim)
     del gated, d_gated
-    dxc, ddt_f, ddt_b, dBC, dA_log, dD, d_bias = scan_bwd(xc, dt_f, dt_b, bc, params, ckpt, g)
-    del dt_f, dt_b, bc, g  # freed before the projections' gradients allocate theirs
-    projection_grads = [
-        branch_projection_grads(xc, half, x_dbl, ddt.view(-1, dim).to(dtype), dBC[:, :, half], x_proj, dt_proj, dxc)
-        for half, (x_dbl, ddt, x_proj, dt_proj) in enumerate(((x_dbl_f, ddt_f, x_proj_f, dt_proj_f),
-                                                              (x_dbl_b, ddt_b, x_proj_b, dt_proj_b)))]
+    dxc, ddt, dBC, dA_log, dD, d_bias = scan_bwd(xc, dt, bc, params, ckpt, g)
+    del dt, bc, g  # freed before the projections' gradients allocate theirs
+    projection_grads = _projection_grads(xc, x_dbl, ddt.to(dtype), dBC, w_x, w_dt, dxc, dt_rank)
     d_conv_weight, d_conv_bias = bidir_conv_bwd(xz[..., :dim], conv_weight, conv_bias, dxc, dxz[..., :dim])
     grads = []
     for half in range(2):
@@ -123,13 +157,14 @@ class BiMambaMixerGluon(torch.autograd.Function):
         ctx.save_for_backward(x, *saved)
         ctx.param_dtypes = [t.dtype for t in weights]
         ctx.projection_dtypes = [None if w is None else w.dtype for w in (in_proj, out_proj)]
+        ctx.dt_rank = weights[3].shape[1]
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
         x, *saved = ctx.saved_tensors
-        return tuple(mixer_backward(x, saved, dout, ctx.param_dtypes, ctx.projection_dtypes))
+        return tuple(mixer_backward(x, saved, dout, ctx.param_dtypes, ctx.projection_dtypes, ctx.dt_rank))
 
 
 def bimamba_inner_gluon(xz: Tensor, fwd, bwd) -> Tensor:

@@ -19,8 +19,9 @@ shared by all channels of a direction) are reduced across the program's channels
 fp32 buffers atomically.
 
 Layouts are channel-last, as the projections produce them: ``u`` is ``[batch, L, 2E]`` (forward
-branch channels first); ``dt_f``, ``dt_b`` (dt_proj outputs before bias and softplus) and ``g`` are
-``[batch, L, E]``; ``bc`` is ``[batch, L, 2 (direction), 2N]``, each direction's ``B`` then ``C``.
+branch channels first), and so is ``dt`` (the dt_proj outputs before bias and softplus, both
+directions' from one matmul); ``g`` is ``[batch, L, E]``; ``bc`` is ``[batch, L, 2 (direction), 2N]``,
+each direction's ``B`` then ``C``.
 """
 from __future__ import annotations
 
@@ -409,16 +410,16 @@ def _launch_options(cfg: dict, keys=("T", "TS", "SPLIT", "WARPS")) -> dict:
     return options
 
 
-def _check(u, dt_f, dt_b, bc, d_state):
+def _check(u, dt, bc, d_state):
     if d_state & (d_state - 1) or not 2 <= d_state <= 32:
         raise ValueError(f"the Gluon scan needs d_state a power of two in [2, 32], got {d_state}")
     if not u.is_contiguous():
         raise ValueError("u must be contiguous")
-    for name, t in (("dt_f", dt_f), ("dt_b", dt_b), ("bc", bc)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have unit stride along its last dim, got strides {t.stride()}")
-    if dt_f.stride() != dt_b.stride():
-        raise ValueError("the two directions' dt tensors must share strides")
+    if dt.shape != u.shape or dt.stride(-1) != 1:
+        raise ValueError(f"dt must be [batch, L, 2E] like u with unit stride along its last dim, got "
+                         f"{tuple(dt.shape)} strides {dt.stride()}")
+    if bc.stride(-1) != 1:
+        raise ValueError(f"bc must have unit stride along its last dim, got strides {bc.stride()}")
     if bc.dim() != 4 or bc.shape[2:] != (2, 2 * d_state) or bc.stride(2) != 2 * d_state:
         raise ValueError(f"bc must be [batch, L, 2 (direction), 2N] with the directions adjacent, got "
                          f"{tuple(bc.shape)} strides {bc.stride()}")
@@ -449,7 +450,7 @@ def _in_alignment_units(u, dt, bc) -> tuple[int, list[int]]:
     return align, [v // align for v in values]
 
 
-def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
+def scan_fwd(u, dt, bc, params, config: dict | None = None):
     """Both directions' ``y`` (before gating, ``D`` skip included) as ``[batch, L, 2E]`` (dtype of u)
     and the chunk-entry states ``[batch, chunks, 2E, N]`` for the backward pass, also in the dtype of
     u: they are the largest thing a layer keeps for its backward (T=16, N=16: in fp32 twice the bytes
@@ -460,31 +461,31 @@ def scan_fwd(u, dt_f, dt_b, bc, params, config: dict | None = None):
     ``(A_log_f, A_log_b, D_f, D_b, dt_bias_f, dt_bias_b)``, contiguous, ``[E, N]`` / ``[E]``.
     """
     d_state = params[0].shape[1]
-    _check(u, dt_f, dt_b, bc, d_state)
-    (u,), (dt_f, dt_b), (bc,) = _aligned(u), _aligned(dt_f, dt_b), _aligned(bc)
+    _check(u, dt, bc, d_state)
+    (u,), (dt,), (bc,) = _aligned(u), _aligned(dt), _aligned(bc)
     batch, length, dim2 = u.shape
     dim = dim2 // 2
     cfg = {**_config(dim, d_state, forward=True), **(config or {})}
     num_chunks = triton.cdiv(length, cfg["T"])
-    align, in_units = _in_alignment_units(u, dt_f, bc)
+    align, in_units = _in_alignment_units(u, dt, bc)
     y = torch.empty(batch, length, dim2, device=u.device, dtype=u.dtype)
     ckpt = torch.empty(batch, num_chunks, dim2, d_state, device=u.device, dtype=u.dtype)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_fwd_kernel[grid](
-        u, dt_f, dt_b, bc, *params, y, ckpt, length, num_chunks, *in_units, y.stride(0), y.stride(1),
-        N=d_state, ALIGN=align, **_launch_options(cfg))
+        u, dt[..., :dim], dt[..., dim:], bc, *params, y, ckpt, length, num_chunks, *in_units, y.stride(0),
+        y.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg))
     return y, ckpt
 
 
-def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
+def scan_bwd(u, dt, bc, params, ckpt, g, config: dict | None = None):
     """Gradients of :func:`scan_fwd` given ``g = dL/dy`` per channel of ``E`` (both directions see the same).
 
-    Returns ``du`` (dtype of u), ``ddt_f, ddt_b`` (gradients of the dt_proj outputs, through bias and
+    Returns ``du`` (dtype of u), ``ddt [batch, L, 2E]`` (gradient of the dt_proj outputs, through bias and
     softplus; dtype of dt), ``dBC`` fp32 ``[batch, L, 2 (direction), 2 (B, C), N]`` and fp32
     ``dA_log [2, E, N]``, ``dD [2, E]``, ``dbias [2, E]`` (direction first, summed over the batch).
     """
     d_state = params[0].shape[1]
-    _check(u, dt_f, dt_b, bc, d_state)
+    _check(u, dt, bc, d_state)
     batch, length, dim2 = u.shape
     dim = dim2 // 2
     cfg = {**_config(dim, d_state, forward=False), **(config or {})}
@@ -492,13 +493,10 @@ def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
     if ckpt.shape != (batch, num_chunks, dim2, d_state):
         raise ValueError(f"checkpoint shape {tuple(ckpt.shape)} does not match the config's chunking")
     g = g if g.stride(-1) == 1 else g.contiguous()
-    ddt_f = torch.empty(batch, length, dim, device=u.device, dtype=dt_f.dtype)
-    if dt_f.stride() != ddt_f.stride():  # the kernel shares their strides
-        dt_f, dt_b = dt_f.contiguous(), dt_b.contiguous()
-    (u,), (dt_f, dt_b), (bc,), (g,) = _aligned(u), _aligned(dt_f, dt_b), _aligned(bc), _aligned(g)
-    align, in_units = _in_alignment_units(u, dt_f, bc)
-    du = torch.empty_like(u)
-    ddt_b = torch.empty_like(ddt_f)
+    dt = dt if dt.is_contiguous() else dt.contiguous()  # the kernel gives ddt the strides of dt
+    (u,), (dt,), (bc,), (g,) = _aligned(u), _aligned(dt), _aligned(bc), _aligned(g)
+    align, in_units = _in_alignment_units(u, dt, bc)
+    du, ddt = torch.empty_like(u), torch.empty_like(dt)
     # accumulated atomically, so zeroed first. The parameters' gradients get a buffer of their own: the
     # parameters' .grad keeps them, and views of one shared buffer kept the batch-sized dB/dC alive with
     # them, every layer's until the optimizer step (docs/performance.md, "Training memory")
@@ -507,8 +505,8 @@ def scan_bwd(u, dt_f, dt_b, bc, params, ckpt, g, config: dict | None = None):
     dparam = torch.zeros(n_a + 2 * dim2, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_bwd_kernel[grid](
-        u, dt_f, dt_b, bc, *params, g, ckpt, du, ddt_f, ddt_b, dBC, dparam, length, num_chunks, *in_units,
-        g.stride(0), g.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
+        u, dt[..., :dim], dt[..., dim:], bc, *params, g, ckpt, du, ddt[..., :dim], ddt[..., dim:], dBC, dparam,
+        length, num_chunks, *in_units, g.stride(0), g.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
     dA_log = dparam[:n_a].view(2, dim, d_state)
     dD, dbias = dparam[n_a:].view(2, 2, dim).unbind(0)
-    return du, ddt_f, ddt_b, dBC, dA_log, dD, dbias
+    return du, ddt, dBC, dA_log, dD, dbias

@@ -43,6 +43,7 @@ class PublishedPair(torch.autograd.Function):
         ctx.eps, ctx.out_dtype, ctx.saved_per_mixer = eps, out_dtype, len(saved_f)
         ctx.dtypes = [[t.dtype for t in m[2:]] for m in (mixer_f, mixer_b)]
         ctx.projection_dtypes = [[m[0].dtype, m[1].dtype] for m in (mixer_f, mixer_b)]
+        ctx.dt_ranks = [m[5].shape[1] for m in (mixer_f, mixer_b)]  # (in_proj, out_proj, conv w, conv b, x_proj, dt_proj)
         return out_f + out_b, new_residual
 
     @staticmethod
@@ -57,7 +58,7 @@ class PublishedPair(torch.autograd.Function):
         for i in range(2):
             x, normed[i] = normed[i], None  # each normed stream freed once its mixer's backward has it
             mixer_grads.append(mixer_backward(x, saved[i * per_mixer:(i + 1) * per_mixer], d_hidden_next,
-                                              ctx.dtypes[i], ctx.projection_dtypes[i]))
+                                              ctx.dtypes[i], ctx.projection_dtypes[i], ctx.dt_ranks[i]))
             del x
         d_hidden, d_residual, (dw_f, db_f, dw_b, db_b) = pair_add_norm_bwd(
             hidden, residual, scales, (w_f, w_b), b_f is None, ctx.eps, mixer_grads[0][0], mixer_grads[1][0],
