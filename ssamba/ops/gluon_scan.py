@@ -126,7 +126,7 @@ def _stage(slots, slot, rows, mask, stride, chunk, length, forward, T: gl.conste
 
 
 @gluon.jit
-def _scan_inputs(u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
+def _scan_inputs(u_ptr, dt_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
                  ckpt_ptr, dim, num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N: gl.constexpr, T: gl.constexpr,
                  BD: gl.constexpr, WARPS: gl.constexpr, state_layout: gl.constexpr):
     """What both kernels derive from the program id: the batch row, the direction, this block of
@@ -149,7 +149,7 @@ def _scan_inputs(u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d
     A = -gl.exp(A_log) * LOG2E
     ckpt_base = ckpt_ptr + pid_b * num_chunks * 2 * dim * N + dn_off
     u_rows, u_mask = _copy_rows(u_ptr + pid_b * su_b + direction * dim, first, dim, BD, T, WARPS)
-    dt_rows, dt_mask = _copy_rows(gl.where(forward, dt_f_ptr, dt_b_ptr) + pid_b * sdt_b, first, dim, BD, T, WARPS)
+    dt_rows, dt_mask = _copy_rows(dt_ptr + pid_b * sdt_b + direction * dim, first, dim, BD, T, WARPS)
     b_rows, bc_mask = _copy_rows(bc_ptr + pid_b * sbc_b + direction * 2 * N, 0, N, N, T, WARPS)
     return (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, ckpt_base,
             u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask)
@@ -195,7 +195,7 @@ def _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row, j, m, state_layout: g
 
 @gluon.jit
 def _scan_fwd_kernel(
-        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
+        u_ptr, dt_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
         y_ptr, ckpt_ptr,
         length, num_chunks,
         dim_a, su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sy_b, sy_l,
@@ -210,10 +210,10 @@ def _scan_fwd_kernel(
     BD: gl.constexpr = 32 // SPLIT * WARPS
     (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, ckpt_base,
      u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask) = _scan_inputs(
-        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, ckpt_ptr, dim,
+        u_ptr, dt_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, ckpt_ptr, dim,
         num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N, T, BD, WARPS, state_layout)
     u_s, u_r = _staging(u_ptr.dtype.element_ty, BD, T)
-    dt_s, dt_r = _staging(dt_f_ptr.dtype.element_ty, BD, T)
+    dt_s, dt_r = _staging(dt_ptr.dtype.element_ty, BD, T)
     b_s, b_r = _staging(bc_ptr.dtype.element_ty, N, T)
     c_s, c_r = _staging(bc_ptr.dtype.element_ty, N, T)
     offs_t = gl.arange(0, TS, layout=gl.SliceLayout(0, tile_layout))
@@ -274,8 +274,8 @@ def _adjoint_step(lam_next, h_prev, h_cur, decay, A, u, delta, sigmoid, g, B, C,
 
 @gluon.jit
 def _scan_bwd_kernel(
-        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
-        g_ptr, ckpt_ptr, du_ptr, ddt_f_ptr, ddt_b_ptr, dbc_ptr, dparam_ptr,
+        u_ptr, dt_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
+        g_ptr, ckpt_ptr, du_ptr, ddt_ptr, dbc_ptr, dparam_ptr,
         length, num_chunks,
         dim_a, su_b_a, su_l_a, sdt_b_a, sdt_l_a, sbc_b_a, sbc_l_a, sg_b, sg_l,
         N: gl.constexpr, T: gl.constexpr, SPLIT: gl.constexpr, WARPS: gl.constexpr, ALIGN: gl.constexpr):
@@ -294,11 +294,11 @@ def _scan_bwd_kernel(
     BD: gl.constexpr = 32 // SPLIT * WARPS
     (pid_b, direction, forward, offs_d, offs_n, d_mask, ch, dn_off, dn_mask, A, d_skip, bias, ckpt_base,
      u_rows, u_mask, dt_rows, dt_mask, b_rows, bc_mask) = _scan_inputs(
-        u_ptr, dt_f_ptr, dt_b_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, ckpt_ptr, dim,
+        u_ptr, dt_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr, ckpt_ptr, dim,
         num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N, T, BD, WARPS, state_layout)
     g_rows, g_mask = _copy_rows(g_ptr + pid_b * sg_b, gl.program_id(0) * BD, dim, BD, T, WARPS)
     u_s, u_r = _staging(u_ptr.dtype.element_ty, BD, T)
-    dt_s, dt_r = _staging(dt_f_ptr.dtype.element_ty, BD, T)
+    dt_s, dt_r = _staging(dt_ptr.dtype.element_ty, BD, T)
     b_s, b_r = _staging(bc_ptr.dtype.element_ty, N, T)
     c_s, c_r = _staging(bc_ptr.dtype.element_ty, N, T)
     g_s, g_r = _staging(g_ptr.dtype.element_ty, BD, T)
@@ -310,7 +310,7 @@ def _scan_bwd_kernel(
     offs_pair_r = gl.arange(0, 2, layout=gl.SliceLayout(1, bc_pair_layout))
     offs_nr = gl.arange(0, N, layout=gl.SliceLayout(0, bc_pair_layout))
     du_rows = _tile_rows(du_ptr + pid_b * su_b, ch, pair_layout)
-    ddt_rows = _tile_rows(gl.where(forward, ddt_f_ptr, ddt_b_ptr) + pid_b * sdt_b, offs_d, pair_layout)
+    ddt_rows = _tile_rows(ddt_ptr + pid_b * sdt_b + direction * dim, offs_d, pair_layout)
     pair_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, pair_layout))[:, None]
     dbc_base = dbc_ptr + (pid_b * length * 2 + direction) * 2 * N + offs_nr[None, :]
     channels: gl.constexpr = gl.SliceLayout(1, state_layout)
@@ -376,7 +376,7 @@ def _scan_bwd_kernel(
             t_t = gl.where(forward, p_t, length - 1 - p_t)
             t_mask = pair_mask & (p_t < length)[None, :]
             gl.store(du_rows + t_t[None, :] * su_l, _pair(du0, du1, offs_pair).to(du_ptr.dtype.element_ty), mask=t_mask)
-            gl.store(ddt_rows + t_t[None, :] * sdt_l, _pair(d_raw0, d_raw1, offs_pair).to(ddt_f_ptr.dtype.element_ty),
+            gl.store(ddt_rows + t_t[None, :] * sdt_l, _pair(d_raw0, d_raw1, offs_pair).to(ddt_ptr.dtype.element_ty),
                      mask=t_mask)
             p_r = p0 + offs_pair_r
             t_r = gl.where(forward, p_r, length - 1 - p_r)
@@ -472,8 +472,8 @@ def scan_fwd(u, dt, bc, params, config: dict | None = None):
     ckpt = torch.empty(batch, num_chunks, dim2, d_state, device=u.device, dtype=u.dtype)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_fwd_kernel[grid](
-        u, dt[..., :dim], dt[..., dim:], bc, *params, y, ckpt, length, num_chunks, *in_units, y.stride(0),
-        y.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg))
+        u, dt, bc, *params, y, ckpt, length, num_chunks, *in_units, y.stride(0), y.stride(1), N=d_state, ALIGN=align,
+        **_launch_options(cfg))
     return y, ckpt
 
 
@@ -505,8 +505,8 @@ def scan_bwd(u, dt, bc, params, ckpt, g, config: dict | None = None):
     dparam = torch.zeros(n_a + 2 * dim2, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, 32 // cfg["SPLIT"] * cfg["WARPS"]), batch, 2)
     _scan_bwd_kernel[grid](
-        u, dt[..., :dim], dt[..., dim:], bc, *params, g, ckpt, du, ddt[..., :dim], ddt[..., dim:], dBC, dparam,
-        length, num_chunks, *in_units, g.stride(0), g.stride(1), N=d_state, ALIGN=align, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
+        u, dt, bc, *params, g, ckpt, du, ddt, dBC, dparam, length, num_chunks, *in_units, g.stride(0), g.stride(1),
+        N=d_state, ALIGN=align, **_launch_options(cfg, ("T", "SPLIT", "WARPS")))
     dA_log = dparam[:n_a].view(2, dim, d_state)
     dD, dbias = dparam[n_a:].view(2, 2, dim).unbind(0)
     return du, ddt, dBC, dA_log, dD, dbias

@@ -43,7 +43,7 @@ class PublishedPair(torch.autograd.Function):
         ctx.eps, ctx.out_dtype, ctx.saved_per_mixer = eps, out_dtype, len(saved_f)
         ctx.dtypes = [[t.dtype for t in m[2:]] for m in (mixer_f, mixer_b)]
         ctx.projection_dtypes = [[m[0].dtype, m[1].dtype] for m in (mixer_f, mixer_b)]
-        ctx.dt_ranks = [m[5].shape[1] for m in (mixer_f, mixer_b)]  # (in_proj, out_proj, conv w, conv b, x_proj, dt_proj)
+        ctx.dt_ranks = [m[5].shape[1] for m in (mixer_f, mixer_b)]  # m[5]: the first branch's dt_proj weight
         return out_f + out_b, new_residual
 
     @staticmethod
