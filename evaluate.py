@@ -2,7 +2,9 @@
 ``ckpt_path=[a.ckpt,b.ckpt]`` scores several as one ensemble (mean class probabilities).
 
 Prints the patient-level scores, writes ``scores.json``, a confusion-matrix figure and the patients'
-predictions, and logs scores and figure to the configured loggers (``logger=wandb``). For the
+predictions, and logs scores and figure to the configured loggers (``logger=wandb``). ``quality_gate=gate.json``
+applies a signal-quality gate to murmur predictions first (``ssamba.metrics.gate``; fitted by
+``bench/circor_results.py gate``); ``scores.json`` then also holds the scores without it. For the
 Challenge's label sets the predictions are one ``outputs/<PID>.csv`` per patient in the PhysioNet
 Challenge 2022 output format; for any other label set (``data.task=murmur_timing``, earbud classes)
 one ``predictions.csv``. Config: ``conf/evaluate.yaml``.
@@ -19,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, open_dict
 
-from ssamba.evaluation import build_model, check_compatible, load_members, score_split
+from ssamba.evaluation import build_model, check_compatible, gate_predictions, load_members, score_split
 from ssamba.metrics import is_challenge_label_set
 from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs, write_predictions
 
@@ -57,6 +59,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     metric = score_split(model, datamodule, cfg.split, rule, device, str(cfg.precision))
     predictions = metric.predictions()  # aggregated once, for the scores and the outputs
+    gate = None
+    if cfg.quality_gate:
+        ungated = {name: float(value) for name, value in metric.scores(predictions).items()}
+        predictions, gate = gate_predictions(cfg.quality_gate, datamodule, cfg.split, metric, predictions)
+        gate["scores_without_gate"] = {name: None if math.isnan(v) else v for name, v in ungated.items()}
+        log.info("quality gate %s: %d patients made Unknown", cfg.quality_gate, gate["made_unknown"])
     scores = {name: float(value) for name, value in metric.scores(predictions).items()}
 
     patient_ids = [metric.patient_id(code) for code in predictions.patient.tolist()]
@@ -74,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     figure.savefig(out_dir / "confusion_matrix.png", dpi=100)
     plain = {name: None if math.isnan(value) else value for name, value in scores.items()}  # strict JSON
     summary = {"ckpt_path": paths[0] if len(paths) == 1 else paths, "split": cfg.split, "aggregation": rule,
-               "scores": plain}
+               "scores": plain, **({"quality_gate": gate} if gate else {})}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     from rich.console import Console

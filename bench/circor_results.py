@@ -33,6 +33,9 @@ each cell with its card and wall time (docs/heart-murmurs.md says what the inter
     # patient decision rules scored on the cells' stored predictions (no training; --data adds the quality gate):
     python bench/circor_results.py rules --results docs/results/circor-cv --data <circor-dev folder> \\
         --out docs/results/circor-cv-rules.md
+    # the quality gate fitted on all of an arm's out-of-fold predictions, for evaluate.py quality_gate=gate.json:
+    python bench/circor_results.py gate --results docs/results/circor-cv --data <circor-dev folder> --arm scratch \\
+        --out gate.json
 
 A call skips every cell whose ``cells/*.json`` is in ``--results``; cells of several folders merge by copying
 them into one (same ``grid.json``). A pretraining whose checkpoint is not on this machine is done again (the log
@@ -802,7 +805,6 @@ RULES = {  # name -> what it does, for the report
                     "needs --data) scores it above a threshold; regression and threshold (the best weighted "
                     "accuracy) fitted on the same seed's other folds: the fold's patients choose nothing",
 }  # fmt: skip
-QUALITY_L2 = 1e-2  # the gate's logistic regression: ridge penalty on its standardised features
 
 
 def _argmax(rows: list[list[float]]) -> list[int]:
@@ -848,63 +850,22 @@ def quality_table(data: list[Path]) -> dict[str, list[float]]:
     A recording that cannot be read is skipped and counted; a patient without one is left out."""
     import tempfile
 
-    from ssamba.data.audio import BadAudio, read_audio
     from ssamba.data.circor import read_patients
-    from ssamba.data.quality import patient_quality, recording_quality
+    from ssamba.data.quality import patients_quality
 
-    table, skipped = {}, []
     with tempfile.TemporaryDirectory() as joined:
-        for patient in read_patients(str(merge(data, Path(joined) / "circor"))):
-            rows = []
-            for recording in patient.recordings:
-                try:
-                    wave, rate = read_audio(recording.path)
-                except BadAudio as error:
-                    skipped.append(f"{error.reason}: {recording.id}")
-                    continue
-                rows.append(recording_quality(wave.mean(dim=0), rate))
-            if rows:
-                table[patient.id] = patient_quality(rows).tolist()
+        table, skipped = patients_quality(read_patients(str(merge(data, Path(joined) / "circor"))))
     note = f", {len(skipped)} recordings skipped (first: {skipped[0]})" if skipped else ""
     print(f"signal quality: {len(table)} patients{note}", flush=True)
-    return table
+    return {pid: row.tolist() for pid, row in table.items()}
 
 
-def unknown_detector(features: list[list[float]], unknown: list[bool]):
-    """A class-balanced ridge logistic regression of Unknown on standardised features (both classes present);
-    returns the scorer of feature rows."""
-    import torch
+def quality_gate(cell: dict, others: list[dict], quality: dict[str, list[float]]) -> list[int] | None:
+    """The quality-gate rule's predictions of ``cell``, a gate (``ssamba.metrics.gate``) fitted on ``others``
+    (:data:`RULES`); None where the other folds hold no Unknown patient (or only Unknown ones) to fit it on."""
+    from ssamba.data.quality import PATIENT_FEATURES
+    from ssamba.metrics.gate import UNKNOWN, fit_gate
 
-    x = torch.tensor(features, dtype=torch.float64)
-    y = torch.tensor(unknown, dtype=torch.float64)
-    mean, scale = x.mean(dim=0), x.std(dim=0).clamp(min=1e-9)
-    z = (x - mean) / scale
-    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200)
-    balance = (len(y) - y.sum()) / y.sum()
-
-    def loss():
-        optimizer.zero_grad()
-        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ weight + bias, y, pos_weight=balance)
-        value = value + QUALITY_L2 * weight.square().sum()
-        value.backward()
-        return value
-
-    optimizer.step(loss)
-    weight, bias = weight.detach(), bias.detach()
-    return lambda rows: (((torch.tensor(rows, dtype=torch.float64) - mean) / scale) @ weight + bias).tolist()
-
-
-def gated(preds: list[int], scores: list[float], threshold: float) -> list[int]:
-    """``preds`` with every patient not predicted Present (0) made Unknown (1) where its score exceeds ``threshold``."""
-    return [1 if pred != 0 and score > threshold else pred for pred, score in zip(preds, scores)]
-
-
-def quality_gate(cell: dict, others: list[dict], quality: dict[str, list[float]], weights: list[float]
-                 ) -> list[int] | None:
-    """The quality-gate rule's predictions of ``cell``, fitted on ``others`` (:data:`RULES`); None where the
-    other folds hold no Unknown patient (or only Unknown ones) to fit it on."""
     def features(records):
         missing = [i for r in records for i in r["patients"]["id"] if i not in quality]
         if missing:
@@ -912,18 +873,11 @@ def quality_gate(cell: dict, others: list[dict], quality: dict[str, list[float]]
         return [quality[i] for r in records for i in r["patients"]["id"]]
 
     target = [t for r in others for t in r["patients"]["target"]]
-    if len({t == 1 for t in target}) < 2:
+    if len({t == UNKNOWN for t in target}) < 2:
         return None
     preds = [p for r in others for p in r["patients"]["pred"]]
-    known = features(others)
-    score = unknown_detector(known, [t == 1 for t in target])
-    fitted = score(known)
-    best = (_weighted_accuracy(target, preds, weights), math.inf)  # no override unless one helps
-    for threshold in sorted(set(fitted), reverse=True):  # from the fewest overrides; ties keep the fewer
-        value = _weighted_accuracy(target, gated(preds, fitted, threshold), weights)
-        if value > best[0]:
-            best = (value, threshold)
-    return gated(cell["patients"]["pred"], score(features([cell])), best[1])
+    gate = fit_gate(features(others), target, preds, PATIENT_FEATURES)
+    return gate.apply(cell["patients"]["pred"], features([cell])).tolist()
 
 
 def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None = None
@@ -952,7 +906,7 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
                                                       for row in patients["probs"]])
         others = [o for o in records if o["seed"] == r["seed"] and o["arm"] == r["arm"] and o["fold"] != r["fold"]]
         if others and quality is not None:
-            gate = quality_gate(r, others, quality, weights)
+            gate = quality_gate(r, others, quality)
             if gate is not None:
                 rules["quality gate"][cell_key(r)] = gate
         if others:
@@ -1017,6 +971,32 @@ def render_rules(results: Path, task: str, data: list[Path] | None = None) -> st
     return "\n".join(lines)
 
 
+def fit_quality_gate(results: Path, arm: str, data: list[Path], out: Path) -> str:
+    """Fit a gate (``ssamba.metrics.gate``) on every `murmur` cell of ``arm`` pooled: the cells' test patients
+    are out-of-fold, so each prediction comes from a model that did not train on its patient. Saves it to ``out``
+    (``evaluate.py quality_gate=...``) and returns a one-line summary."""
+    from ssamba.data.quality import PATIENT_FEATURES
+    from ssamba.metrics.gate import fit_gate
+
+    records = [r for r in load_results(results) if r["task"] == "murmur" and r["arm"] == arm]
+    if not records:
+        raise ValueError(f"no `murmur` cells of arm {arm} in {results}/cells")
+    quality = quality_table(data)
+    ids = [i for r in records for i in r["patients"]["id"]]
+    missing = [i for i in ids if i not in quality]
+    if missing:
+        raise ValueError(f"patient {missing[0]} of the cells has no recording in --data ({len(missing)} missing)")
+    rows = [quality[i] for i in ids]
+    target = [t for r in records for t in r["patients"]["target"]]
+    preds = [p for r in records for p in r["patients"]["pred"]]
+    gate = fit_gate(rows, target, preds, PATIENT_FEATURES)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gate.save(out)
+    changed = sum(a != b for a, b in zip(gate.apply(preds, rows).tolist(), preds))
+    return (f"quality gate: {out}, fitted on {len(records)} cells ({len(ids)} patient predictions, "
+            f"{sum(t == 1 for t in target)} Unknown); threshold {gate.threshold:.3f} turns {changed} of them Unknown")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1075,6 +1055,13 @@ def main(argv: list[str] | None = None) -> int:
     rules.add_argument("--out", required=True, help="markdown report")
     rules.add_argument("--data", type=Path, nargs="+", help="the CirCor folder (or staged parts) the cells scored: "
                        "adds the quality gate, from the recordings' signal-quality statistics")
+    fitting = commands.add_parser("gate", help="fit a signal-quality gate for evaluate.py on the cells' out-of-fold "
+                                  "predictions of one arm")
+    fitting.add_argument("--results", required=True)
+    fitting.add_argument("--data", type=Path, nargs="+", required=True, help="the CirCor folder (or staged parts) "
+                         "the cells scored")
+    fitting.add_argument("--arm", choices=ARMS, default="scratch", help="the arm whose predictions the gate corrects")
+    fitting.add_argument("--out", required=True, help="the gate's JSON file")
     args = parser.parse_args(argv)
     try:
         if args.command == "stage":
@@ -1092,6 +1079,8 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
             print(f"decision rules: {out}", flush=True)
+        elif args.command == "gate":
+            print(fit_quality_gate(Path(args.results), args.arm, args.data, Path(args.out)), flush=True)
         elif args.command == "compare":
             out = Path(args.out)
             text = render_comparison(Path(args.base), Path(args.other), args.base_arm, args.other_arm)

@@ -10,13 +10,18 @@ the training config nor the pretraining checkpoint it started from. This sits ab
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ssamba.checkpoints import Checkpoint, load_checkpoint
+from ssamba.data.quality import PATIENT_FEATURES, patients_quality
+from ssamba.metrics.challenge import MURMUR_CLASSES
+from ssamba.metrics.gate import QualityGate
 from ssamba.metrics.labelset import patient_metrics
 from ssamba.metrics.patient import PatientChallengeMetrics, PatientPredictions
 from ssamba.models import ClassifierEnsemble
@@ -135,3 +140,26 @@ def score_checkpoint(path: str, datamodule: Any, split: str, device: torch.devic
     predictions = metric.predictions()
     scores = {name: float(value) for name, value in metric.scores(predictions).items()}
     return scores, patient_table(metric, predictions, datamodule.label_names, rule)
+
+
+def gate_predictions(path: str | Path, datamodule: Any, split: str, metric: PatientChallengeMetrics,
+                     predictions: PatientPredictions) -> tuple[PatientPredictions, dict]:
+    """``predictions`` with the quality gate saved at ``path`` applied (``ssamba.metrics.gate``), from the
+    signal quality of each patient's recordings in ``split``, and what it did. A recording that cannot be
+    read is skipped and counted; a patient with none keeps the model's prediction, counted too."""
+    if tuple(datamodule.label_names) != MURMUR_CLASSES:
+        raise ValueError(f"quality_gate= corrects the Challenge's murmur classes {list(MURMUR_CLASSES)}; this data's "
+                         f"classes are {list(datamodule.label_names)}")
+    if not hasattr(datamodule, "split_patients"):
+        raise ValueError(f"quality_gate= reads each patient's recordings: {type(datamodule).__name__} does not list "
+                         "patients (use data=circor)")
+    gate = QualityGate.load(path, PATIENT_FEATURES)
+    quality, skipped = patients_quality(datamodule.split_patients(split))
+    ids = [metric.patient_id(code) for code in predictions.patient.tolist()]
+    rows = [i for i, pid in enumerate(ids) if pid in quality]
+    preds = predictions.preds.clone()
+    if rows:
+        preds[rows] = gate.apply(preds[rows], torch.stack([quality[ids[i]] for i in rows]))
+    summary = {"path": str(path), "threshold": gate.threshold, "made_unknown": int((preds != predictions.preds).sum()),
+               "patients_without_readable_recording": len(ids) - len(rows), "recordings_skipped": len(skipped)}
+    return dataclasses.replace(predictions, preds=preds), summary

@@ -164,3 +164,49 @@ def test_cli_scores_a_list_of_checkpoints_as_one_ensemble(checkpoint, tmp_path):
     assert "ensemble of 2" in " ".join(result.stdout.split())  # the table title, however the table wraps it
     summary = json.loads((out / "scores.json").read_text())
     assert summary["ckpt_path"] == [str(checkpoint), str(second)] and summary["scores"]["patients"] == 2
+
+
+def test_the_quality_gate_makes_only_non_present_patients_unknown_and_counts_unreadable_ones(checkpoint, tmp_path):
+    """evaluate.py quality_gate=...: a gate that flags every patient turns each prediction but Present into
+    Unknown; a patient none of whose recordings can be read keeps the model's prediction, counted; scores.json
+    holds the scores with and without the gate."""
+    import dataclasses
+    import shutil
+
+    from ssamba.data.quality import PATIENT_FEATURES
+    from ssamba.evaluation import gate_predictions
+    from ssamba.metrics.gate import QualityGate
+
+    n = len(PATIENT_FEATURES)
+    QualityGate(PATIENT_FEATURES, (0.0,) * n, (1.0,) * n, (0.0,) * n, 0.0, -1.0).save(tmp_path / "gate.json")
+    root = tmp_path / "circor"
+    shutil.copytree(CIRCOR_MINI, root)
+    datamodule = CirCorDataModule(root=str(root), target_length=128, num_workers=0)
+    metric = score_split(build_model(load_members([str(checkpoint)]), backend="torch"), datamodule, "test",
+                         "hierarchical", torch.device("cpu"), "32")
+    predictions = metric.predictions()
+    assert len(predictions.preds) == 2
+    for preds, want in (([2, 0], [1, 0]), ([0, 2], [0, 1]), ([1, 2], [1, 1])):
+        chosen = dataclasses.replace(predictions, preds=torch.tensor(preds))
+        gated, summary = gate_predictions(tmp_path / "gate.json", datamodule, "test", metric, chosen)
+        assert gated.preds.tolist() == want and summary["made_unknown"] == sum(p == 2 for p in preds)
+        assert summary["patients_without_readable_recording"] == summary["recordings_skipped"] == 0
+    first = metric.patient_id(predictions.patient[0].item())
+    for wav in (root / "training_data").glob(f"{first}_*.wav"):
+        wav.write_bytes(b"not audio")
+    gated, summary = gate_predictions(tmp_path / "gate.json", datamodule, "test", metric,
+                                      dataclasses.replace(predictions, preds=torch.tensor([2, 2])))
+    assert gated.preds.tolist() == [2, 1] and summary["patients_without_readable_recording"] == 1
+    assert summary["recordings_skipped"] >= 1
+
+    out = tmp_path / "eval"
+    command = [sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", f"data.root={CIRCOR_MINI}", "data.num_workers=0",
+               "split=test", "device=cpu", f"quality_gate={tmp_path / 'gate.json'}", f"out_dir={out}",
+               f"hydra.run.dir={out}"]  # fmt: skip
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "scores.json").read_text())
+    assert set(summary["quality_gate"]) >= {"made_unknown", "threshold", "scores_without_gate"}
+    for pid in CirCorDataModule(root=str(CIRCOR_MINI)).patient_targets("test"):
+        _, predicted, _ = read_output(out / "outputs" / f"{pid}.csv")
+        assert predicted["Absent"] == 0  # every patient is Present or, gated, Unknown

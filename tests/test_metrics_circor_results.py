@@ -543,26 +543,30 @@ def test_decision_rules_fit_nothing_on_the_scored_fold_and_average_seeds_per_pat
 
 
 def test_quality_gate_turns_only_non_present_predictions_unknown_and_is_fitted_on_the_other_folds(tmp_path, capsys):
-    weights = [5.0, 3.0, 1.0]
+    from ssamba.data.quality import PATIENT_FEATURES
+
+    def rows(table):  # two informative statistics, the rest constant
+        return {pid: values + [0.0] * (len(PATIENT_FEATURES) - 2) for pid, values in table.items()}
+
     # the other fold: Unknown patients have a high first feature, the others a low one; all predicted Absent
     others = rule_cell(1, 0, [1, 1, 2, 2, 0], [[0.1, 0.2, 0.7]] * 5)
     others["patients"]["pred"] = [2, 2, 2, 2, 0]
-    quality = {"10": [3.0, 0.0], "11": [2.5, 1.0], "12": [0.0, 0.5], "13": [-0.5, 0.0], "14": [0.2, 1.0]}
+    quality = rows({"10": [3.0, 0.0], "11": [2.5, 1.0], "12": [0.0, 0.5], "13": [-0.5, 0.0], "14": [0.2, 1.0],
+                    "00": [2.8, 0.5], "01": [3.0, 0.5], "02": [0.1, 0.5]})
     scored = rule_cell(0, 0, [1, 0, 2], [[0.1, 0.2, 0.7]] * 3)
     scored["patients"]["pred"] = [2, 0, 2]
-    quality.update({"00": [2.8, 0.5], "01": [3.0, 0.5], "02": [0.1, 0.5]})
     # a high score makes Absent Unknown, never Present: the Present prediction stays
-    assert bench.quality_gate(scored, [others], quality, weights) == [1, 0, 2]
+    assert bench.quality_gate(scored, [others], quality) == [1, 0, 2]
     flipped = rule_cell(0, 0, [2, 2, 1], scored["patients"]["probs"])  # the fold's own targets choose nothing
     flipped["patients"]["pred"] = [2, 0, 2]
-    assert bench.quality_gate(flipped, [others], quality, weights) == [1, 0, 2]
+    assert bench.quality_gate(flipped, [others], quality) == [1, 0, 2]
     assert bench.rule_predictions([scored, others], quality)["quality gate"][(0, 0, "scratch")] == [1, 0, 2]
     assert bench.rule_predictions([scored, others])["quality gate"] == {}  # no quality features: no gate
     no_unknown = rule_cell(1, 0, [2, 2, 0, 2, 2], [[0.1, 0.2, 0.7]] * 5)  # nothing to fit on: the cell is left out
-    assert bench.quality_gate(scored, [no_unknown], quality, weights) is None
+    assert bench.quality_gate(scored, [no_unknown], quality) is None
     del quality["01"]
     with pytest.raises(ValueError, match="patient 01 of the cells has no recording in --data"):
-        bench.quality_gate(scored, [others], quality, weights)
+        bench.quality_gate(scored, [others], quality)
 
 
 def test_rules_with_data_read_the_recordings_and_add_the_quality_gate(tmp_path, capsys):

@@ -8,10 +8,12 @@ predictions without any training of the model.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from ssamba.data.audio import BadAudio, read_audio
 
 RECORDING_FEATURES = (
     "log_rms",  # level
@@ -69,3 +71,22 @@ def patient_quality(recordings: Sequence[Tensor]) -> Tensor:
     rows = torch.stack(list(recordings))
     count = torch.tensor([float(len(recordings))], dtype=torch.float64)
     return torch.cat([rows.mean(dim=0), rows.min(dim=0).values, rows.max(dim=0).values, count])
+
+
+def patients_quality(patients: Iterable) -> tuple[dict[str, Tensor], list[str]]:
+    """:data:`PATIENT_FEATURES` of each patient (``ssamba.data.circor.Patient``: ``id`` and ``recordings``
+    with ``id`` and ``path``) by patient id, and the recordings that could not be read ("reason: id"),
+    skipped. A patient none of whose recordings can be read is left out."""
+    table, skipped = {}, []
+    for patient in patients:
+        rows = []
+        for recording in patient.recordings:
+            try:
+                wave, rate = read_audio(recording.path)
+            except BadAudio as error:
+                skipped.append(f"{error.reason}: {recording.id}")
+                continue
+            rows.append(recording_quality(wave.mean(dim=0), rate))
+        if rows:
+            table[patient.id] = patient_quality(rows)
+    return table, skipped
