@@ -976,7 +976,7 @@ def fit_quality_gate(results: Path, arm: str, data: list[Path], out: Path) -> st
     are out-of-fold, so each prediction comes from a model that did not train on its patient. Saves it to ``out``
     (``evaluate.py quality_gate=...``) and returns a one-line summary."""
     from ssamba.data.quality import PATIENT_FEATURES
-    from ssamba.metrics.gate import fit_gate
+    from ssamba.metrics.gate import UNKNOWN, fit_gate
 
     records = [r for r in load_results(results) if r["task"] == "murmur" and r["arm"] == arm]
     if not records:
@@ -994,7 +994,7 @@ def fit_quality_gate(results: Path, arm: str, data: list[Path], out: Path) -> st
     gate.save(out)
     changed = sum(a != b for a, b in zip(gate.apply(preds, rows).tolist(), preds))
     return (f"quality gate: {out}, fitted on {len(records)} cells ({len(ids)} patient predictions, "
-            f"{sum(t == 1 for t in target)} Unknown); threshold {gate.threshold:.3f} turns {changed} of them Unknown")
+            f"{sum(t == UNKNOWN for t in target)} Unknown); threshold {gate.threshold:.3f} turns {changed} of them Unknown")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ def gate_predictions(path: str | Path, datamodule: Any, split: str, metric: Pati
     preds = predictions.preds.clone()
     if rows:
         preds[rows] = gate.apply(preds[rows], torch.stack([quality[ids[i]] for i in rows]))
-    summary = {"path": str(path), "threshold": gate.threshold, "made_unknown": int((preds != predictions.preds).sum()),
+    threshold = None if math.isinf(gate.threshold) else gate.threshold  # None: the gate changes nothing
+    summary = {"path": str(path), "threshold": threshold, "made_unknown": int((preds != predictions.preds).sum()),
                "patients_without_readable_recording": len(ids) - len(rows), "recordings_skipped": len(skipped)}
     return dataclasses.replace(predictions, preds=preds), summary

@@ -36,10 +36,13 @@ def test_the_fitted_gate_recovers_unknown_patients_and_never_overrides_present()
     assert torch.equal(gate.apply(preds, noisy_present)[8:20], preds[8:20])
 
 
-def test_a_gate_that_cannot_help_changes_nothing_and_unfittable_data_is_refused():
+def test_a_gate_that_cannot_help_changes_nothing_and_unfittable_data_is_refused(tmp_path):
     rows, target, _ = patients(torch.Generator().manual_seed(1))
     perfect = fit_gate(rows, target, target, FEATURES)  # predictions already right: no override helps
     assert perfect.threshold == math.inf and torch.equal(perfect.apply(target, rows), target)
+    perfect.save(tmp_path / "gate.json")  # strict JSON: no threshold is null, and loads as inf again
+    assert "Infinity" not in (tmp_path / "gate.json").read_text()
+    assert QualityGate.load(tmp_path / "gate.json") == perfect
     with pytest.raises(ValueError, match="needs patients of the Unknown class"):
         fit_gate(rows[8:], target[8:], target[8:], FEATURES)
     with pytest.raises(ValueError, match="40 feature rows, 39 targets"):

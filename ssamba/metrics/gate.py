@@ -55,7 +55,10 @@ class QualityGate:
         return _gated(preds, self.score(rows).to(preds.device), self.threshold)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"format": GATE_FORMAT, **asdict(self)}, indent=1) + "\n")
+        """Strict JSON: a gate without a threshold (inf) is saved with ``threshold`` null."""
+        record = {"format": GATE_FORMAT, **asdict(self)}
+        record["threshold"] = None if math.isinf(self.threshold) else self.threshold
+        Path(path).write_text(json.dumps(record, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, features: Sequence[str] | None = None) -> QualityGate:
@@ -64,6 +67,8 @@ class QualityGate:
         if record.pop("format", None) != GATE_FORMAT:
             raise ValueError(f"{path}: not a quality gate of format {GATE_FORMAT} (fit one with "
                              "bench/circor_results.py gate)")
+        if record.get("threshold", 0.0) is None:
+            record["threshold"] = math.inf
         gate = cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in record.items()})
         if features is not None and tuple(features) != gate.features:
             raise ValueError(f"{path}: fitted on other signal-quality statistics than this version computes "
