@@ -1,6 +1,7 @@
 """The bimamba-v2 mixer's inner part (in_proj output -> out_proj input) on the Gluon scan.
 
-conv + SiLU (Triton), the per-direction x/dt projections (cuBLAS), the Gluon scan (``A`` from
+conv + SiLU (Triton), the x and dt projections of both directions (one cuBLAS matmul each, with
+block-diagonal weights), the Gluon scan (``A`` from
 ``A_log``, dt bias, softplus and ``D`` skip inside; each direction writes its own half of ``y``) and
 the gate kernel that averages the halves. The backward is hand-written: the in_proj output's
 gradient is written in place by the kernels, and the scan parameters' gradients are summed over
