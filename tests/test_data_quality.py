@@ -50,3 +50,16 @@ def test_patient_rows_are_mean_min_max_and_count_and_bad_input_is_one_line():
         recording_quality(torch.zeros(2, 100), RATE)
     with pytest.raises(ValueError, match="at least one recording"):
         patient_quality([])
+
+
+def test_long_recordings_are_measured_in_10_s_windows_like_the_cuts_the_gate_was_fitted_on():
+    generator = torch.Generator().manual_seed(1)
+    t = torch.arange(10 * RATE, dtype=torch.float64) / RATE
+    window = torch.sin(2 * math.pi * 60.0 * t) + 0.1 * torch.randn(10 * RATE, generator=generator, dtype=torch.float64)
+    window[RATE] = 8.0  # one knock: its crest factor would grow with a longer recording's RMS average
+    one = recording_quality(window, RATE)
+    assert torch.allclose(recording_quality(window.repeat(3), RATE), one)  # 30 s: three windows like the first
+    tail = torch.zeros(2 * RATE, dtype=torch.float64)
+    assert torch.allclose(recording_quality(torch.cat([window, window, tail]), RATE), one)  # a 2 s tail is dropped
+    with_half = torch.cat([window, window[: 5 * RATE]])  # a 5 s tail (half a window) counts as a window
+    assert torch.allclose(recording_quality(with_half, RATE), (one + recording_quality(window[: 5 * RATE], RATE)) / 2)

@@ -29,13 +29,25 @@ RECORDING_FEATURES = (
 PATIENT_FEATURES = tuple(f"{stat}_{name}" for stat in ("mean", "min", "max") for name in RECORDING_FEATURES) + (
     "recordings",)
 FRAME_SECONDS = 0.1
+WINDOW_SECONDS = 10.0  # circor-dev's recordings are their first 10 s, what the gate's statistics were fitted on
 TINY = 1e-12
 
 
 def recording_quality(wave: Tensor, rate: int) -> Tensor:
-    """:data:`RECORDING_FEATURES` of a mono recording ``[samples]`` at ``rate`` Hz, float64."""
+    """:data:`RECORDING_FEATURES` of a mono recording ``[samples]`` at ``rate`` Hz, float64: the mean over its
+    consecutive :data:`WINDOW_SECONDS` windows (a last, shorter window counts if it holds at least half a
+    window, or is the whole recording). Peak-based statistics (crest factor, clipping) grow with the length
+    they are taken over, so a full-length recording is measured on the scale of the 10 s cuts."""
     if wave.dim() != 1 or wave.numel() < 2:
         raise ValueError(f"recording_quality needs a mono recording of at least 2 samples, got {tuple(wave.shape)}")
+    window = round(WINDOW_SECONDS * rate)
+    starts = range(0, wave.numel(), window)
+    pieces = [wave[start:start + window] for start in starts]
+    pieces = [p for i, p in enumerate(pieces) if i == 0 or 2 * p.numel() >= window]
+    return torch.stack([_window_quality(piece, rate) for piece in pieces]).mean(dim=0)
+
+
+def _window_quality(wave: Tensor, rate: int) -> Tensor:
     x = wave.to(torch.float64)
     x = x - x.mean()
     rms = x.square().mean().sqrt() + TINY
