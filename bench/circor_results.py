@@ -811,17 +811,6 @@ def _argmax(rows: list[list[float]]) -> list[int]:
     return [max(range(len(row)), key=row.__getitem__) for row in rows]
 
 
-def _weighted_accuracy(target: list[int], preds: list[int], weights: list[float]) -> float:
-    """The Challenge's weighted accuracy (:func:`ssamba.metrics.challenge.weighted_accuracy`) of class indices."""
-    import torch
-
-    from ssamba.metrics.challenge import weighted_accuracy
-
-    classes = len(weights)
-    pairs = torch.tensor(target) * classes + torch.tensor(preds)
-    return float(weighted_accuracy(torch.bincount(pairs, minlength=classes * classes).view(classes, classes), weights))
-
-
 def _log_probs(rows: list[list[float]]) -> list[list[float]]:
     return [[math.log(max(p, 1e-12)) for p in row] for row in rows]
 
@@ -834,12 +823,14 @@ def cell_key(record: dict) -> tuple[int, int, str]:
 def fitted_offsets(records: list[dict], weights: list[float]) -> tuple[float, float]:
     """The (Present, Unknown) log-probability offsets from :data:`BIAS_GRID` with the best weighted accuracy
     over ``records``' patients; ties go to the smaller offsets."""
+    from ssamba.metrics.challenge import weighted_accuracy_of
+
     target = [t for r in records for t in r["patients"]["target"]]
     logs = _log_probs([row for r in records for row in r["patients"]["probs"]])
     best = None
     for present, unknown in itertools.product(BIAS_GRID, BIAS_GRID):
         preds = _argmax([[row[0] + present, row[1] + unknown, *row[2:]] for row in logs])
-        score = _weighted_accuracy(target, preds, weights)
+        score = weighted_accuracy_of(target, preds, weights)
         if best is None or score > best[0]:
             best = (score, present, unknown)
     return best[1], best[2]

@@ -86,6 +86,15 @@ def weighted_accuracy(confmat: Tensor, class_weights: Sequence[float]) -> Tensor
     return (weights * confmat.diagonal()).sum() / denominator
 
 
+def weighted_accuracy_of(target: Sequence[int] | Tensor, preds: Sequence[int] | Tensor,
+                         class_weights: Sequence[float]) -> float:
+    """:func:`weighted_accuracy` of class indices (true and predicted, one per patient)."""
+    classes = len(class_weights)
+    pairs = torch.as_tensor(target, dtype=torch.long) * classes + torch.as_tensor(preds, dtype=torch.long)
+    return float(weighted_accuracy(torch.bincount(pairs, minlength=classes * classes).view(classes, classes),
+                                   class_weights))
+
+
 def per_class_recall(confmat: Tensor) -> Tensor:
     """Recall of every class from a ``[true, pred]`` confusion matrix; NaN for a class with no true cases."""
     confmat = confmat.to(torch.float64)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ssamba.metrics.challenge import CLASS_WEIGHTS, MURMUR_CLASSES, weighted_accuracy
+from ssamba.metrics.challenge import CLASS_WEIGHTS, MURMUR_CLASSES, weighted_accuracy_of
 
 GATE_FORMAT = 1  # the saved file's layout; a file of another gives a clear error
 L2_PENALTY = 1e-2  # ridge penalty of the regression, on standardised features
@@ -80,12 +80,6 @@ def _gated(preds: Tensor, scores: Tensor, threshold: float) -> Tensor:
     return torch.where((preds != PRESENT) & (scores > threshold), torch.full_like(preds, UNKNOWN), preds)
 
 
-def _weighted_accuracy(target: Tensor, preds: Tensor) -> float:
-    classes = len(MURMUR_CLASSES)
-    confusion = torch.bincount(target * classes + preds, minlength=classes * classes).view(classes, classes)
-    return float(weighted_accuracy(confusion, MURMUR_WEIGHTS))
-
-
 def fit_gate(rows: Tensor, target: Tensor, preds: Tensor, features: Sequence[str]) -> QualityGate:
     """Fit a gate on patients' feature rows ``[P, F]``, their murmur classes ``target`` and a model's
     predictions ``preds`` of them (from models that did not train on them). The threshold is the
@@ -116,9 +110,9 @@ def fit_gate(rows: Tensor, target: Tensor, preds: Tensor, features: Sequence[str
     gate = QualityGate(tuple(features), tuple(mean.tolist()), tuple(scale.tolist()), tuple(weight.detach().tolist()),
                        float(bias.detach()), math.inf)
     scores = gate.score(rows)
-    best = (_weighted_accuracy(target, preds), math.inf)
+    best = (weighted_accuracy_of(target, preds, MURMUR_WEIGHTS), math.inf)
     for threshold in sorted(set(scores.tolist()), reverse=True):  # from the fewest overrides
-        value = _weighted_accuracy(target, _gated(preds, scores, threshold))
+        value = weighted_accuracy_of(target, _gated(preds, scores, threshold), MURMUR_WEIGHTS)
         if value > best[0]:
             best = (value, threshold)
     return QualityGate(**{**asdict(gate), "threshold": best[1]})
