@@ -980,12 +980,15 @@ def fit_quality_gate(results: Path, arm: str, data: list[Path], out: Path) -> st
     rows = [quality[i] for i in ids]
     target = [t for r in records for t in r["patients"]["target"]]
     preds = [p for r in records for p in r["patients"]["pred"]]
-    gate = fit_gate(rows, target, preds, PATIENT_FEATURES)
+    fitted_on = (f"out-of-fold predictions of the {arm} arm's {len(records)} murmur cells in {results.name} "
+                 f"({len(ids)} patient predictions), {datetime.date.today().isoformat()}")
+    gate = fit_gate(rows, target, preds, PATIENT_FEATURES, fitted_on)
     out.parent.mkdir(parents=True, exist_ok=True)
     gate.save(out)
     changed = sum(a != b for a, b in zip(gate.apply(preds, rows).tolist(), preds))
     return (f"quality gate: {out}, fitted on {len(records)} cells ({len(ids)} patient predictions, "
-            f"{sum(t == UNKNOWN for t in target)} Unknown); threshold {gate.threshold:.3f} turns {changed} of them Unknown")
+            f"{sum(t == UNKNOWN for t in target)} Unknown); threshold {gate.threshold:.3f} turns {changed} of them "
+            "Unknown")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,6 +162,7 @@ def gate_predictions(path: str | Path, datamodule: Any, split: str, metric: Pati
     if rows:
         preds[rows] = gate.apply(preds[rows], torch.stack([quality[ids[i]] for i in rows]))
     threshold = None if math.isinf(gate.threshold) else gate.threshold  # None: the gate changes nothing
-    summary = {"path": str(path), "threshold": threshold, "made_unknown": int((preds != predictions.preds).sum()),
+    summary = {"path": str(path), "fitted_on": gate.fitted_on, "threshold": threshold,
+               "made_unknown": int((preds != predictions.preds).sum()),
                "patients_without_readable_recording": len(ids) - len(rows), "recordings_skipped": len(skipped)}
     return dataclasses.replace(predictions, preds=preds), summary

@@ -587,6 +587,18 @@ def test_rules_with_data_read_the_recordings_and_add_the_quality_gate(tmp_path, 
     assert "- **quality gate**:" in text and "| quality gate | 2 |" in text
     bench.main(["rules", "--results", str(tmp_path), "--out", str(out)])
     assert "quality gate" not in out.read_text()
+    # the same gate for evaluate.py, fitted on every fold's predictions at once
+    from ssamba.data.quality import PATIENT_FEATURES
+    from ssamba.metrics.gate import QualityGate
+
+    assert bench.main(["gate", "--results", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "g.json")]) == 0
+    assert "fitted on 2 cells (12 patient predictions, 2 Unknown)" in capsys.readouterr().out
+    gate = QualityGate.load(tmp_path / "g.json", PATIENT_FEATURES)
+    assert "scratch arm's 2 murmur cells" in gate.fitted_on
+    with pytest.raises(SystemExit):
+        bench.main(["gate", "--results", str(tmp_path), "--data", str(data), "--arm", "pretrained", "--out",
+                    str(tmp_path / "g.json")])
+    assert "no `murmur` cells of arm pretrained" in capsys.readouterr().err
     broken = next((data / "training_data").glob(f"{patients[0]}_*.wav"))  # one unreadable, one missing recording
     broken.unlink()
     broken.write_bytes(b"not audio")

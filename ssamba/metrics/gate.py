@@ -39,6 +39,7 @@ class QualityGate:
     weight: tuple[float, ...]
     bias: float
     threshold: float  # inf: the fit found no threshold that helped, so the gate changes nothing
+    fitted_on: str = ""  # what the gate was fitted on, in words (predictions of which models, which patients)
 
     def score(self, rows: Tensor) -> Tensor:
         """The regression's logit of Unknown for feature rows ``[patients, features]``."""
@@ -80,7 +81,8 @@ def _gated(preds: Tensor, scores: Tensor, threshold: float) -> Tensor:
     return torch.where((preds != PRESENT) & (scores > threshold), torch.full_like(preds, UNKNOWN), preds)
 
 
-def fit_gate(rows: Tensor, target: Tensor, preds: Tensor, features: Sequence[str]) -> QualityGate:
+def fit_gate(rows: Tensor, target: Tensor, preds: Tensor, features: Sequence[str],
+             fitted_on: str = "") -> QualityGate:
     """Fit a gate on patients' feature rows ``[P, F]``, their murmur classes ``target`` and a model's
     predictions ``preds`` of them (from models that did not train on them). The threshold is the
     regression score with the best weighted accuracy of the gated predictions; no threshold (inf)
@@ -88,7 +90,8 @@ def fit_gate(rows: Tensor, target: Tensor, preds: Tensor, features: Sequence[str
     rows = torch.as_tensor(rows, dtype=torch.float64)
     target, preds = torch.as_tensor(target, dtype=torch.long), torch.as_tensor(preds, dtype=torch.long)
     if not rows.shape[0] == target.numel() == preds.numel():
-        raise ValueError(f"fit_gate: {rows.shape[0]} feature rows, {target.numel()} targets, {preds.numel()} predictions")
+        raise ValueError(f"fit_gate: {rows.shape[0]} feature rows, {target.numel()} targets, "
+                         f"{preds.numel()} predictions")
     unknown = (target == UNKNOWN).to(torch.float64)
     if not 0 < unknown.sum() < unknown.numel():
         raise ValueError("fit_gate needs patients of the Unknown class and of the others")
@@ -108,7 +111,7 @@ def fit_gate(rows: Tensor, target: Tensor, preds: Tensor, features: Sequence[str
 
     optimizer.step(loss)
     gate = QualityGate(tuple(features), tuple(mean.tolist()), tuple(scale.tolist()), tuple(weight.detach().tolist()),
-                       float(bias.detach()), math.inf)
+                       float(bias.detach()), math.inf, fitted_on)
     scores = gate.score(rows)
     best = (weighted_accuracy_of(target, preds, MURMUR_WEIGHTS), math.inf)
     for threshold in sorted(set(scores.tolist()), reverse=True):  # from the fewest overrides
