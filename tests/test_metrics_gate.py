@@ -62,3 +62,6 @@ def test_a_saved_gate_loads_to_the_same_decisions_and_a_foreign_file_is_refused(
     (tmp_path / "other.json").write_text('{"threshold": 1.0}')
     with pytest.raises(ValueError, match="not a quality gate"):
         QualityGate.load(tmp_path / "other.json")
+    (tmp_path / "partial.json").write_text('{"format": 1, "threshold": 1.0}')
+    with pytest.raises(ValueError, match="needs the keys"):
+        QualityGate.load(tmp_path / "partial.json")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -68,7 +68,10 @@ class QualityGate:
         if record.pop("format", None) != GATE_FORMAT:
             raise ValueError(f"{path}: not a quality gate of format {GATE_FORMAT} (fit one with "
                              "bench/circor_results.py gate)")
-        if record.get("threshold", 0.0) is None:
+        expected = {field.name for field in fields(cls)}
+        if not expected - {"fitted_on"} <= set(record) <= expected:
+            raise ValueError(f"{path}: a quality gate needs the keys {sorted(expected)}, got {sorted(record)}")
+        if record["threshold"] is None:
             record["threshold"] = math.inf
         gate = cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in record.items()})
         if features is not None and tuple(features) != gate.features:
