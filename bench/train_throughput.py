@@ -22,12 +22,19 @@ peak says more than the allocated one.
     python bench/train_throughput.py --smoke               # CPU: a tiny check that the script works
     python bench/train_throughput.py --write               # also docs/performance/train.json (rows merged
                                                            # by label, each with its card, torch and date)
+    python bench/train_throughput.py --only "tiny, 2 passes, CUDA" --baseline ../old --reps 2
+        # A/B: each case alternately from another checkout (its own bench script and package) and from this one,
+        # each run in a fresh process, --reps times; the rows and whether every one of one tree's is faster
+
+Timings of one tree drift over minutes on one machine and differ between machines of the same kind, so a
+change is only measured against a baseline timed in the same call, interleaved with it (``--baseline``).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,14 +187,16 @@ def measure(overrides: list[str], steps: int, warmup: int, batch: int, gpu: bool
 
 
 def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: list[str], callbacks: bool,
-                     profile: bool) -> dict:
-    """``measure`` of one case in a fresh process (its CUDA memory, graph pools included, starts empty)."""
+                     profile: bool, tree: Path = ROOT, smoke: bool = False) -> dict:
+    """``measure`` of one case in a fresh process (its CUDA memory, graph pools included, starts empty), by the
+    benchmark script and package of the checkout ``tree`` (this one by default)."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        command = [sys.executable, __file__, "--case", label, "--result", str(result), "--steps", str(steps),
-                   "--warmup", str(warmup), "--batch", str(batch), *(["--callbacks"] if callbacks else []),
-                   *(["--profile"] if profile else []), "--extra", *extra]
-        child = subprocess.run(command)
+        command = [sys.executable, str(tree / "bench" / "train_throughput.py"), "--case", label, "--result",
+                   str(result), "--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch),
+                   *(["--callbacks"] if callbacks else []), *(["--profile"] if profile else []),
+                   *(["--smoke"] if smoke else []), "--extra", *extra]
+        child = subprocess.run(command, cwd=tree)
         if child.returncode or not result.exists():
             raise RuntimeError(f"the child process exited with status {child.returncode}")
         return json.loads(result.read_text())
@@ -213,6 +222,9 @@ def main() -> None:
                              "wall time, by part of the step and by kernel); the profiler slows the host, so "
                              "such rows are printed, not written")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="another checkout of this project: time each case alternately "
+                        "with its code and with this tree's, in fresh processes (A/B rows are printed, not written)")
+    parser.add_argument("--reps", type=int, default=2, help="with --baseline: rows per tree and case")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (what the parent starts)
     parser.add_argument("--result", help=argparse.SUPPRESS)  # where --case writes its figures
     args = parser.parse_args()
@@ -220,13 +232,21 @@ def main() -> None:
     if args.profile and (not gpu or args.write):
         parser.error("--profile reads kernel times, so it needs a CUDA device (not --smoke), and it slows the "
                      "host, so its rows are not written (no --write)")
+    if args.baseline is not None:
+        if args.write or args.profile:
+            parser.error("--baseline rows are printed, not written, and not profiled (no --write, no --profile)")
+        if not (args.baseline / "bench" / "train_throughput.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no bench/train_throughput.py there (give a checkout of this "
+                         "project)")
+        if args.reps < 1:
+            parser.error(f"--reps must be at least 1, got {args.reps}")
     if args.case:
         figures = measure(CASES[args.case] + args.extra, args.steps, args.warmup, args.batch, gpu, args.callbacks,
                           args.profile)
         Path(args.result).write_text(json.dumps(figures))
         return
     device = device_name(torch.device("cuda" if gpu else "cpu"))
-    results = {}
+    results, pairs = {}, {}
     for label, overrides in CASES.items():
         if args.only and not any(text in label for text in args.only):
             continue
@@ -235,11 +255,12 @@ def main() -> None:
         if STOCK in overrides and not (gpu and stock_available()):
             print(f"{label}: skipped (needs a GPU and mamba-ssm)")
             continue
-        if args.smoke:
-            overrides = overrides + ["data.target_length=128", "mask='40'", "+model.depth=2"]
-            steps, warmup, batch = 3, 1, 2
-        else:
-            steps, warmup, batch = args.steps, args.warmup, args.batch
+        smoke = ["data.target_length=128", "mask='40'", "+model.depth=2"] if args.smoke else []
+        overrides = overrides + smoke
+        steps, warmup, batch = (3, 1, 2) if args.smoke else (args.steps, args.warmup, args.batch)
+        if args.baseline is not None:
+            pairs[label] = compare_trees(label, steps, warmup, batch, smoke + args.extra, args)
+            continue
         try:  # a GPU case in a child process of its own, so that its peak memory is its own
             row_label = f"{label}, default callbacks" if args.callbacks else label
             results[row_label] = (measure_in_child(label, steps, warmup, batch, args.extra, args.callbacks,
@@ -253,6 +274,10 @@ def main() -> None:
               f"{_gib(row['peak_gib'])} GiB allocated, {_gib(row.get('peak_reserved_gib'))} GiB reserved", flush=True)
         if "profile" in row:
             print(describe_profile(row["profile"]), flush=True)
+    if args.baseline is not None:
+        print(f"\n{device}, torch {torch.__version__}, batch {batch}, {' '.join(args.extra)}\n"
+              f"{ab_table(pairs, args.baseline)}")
+        return
     lines = ["| run | backend | tokens | ms / step | samples / s | peak GiB allocated | peak GiB reserved |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['backend']} | {v['tokens']} | {v['ms_per_step']:.1f} | {v['samples_per_s']:.1f} | "
@@ -261,6 +286,40 @@ def main() -> None:
     print(f"\n{device}, torch {torch.__version__}, batch {batch}, {' '.join(args.extra)}\n{table}")
     if args.write:
         write_rows(ROOT / "docs" / "performance" / "train.json", results, device, " ".join(args.extra))
+
+
+def compare_trees(label: str, steps: int, warmup: int, batch: int, extra: list[str], args) -> dict[str, list[dict]]:
+    """``--reps`` rows of one case from each tree, alternating (baseline first), each in a fresh process."""
+    rows = {"baseline": [], "this tree": []}
+    for _ in range(args.reps):
+        for name, tree in (("baseline", args.baseline.resolve()), ("this tree", ROOT)):
+            row = measure_in_child(label, steps, warmup, batch, extra, args.callbacks, False, tree, args.smoke)
+            rows[name].append(row)
+            print(f"{label} ({name}): {row['ms_per_step']:.1f} ms/step", flush=True)
+    return rows
+
+
+def ab_verdict(baseline_ms: list[float], this_ms: list[float]) -> str:
+    """An ordering only where the two trees' rows do not overlap."""
+    if max(this_ms) < min(baseline_ms):
+        return "this tree faster in every row"
+    if min(this_ms) > max(baseline_ms):
+        return "this tree slower in every row"
+    return "no ordering (the rows overlap)"
+
+
+def ab_table(pairs: dict[str, dict[str, list[dict]]], baseline: Path) -> str:
+    """Markdown: per case, each tree's ms per step in run order, the medians' ratio and :func:`ab_verdict`."""
+    lines = [f"A/B against {baseline} (rows alternate, baseline first):", "",
+             "| run | baseline ms / step | this tree ms / step | this / baseline (medians) | verdict |",
+             "|---|---|---|---|---|"]
+    for label, rows in pairs.items():
+        ms = {name: [row["ms_per_step"] for row in tree_rows] for name, tree_rows in rows.items()}
+        ratio = statistics.median(ms["this tree"]) / statistics.median(ms["baseline"])
+        lines.append(f"| {label} | {' / '.join(f'{v:.1f}' for v in ms['baseline'])} | "
+                     f"{' / '.join(f'{v:.1f}' for v in ms['this tree'])} | {ratio:.3f} | "
+                     f"{ab_verdict(ms['baseline'], ms['this tree'])} |")
+    return "\n".join(lines)
 
 
 def describe_profile(profile: dict) -> str:

@@ -59,3 +59,28 @@ def test_kernel_intervals_reads_a_finished_profile():
     intervals = kernel_intervals(prof, torch.autograd.DeviceType.CPU)
     matmuls = [(start, end) for name, start, end in intervals if name == "aten::mm"]
     assert matmuls and all(end >= start for start, end in matmuls)
+
+
+def test_a_baseline_checkout_is_timed_alternately_with_this_one_and_an_ordering_needs_disjoint_rows(tmp_path):
+    import shutil
+
+    from train_throughput import ab_verdict
+
+    baseline = tmp_path / "baseline"
+    for part in ("ssamba", "bench", "conf"):
+        shutil.copytree(ROOT / part, baseline / part, ignore=shutil.ignore_patterns("__pycache__"))
+    script = baseline / "bench" / "train_throughput.py"  # records which package the baseline's child imported
+    script.write_text(script.read_text().replace('if __name__ == "__main__":', 'if __name__ == "__main__":\n    '
+                                                 'Path(__file__).with_name("ran").write_text(sys.modules["ssamba"].__file__)'))
+    result = run_script("--smoke", "--only", "ssamba_tiny, 2 passes (released", "--baseline", str(baseline),
+                        "--reps", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.index("(baseline):") < out.index("(this tree):")  # alternating, baseline first
+    assert Path((baseline / "bench" / "ran").read_text()).is_relative_to(baseline)  # its own code, not this tree's
+    assert "this / baseline (medians)" in out and "| ssamba_tiny, 2 passes (released objective) |" in out
+    assert ab_verdict([10.0, 11.0], [9.0, 9.5]) == "this tree faster in every row"
+    assert ab_verdict([10.0, 11.0], [12.0, 11.5]) == "this tree slower in every row"
+    assert ab_verdict([10.0, 11.0], [9.0, 10.5]) == "no ordering (the rows overlap)"
+    missing = run_script("--smoke", "--baseline", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no bench/train_throughput.py there" in missing.stderr
