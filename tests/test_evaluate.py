@@ -210,3 +210,11 @@ def test_the_quality_gate_makes_only_non_present_patients_unknown_and_counts_unr
     for pid in CirCorDataModule(root=str(CIRCOR_MINI)).patient_targets("test"):
         _, predicted, _ = read_output(out / "outputs" / f"{pid}.csv")
         assert predicted["Absent"] == 0  # every patient is Present or, gated, Unknown
+
+
+def test_the_quality_gate_refuses_label_sets_other_than_the_challenge_murmur_classes(tmp_path):
+    from ssamba.evaluation import gate_predictions
+
+    timing = CirCorDataModule(root=str(CIRCOR_MINI), task="murmur_timing", num_workers=0)
+    with pytest.raises(ValueError, match="corrects the Challenge's murmur classes"):
+        gate_predictions(tmp_path / "gate.json", timing, "test", None, None)
