@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.quality_gate:
         ungated = {name: float(value) for name, value in metric.scores(predictions).items()}
         predictions, gate = gate_predictions(cfg.quality_gate, datamodule, cfg.split, metric, predictions)
-        gate["scores_without_gate"] = {name: None if math.isnan(v) else v for name, v in ungated.items()}
+        gate["scores_without_gate"] = strict_json(ungated)
         log.info("quality gate %s: %d patients made Unknown", cfg.quality_gate, gate["made_unknown"])
     scores = {name: float(value) for name, value in metric.scores(predictions).items()}
 
@@ -80,9 +80,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     else:
         write_predictions(predictions, patient_ids, datamodule.label_names, out_dir / "predictions.csv")
     figure.savefig(out_dir / "confusion_matrix.png", dpi=100)
-    plain = {name: None if math.isnan(value) else value for name, value in scores.items()}  # strict JSON
     summary = {"ckpt_path": paths[0] if len(paths) == 1 else paths, "split": cfg.split, "aggregation": rule,
-               "scores": plain, **({"quality_gate": gate} if gate else {})}
+               "scores": strict_json(scores), **({"quality_gate": gate} if gate else {})}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     from rich.console import Console
@@ -91,6 +90,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {model_name}"))
     log.info("patient outputs, scores.json and confusion_matrix.png in %s", out_dir)
     return scores
+
+
+def strict_json(scores: dict[str, float]) -> dict[str, float | None]:
+    """Scores with NaN (a class without patients) as null, which strict JSON readers accept."""
+    return {name: None if math.isnan(value) else value for name, value in scores.items()}
 
 
 def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:

@@ -851,24 +851,28 @@ def quality_table(data: list[Path]) -> dict[str, list[float]]:
     return {pid: row.tolist() for pid, row in table.items()}
 
 
+def quality_rows(records: list[dict], quality: dict[str, list[float]]) -> list[list[float]]:
+    """The quality features of every patient the cells scored, in the cells' order; a one-line error for a
+    patient without any in ``quality``."""
+    ids = [i for r in records for i in r["patients"]["id"]]
+    missing = [i for i in ids if i not in quality]
+    if missing:
+        raise ValueError(f"patient {missing[0]} of the cells has no recording in --data ({len(missing)} missing)")
+    return [quality[i] for i in ids]
+
+
 def quality_gate(cell: dict, others: list[dict], quality: dict[str, list[float]]) -> list[int] | None:
     """The quality-gate rule's predictions of ``cell``, a gate (``ssamba.metrics.gate``) fitted on ``others``
     (:data:`RULES`); None where the other folds hold no Unknown patient (or only Unknown ones) to fit it on."""
     from ssamba.data.quality import PATIENT_FEATURES
     from ssamba.metrics.gate import UNKNOWN, fit_gate
 
-    def features(records):
-        missing = [i for r in records for i in r["patients"]["id"] if i not in quality]
-        if missing:
-            raise ValueError(f"patient {missing[0]} of the cells has no recording in --data ({len(missing)} missing)")
-        return [quality[i] for r in records for i in r["patients"]["id"]]
-
     target = [t for r in others for t in r["patients"]["target"]]
     if len({t == UNKNOWN for t in target}) < 2:
         return None
     preds = [p for r in others for p in r["patients"]["pred"]]
-    gate = fit_gate(features(others), target, preds, PATIENT_FEATURES)
-    return gate.apply(cell["patients"]["pred"], features([cell])).tolist()
+    gate = fit_gate(quality_rows(others, quality), target, preds, PATIENT_FEATURES)
+    return gate.apply(cell["patients"]["pred"], quality_rows([cell], quality)).tolist()
 
 
 def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None = None
@@ -972,21 +976,16 @@ def fit_quality_gate(results: Path, arm: str, data: list[Path], out: Path) -> st
     records = [r for r in load_results(results) if r["task"] == "murmur" and r["arm"] == arm]
     if not records:
         raise ValueError(f"no `murmur` cells of arm {arm} in {results}/cells")
-    quality = quality_table(data)
-    ids = [i for r in records for i in r["patients"]["id"]]
-    missing = [i for i in ids if i not in quality]
-    if missing:
-        raise ValueError(f"patient {missing[0]} of the cells has no recording in --data ({len(missing)} missing)")
-    rows = [quality[i] for i in ids]
+    rows = quality_rows(records, quality_table(data))
     target = [t for r in records for t in r["patients"]["target"]]
     preds = [p for r in records for p in r["patients"]["pred"]]
     fitted_on = (f"out-of-fold predictions of the {arm} arm's {len(records)} murmur cells in {results.name} "
-                 f"({len(ids)} patient predictions), {datetime.date.today().isoformat()}")
+                 f"({len(rows)} patient predictions), {datetime.date.today().isoformat()}")
     gate = fit_gate(rows, target, preds, PATIENT_FEATURES, fitted_on)
     out.parent.mkdir(parents=True, exist_ok=True)
     gate.save(out)
     changed = sum(a != b for a, b in zip(gate.apply(preds, rows).tolist(), preds))
-    return (f"quality gate: {out}, fitted on {len(records)} cells ({len(ids)} patient predictions, "
+    return (f"quality gate: {out}, fitted on {len(records)} cells ({len(rows)} patient predictions, "
             f"{sum(t == UNKNOWN for t in target)} Unknown); threshold {gate.threshold:.3f} turns {changed} of them "
             "Unknown")
 
