@@ -77,6 +77,7 @@ CASES = {  # label -> overrides
                                     "task.cuda_graphs=false"],
 }
 
+SMOKE_OVERRIDES = ["data.target_length=128", "mask='40'", "+model.depth=2"]  # --smoke: a model small enough for CPU
 
 # kernel name fragments -> the part of a training step a kernel belongs to; the first part that matches wins
 STEP_PARTS = (("scan", ("scan",)), ("conv", ("conv",)), ("add + norm", ("norm",)), ("gate", ("gate",)),
@@ -194,12 +195,24 @@ def measure_in_child(label: str, steps: int, warmup: int, batch: int, extra: lis
         result = Path(folder) / "result.json"
         command = [sys.executable, str(tree / "bench" / "train_throughput.py"), "--case", label, "--result",
                    str(result), "--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch),
-                   *(["--callbacks"] if callbacks else []), *(["--profile"] if profile else []),
-                   *(["--smoke"] if smoke else []), "--extra", *extra]
+                   *child_options(extra, callbacks, profile, smoke)]
         child = subprocess.run(command, cwd=tree)
         if child.returncode or not result.exists():
             raise RuntimeError(f"the child process exited with status {child.returncode}")
         return json.loads(result.read_text())
+
+
+def child_options(extra: list[str], callbacks: bool, profile: bool, smoke: bool) -> list[str]:
+    """The options a case's child process gets beyond its case and shape: only those in use, so that a baseline
+    checkout whose script predates an option can time every case that does not need it."""
+    return [*(["--callbacks"] if callbacks else []), *(["--profile"] if profile else []),
+            *(["--smoke"] if smoke else []), *(["--extra", *extra] if extra else [])]
+
+
+def baseline_lacks(script: Path, options: list[str]) -> list[str]:
+    """The options among ``options`` that the baseline's benchmark script does not define."""
+    text = script.read_text()
+    return [option for option in options if option.startswith("--") and f'"{option}"' not in text]
 
 
 def _gib(value: float | None) -> str:
@@ -235,9 +248,16 @@ def main() -> None:
     if args.baseline is not None:
         if args.write or args.profile:
             parser.error("--baseline rows are printed, not written, and not profiled (no --write, no --profile)")
-        if not (args.baseline / "bench" / "train_throughput.py").is_file():
+        script = args.baseline / "bench" / "train_throughput.py"
+        if not script.is_file():
             parser.error(f"--baseline {args.baseline}: no bench/train_throughput.py there (give a checkout of this "
                          "project)")
+        smoke_extra = SMOKE_OVERRIDES if args.smoke else []
+        lacking = baseline_lacks(script, ["--case", "--result", *child_options(smoke_extra + args.extra,
+                                                                               args.callbacks, False, args.smoke)])
+        if lacking:
+            parser.error(f"--baseline {args.baseline}: its bench/train_throughput.py predates {', '.join(lacking)}; "
+                         "time without those options or give a newer baseline")
         if args.reps < 1:
             parser.error(f"--reps must be at least 1, got {args.reps}")
     if args.case:
@@ -255,7 +275,7 @@ def main() -> None:
         if STOCK in overrides and not (gpu and stock_available()):
             print(f"{label}: skipped (needs a GPU and mamba-ssm)")
             continue
-        smoke = ["data.target_length=128", "mask='40'", "+model.depth=2"] if args.smoke else []
+        smoke = SMOKE_OVERRIDES if args.smoke else []
         overrides = overrides + smoke
         steps, warmup, batch = (3, 1, 2) if args.smoke else (args.steps, args.warmup, args.batch)
         if args.baseline is not None:

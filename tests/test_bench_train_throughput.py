@@ -84,3 +84,15 @@ def test_a_baseline_checkout_is_timed_alternately_with_this_one_and_an_ordering_
     assert ab_verdict([10.0, 11.0], [9.0, 10.5]) == "no ordering (the rows overlap)"
     missing = run_script("--smoke", "--baseline", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no bench/train_throughput.py there" in missing.stderr
+
+
+def test_a_baseline_script_older_than_an_option_in_use_is_refused_before_any_run(tmp_path):
+    from train_throughput import child_options
+
+    assert child_options([], callbacks=False, profile=False, smoke=False) == []  # what an old script can take
+    assert child_options(["task.fstride=16"], True, False, False) == ["--callbacks", "--extra", "task.fstride=16"]
+    old = tmp_path / "old" / "bench" / "train_throughput.py"  # a script from before --extra and --callbacks
+    old.parent.mkdir(parents=True)
+    old.write_text('parser.add_argument("--case")\nparser.add_argument("--result")\nparser.add_argument("--smoke")\n')
+    result = run_script("--smoke", "--callbacks", "--baseline", str(tmp_path / "old"))
+    assert result.returncode == 2 and "predates --callbacks, --extra" in result.stderr
