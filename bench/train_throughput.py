@@ -24,7 +24,9 @@ peak says more than the allocated one.
                                                            # by label, each with its card, torch and date)
     python bench/train_throughput.py --only "tiny, 2 passes, CUDA" --baseline ../old --reps 2
         # A/B: each case alternately from another checkout (its own bench script and package) and from this one,
-        # each run in a fresh process, --reps times; the rows and whether every one of one tree's is faster
+        # each run in a fresh process, --reps times; the rows and whether every one of one tree's is faster.
+        # To time an old package with this script's timing, give a folder with the old ssamba/, conf/ and
+        # train.py beside this tree's bench/
 
 Timings of one tree drift over minutes on one machine and differ between machines of the same kind, so a
 change is only measured against a baseline timed in the same call, interleaved with it (``--baseline``).
