@@ -275,6 +275,32 @@ def check_grid(results: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+class Durations:
+    """How long a training of each kind (pretraining, finetuning) takes, so that no training starts that the
+    deadline would stop: stopped on a machine that is then given back, its checkpoint is lost with it. The
+    estimate is the longest of its kind recorded in ``--results``' cells with this call's ``--parallel`` (with
+    any, if none), raised by those finished in this call; a resumed training needs that less what it ran."""
+
+    def __init__(self, results: Path, parallel: int):
+        records = [json.loads(path.read_text()) for path in sorted((results / "cells").glob("*.json"))]
+        same = [r for r in records if r.get("parallel") == parallel] or records
+        self.longest = {kind: max((r[f"{kind}_seconds"] for r in same), default=0.0) for kind in ("pretrain", "finetune")}
+
+    @staticmethod
+    def kind(job: Job) -> str:
+        return "pretrain" if job.task is None else "finetune"
+
+    def finished(self, job: Job, seconds: float) -> None:
+        self.longest[self.kind(job)] = max(self.longest[self.kind(job)], seconds)
+
+    def needed(self, job: Job, run_dir: Path) -> float:
+        """Seconds ``job`` is expected to need (0 when nothing of its kind is known)."""
+        state = run_dir / "runner.json"
+        spent = json.loads(state.read_text())["seconds"] if (run_dir / LAST_CHECKPOINT).is_file() and state.is_file() \
+            else 0.0
+        return max(self.longest[self.kind(job)] - spent, 0.0)
+
+
 @dataclass
 class Grid:
     """What every cell of one ``run`` call shares."""
@@ -395,12 +421,20 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
     resume on the next call) and is raised once they have stopped."""
     finished: dict[Job, dict] = {}
     pending, running, complete, failure = list(jobs), {}, True, None
+    durations, deferred = Durations(grid.results, grid.args.parallel), set()
     with ThreadPoolExecutor(max_workers=grid.args.parallel) as pool:
         while pending or running:
             for job in list(pending):
                 if len(running) >= grid.args.parallel or failure or grid.deadline.left() < MIN_START_SECONDS:
                     break
                 if job.needs is None or job.needs in finished:
+                    needed = durations.needed(job, job_folder(grid, job))
+                    if grid.deadline.left() < needed:
+                        if job not in deferred:
+                            deferred.add(job)
+                            print(f"{job.run_dir_name}: not started: about {needed:.0f} s needed (the longest such "
+                                  f"training recorded), {grid.deadline.left():.0f} s left", flush=True)
+                        continue
                     pending.remove(job)
                     running[pool.submit(train_job, grid, job)] = job
                 elif job.needs not in running.values() and job.needs not in pending:  # stopped: its turn is next call
@@ -421,6 +455,7 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
                     complete = False
                     continue
                 finished[job] = state
+                durations.finished(job, state["seconds"])
                 if job.task is not None:
                     pretrained = finished[job.needs] if job.needs else {"seconds": 0.0, "devices": []}
                     record_cell(grid, job, pretrained, state)

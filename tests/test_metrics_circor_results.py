@@ -277,6 +277,26 @@ def test_trainings_the_deadline_leaves_no_time_for_are_counted_and_not_started(f
     assert not (grid.work / "runs").exists()
 
 
+def test_no_training_starts_that_the_recorded_durations_say_the_deadline_would_stop(fake_train, capsys):
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=0"], 2)
+    for seed, parallel, seconds in ((1, 2, 100.0), (2, 1, 400.0)):  # cells of earlier calls; this one runs --parallel 2
+        record = cell("scratch", 0, seed, 0.7) | {"parallel": parallel, "finetune_seconds": seconds}
+        (grid.results / "cells" / f"murmur_fold0_seed{seed}_scratch.json").write_text(json.dumps(record))
+    assert bench.Durations(grid.results, 2).longest == {"pretrain": 0.0, "finetune": 100.0}
+    assert bench.Durations(grid.results, 3).longest["finetune"] == 400.0  # none at --parallel 3: every cell counts
+    resumed = grid.work / "runs" / "murmur_fold1_seed0_scratch"  # ran 80 s in an earlier call, then checkpointed
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / LAST).write_text("part")
+    (resumed / "runner.json").write_text(json.dumps({"finished": False, "seconds": 80.0, "devices": []}))
+    grid.deadline = bench.Deadline(1.0)  # 60 s: room for the resumed training's last 20 s, not for a new one's 100
+    assert not bench.run_jobs(grid, grid_jobs(grid, [0, 1, 2], ["scratch"]))
+    out = capsys.readouterr().out
+    assert "murmur_fold0_seed0_scratch: not started: about 100 s needed" in out
+    assert "murmur_fold2_seed0_scratch: not started" in out and "2 training(s) not started" in out
+    assert (grid.results / "cells" / "murmur_fold1_seed0_scratch.json").is_file()
+    assert not (grid.work / "runs" / "murmur_fold0_seed0_scratch").exists()
+
+
 @pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
                                                     (0.975, 4, 2.7764), (0.975, 14, 2.1448), (0.95, 9, 1.8331)])
 def test_t_quantiles_match_the_tables(p, df, expected):
