@@ -284,7 +284,8 @@ class Durations:
     def __init__(self, results: Path, parallel: int):
         records = [json.loads(path.read_text()) for path in sorted((results / "cells").glob("*.json"))]
         same = [r for r in records if r.get("parallel") == parallel] or records
-        self.longest = {kind: max((r[f"{kind}_seconds"] for r in same), default=0.0) for kind in ("pretrain", "finetune")}
+        self.longest = {kind: max((r[f"{kind}_seconds"] for r in same), default=0.0)
+                        for kind in ("pretrain", "finetune")}
 
     @staticmethod
     def kind(job: Job) -> str:
@@ -296,8 +297,8 @@ class Durations:
     def needed(self, job: Job, run_dir: Path) -> float:
         """Seconds ``job`` is expected to need (0 when nothing of its kind is known)."""
         state = run_dir / "runner.json"
-        spent = json.loads(state.read_text())["seconds"] if (run_dir / LAST_CHECKPOINT).is_file() and state.is_file() \
-            else 0.0
+        resuming = state.is_file() and (run_dir / LAST_CHECKPOINT).is_file()
+        spent = json.loads(state.read_text())["seconds"] if resuming else 0.0
         return max(self.longest[self.kind(job)] - spent, 0.0)
 
 
