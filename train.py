@@ -61,7 +61,8 @@ def train(cfg: DictConfig) -> float | None:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
         if cfg.get("score_checkpoint") and trainer.is_global_zero:
-            _score_test(cfg.score_checkpoint, trainer, datamodule, cfg.paths.output_dir)
+            _score_test(cfg.score_checkpoint, list(cfg.get("score_ensemble") or []), trainer, datamodule,
+                        cfg.paths.output_dir)
         exit_code = 0
     finally:
         finish_wandb(exit_code)
@@ -71,16 +72,18 @@ def train(cfg: DictConfig) -> float | None:
     return score
 
 
-def _score_test(which: str, trainer: L.Trainer, datamodule, output_dir: str) -> None:
-    """Score the run's ``which`` checkpoint on the test patients in this process, exactly as evaluate.py would
-    (rebuilt from the file), and write scores and patient predictions to ``<run>/test_scores.json``: a second
-    process would redo the imports, the device set-up and the loader workers."""
+def _score_test(which: str, ensemble: list[str], trainer: L.Trainer, datamodule, output_dir: str) -> None:
+    """Score the run's ``which`` checkpoint (with the ``ensemble`` checkpoints, if any, as one ensemble) on the
+    test patients in this process, exactly as evaluate.py would (rebuilt from the files), and write scores and
+    patient predictions to ``<run>/test_scores.json``: a second process would redo the imports, the device
+    set-up and the loader workers."""
     path = last_checkpoint_path(trainer) if which == "last" else trainer.checkpoint_callback.best_model_path
     started = time.perf_counter()
     precision = "bf16" if "bf16" in str(trainer.precision) else "32"
-    scores, patients = score_checkpoint(path, datamodule, "test", trainer.strategy.root_device, precision)
-    record = {"checkpoint": which, "split": "test", "precision": precision, "scores": scores, "patients": patients,
-              "seconds": time.perf_counter() - started}
+    scores, patients = score_checkpoint([path, *ensemble], datamodule, "test", trainer.strategy.root_device,
+                                        precision)
+    record = {"checkpoint": which, "members": 1 + len(ensemble), "split": "test", "precision": precision,
+              "scores": scores, "patients": patients, "seconds": time.perf_counter() - started}
     atomic_write_bytes((json.dumps(record) + "\n").encode(), Path(output_dir) / "test_scores.json")
     log.info("test patients: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 

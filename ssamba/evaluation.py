@@ -130,14 +130,16 @@ def patient_table(metric: PatientChallengeMetrics, predictions: PatientPredictio
     }  # fmt: skip
 
 
-def score_checkpoint(path: str, datamodule: Any, split: str, device: torch.device,
+def score_checkpoint(paths: str | Sequence[str], datamodule: Any, split: str, device: torch.device,
                      precision: str = "32") -> tuple[dict[str, float], dict[str, list]]:
-    """Patient-level scores of the finetuning checkpoint ``path`` on ``split`` of ``datamodule`` (its own
-    aggregation rule), and the patient predictions behind them (:func:`patient_table`)."""
-    checkpoint = load_finetuned(path)
-    check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
+    """Patient-level scores of a finetuning checkpoint, or of several as one ensemble (a list: mean class
+    probabilities, as ``evaluate.py ckpt_path=[...]``), on ``split`` of ``datamodule`` (its own aggregation
+    rule), and the patient predictions behind them (:func:`patient_table`)."""
+    members = load_members([paths] if isinstance(paths, (str, Path)) else list(paths))
+    for member in members:
+        check_compatible(member, datamodule.label_names, datamodule.target_length)
     rule = datamodule.aggregation
-    metric = score_split(checkpoint.build_classifier(), datamodule, split, rule, device, precision)
+    metric = score_split(build_model(members), datamodule, split, rule, device, precision)
     predictions = metric.predictions()
     scores = {name: float(value) for name, value in metric.scores(predictions).items()}
     return scores, patient_table(metric, predictions, datamodule.label_names, rule)

@@ -86,6 +86,9 @@ def test_defaults_are_the_reference_pretraining():
     (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such checkpoint file"),
     (["score_checkpoint=last"], "score_checkpoint=last: allowed values are last, best or null, with task=finetune"),
     (["task=finetune", "score_checkpoint=final"], "score_checkpoint=final: allowed values are last, best or null"),
+    (["task=finetune", "score_ensemble=[/no/such.ckpt]"], "score_ensemble=[...] is scored together with the run's"),
+    (["task=finetune", "score_checkpoint=last", "score_ensemble=[/no/such.ckpt]"],
+     "score_ensemble: no such checkpoint file /no/such.ckpt"),
     (["data=audioset"], "data.root: is required"),
 ])
 def test_inconsistent_values_name_the_key(overrides, message):

@@ -62,6 +62,26 @@ def test_in_process_scores_are_evaluate_py_s_and_the_lean_settings_change_nothin
     assert epochs == {"1"}  # validated once, after the last epoch
 
 
+@pytest.mark.slow
+def test_a_run_scores_its_checkpoint_with_others_as_evaluate_py_scores_their_ensemble(data, tmp_path):
+    first, second, evaluated = tmp_path / "first", tmp_path / "second", tmp_path / "evaluated"
+    short = [*TINY, f"data.root={data}", "trainer.max_epochs=1", "callbacks.model_checkpoint.save_top_k=0"]
+    run("train.py", *short, f"hydra.run.dir={first}")
+    other = first / "checkpoints" / "last.ckpt"
+    run("train.py", *short, "seed=4", "score_checkpoint=last", f"score_ensemble=['{other}']", f"hydra.run.dir={second}")
+    scored = json.loads((second / "test_scores.json").read_text())
+    assert scored["members"] == 2 and scored["scores"]["patients"] == 6
+    run("evaluate.py", f"ckpt_path=['{second / 'checkpoints' / 'last.ckpt'}','{other}']", f"data.root={data}",
+        "data.num_workers=0", "data.split=kfold", "data.folds=2", "data.fold=0", "data.val_fraction=0.2",
+        "data.split_file=null", "split=test", "device=cpu", f"out_dir={evaluated}", f"hydra.run.dir={evaluated}")
+    ensemble = json.loads((evaluated / "scores.json").read_text())["scores"]
+    assert same(scored["scores"], {k: math.nan if v is None else v for k, v in ensemble.items()})
+    for pid, probs in zip(scored["patients"]["id"], scored["patients"]["probs"]):  # the ensemble's probabilities
+        written = (evaluated / "outputs" / f"{pid}.csv").read_text().splitlines()
+        assert written[1].split(",")[:3] == ["Present", "Unknown", "Absent"]
+        assert [float(v) for v in written[3].split(",")[:3]] == pytest.approx(probs, abs=1e-6)
+
+
 def test_score_checkpoint_without_test_patients_stops_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "task=finetune", "data=synthetic", "trainer=cpu", "logger=csv",
                              "score_checkpoint=last", f"paths.log_dir={tmp_path}"],

@@ -118,6 +118,13 @@ def validate_config(cfg: DictConfig) -> None:
     if scored is not None and (task != "finetune" or scored not in SCORED_CHECKPOINTS):
         raise ConfigError(f"score_checkpoint={scored}: allowed values are {', '.join(SCORED_CHECKPOINTS)} or null, "
                           "with task=finetune")
+    ensemble = list(_get(cfg, "score_ensemble") or [])
+    if ensemble and scored is None:
+        raise ConfigError("score_ensemble=[...] is scored together with the run's own checkpoint: set "
+                          "score_checkpoint=last|best too")
+    missing = [path for path in ensemble if not Path(str(path)).is_file()]
+    if missing:
+        raise ConfigError(f"score_ensemble: no such checkpoint file {missing[0]}")
     ckpt_path = _get(cfg, "ckpt_path")
     if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (or use 'last' / 'best')")
