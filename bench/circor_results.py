@@ -28,6 +28,8 @@ each cell with its card and wall time (docs/heart-murmurs.md says what the inter
         --out docs/results/circor-cv.md
     # anywhere, from the per-cell JSON files:
     python bench/circor_results.py report --results .gpudata/circor-cv --out docs/results/circor-cv.md
+    # each cell an ensemble of 3 finetunings (seeds s, s + 1000, s + 2000 on the same patients), own --results:
+    python bench/circor_results.py run --data .gpudata/circor/part* --results .gpudata/cv-members3 --members 3
     # another recipe's grid (its own --results) against this one, pair by pair (scheme, fold, seed):
     python bench/circor_results.py compare --base docs/results/circor-cv --other .gpudata/cv-other --out cmp.md
     # patient decision rules scored on the cells' stored predictions (no training; --data adds the quality gate):
@@ -94,6 +96,7 @@ GRACE_SECONDS = 120  # after SIGTERM: the batch in flight, a validation due, wri
 MIN_START_SECONDS = 60  # no training starts with less time left before --stop-after-minutes
 LAST_CHECKPOINT = "checkpoints/last.ckpt"  # what a finished pretraining leaves for its finetunings
 TEST_SCORES = "test_scores.json"  # what a finished finetuning leaves for its cell (train.py score_checkpoint=...)
+MEMBER_SEED_STEP = 1000  # --members K: member j of the cell of seed s trains with seed s + j * MEMBER_SEED_STEP
 
 
 # --- staging ----------------------------------------------------------------------------------
@@ -284,8 +287,9 @@ class Durations:
     def __init__(self, results: Path, parallel: int):
         records = [json.loads(path.read_text()) for path in sorted((results / "cells").glob("*.json"))]
         same = [r for r in records if r.get("parallel") == parallel] or records
-        self.longest = {kind: max((r[f"{kind}_seconds"] for r in same), default=0.0)
-                        for kind in ("pretrain", "finetune")}
+        per_training = {"pretrain": lambda r: r["pretrain_seconds"],  # a cell's finetunings: its --members
+                        "finetune": lambda r: r["finetune_seconds"] / r.get("members", 1)}
+        self.longest = {kind: max((seconds(r) for r in same), default=0.0) for kind, seconds in per_training.items()}
 
     @staticmethod
     def kind(job: Job) -> str:
@@ -343,6 +347,7 @@ def run_grid(args: argparse.Namespace) -> bool:
     settings = {
         "folds": args.folds, "checkpoint": args.checkpoint, "pretrain": pretrain, "finetune": finetune,
         "common": [o for o in common if not o.startswith(("data.root=", "data.num_workers="))],  # no machine paths
+        **({"members": args.members} if args.members > 1 else {}),  # absent for one: older grids stay the same
     }  # fmt: skip
     check_grid(results, settings)
     settings |= {"recipes": {task: f"experiment={RECIPES[task]}" for task in args.tasks}, "data": args.data_description}
@@ -375,12 +380,19 @@ class Job:
     arm: str
     task: str | None = None
     needs: Job | None = None
+    member: int = 0  # --members K: 1 .. K-1 are a cell's further finetunings, trained with their own seeds
+    members: tuple[Job, ...] = ()  # of the cell's own finetuning (member 0): the members it is scored with
 
     @property
     def run_dir_name(self) -> str:
         if self.task is None:
             return f"pretrain_fold{self.fold}_seed{self.seed}"
-        return f"{self.task}_fold{self.fold}_seed{self.seed}_{self.arm}"
+        cell = f"{self.task}_fold{self.fold}_seed{self.seed}_{self.arm}"
+        return f"{cell}_member{self.member}" if self.member else cell
+
+    @property
+    def prerequisites(self) -> list[Job]:
+        return [*([self.needs] if self.needs else []), *self.members]
 
 
 def job_folder(grid: Grid, job: Job) -> Path:
@@ -390,8 +402,9 @@ def job_folder(grid: Grid, job: Job) -> Path:
 
 def cell_jobs(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> list[Job]:
     """The trainings of one (fold, seed, arm)'s missing cells, one per label scheme: for arm pretrained its
-    pretraining first (shared by the schemes), then the finetunings that start from it. A pretraining's
-    checkpoint stays on the machine that made it: one finished on another machine is done again here."""
+    pretraining first (shared by the schemes), then the finetunings that start from it (with ``--members K``,
+    K per cell, the cell's own last). A pretraining's checkpoint stays on the machine that made it: one finished
+    on another machine is done again here."""
     todo = [t for t in tasks if not cell_path(grid.results, t, fold, seed, arm).is_file()]
     if not todo:
         return []
@@ -402,17 +415,31 @@ def cell_jobs(grid: Grid, tasks: list[str], fold: int, seed: int, arm: str) -> l
         if served and not (job_folder(grid, pretraining) / LAST_CHECKPOINT).is_file():
             print(f"{pretraining.run_dir_name}: finished elsewhere (the {', '.join(served)} cells started from it), "
                   "but its checkpoint is not on this machine; pretraining again", flush=True)
-    return [job for job in (pretraining, *(Job(fold, seed, arm, task, pretraining) for task in todo)) if job]
+    jobs = [pretraining] if pretraining else []
+    for task in todo:
+        members = tuple(Job(fold, seed, arm, task, pretraining, member) for member in range(1, grid.args.members))
+        jobs += [*members, Job(fold, seed, arm, task, pretraining, members=members)]
+    return jobs
 
 
 def train_job(grid: Grid, job: Job) -> dict | None:
-    """Train one job (``train``'s result: its state, or None when stopped by the deadline)."""
-    each = [f"data.fold={job.fold}", f"data.split_seed={job.seed}", f"seed={job.seed}"]
+    """Train one job (``train``'s result: its state, or None when stopped by the deadline). A further member of a
+    cell trains on the same patients with its own seed and is kept, unscored, for the cell's own finetuning to
+    score with it as one ensemble (``train.py score_ensemble=...``)."""
+    seed = job.seed + MEMBER_SEED_STEP * job.member
+    each = [f"data.fold={job.fold}", f"data.split_seed={job.seed}", f"seed={seed}"]
     if job.task is None:
         return train([*grid.pretrain, *grid.common, *each], job_folder(grid, job), grid.deadline, LAST_CHECKPOINT)
     init = [f"task.pretrained={job_folder(grid, job.needs) / LAST_CHECKPOINT}"] if job.needs else []
-    return train([f"experiment={RECIPES[job.task]}", *grid.finetune, *grid.common, *each, *init],
-                 job_folder(grid, job), grid.deadline, TEST_SCORES)  # fmt: skip
+    recipe = f"experiment={RECIPES[job.task]}"
+    if job.member:
+        unscored = [o for o in grid.finetune if not o.startswith("score_checkpoint=")]
+        return train([recipe, *unscored, *grid.common, *each, *init], job_folder(grid, job), grid.deadline,
+                     LAST_CHECKPOINT)
+    paths = ",".join(f"'{job_folder(grid, member) / LAST_CHECKPOINT}'" for member in job.members)
+    ensemble = [f"score_ensemble=[{paths}]"] if job.members else []
+    return train([recipe, *grid.finetune, *grid.common, *each, *init, *ensemble], job_folder(grid, job),
+                 grid.deadline, TEST_SCORES)
 
 
 def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
@@ -428,7 +455,8 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
             for job in list(pending):
                 if len(running) >= grid.args.parallel or failure or grid.deadline.left() < MIN_START_SECONDS:
                     break
-                if job.needs is None or job.needs in finished:
+                waiting = [other for other in job.prerequisites if other not in finished]
+                if not waiting:
                     needed = durations.needed(job, job_folder(grid, job))
                     if grid.deadline.left() < needed:
                         if job not in deferred:
@@ -438,7 +466,8 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
                         continue
                     pending.remove(job)
                     running[pool.submit(train_job, grid, job)] = job
-                elif job.needs not in running.values() and job.needs not in pending:  # stopped: its turn is next call
+                elif any(other not in running.values() and other not in pending for other in waiting):
+                    # one it waits for was stopped: its turn is the next call
                     pending.remove(job)
                     complete = False
             if not running:
@@ -457,9 +486,9 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
                     continue
                 finished[job] = state
                 durations.finished(job, state["seconds"])
-                if job.task is not None:
+                if job.task is not None and not job.member:
                     pretrained = finished[job.needs] if job.needs else {"seconds": 0.0, "devices": []}
-                    record_cell(grid, job, pretrained, state)
+                    record_cell(grid, job, pretrained, [state, *(finished[member] for member in job.members)])
     if failure:
         raise failure
     if pending:
@@ -468,14 +497,17 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
     return complete and not pending
 
 
-def record_cell(grid: Grid, job: Job, pretrained: dict, finetuned: dict) -> None:
-    """Write a finished cell's JSON (scores, the patients' predictions, cards, wall times) and the report."""
+def record_cell(grid: Grid, job: Job, pretrained: dict, finetunings: list[dict]) -> None:
+    """Write a finished cell's JSON (scores, the patients' predictions, cards, wall times) and the report.
+    ``finetunings``: the states of the cell's own finetuning, then of its further members (``--members``), whose
+    seconds its finetune_seconds sums."""
     scored = json.loads((job_folder(grid, job) / TEST_SCORES).read_text())
-    scores = scored["scores"]
+    scores, finetuned = scored["scores"], finetunings[0]
     record = {
         "task": job.task, "fold": job.fold, "seed": job.seed, "arm": job.arm,
-        "cards": sorted({*pretrained["devices"], *finetuned["devices"]}),
-        "pretrain_seconds": pretrained["seconds"], "finetune_seconds": finetuned["seconds"],
+        "cards": sorted({*pretrained["devices"], *(card for state in finetunings for card in state["devices"])}),
+        "pretrain_seconds": pretrained["seconds"], "finetune_seconds": sum(state["seconds"] for state in finetunings),
+        **({"members": len(finetunings)} if len(finetunings) > 1 else {}),
         "score_seconds": scored["seconds"], "parallel": grid.args.parallel, "settings": grid.settings,
         "scores": scores,
         "patients": scored["patients"],
@@ -764,6 +796,9 @@ def setting_changes(base: dict, other: dict) -> list[str]:
             change = "; ".join(part for part in (f"adds `{' '.join(added)}`" if added else "",
                                                  f"drops `{' '.join(dropped)}`" if dropped else "") if part)
             lines.append(f"- {kind}: {change}")
+    members = base.get("members", 1), other.get("members", 1)
+    if members[0] != members[1]:
+        lines.append(f"- finetunings per cell, scored as one ensemble (`--members`): {members[0]} -> {members[1]}")
     return lines or ["- none: the same overrides (another seed set or arm only)"]
 
 
@@ -1055,6 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--parallel", type=int, default=1,
                       help="trainings at once on the machine (a finetuning of this size leaves an H100 partly idle); "
                            "each gets --num-workers loader workers; cells record it: their wall times may overlap")
+    grid.add_argument("--members", type=int, default=1,
+                      help="finetunings per cell, the same patients with seeds s, s + 1000, ...: the cell scores them "
+                           "as one ensemble (mean class probabilities)")
     grid.add_argument("--stop-after-minutes", type=float, default=0.0,
                       help="stop the training in progress then (it resumes on the next call); 0: no limit")
     grid.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every training")
@@ -1100,6 +1138,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--folds must be at least 2, got {args.folds}")
             if args.parallel < 1:
                 parser.error(f"--parallel must be at least 1, got {args.parallel}")
+            if args.members < 1 or (args.members > 1 and args.checkpoint != "last"):
+                parser.error(f"--members must be at least 1, and above 1 only with --checkpoint last (the members "
+                             f"keep their last checkpoints), got --members {args.members} --checkpoint {args.checkpoint}")
             complete = run_grid(args)
             print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
         elif args.command == "rules":

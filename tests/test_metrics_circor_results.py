@@ -179,7 +179,7 @@ def fake_grid(fake_train, results, common, parallel=1, recipes=("murmur",)):
     """A Grid for the stand-in train.py: ``common`` goes to every training."""
     recipes = {t: f"experiment={bench.RECIPES[t]}" for t in recipes}
     settings = cell("scratch", 0, 0, 0.7)["settings"] | {"recipes": recipes, "folds": 5}  # no fold set complete
-    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel)
+    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel, members=1)
     (results / "cells").mkdir(parents=True, exist_ok=True)
     return bench.Grid(args, bench.Deadline(0), results, fake_train / "work", common, ["experiment=circor_pretrain"],
                       ["score_checkpoint=last"], settings)  # fmt: skip
@@ -295,6 +295,38 @@ def test_no_training_starts_that_the_recorded_durations_say_the_deadline_would_s
     assert "murmur_fold2_seed0_scratch: not started" in out and "2 training(s) not started" in out
     assert (grid.results / "cells" / "murmur_fold1_seed0_scratch.json").is_file()
     assert not (grid.work / "runs" / "murmur_fold0_seed0_scratch").exists()
+
+
+def test_a_cell_of_several_members_trains_each_with_its_seed_and_scores_them_as_one_ensemble(fake_train):
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=0"], 2)
+    grid.args.members = 3
+    jobs = grid_jobs(grid, [0], ["pretrained"])
+    cell = "murmur_fold0_seed0_pretrained"
+    assert [job.run_dir_name for job in jobs] == ["pretrain_fold0_seed0", f"{cell}_member1", f"{cell}_member2", cell]
+    assert bench.run_jobs(grid, jobs)
+    runs = grid.work / "runs"
+    member = calls(runs / f"{cell}_member2")[0]
+    assert "seed=2000" in member and "data.split_seed=0" in member and "data.fold=0" in member
+    assert not any(arg.startswith("score_checkpoint=") for arg in member)  # kept for the cell, not scored alone
+    assert f"task.pretrained={runs / 'pretrain_fold0_seed0' / LAST}" in member  # the members share the pretraining
+    own = calls(runs / cell)[0]
+    assert "seed=0" in own and "score_checkpoint=last" in own
+    assert f"score_ensemble=['{runs / f'{cell}_member1' / LAST}','{runs / f'{cell}_member2' / LAST}']" in own
+    record = json.loads((grid.results / "cells" / f"{cell}.json").read_text())
+    seconds = [json.loads((runs / name / "runner.json").read_text())["seconds"]
+               for name in (cell, f"{cell}_member1", f"{cell}_member2")]
+    assert record["members"] == 3 and record["finetune_seconds"] == pytest.approx(sum(seconds))
+    assert bench.Durations(grid.results, 2).longest["finetune"] == pytest.approx(sum(seconds) / 3)
+    assert not (grid.results / "cells" / f"{cell}_member1.json").exists()
+    assert bench.setting_changes({"finetune": ["a"]}, {"finetune": ["a"], "members": 3}) == [
+        "- finetunings per cell, scored as one ensemble (`--members`): 1 -> 3"]
+
+
+def test_members_need_the_last_checkpoint_and_at_least_one(tmp_path, capsys):
+    for options in (["--members", "2", "--checkpoint", "best"], ["--members", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["run", "--data", str(tmp_path), "--results", str(tmp_path / "r"), *options])
+        assert stop.value.code == 2 and "--members must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("p", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824),
