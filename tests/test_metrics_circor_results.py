@@ -322,6 +322,20 @@ def test_a_cell_of_several_members_trains_each_with_its_seed_and_scores_them_as_
         "- finetunings per cell, scored as one ensemble (`--members`): 1 -> 3"]
 
 
+def test_a_grid_of_members_records_them_and_its_folder_refuses_another_count(fake_train, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "write_report", lambda *_: None)  # the stand-in's cells hold no patients to pool
+    data = cloned_circor(fake_train / "circor", copies=2)
+    argv = ["run", "--data", str(data), "--results", str(fake_train / "results"), "--out", str(fake_train / "r.md"),
+            "--tasks", "murmur", "--folds", "2", "--seeds", "0", "--arms", "scratch", "--trainer", "cpu",
+            "--num-workers", "0", "--override", "sleep=0"]  # fmt: skip
+    assert bench.main([*argv, "--members", "2"]) == 0
+    assert json.loads((fake_train / "results" / "grid.json").read_text())["members"] == 2
+    assert "grid complete" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*argv, "--members", "3"])
+    assert stop.value.code == 2 and "holds a grid with other settings (members)" in capsys.readouterr().err
+
+
 def test_members_need_the_last_checkpoint_and_at_least_one(tmp_path, capsys):
     for options in (["--members", "2", "--checkpoint", "best"], ["--members", "0"]):
         with pytest.raises(SystemExit) as stop:
