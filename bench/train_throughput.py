@@ -247,6 +247,7 @@ def main() -> None:
     if args.profile and (not gpu or args.write):
         parser.error("--profile reads kernel times, so it needs a CUDA device (not --smoke), and it slows the "
                      "host, so its rows are not written (no --write)")
+    smoke = SMOKE_OVERRIDES if args.smoke else []
     if args.baseline is not None:
         if args.write or args.profile:
             parser.error("--baseline rows are printed, not written, and not profiled (no --write, no --profile)")
@@ -254,9 +255,8 @@ def main() -> None:
         if not script.is_file():
             parser.error(f"--baseline {args.baseline}: no bench/train_throughput.py there (give a checkout of this "
                          "project)")
-        smoke_extra = SMOKE_OVERRIDES if args.smoke else []
-        lacking = baseline_lacks(script, ["--case", "--result", *child_options(smoke_extra + args.extra,
-                                                                               args.callbacks, False, args.smoke)])
+        lacking = baseline_lacks(script, ["--case", "--result", *child_options(smoke + args.extra, args.callbacks,
+                                                                               False, args.smoke)])
         if lacking:
             parser.error(f"--baseline {args.baseline}: its bench/train_throughput.py predates {', '.join(lacking)}; "
                          "time without those options or give a newer baseline")
@@ -277,7 +277,6 @@ def main() -> None:
         if STOCK in overrides and not (gpu and stock_available()):
             print(f"{label}: skipped (needs a GPU and mamba-ssm)")
             continue
-        smoke = SMOKE_OVERRIDES if args.smoke else []
         overrides = overrides + smoke
         steps, warmup, batch = (3, 1, 2) if args.smoke else (args.steps, args.warmup, args.batch)
         if args.baseline is not None:

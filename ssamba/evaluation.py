@@ -130,14 +130,13 @@ def patient_table(metric: PatientChallengeMetrics, predictions: PatientPredictio
     }  # fmt: skip
 
 
-def score_checkpoint(paths: str | Sequence[str], datamodule: Any, split: str, device: torch.device,
+def score_checkpoint(paths: Sequence[str], datamodule: Any, split: str, device: torch.device,
                      precision: str = "32") -> tuple[dict[str, float], dict[str, list]]:
-    """Patient-level scores of a finetuning checkpoint, or of several as one ensemble (a list: mean class
-    probabilities, as ``evaluate.py ckpt_path=[...]``), on ``split`` of ``datamodule`` (its own aggregation
+    """Patient-level scores of finetuning checkpoints (one, or several as one ensemble: mean class
+    probabilities, as ``evaluate.py ckpt_path=[...]``) on ``split`` of ``datamodule`` (its own aggregation
     rule), and the patient predictions behind them (:func:`patient_table`)."""
-    members = load_members([paths] if isinstance(paths, (str, Path)) else list(paths))
-    for member in members:
-        check_compatible(member, datamodule.label_names, datamodule.target_length)
+    members = load_members(paths)  # which agree on classes and input, so the first one speaks for all
+    check_compatible(members[0], datamodule.label_names, datamodule.target_length)
     rule = datamodule.aggregation
     metric = score_split(build_model(members), datamodule, split, rule, device, precision)
     predictions = metric.predictions()
