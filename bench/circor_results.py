@@ -770,9 +770,12 @@ def render(records: list[dict], plan: dict | None = None) -> str:
         + f" with `{' '.join(settings['finetune'])}`",
         f"- every training: `{' '.join(settings['common'])}`, and per cell `data.fold=<fold> "
         "data.split_seed=<seed> seed=<seed>`",
-        "",
     ]
-    return "\n".join(lines)
+    members = records[0].get("members", 1)  # a grid's folder holds one count (run refuses another)
+    if members > 1:
+        lines.append(f"- each cell: {members} finetunings on its patients (seeds <seed> + j x {MEMBER_SEED_STEP}, "
+                     f"j < {members}), scored per patient as one ensemble (mean class probabilities; `--members`)")
+    return "\n".join([*lines, ""])
 
 
 def write_report(results: Path, out: Path, plan: dict | None = None, readme: Path | None = None) -> None:

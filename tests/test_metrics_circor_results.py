@@ -318,6 +318,8 @@ def test_a_cell_of_several_members_trains_each_with_its_seed_and_scores_them_as_
     assert record["members"] == 3 and record["finetune_seconds"] == pytest.approx(sum(seconds))
     assert bench.Durations(grid.results, 2).longest["finetune"] == pytest.approx(sum(seconds) / 3)
     assert not (grid.results / "cells" / f"{cell}_member1.json").exists()
+    assert "- each cell: 3 finetunings on its patients" in bench.render([record])
+    assert "finetunings on its patients" not in bench.render([{**record, "members": 1}])
     assert bench.setting_changes({"finetune": ["a"]}, {"finetune": ["a"], "members": 3}) == [
         "- finetunings per cell, scored as one ensemble (`--members`): 1 -> 3"]
 
