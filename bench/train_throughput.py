@@ -330,16 +330,20 @@ def ab_verdict(baseline_ms: list[float], this_ms: list[float]) -> str:
 
 
 def ab_table(pairs: dict[str, dict[str, list[dict]]], baseline: Path) -> str:
-    """Markdown: per case, each tree's ms per step in run order, the medians' ratio and :func:`ab_verdict`."""
+    """Markdown: per case, each tree's ms per step in run order, the medians' ratio, :func:`ab_verdict` and each
+    tree's highest peak of allocated memory over its rows."""
     lines = [f"A/B against {baseline} (rows alternate, baseline first):", "",
-             "| run | baseline ms / step | this tree ms / step | this / baseline (medians) | verdict |",
-             "|---|---|---|---|---|"]
+             "| run | baseline ms / step | this tree ms / step | this / baseline (medians) | verdict | "
+             "peak GiB allocated, baseline / this tree |",
+             "|---|---|---|---|---|---|"]
     for label, rows in pairs.items():
         ms = {name: [row["ms_per_step"] for row in tree_rows] for name, tree_rows in rows.items()}
+        peaks = [max((row["peak_gib"] for row in rows[name] if row.get("peak_gib") is not None), default=None)
+                 for name in ("baseline", "this tree")]
         ratio = statistics.median(ms["this tree"]) / statistics.median(ms["baseline"])
         lines.append(f"| {label} | {' / '.join(f'{v:.1f}' for v in ms['baseline'])} | "
                      f"{' / '.join(f'{v:.1f}' for v in ms['this tree'])} | {ratio:.3f} | "
-                     f"{ab_verdict(ms['baseline'], ms['this tree'])} |")
+                     f"{ab_verdict(ms['baseline'], ms['this tree'])} | {' / '.join(map(_gib, peaks))} |")
     return "\n".join(lines)
 
 

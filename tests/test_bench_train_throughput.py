@@ -64,7 +64,7 @@ def test_kernel_intervals_reads_a_finished_profile():
 def test_a_baseline_checkout_is_timed_alternately_with_this_one_and_an_ordering_needs_disjoint_rows(tmp_path):
     import shutil
 
-    from train_throughput import ab_verdict
+    from train_throughput import ab_table, ab_verdict
 
     baseline = tmp_path / "baseline"
     for part in ("ssamba", "bench", "conf"):
@@ -79,6 +79,10 @@ def test_a_baseline_checkout_is_timed_alternately_with_this_one_and_an_ordering_
     assert out.index("(baseline):") < out.index("(this tree):")  # alternating, baseline first
     assert Path((baseline / "bench" / "ran").read_text()).is_relative_to(baseline)  # its own code, not this tree's
     assert "this / baseline (medians)" in out and "| ssamba_tiny, 2 passes (released objective) |" in out
+    rows = {"baseline": [{"ms_per_step": 10.0, "peak_gib": 9.5}, {"ms_per_step": 11.0, "peak_gib": 9.6}],
+            "this tree": [{"ms_per_step": 9.0, "peak_gib": 3.0}, {"ms_per_step": 9.5, "peak_gib": None}]}
+    assert ab_table({"case": rows}, baseline).splitlines()[-1] == (
+        "| case | 10.0 / 11.0 | 9.0 / 9.5 | 0.881 | this tree faster in every row | 9.60 / 3.00 |")
     assert ab_verdict([10.0, 11.0], [9.0, 9.5]) == "this tree faster in every row"
     assert ab_verdict([10.0, 11.0], [12.0, 11.5]) == "this tree slower in every row"
     assert ab_verdict([10.0, 11.0], [9.0, 10.5]) == "no ordering (the rows overlap)"
