@@ -858,8 +858,32 @@ def render_comparison(base_dir: Path, other_dir: Path, base_arm: str, other_arm:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         diffs = [with_interval([o["scores"].get(k, math.nan) - b["scores"].get(k, math.nan) for b, o in matched],
                                ratio, d, signed=True) for k, _, d in reported]
-        lines += ["| difference | " + " | ".join(diffs) + " |", ""]
+        lines += ["| difference | " + " | ".join(diffs) + " |", "",
+                  "The cells' own spread (sample standard deviation over these cells) and how the two grids' "
+                  "cells move together, cell by cell (Pearson correlation): a recipe meant to lower training "
+                  "noise shows it here before its means can.", "", f"| | {titles} |", f"|---{rule}"]
+        for name, side in ((f"sd, `{base_dir.name}`", 0), (f"sd, `{other_dir.name}`", 1)):
+            sds = [number(spread([p[side]["scores"].get(k, math.nan) for p in matched]), d) for k, _, d in reported]
+            lines.append(f"| {name} | " + " | ".join(sds) + " |")
+        correlations = [number(correlation([(b["scores"].get(k, math.nan), o["scores"].get(k, math.nan))
+                                            for b, o in matched]), 2) for k, _, _ in reported]
+        lines += ["| correlation | " + " | ".join(correlations) + " |", ""]
     return "\n".join(lines)
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation of the finite ``values``; NaN below two."""
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def correlation(pairs: list[tuple[float, float]]) -> float:
+    """Pearson correlation over the pairs with both values finite; NaN below three or where either side is
+    constant (no correlation to speak of)."""
+    pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+        return math.nan
+    return statistics.correlation(*zip(*pairs))
 
 
 # --- patient decision rules on the cells' stored predictions ------------------------------------------

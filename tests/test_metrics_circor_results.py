@@ -465,6 +465,10 @@ def test_compare_pairs_two_recipes_by_fold_and_seed_with_hand_checked_intervals(
     assert "| `base` (scratch) | 0.730 [0.638, 0.822] |" in text
     # the differences 0.01, 0.03, 0.02, 0.06: as test_interval_is_the_corrected_resampled_t_interval
     assert "| difference | +0.030 [-0.047, +0.107] | +0.000 [+0.000, +0.000] | n/a |" in text
+    # the cells' own spread and their correlation, pair by pair (constant or missing scores have none)
+    assert "| sd, `base` | 0.026 | 0.000 | n/a | 0.000 | 0 |" in text
+    assert "| sd, `longer` | 0.045 | 0.000 | n/a | 0.000 | 0 |" in text
+    assert "| correlation | 0.97 | n/a | n/a | n/a | n/a |" in text
 
 
 def test_compare_refuses_cells_that_scored_other_patients_or_folds(tmp_path, capsys):
