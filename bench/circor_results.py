@@ -299,11 +299,14 @@ class Durations:
         self.longest[self.kind(job)] = max(self.longest[self.kind(job)], seconds)
 
     def needed(self, job: Job, run_dir: Path) -> float:
-        """Seconds ``job`` is expected to need (0 when nothing of its kind is known)."""
+        """Seconds ``job`` is expected to need (0 when nothing of its kind is known). A pretraining needs room for
+        one finetuning after it as well: its checkpoint stays in ``--work``, so if the machine is given back
+        before a finetuning has used it, it is lost like a stopped training."""
         state = run_dir / "runner.json"
         resuming = state.is_file() and (run_dir / LAST_CHECKPOINT).is_file()
         spent = json.loads(state.read_text())["seconds"] if resuming else 0.0
-        return max(self.longest[self.kind(job)] - spent, 0.0)
+        follows = self.longest["finetune"] if self.kind(job) == "pretrain" else 0.0
+        return max(self.longest[self.kind(job)] - spent, 0.0) + follows
 
 
 @dataclass
@@ -461,8 +464,10 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
                     if grid.deadline.left() < needed:
                         if job not in deferred:
                             deferred.add(job)
-                            print(f"{job.run_dir_name}: not started: about {needed:.0f} s needed (the longest such "
-                                  f"training recorded), {grid.deadline.left():.0f} s left", flush=True)
+                            basis = ("the longest such training recorded" if job.task is not None else
+                                     "the longest pretraining and finetuning recorded, one after the other")
+                            print(f"{job.run_dir_name}: not started: about {needed:.0f} s needed ({basis}), "
+                                  f"{grid.deadline.left():.0f} s left", flush=True)
                         continue
                     pending.remove(job)
                     running[pool.submit(train_job, grid, job)] = job

@@ -297,6 +297,22 @@ def test_no_training_starts_that_the_recorded_durations_say_the_deadline_would_s
     assert not (grid.work / "runs" / "murmur_fold0_seed0_scratch").exists()
 
 
+def test_a_pretraining_starts_only_where_a_finetuning_can_follow_it_before_the_deadline(fake_train, capsys):
+    grid = fake_grid(fake_train, fake_train / "results", ["sleep=0"], 2)
+    record = cell("pretrained", 0, 1, 0.7) | {"parallel": 2, "pretrain_seconds": 30.0, "finetune_seconds": 100.0}
+    (grid.results / "cells" / "murmur_fold0_seed1_pretrained.json").write_text(json.dumps(record))
+    jobs = grid_jobs(grid, [0], ["pretrained"])
+    pretraining, finetuning = jobs
+    durations = bench.Durations(grid.results, 2)
+    assert durations.needed(pretraining, bench.job_folder(grid, pretraining)) == 130.0  # its 30 s, then 100 s
+    assert durations.needed(finetuning, bench.job_folder(grid, finetuning)) == 100.0
+    grid.deadline = bench.Deadline(2.0)  # room for the pretraining alone, not for a finetuning after it
+    assert not bench.run_jobs(grid, jobs)
+    assert "pretrain_fold0_seed0: not started: about 130 s needed (the longest pretraining and finetuning " in (
+        capsys.readouterr().out)
+    assert not (grid.work / "runs").exists()
+
+
 def test_a_cell_of_several_members_trains_each_with_its_seed_and_scores_them_as_one_ensemble(fake_train):
     grid = fake_grid(fake_train, fake_train / "results", ["sleep=0"], 2)
     grid.args.members = 3
