@@ -464,8 +464,8 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
                     if grid.deadline.left() < needed:
                         if job not in deferred:
                             deferred.add(job)
-                            basis = ("the longest such training recorded" if job.task is not None else
-                                     "the longest pretraining and finetuning recorded, one after the other")
+                            basis = ("the longest pretraining and finetuning recorded, one after the other"
+                                     if durations.kind(job) == "pretrain" else "the longest such training recorded")
                             print(f"{job.run_dir_name}: not started: about {needed:.0f} s needed ({basis}), "
                                   f"{grid.deadline.left():.0f} s left", flush=True)
                         continue
