@@ -282,7 +282,8 @@ class Durations:
     """How long a training of each kind (pretraining, finetuning) takes, so that no training starts that the
     deadline would stop: stopped on a machine that is then given back, its checkpoint is lost with it. The
     estimate is the longest of its kind recorded in ``--results``' cells with this call's ``--parallel`` (with
-    any, if none), raised by those finished in this call; a resumed training needs that less what it ran."""
+    any, if none), raised by those finished in this call; a resumed training needs that less what it ran.
+    ``--machine-stays`` sets the rule aside: a pretraining longer than one call then spans several."""
 
     def __init__(self, results: Path, parallel: int):
         records = [json.loads(path.read_text()) for path in sorted((results / "cells").glob("*.json"))]
@@ -460,7 +461,7 @@ def run_jobs(grid: Grid, jobs: list[Job]) -> bool:
                     break
                 waiting = [other for other in job.prerequisites if other not in finished]
                 if not waiting:
-                    needed = durations.needed(job, job_folder(grid, job))
+                    needed = 0.0 if grid.args.machine_stays else durations.needed(job, job_folder(grid, job))
                     if grid.deadline.left() < needed:
                         if job not in deferred:
                             deferred.add(job)
@@ -1127,6 +1128,12 @@ def main(argv: list[str] | None = None) -> int:
                            "as one ensemble (mean class probabilities)")
     grid.add_argument("--stop-after-minutes", type=float, default=0.0,
                       help="stop the training in progress then (it resumes on the next call); 0: no limit")
+    grid.add_argument("--machine-stays", action="store_true",
+                      help="the next call runs on this machine with this --work (calls chained while it is held): "
+                           "trainings start even where they cannot finish before --stop-after-minutes, and the "
+                           "next call resumes them. Without it a training starts only where the longest of its "
+                           "kind recorded would finish (a pretraining: with one finetuning after it), since a "
+                           "stopped training's checkpoint is lost with the machine")
     grid.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every training")
     grid.add_argument("--pretrain-override", nargs="*", default=[])
     grid.add_argument("--finetune-override", nargs="*", default=[])

@@ -179,7 +179,8 @@ def fake_grid(fake_train, results, common, parallel=1, recipes=("murmur",)):
     """A Grid for the stand-in train.py: ``common`` goes to every training."""
     recipes = {t: f"experiment={bench.RECIPES[t]}" for t in recipes}
     settings = cell("scratch", 0, 0, 0.7)["settings"] | {"recipes": recipes, "folds": 5}  # no fold set complete
-    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel, members=1)
+    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel, members=1,
+                                    machine_stays=False)
     (results / "cells").mkdir(parents=True, exist_ok=True)
     return bench.Grid(args, bench.Deadline(0), results, fake_train / "work", common, ["experiment=circor_pretrain"],
                       ["score_checkpoint=last"], settings)  # fmt: skip
@@ -311,6 +312,11 @@ def test_a_pretraining_starts_only_where_a_finetuning_can_follow_it_before_the_d
     assert "pretrain_fold0_seed0: not started: about 130 s needed (the longest pretraining and finetuning " in (
         capsys.readouterr().out)
     assert not (grid.work / "runs").exists()
+    grid.args.machine_stays = True  # the next call follows on this machine: the same deadline starts both
+    grid.deadline = bench.Deadline(2.0)
+    assert bench.run_jobs(grid, jobs)
+    assert "not started" not in capsys.readouterr().out
+    assert (grid.results / "cells" / "murmur_fold0_seed0_pretrained.json").is_file()
 
 
 def test_a_cell_of_several_members_trains_each_with_its_seed_and_scores_them_as_one_ensemble(fake_train):
