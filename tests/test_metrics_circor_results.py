@@ -298,7 +298,8 @@ def test_no_training_starts_that_the_recorded_durations_say_the_deadline_would_s
     assert not (grid.work / "runs" / "murmur_fold0_seed0_scratch").exists()
 
 
-def test_a_pretraining_starts_only_where_a_finetuning_can_follow_it_before_the_deadline_unless_the_machine_stays(fake_train, capsys):
+def test_a_pretraining_starts_only_where_a_finetuning_can_follow_it_before_the_deadline_unless_the_machine_stays(
+        fake_train, capsys):
     grid = fake_grid(fake_train, fake_train / "results", ["sleep=0"], 2)
     record = cell("pretrained", 0, 1, 0.7) | {"parallel": 2, "pretrain_seconds": 30.0, "finetune_seconds": 100.0}
     (grid.results / "cells" / "murmur_fold0_seed1_pretrained.json").write_text(json.dumps(record))
