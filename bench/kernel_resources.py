@@ -6,8 +6,9 @@ for Triton's GPU driver: every launch compiles the kernel with the arguments it 
 (alignment and divisibility specialisations included) for ``--arch`` (90: H100 and H200; 80: A100; 86
 and 89: consumer Ampere and Ada cards; 100: B200), and then does nothing. Reported per kernel and
 configuration: registers per thread, bytes of local memory (register spills), the launch's shared memory,
-and SASS instructions. Shared memory beyond the target's limit fails as it would at a GPU launch. The
-values the wrappers compute are meaningless: only the compiles are.
+SASS instructions, and the instructions per iteration of each innermost loop (by opcode in the JSON: where
+an edit to a hot loop adds or saves work). Shared memory beyond the target's limit fails as it would at a
+GPU launch. The values the wrappers compute are meaningless: only the compiles are.
 
     python bench/kernel_resources.py                 # the table
     python bench/kernel_resources.py --json out.json # the records, for tests and diffs
@@ -22,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from collections import Counter
 
 import torch
 
@@ -51,7 +55,27 @@ def _resource_usage(cubin: bytes, cuobjdump: Path) -> dict:
                                       check=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
     fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
     instructions = sum(1 for line in sass.splitlines() if line.strip().startswith("/*") and ";" in line)
-    return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "sass_instructions": instructions}
+    return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "sass_instructions": instructions,
+            "loops": innermost_loops(sass)}
+
+
+SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def innermost_loops(sass: str) -> list[dict]:
+    """The loops of a SASS listing that hold no other loop (a branch back to an earlier address closes one), in
+    address order: instructions per iteration, and how many of each opcode (suffixes dropped: ``FMUL``,
+    ``LDS``, ...). A kernel's time goes mostly there, so a kernel edit can be weighed by these counts."""
+    code = [(int(m[1], 16), m[2].split(".")[0], m[3]) for m in map(SASS_LINE.match, sass.splitlines()) if m]
+    index = {address: i for i, (address, _, _) in enumerate(code)}
+    loops = []
+    for end, (address, opcode, operands) in enumerate(code):
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target[1], 16) < address and int(target[1], 16) in index:
+            loops.append((index[int(target[1], 16)], end))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [{"instructions": b - a + 1, "opcodes": dict(Counter(op for _, op, _ in code[a:b + 1]).most_common())}
+            for a, b in sorted(set(inner))]
 
 
 class OfflineDriver:
@@ -196,13 +220,16 @@ def render(records: list[dict], arch: int) -> str:
              f"{triton.__version__} (its own ptxas), torch {torch.__version__}, target sm_{arch}; the kernels' "
              f"arguments as bf16 training at batch {BATCH} x {LENGTH} tokens passes them. Resources read from the "
              "compiled binaries (cuobjdump), not measured on a GPU: spill bytes are local memory per thread, "
-             "shared bytes what the launch asks for.", "",
-             "| model | kernel | configuration | warps | registers | spill bytes | shared bytes | SASS instructions |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "shared bytes what the launch asks for, innermost loops the SASS instructions of each loop that holds "
+             "no other, per iteration, in address order (their opcodes are in the JSON).", "",
+             "| model | kernel | configuration | warps | registers | spill bytes | shared bytes | SASS instructions | "
+             "innermost loops |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
         config = " ".join(f"{k}={v}" for k, v in sorted(r["constants"].items()))
+        loops = ", ".join(str(loop["instructions"]) for loop in r["loops"]) or "-"
         lines.append(f"| {r['size']} | `{r['kernel']}` | {config} | {r['num_warps']} | {r['registers']} | "
-                     f"{r['local_bytes']} | {r['shared_bytes']} | {r['sass_instructions']} |")
+                     f"{r['local_bytes']} | {r['shared_bytes']} | {r['sass_instructions']} | {loops} |")
     return "\n".join(lines) + "\n"
 
 

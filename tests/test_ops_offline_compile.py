@@ -49,3 +49,30 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(tmp_path, arc
     scan_bwd = {r["size"]: r["constants"] for r in records if r["kernel"] == "_scan_bwd_kernel"}
     assert scan_bwd["tiny"]["SPLIT"] == scan_bwd["small"]["SPLIT"] == 2 and scan_bwd["base"]["SPLIT"] == 1
     assert all(constants["T"] == 16 for constants in scan_bwd.values())
+    # the scan's steps are its innermost loops: the forward's group of steps, the backward's recompute and adjoint
+    loops = {(r["size"], r["kernel"]): r["loops"] for r in records}
+    assert len(loops["tiny", "_scan_fwd_kernel"]) == 1 and len(loops["tiny", "_scan_bwd_kernel"]) == 2
+    for loop in loops["tiny", "_scan_bwd_kernel"]:
+        assert loop["opcodes"]["MUFU"] > 0 and sum(loop["opcodes"].values()) == loop["instructions"]
+
+
+def test_innermost_loops_are_the_loops_that_hold_no_other():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from kernel_resources import innermost_loops
+    finally:
+        sys.path.pop(0)
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FMUL R2, R2, R3 ;
+        /*0020*/                   FFMA.FTZ R2, R2, R3, R4 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   LDS.128 R4, [R5] ;
+        /*0050*/              @!P1 BRA 0x0 ;
+        /*0060*/                   FADD R2, R2, R3 ;
+        /*0070*/                   BRA 0x90 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90 ;
+    """
+    # 0x10-0x30 is inside 0x0-0x50; 0x90 branching to itself is the end-of-code trap, not a loop; 0x70 jumps ahead
+    assert innermost_loops(sass) == [{"instructions": 3, "opcodes": {"FMUL": 1, "FFMA": 1, "BRA": 1}}]
