@@ -27,10 +27,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-
-from collections import Counter
 
 import torch
 
