@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,7 @@ from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
                                  keep_earlier_metrics, quote_numeric_choices, requeued_checkpoint,
                                  unshared_run_folder, with_cpu_quickstart)
+from ssamba.utils.memory import cpu_step_problem
 from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
 
 log = logging.getLogger("train")
@@ -52,6 +54,11 @@ def train(cfg: DictConfig) -> float | None:
     exit_code, score = 1, None
     try:
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        if isinstance(trainer.accelerator, CPUAccelerator):  # a GPU recipe on CPU: refused before its first step
+            problem = cpu_step_problem(task.encoder, cfg.data.batch_size, getattr(task, "joint_passes", 1),
+                                       trainer.world_size)
+            if problem:
+                raise ConfigError(problem)
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(last_checkpoint_path(trainer))
