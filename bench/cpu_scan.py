@@ -22,6 +22,7 @@ from layer import ROOT, replace_section
 from machine import device_name
 import ssamba.ops.selective_scan as scan
 from ssamba.models import build_encoder
+from ssamba.utils.memory import saved_bytes
 
 SOLVERS = {"stepped": 0, "log-depth": 2 ** 62}  # STEPPED_MIN_STATE that forces each solver
 # (batch, channels of both directions, N, L): a test-sized scan, then an SSAMBA-tiny layer's (2E = 768)
@@ -51,19 +52,6 @@ def best_seconds(fn, iters: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def saved_bytes(fn) -> int:
-    """Bytes autograd keeps for the backward while ``fn`` runs, each storage counted once."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def scan_inputs(batch: int, channels: int, d_state: int, length: int) -> dict:

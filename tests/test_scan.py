@@ -7,10 +7,11 @@ import torch
 
 import ssamba.ops.selective_scan as scan
 from ssamba.ops import selective_scan_ref, selective_scan_torch
+from ssamba.utils.memory import saved_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from cpu_scan import SOLVERS, saved_bytes  # noqa: E402
+from cpu_scan import SOLVERS  # noqa: E402
 
 
 @pytest.fixture(params=list(SOLVERS))
