@@ -7,7 +7,10 @@ its states (or half of them, ``SPLIT=2``, for narrow models), so the recurrence,
 ``delta``, the sums over states and the ``D`` skip are register arithmetic, and time is a
 sequential loop. A chunk's inputs (``u``, dt, B, C and, backward, the output gradient) are copied
 into shared memory asynchronously while the previous chunk runs, so a step reads shared memory
-instead of waiting on global loads.
+instead of waiting on global loads. Every thread reads the whole row of B and C at every step, so once
+a chunk's rows have landed its 16-bit B rows (and, in the forward, C rows) are widened to fp32 in shared
+memory, once, instead of by every thread at every step (in the backward, whose shared memory bounds the
+warps a multiprocessor holds, an fp32 copy of C would cost one of them at d=192).
 
 The two directions run in separate programs over the original time order (the backward branch
 walks from the last step to the first), each writing its own half of ``y [batch, L, 2E]``; gating
@@ -126,6 +129,22 @@ def _stage(slots, slot, rows, mask, stride, chunk, length, forward, T: gl.conste
 
 
 @gluon.jit
+def _widened(N: gl.constexpr, T: gl.constexpr):
+    """An fp32 copy of one chunk's ``T`` rows of B (or C), and a view of it as single rows."""
+    rows = gl.allocate_shared_memory(gl.float32, [T, N], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    return rows, rows._reinterpret(gl.float32, [T, N], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+
+
+@gluon.jit
+def _widen(slots, slot, wide, N: gl.constexpr, T: gl.constexpr, WARPS: gl.constexpr):
+    """Slot ``slot``'s staged rows of ``slots`` into ``wide`` as fp32, once a chunk, so that the steps read
+    them without converting (exact: every 16-bit float is an fp32 one)."""
+    layout: gl.constexpr = _copy_layout(N, slots.dtype.primitive_bitwidth, T, WARPS)
+    by_slot = slots._reinterpret(slots.dtype, [2, T, N], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    wide.store(by_slot.index(slot).load(layout).to(gl.float32))
+
+
+@gluon.jit
 def _scan_inputs(u_ptr, dt_ptr, bc_ptr, a_f_ptr, a_b_ptr, d_f_ptr, d_b_ptr, bias_f_ptr, bias_b_ptr,
                  ckpt_ptr, dim, num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N: gl.constexpr, T: gl.constexpr,
                  BD: gl.constexpr, WARPS: gl.constexpr, state_layout: gl.constexpr):
@@ -166,29 +185,31 @@ def _stage_chunk(u_s, dt_s, b_s, c_s, slot, u_rows, u_mask, dt_rows, dt_mask, b_
 
 
 @gluon.jit
-def _staged_rows(u_r, b_r, c_r, row, m, state_layout: gl.constexpr):
-    """Staged row ``row`` (slot * T + step) of ``u`` (zero where ``m`` is false), B and C, in fp32."""
+def _staged_rows(u_r, b_w, c_rows, row, j, c_row, m, state_layout: gl.constexpr):
+    """In fp32: staged row ``row`` (slot * T + j) of ``u`` (zero where ``m`` is false), step ``j``'s row of
+    B from the chunk's fp32 copy (:func:`_widen`), and row ``c_row`` of ``c_rows``, C's fp32 copy
+    (forward, ``c_row = j``) or its staged rows (backward, ``c_row = row``)."""
     u = gl.where(m, u_r.index(row).load(gl.SliceLayout(1, state_layout)).to(gl.float32), 0.0)
-    B = b_r.index(row).load(gl.SliceLayout(0, state_layout)).to(gl.float32)
-    C = c_r.index(row).load(gl.SliceLayout(0, state_layout)).to(gl.float32)
+    B = b_w.index(j).load(gl.SliceLayout(0, state_layout))
+    C = c_rows.index(c_row).load(gl.SliceLayout(0, state_layout)).to(gl.float32)
     return u, B, C
 
 
 @gluon.jit
-def _staged_step(u_r, dt_r, b_r, c_r, row, m, bias, state_layout: gl.constexpr):
-    """Staged row ``row``: u, delta, its derivative w.r.t. the dt_proj output (``sigmoid`` of it with
-    the bias added), B and C (``u`` and delta zero where ``m`` is false)."""
-    u, B, C = _staged_rows(u_r, b_r, c_r, row, m, state_layout)
+def _staged_step(u_r, dt_r, b_w, c_rows, row, j, c_row, m, bias, state_layout: gl.constexpr):
+    """Staged row ``row`` (step ``j`` of the chunk): u, delta, its derivative w.r.t. the dt_proj output
+    (``sigmoid`` of it with the bias added), B and C (``u`` and delta zero where ``m`` is false)."""
+    u, B, C = _staged_rows(u_r, b_w, c_rows, row, j, c_row, m, state_layout)
     softplus, sigmoid = _softplus_sigmoid(dt_r.index(row).load(gl.SliceLayout(1, state_layout)).to(gl.float32)
                                           + bias)
     return u, gl.where(m, softplus, 0.0), sigmoid, B, C
 
 
 @gluon.jit
-def _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row, j, m, state_layout: gl.constexpr):
+def _replayed_step(u_r, b_w, c_r, delta_s, sigmoid_s, row, j, m, state_layout: gl.constexpr):
     """Step ``j`` of the chunk again, in the adjoint: what :func:`_staged_step` gave the recompute
     pass, with delta and its derivative read back from where that pass kept them."""
-    u, B, C = _staged_rows(u_r, b_r, c_r, row, m, state_layout)
+    u, B, C = _staged_rows(u_r, b_w, c_r, row, j, row, m, state_layout)
     channels: gl.constexpr = gl.SliceLayout(1, state_layout)
     return u, delta_s.index(j).load(channels), sigmoid_s.index(j).load(channels), B, C
 
@@ -214,8 +235,10 @@ def _scan_fwd_kernel(
         num_chunks, su_b, su_l, sdt_b, sdt_l, sbc_b, sbc_l, N, T, BD, WARPS, state_layout)
     u_s, u_r = _staging(u_ptr.dtype.element_ty, BD, T)
     dt_s, dt_r = _staging(dt_ptr.dtype.element_ty, BD, T)
-    b_s, b_r = _staging(bc_ptr.dtype.element_ty, N, T)
-    c_s, c_r = _staging(bc_ptr.dtype.element_ty, N, T)
+    b_s = _staging(bc_ptr.dtype.element_ty, N, T)[0]
+    c_s = _staging(bc_ptr.dtype.element_ty, N, T)[0]
+    b_wide, b_w = _widened(N, T)
+    c_wide, c_w = _widened(N, T)
     offs_t = gl.arange(0, TS, layout=gl.SliceLayout(0, tile_layout))
     y_rows = _tile_rows(y_ptr + pid_b * sy_b, ch, tile_layout)
     tile_mask = gl.convert_layout(d_mask, gl.SliceLayout(1, tile_layout))[:, None]
@@ -232,6 +255,9 @@ def _scan_fwd_kernel(
         async_copy.commit_group()
         async_copy.wait_group(1)
         gl.thread_barrier()
+        _widen(b_s, slot, b_wide, N, T, WARPS)
+        _widen(c_s, slot, c_wide, N, T, WARPS)
+        gl.thread_barrier()
         gl.store(ckpt_base + chunk * 2 * dim * N, h.to(ckpt_ptr.dtype.element_ty), mask=dn_mask)
         # groups of TS unrolled steps, their outputs stored together
         for group in range(T // TS):
@@ -239,8 +265,8 @@ def _scan_fwd_kernel(
             y_tile = gl.zeros([BD, TS], gl.float32, tile_layout)
             for i in gl.static_range(TS):
                 m = d_mask & (p0 + i < length)
-                u, delta, _, B, C = _staged_step(u_r, dt_r, b_r, c_r, slot * T + group * TS + i, m, bias,
-                                                 state_layout)
+                u, delta, _, B, C = _staged_step(u_r, dt_r, b_w, c_w, slot * T + group * TS + i, group * TS + i,
+                                                 group * TS + i, m, bias, state_layout)
                 h = gl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
                 y = gl.sum(h * C[None, :], axis=1) + d_skip * u
                 y_tile = _put_column(y_tile, y, offs_t, i)
@@ -299,8 +325,9 @@ def _scan_bwd_kernel(
     g_rows, g_mask = _copy_rows(g_ptr + pid_b * sg_b, gl.program_id(0) * BD, dim, BD, T, WARPS)
     u_s, u_r = _staging(u_ptr.dtype.element_ty, BD, T)
     dt_s, dt_r = _staging(dt_ptr.dtype.element_ty, BD, T)
-    b_s, b_r = _staging(bc_ptr.dtype.element_ty, N, T)
+    b_s = _staging(bc_ptr.dtype.element_ty, N, T)[0]
     c_s, c_r = _staging(bc_ptr.dtype.element_ty, N, T)
+    b_wide, b_w = _widened(N, T)
     g_s, g_r = _staging(g_ptr.dtype.element_ty, BD, T)
     history = gl.allocate_shared_memory(gl.float32, [T // 2, BD, N], history_layout)
     # each step's delta and its derivative, from the recompute pass for the adjoint
@@ -335,6 +362,8 @@ def _scan_bwd_kernel(
         async_copy.commit_group()
         async_copy.wait_group(1)
         gl.thread_barrier()
+        _widen(b_s, slot, b_wide, N, T, WARPS)
+        gl.thread_barrier()
         row0 = slot * T
         # the chunk's states, restarted from the saved chunk-entry state; history[i] = h before step 2i
         h = gl.load(ckpt_base + chunk * 2 * dim * N, mask=dn_mask, other=0.0).to(gl.float32)
@@ -342,7 +371,8 @@ def _scan_bwd_kernel(
             history.index(pair).store(h)
             for i in gl.static_range(2):
                 m = d_mask & (chunk * T + 2 * pair + i < length)
-                u, delta, sigmoid, B, C = _staged_step(u_r, dt_r, b_r, c_r, row0 + 2 * pair + i, m, bias,
+                row = row0 + 2 * pair + i
+                u, delta, sigmoid, B, C = _staged_step(u_r, dt_r, b_w, c_r, row, 2 * pair + i, row, m, bias,
                                                        state_layout)
                 delta_s.index(2 * pair + i).store(delta)
                 sigmoid_s.index(2 * pair + i).store(sigmoid)
@@ -353,9 +383,9 @@ def _scan_bwd_kernel(
             p0 = chunk * T + 2 * pair
             m0 = d_mask & (p0 < length)
             m1 = d_mask & (p0 + 1 < length)
-            u0, delta0, sig0, B0, C0 = _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row0 + 2 * pair, 2 * pair,
+            u0, delta0, sig0, B0, C0 = _replayed_step(u_r, b_w, c_r, delta_s, sigmoid_s, row0 + 2 * pair, 2 * pair,
                                                       m0, state_layout)
-            u1, delta1, sig1, B1, C1 = _replayed_step(u_r, b_r, c_r, delta_s, sigmoid_s, row0 + 2 * pair + 1,
+            u1, delta1, sig1, B1, C1 = _replayed_step(u_r, b_w, c_r, delta_s, sigmoid_s, row0 + 2 * pair + 1,
                                                       2 * pair + 1, m1, state_layout)
             g0 = gl.where(m0, g_r.index(row0 + 2 * pair).load(channels).to(gl.float32), 0.0)
             g1 = gl.where(m1, g_r.index(row0 + 2 * pair + 1).load(channels).to(gl.float32), 0.0)
@@ -395,10 +425,13 @@ def _config(dim: int, d_state: int, forward: bool) -> dict:
     """Chunk of ``T`` steps between saved states (half of their states live in shared memory in the
     backward); forward outputs leave registers every ``TS`` steps; one warp per program. ``SPLIT``
     threads share a channel's states in the backward (two for narrow models, whose few channels would
-    leave the GPU short of warps); the forward is fastest with one thread per channel and capped at 128
-    registers so more warps fit. Measured in docs/performance.md (optimisation log)."""
+    leave the GPU short of warps); the forward is fastest with one thread per channel and with its registers
+    capped so more warps fit. Measured in docs/performance.md (optimisation log). The cap is 96 since B and C
+    are read as fp32 rows, chosen offline, untimed: it keeps the 21 warps per multiprocessor the forward had
+    (sm_90: 94 registers, no spills, 261 instructions per two steps; under a cap of 128 it takes 113
+    registers, 17 warps, for 242)."""
     if forward:
-        return dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=128)
+        return dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=96)
     return dict(T=16, TS=2, SPLIT=2 if dim < 1024 else 1, WARPS=1)
 
 
