@@ -427,9 +427,8 @@ def _config(dim: int, d_state: int, forward: bool) -> dict:
     threads share a channel's states in the backward (two for narrow models, whose few channels would
     leave the GPU short of warps); the forward is fastest with one thread per channel and with its registers
     capped so more warps fit. Measured in docs/performance.md (optimisation log). The cap is 96 since B and C
-    are read as fp32 rows, chosen offline, untimed: it keeps the 21 warps per multiprocessor the forward had
-    (sm_90: 94 registers, no spills, 261 instructions per two steps; under a cap of 128 it takes 113
-    registers, 17 warps, for 242)."""
+    are read as fp32 rows (step 26): it keeps the 21 warps per multiprocessor the forward had (sm_90: 94
+    registers, no spills); a cap of 128 (113 registers, 17 warps, fewer instructions) was not timed."""
     if forward:
         return dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=96)
     return dict(T=16, TS=2, SPLIT=2 if dim < 1024 else 1, WARPS=1)
