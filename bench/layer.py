@@ -268,7 +268,7 @@ SWEEP_CONFIGS = [dict(T=16, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=1, W
 
 def sweep(args, device: torch.device) -> None:
     """Time the Gluon scan kernels alone for several configurations (bf16 inputs, fp32 inside). A config
-    without ``maxnreg`` keeps each kernel's default (the forward's 96-register cap); ``maxnreg=None``
+    without ``maxnreg`` keeps each kernel's default (the forward's 128-register cap); ``maxnreg=None``
     lifts it."""
     from triton.testing import do_bench
 

@@ -3,14 +3,15 @@
 Triton's implicit layouts spread the state axis over lanes, so every per-channel quantity was
 computed once per state and every sum over states took shuffles (docs/performance.md, optimisation
 log). Gluon fixes the layout by hand: a thread owns one channel of one direction and all ``N`` of
-its states (or half of them, ``SPLIT=2``, for narrow models), so the recurrence, the softplus of
-``delta``, the sums over states and the ``D`` skip are register arithmetic, and time is a
-sequential loop. A chunk's inputs (``u``, dt, B, C and, backward, the output gradient) are copied
+its states (or half of them, ``SPLIT=2``, a configuration ``bench/layer.py --sweep`` times), so the
+recurrence, the softplus of ``delta``, the sums over states and the ``D`` skip are register
+arithmetic, and time is a sequential loop. A chunk's inputs (``u``, dt, B, C and, backward, the output gradient) are copied
 into shared memory asynchronously while the previous chunk runs, so a step reads shared memory
 instead of waiting on global loads. Every thread reads the whole row of B and C at every step, so once
 a chunk's rows have landed its 16-bit B rows (and, in the forward, C rows) are widened to fp32 in shared
-memory, once, instead of by every thread at every step (in the backward, whose shared memory bounds the
-warps a multiprocessor holds, an fp32 copy of C would cost one of them at d=192).
+memory, once, instead of by every thread at every step. The backward widens B only: an fp32 C was
+weighed when the narrow models' backward ran two threads per channel, where its shared memory would
+have cost a warp per multiprocessor; with one thread per channel it has not been tried.
 
 The two directions run in separate programs over the original time order (the backward branch
 walks from the last step to the first), each writing its own half of ``y [batch, L, 2E]``; gating
@@ -421,17 +422,15 @@ def _scan_bwd_kernel(
     gl.atomic_add(dparam_ptr + 2 * dim * (N + 1) + ch, dbias_acc, mask=d_mask, sem="relaxed")
 
 
-def _config(dim: int, d_state: int, forward: bool) -> dict:
+def _config(forward: bool) -> dict:
     """Chunk of ``T`` steps between saved states (half of their states live in shared memory in the
-    backward); forward outputs leave registers every ``TS`` steps; one warp per program. ``SPLIT``
-    threads share a channel's states in the backward (two for narrow models, whose few channels would
-    leave the GPU short of warps); the forward is fastest with one thread per channel and with its registers
-    capped so more warps fit. Measured in docs/performance.md (optimisation log). The cap is 96 since B and C
-    are read as fp32 rows (step 26): it keeps the 21 warps per multiprocessor the forward had (sm_90: 94
-    registers, no spills); a cap of 128 (113 registers, 17 warps, fewer instructions) was not timed."""
+    backward); forward outputs leave registers every ``TS`` steps; one warp per program, one thread per
+    channel (``SPLIT=1``). Measured in docs/performance.md (optimisation log, step 27, after B and C became
+    fp32 rows): two threads per channel made the d=192 backward 5% slower, which had been its choice
+    below 1024 channels, and the forward's registers capped at 128 beat a cap of 96 by 2-3%."""
     if forward:
-        return dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=96)
-    return dict(T=16, TS=2, SPLIT=2 if dim < 1024 else 1, WARPS=1)
+        return dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=128)
+    return dict(T=16, TS=2, SPLIT=1, WARPS=1)
 
 
 def _launch_options(cfg: dict, keys=("T", "TS", "SPLIT", "WARPS")) -> dict:
@@ -497,7 +496,7 @@ def scan_fwd(u, dt, bc, params, config: dict | None = None):
     (u,), (dt,), (bc,) = _aligned(u), _aligned(dt), _aligned(bc)
     batch, length, dim2 = u.shape
     dim = dim2 // 2
-    cfg = {**_config(dim, d_state, forward=True), **(config or {})}
+    cfg = {**_config(forward=True), **(config or {})}
     num_chunks = triton.cdiv(length, cfg["T"])
     align, in_units = _in_alignment_units(u, dt, bc)
     y = torch.empty(batch, length, dim2, device=u.device, dtype=u.dtype)
@@ -520,7 +519,7 @@ def scan_bwd(u, dt, bc, params, ckpt, g, config: dict | None = None):
     _check(u, dt, bc, d_state)
     batch, length, dim2 = u.shape
     dim = dim2 // 2
-    cfg = {**_config(dim, d_state, forward=False), **(config or {})}
+    cfg = {**_config(forward=False), **(config or {})}
     num_chunks = triton.cdiv(length, cfg["T"])
     if ckpt.shape != (batch, num_chunks, dim2, d_state):
         raise ValueError(f"checkpoint shape {tuple(ckpt.shape)} does not match the config's chunking")
