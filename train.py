@@ -46,6 +46,9 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("score_checkpoint") and not ("test" in getattr(datamodule, "splits", ())
                                             and hasattr(datamodule, "aggregation")):
         raise ConfigError(f"score_checkpoint={cfg.score_checkpoint}: the data has no test split of patients to score")
+    if cfg.get("score_max_seconds") and not hasattr(datamodule, "set_eval_max_seconds"):
+        raise ConfigError(f"score_max_seconds={list(cfg.score_max_seconds)}: {type(datamodule).__name__} cannot "
+                          "score shortened recordings (data=circor can)")
     task = build_task(cfg, datamodule)
     callbacks = build_callbacks(cfg)
     prepare_wandb(cfg)
@@ -68,8 +71,8 @@ def train(cfg: DictConfig) -> float | None:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
         if cfg.get("score_checkpoint") and trainer.is_global_zero:
-            _score_test(cfg.score_checkpoint, list(cfg.get("score_ensemble") or []), trainer, datamodule,
-                        cfg.paths.output_dir)
+            _score_test(cfg.score_checkpoint, list(cfg.get("score_ensemble") or []),
+                        list(cfg.get("score_max_seconds") or []), trainer, datamodule, cfg.paths.output_dir)
         exit_code = 0
     finally:
         finish_wandb(exit_code)
@@ -79,18 +82,29 @@ def train(cfg: DictConfig) -> float | None:
     return score
 
 
-def _score_test(which: str, ensemble: list[str], trainer: L.Trainer, datamodule, output_dir: str) -> None:
+def _score_test(which: str, ensemble: list[str], max_seconds: list[float], trainer: L.Trainer, datamodule,
+                output_dir: str) -> None:
     """Score the run's ``which`` checkpoint (with the ``ensemble`` checkpoints, if any, as one ensemble) on the
     test patients in this process, exactly as evaluate.py would (rebuilt from the files), and write scores and
     patient predictions to ``<run>/test_scores.json``: a second process would redo the imports, the device
-    set-up and the loader workers."""
+    set-up and the loader workers. For each of ``max_seconds``, the scores on each recording's first that
+    many seconds as well (``by_max_seconds``)."""
     path = last_checkpoint_path(trainer) if which == "last" else trainer.checkpoint_callback.best_model_path
     started = time.perf_counter()
     precision = "bf16" if "bf16" in str(trainer.precision) else "32"
-    scores, patients = score_checkpoint([path, *ensemble], datamodule, "test", trainer.strategy.root_device,
-                                        precision)
+    device = trainer.strategy.root_device
+    scores, patients = score_checkpoint([path, *ensemble], datamodule, "test", device, precision)
     record = {"checkpoint": which, "members": 1 + len(ensemble), "split": "test", "precision": precision,
-              "scores": scores, "patients": patients, "seconds": time.perf_counter() - started}
+              "scores": scores, "patients": patients}
+    if max_seconds:
+        whole = datamodule.eval_max_seconds
+        record["by_max_seconds"] = {}
+        for seconds in max_seconds:
+            datamodule.set_eval_max_seconds(seconds)
+            shortened, _ = score_checkpoint([path, *ensemble], datamodule, "test", device, precision)
+            record["by_max_seconds"][f"{seconds:g}"] = shortened
+        datamodule.set_eval_max_seconds(whole)
+    record["seconds"] = time.perf_counter() - started
     atomic_write_bytes((json.dumps(record) + "\n").encode(), Path(output_dir) / "test_scores.json")
     log.info("test patients: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 

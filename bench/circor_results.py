@@ -442,7 +442,9 @@ def train_job(grid: Grid, job: Job) -> dict | None:
                      LAST_CHECKPOINT)
     paths = ",".join(f"'{job_folder(grid, member) / LAST_CHECKPOINT}'" for member in job.members)
     ensemble = [f"score_ensemble=[{paths}]"] if job.members else []
-    return train([recipe, *grid.finetune, *grid.common, *each, *init, *ensemble], job_folder(grid, job),
+    lengths = grid.args.score_max_seconds
+    shortened = [f"score_max_seconds=[{','.join(f'{n:g}' for n in lengths)}]"] if lengths else []
+    return train([recipe, *grid.finetune, *grid.common, *each, *init, *ensemble, *shortened], job_folder(grid, job),
                  grid.deadline, TEST_SCORES)
 
 
@@ -516,6 +518,7 @@ def record_cell(grid: Grid, job: Job, pretrained: dict, finetunings: list[dict])
         **({"members": len(finetunings)} if len(finetunings) > 1 else {}),
         "score_seconds": scored["seconds"], "parallel": grid.args.parallel, "settings": grid.settings,
         "scores": scores,
+        **({"by_max_seconds": scored["by_max_seconds"]} if "by_max_seconds" in scored else {}),
         "patients": scored["patients"],
         "wall_times": {"pretrain": pretrained.get("wall_times", {}), "finetune": finetuned.get("wall_times", {})},
     }  # fmt: skip
@@ -657,6 +660,7 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
         diffs = [with_interval(paired_differences(records, k), ratio, d, signed=True) for k, _, d in reported]
         lines += ["", "Paired difference, pretrained minus scratch, over the (fold, seed) cells both arms scored:", "",
                   f"| pairs | {titles} |", f"|---{rule}", f"| {len(pairs)} | " + " | ".join(diffs) + " |"]  # fmt: skip
+    lines += shortened_lines(records, reported, ratio)
     pooled = []
     for arm in ARMS:
         for seed in sorted({r["seed"] for r in records}):
@@ -679,6 +683,32 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
         lines.append(f"| {r['fold']} | {r['seed']} | {r['arm']} | " + " | ".join(cells)
                      + f" | {int(r['scores']['patients'])} | {', '.join(r['cards'])} | {minutes} |")
     return lines + [""]
+
+
+def shortened_lines(records: list[dict], reported: tuple, ratio: float) -> list[str]:
+    """The cells' scores on each recording's first N s (``--score-max-seconds``), and those minus the cell's own
+    scores on the whole recordings: how much the models depend on the length they are scored on."""
+    lengths = sorted({float(n) for r in records for n in r.get("by_max_seconds", {})})
+    if not lengths:
+        return []
+    titles = " | ".join(title for _, title, _ in reported)
+    lines = ["", "Scored again on each recording's first N s only (`--score-max-seconds`), and that minus the "
+             "whole recordings' score, cell by cell:", "", f"| arm | scored on | cells | {titles} |",
+             "|---|---|---" + "|---" * len(reported) + "|"]  # fmt: skip
+    for arm in ARMS:
+        for n in lengths:
+            key = f"{n:g}"
+            rows = [r for r in records if r["arm"] == arm and key in r.get("by_max_seconds", {})]
+            if not rows:
+                continue
+            short = [[r["by_max_seconds"][key].get(k, math.nan) for r in rows] for k, _, _ in reported]
+            whole = [[r["scores"].get(k, math.nan) for r in rows] for k, _, _ in reported]
+            at = [with_interval(v, ratio, d) for v, (_, _, d) in zip(short, reported)]
+            moved = [with_interval([a - b for a, b in zip(v, w)], ratio, d, signed=True)
+                     for v, w, (_, _, d) in zip(short, whole, reported)]
+            lines += [f"| {arm} | first {key} s | {len(rows)} | " + " | ".join(at) + " |",
+                      f"| {arm} | first {key} s minus whole | {len(rows)} | " + " | ".join(moved) + " |"]
+    return lines
 
 
 def planned_cells(records: list[dict], plan: dict | None) -> tuple[list[str], list[int], list[str], int]:
@@ -1134,6 +1164,10 @@ def main(argv: list[str] | None = None) -> int:
                            "next call resumes them. Without it a training starts only where the longest of its "
                            "kind recorded would finish (a pretraining: with one finetuning after it), since a "
                            "stopped training's checkpoint is lost with the machine")
+    grid.add_argument("--score-max-seconds", type=float, nargs="+", default=[],
+                      help="also score each cell's model on each recording's first N s, for each N (train.py "
+                           "score_max_seconds): how its scores move with the length scored; no change to the "
+                           "trainings, so a grid's folder takes cells with and without")
     grid.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every training")
     grid.add_argument("--pretrain-override", nargs="*", default=[])
     grid.add_argument("--finetune-override", nargs="*", default=[])

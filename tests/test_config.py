@@ -89,6 +89,9 @@ def test_defaults_are_the_reference_pretraining():
     (["task=finetune", "score_ensemble=[/no/such.ckpt]"], "score_ensemble=[...] is scored together with the run's"),
     (["task=finetune", "score_checkpoint=last", "score_ensemble=[/no/such.ckpt]"],
      "score_ensemble: no such checkpoint file /no/such.ckpt"),
+    (["task=finetune", "score_max_seconds=[5]"], "score_max_seconds=[...] scores the run's checkpoint on shorter"),
+    (["task=finetune", "score_checkpoint=last", "score_max_seconds=[0]"],
+     "score_max_seconds=[0]: each must be a positive number of seconds"),
     (["data=audioset"], "data.root: is required"),
 ])
 def test_inconsistent_values_name_the_key(overrides, message):

@@ -289,6 +289,23 @@ def test_circor_crops_and_segments_counts():
                 assert len(mine) == full + extra, (rec.id, seconds)
 
 
+def test_circor_eval_max_seconds_shortens_val_and_test_recordings_only():
+    whole, short = circor(), circor(eval_max_seconds=6.0)
+    assert short.build_items("train") == whole.build_items("train")
+    for split in ("val", "test"):
+        items = short.build_items(split)
+        assert items and all(i.start + i.duration <= 6.0 for i in items)
+        assert all(i.start == 0.0 and i.duration == 5.0 for i in items)  # 6 s: one segment, the 1 s after it dropped
+        assert len(whole.build_items(split)) > len(items)
+    short.setup("test")
+    assert len(short.datasets["test"]) == len(short.build_items("test"))
+    short.set_eval_max_seconds(None)  # scored whole again from the next use
+    assert "test" not in short.datasets and len(short.dataloader("test").dataset) == len(whole.build_items("test"))
+    for bad in (0, -1.0, "5", True):
+        with pytest.raises(ValueError, match="data.eval_max_seconds must be a positive number"):
+            circor(eval_max_seconds=bad)
+
+
 def test_circor_batches_carry_patient_recording_and_labels():
     dm = circor(features_on_device=True)
     dm.setup("test")

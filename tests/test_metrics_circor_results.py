@@ -180,7 +180,7 @@ def fake_grid(fake_train, results, common, parallel=1, recipes=("murmur",)):
     recipes = {t: f"experiment={bench.RECIPES[t]}" for t in recipes}
     settings = cell("scratch", 0, 0, 0.7)["settings"] | {"recipes": recipes, "folds": 5}  # no fold set complete
     args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel, members=1,
-                                    machine_stays=False)
+                                    machine_stays=False, score_max_seconds=[])
     (results / "cells").mkdir(parents=True, exist_ok=True)
     return bench.Grid(args, bench.Deadline(0), results, fake_train / "work", common, ["experiment=circor_pretrain"],
                       ["score_checkpoint=last"], settings)  # fmt: skip
@@ -322,7 +322,7 @@ def test_a_pretraining_starts_only_where_a_finetuning_can_follow_it_before_the_d
 
 def test_a_cell_of_several_members_trains_each_with_its_seed_and_scores_them_as_one_ensemble(fake_train):
     grid = fake_grid(fake_train, fake_train / "results", ["sleep=0"], 2)
-    grid.args.members = 3
+    grid.args.members, grid.args.score_max_seconds = 3, [5.0, 7.5]
     jobs = grid_jobs(grid, [0], ["pretrained"])
     cell = "murmur_fold0_seed0_pretrained"
     assert [job.run_dir_name for job in jobs] == ["pretrain_fold0_seed0", f"{cell}_member1", f"{cell}_member2", cell]
@@ -333,7 +333,8 @@ def test_a_cell_of_several_members_trains_each_with_its_seed_and_scores_them_as_
     assert not any(arg.startswith("score_checkpoint=") for arg in member)  # kept for the cell, not scored alone
     assert f"task.pretrained={runs / 'pretrain_fold0_seed0' / LAST}" in member  # the members share the pretraining
     own = calls(runs / cell)[0]
-    assert "seed=0" in own and "score_checkpoint=last" in own
+    assert "seed=0" in own and "score_checkpoint=last" in own and "score_max_seconds=[5,7.5]" in own
+    assert not any(arg.startswith("score_max_seconds=") for arg in member)
     assert f"score_ensemble=['{runs / f'{cell}_member1' / LAST}','{runs / f'{cell}_member2' / LAST}']" in own
     record = json.loads((grid.results / "cells" / f"{cell}.json").read_text())
     seconds = [json.loads((runs / name / "runner.json").read_text())["seconds"]
@@ -580,11 +581,17 @@ def test_tiny_cross_validation_grid_on_cpu_trains_scores_resumes_and_reports(tmp
     again = "murmur_fold1_seed0_pretrained"
     (results / "cells" / f"{again}.json").unlink()
     shutil.rmtree(results / "runs" / again)
-    bench.main(argv)
+    bench.main([*argv, "--score-max-seconds", "5"])  # and scored on each recording's first 5 s as well
     assert capsys.readouterr().out.count("+ ") == 1  # that finetuning only: its pretraining is still here
     alone = json.loads((results / "cells" / f"{again}.json").read_text())
     assert alone["parallel"] == 1 and cells[again]["parallel"] == 3
     assert alone["scores"] == cells[again]["scores"] and alone["patients"] == cells[again]["patients"]
+    short = alone["by_max_seconds"]["5"]
+    assert short["patients"] == 6 and 0 <= short["weighted_accuracy"] <= 1
+    assert short != alone["scores"]  # fewer segments per recording: other mean logits
+    table = out.read_text().split("Scored again on each recording's first N s only")[1]
+    assert "| pretrained | first 5 s | 1 |" in table and "| pretrained | first 5 s minus whole | 1 |" in table
+    assert "scratch | first" not in table.split("### ")[0]  # only the cell that was scored so
 
 
 def rule_cell(fold, seed, target, probs, arm="scratch"):

@@ -6,12 +6,12 @@ recording lines (``<LOC> <PID>_<LOC>[_n].hea <...>.wav <...>.tsv``) and ``#Key: 
 16 kHz by the front end); ``.hea``/``.tsv`` files are not needed and never parsed.
 
 Training items are crops (default 5 s every 2.5 s) carrying their patient's (or recording's)
-label; evaluation items are all non-overlapping segments of each recording, so a metric can
-average logits per recording and aggregate recordings per patient. Class order follows the
-Challenge: murmur Present=0, Unknown=1, Absent=2; outcome Abnormal=0, Normal=1. The murmur-timing
-task has the heart-murmur fork's seven classes, in its order (``TIMING_CLASSES``): a Present
-patient's class is its ``Systolic murmur timing``, or ``present`` when it has none (diastolic-only
-murmurs).
+label; evaluation items are all non-overlapping segments of each recording (or of its first
+``eval_max_seconds``), so a metric can average logits per recording and aggregate recordings per
+patient. Class order follows the Challenge: murmur Present=0, Unknown=1, Absent=2; outcome
+Abnormal=0, Normal=1. The murmur-timing task has the heart-murmur fork's seven classes, in its order
+(``TIMING_CLASSES``): a Present patient's class is its ``Systolic murmur timing``, or ``present``
+when it has none (diastolic-only murmurs).
 """
 
 from __future__ import annotations
@@ -222,6 +222,11 @@ def read_split_file(path: str) -> dict[str, str]:
     return {row["patient_id"].strip(): row["split"].strip() for row in rows}
 
 
+def check_eval_max_seconds(seconds: float | None) -> None:
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
+        raise ValueError(f"data.eval_max_seconds must be a positive number of seconds or null, got {seconds!r}")
+
+
 def windows(duration: float, length: float, hop: float, min_last: float) -> list[tuple[float, float]]:
     """(start, seconds) windows of ``length`` every ``hop`` s over a recording of ``duration`` s.
 
@@ -267,10 +272,12 @@ class CirCorDataModule(AudioDataModule):
         crop_hop_seconds: float = 2.5,
         segment_seconds: float = 5.0,
         min_segment_seconds: float = 2.5,
+        eval_max_seconds: float | None = None,
         aggregation: str = "hierarchical",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_eval_max_seconds(eval_max_seconds)
         if task not in TASKS:
             raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {task!r}")
         if label_level not in ("patient", "recording"):
@@ -298,6 +305,7 @@ class CirCorDataModule(AudioDataModule):
         self.split_seed = split_seed
         self.crop = (crop_seconds, crop_hop_seconds)
         self.segment = (segment_seconds, min_segment_seconds)
+        self.eval_max_seconds = eval_max_seconds
         self._patients: list[Patient] | None = None
         self._assignment: dict[str, str] | None = None
         self.setup_skipped: dict[str, Counter] = {}
@@ -306,6 +314,15 @@ class CirCorDataModule(AudioDataModule):
                 timing_class(patient)
         if split == "kfold":  # too few patients of a stratum for the folds fails here, not at setup
             self._assignment = self._assign()
+
+    def set_eval_max_seconds(self, seconds: float | None) -> None:
+        """Score val and test on each recording's first ``seconds`` (None: all of it) from now on: their
+        items are rebuilt at next use. How a score moves with the length scored is what shows whether a
+        model depends on the length its data was cut to."""
+        check_eval_max_seconds(seconds)
+        self.eval_max_seconds = seconds
+        for split in ("val", "test"):
+            self.datasets.pop(split, None)
 
     @property
     def patients(self) -> list[Patient]:
@@ -416,6 +433,8 @@ class CirCorDataModule(AudioDataModule):
                     skipped[error.reason] += 1
                     log.warning("skipping %s", error)
                     continue
+                if split != "train" and self.eval_max_seconds is not None:
+                    duration = min(duration, self.eval_max_seconds)
                 label = self.recording_label(patient, recording)
                 meta = {
                     "patient": patient.id,

@@ -125,6 +125,12 @@ def validate_config(cfg: DictConfig) -> None:
     missing = [path for path in ensemble if not Path(str(path)).is_file()]
     if missing:
         raise ConfigError(f"score_ensemble: no such checkpoint file {missing[0]}")
+    lengths = list(_get(cfg, "score_max_seconds") or [])
+    if lengths and scored is None:
+        raise ConfigError("score_max_seconds=[...] scores the run's checkpoint on shorter recordings: set "
+                          "score_checkpoint=last|best too")
+    if any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in lengths):
+        raise ConfigError(f"score_max_seconds={lengths}: each must be a positive number of seconds")
     ckpt_path = _get(cfg, "ckpt_path")
     if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (or use 'last' / 'best')")
