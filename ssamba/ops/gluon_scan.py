@@ -5,13 +5,14 @@ computed once per state and every sum over states took shuffles (docs/performanc
 log). Gluon fixes the layout by hand: a thread owns one channel of one direction and all ``N`` of
 its states (or half of them, ``SPLIT=2``, a configuration ``bench/layer.py --sweep`` times), so the
 recurrence, the softplus of ``delta``, the sums over states and the ``D`` skip are register
-arithmetic, and time is a sequential loop. A chunk's inputs (``u``, dt, B, C and, backward, the output gradient) are copied
-into shared memory asynchronously while the previous chunk runs, so a step reads shared memory
-instead of waiting on global loads. Every thread reads the whole row of B and C at every step, so once
-a chunk's rows have landed its 16-bit B rows (and, in the forward, C rows) are widened to fp32 in shared
-memory, once, instead of by every thread at every step. The backward widens B only: an fp32 C was
-weighed when the narrow models' backward ran two threads per channel, where its shared memory would
-have cost a warp per multiprocessor; with one thread per channel it has not been tried.
+arithmetic, and time is a sequential loop. A chunk's inputs (``u``, dt, B, C and, backward, the
+output gradient) are copied into shared memory asynchronously while the previous chunk runs, so a
+step reads shared memory instead of waiting on global loads. Every thread reads the whole row of B
+and C at every step, so once a chunk's rows have landed its 16-bit B rows (and, in the forward, C
+rows) are widened to fp32 in shared memory, once, instead of by every thread at every step. The
+backward widens B only: an fp32 C was weighed when the narrow models' backward ran two threads per
+channel, where its shared memory would have cost a warp per multiprocessor; with one thread per
+channel it has not been tried.
 
 The two directions run in separate programs over the original time order (the backward branch
 walks from the last step to the first), each writing its own half of ``y [batch, L, 2E]``; gating
