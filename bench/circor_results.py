@@ -357,7 +357,8 @@ def run_grid(args: argparse.Namespace) -> bool:
     settings |= {"recipes": {task: f"experiment={RECIPES[task]}" for task in args.tasks}, "data": args.data_description}
     grid = Grid(args, Deadline(args.stop_after_minutes), results, work, common, pretrain, finetune, settings)
     (results / "cells").mkdir(parents=True, exist_ok=True)
-    jobs = [job for seed, fold, arm in itertools.product(args.seeds, range(args.folds), args.arms)
+    folds = args.run_folds or range(args.folds)
+    jobs = [job for seed, fold, arm in itertools.product(args.seeds, folds, args.arms)
             for job in cell_jobs(grid, args.tasks, fold, seed, arm)]  # fmt: skip
     stops = (signal.SIGTERM, signal.SIGINT)  # a job's end or Ctrl-C: checkpoint the trainings, then stop
     before = [signal.signal(signum, grid.deadline.stop) for signum in stops]
@@ -1142,6 +1143,9 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--out", default="circor-cv.md", help="markdown report")
     grid.add_argument("--tasks", nargs="+", choices=list(RECIPES), default=["murmur"], help="label schemes")
     grid.add_argument("--folds", type=int, default=5)
+    grid.add_argument("--run-folds", type=int, nargs="+",
+                      help="train only these folds' cells in this call (default: every fold), so that several "
+                           "machines share one grid, e.g. a cluster array task per fold, each with its own --work")
     grid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     grid.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     grid.add_argument("--pretrain-epochs", type=int, default=8)
@@ -1209,13 +1213,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             if args.folds < 2:
                 parser.error(f"--folds must be at least 2, got {args.folds}")
+            if any(not 0 <= fold < args.folds for fold in args.run_folds or ()):
+                parser.error(f"--run-folds must name folds in 0..{args.folds - 1} (--folds {args.folds}), "
+                             f"got {args.run_folds}")
             if args.parallel < 1:
                 parser.error(f"--parallel must be at least 1, got {args.parallel}")
             if args.members < 1 or (args.members > 1 and args.checkpoint != "last"):
                 parser.error(f"--members must be at least 1, and above 1 only with --checkpoint last (the members "
                              f"keep their last checkpoints), got --members {args.members} --checkpoint {args.checkpoint}")
             complete = run_grid(args)
-            print("grid complete" if complete else "grid incomplete: run the same command again", flush=True)
+            done = f"folds {', '.join(map(str, args.run_folds))} complete" if args.run_folds else "grid complete"
+            print(done if complete else "grid incomplete: run the same command again", flush=True)
         elif args.command == "rules":
             out = Path(args.out)
             text = render_rules(Path(args.results), args.task, args.data)

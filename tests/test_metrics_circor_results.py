@@ -362,6 +362,26 @@ def test_a_grid_of_members_records_them_and_its_folder_refuses_another_count(fak
     assert stop.value.code == 2 and "holds a grid with other settings (members)" in capsys.readouterr().err
 
 
+def test_run_folds_trains_only_those_folds_and_names_them_when_done(fake_train, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "write_report", lambda *_: None)  # the stand-in's cells hold no patients to pool
+    data = cloned_circor(fake_train / "circor", copies=2)
+    results = fake_train / "results"
+    argv = ["run", "--data", str(data), "--results", str(results), "--out", str(fake_train / "r.md"),
+            "--tasks", "murmur", "--folds", "3", "--seeds", "0", "1", "--arms", "scratch", "--trainer", "cpu",
+            "--num-workers", "0", "--override", "sleep=0"]  # fmt: skip
+    assert bench.main([*argv, "--run-folds", "1"]) == 0
+    assert "folds 1 complete" in capsys.readouterr().out
+    assert sorted(p.name for p in (results / "cells").glob("*.json")) == [
+        "murmur_fold1_seed0_scratch.json", "murmur_fold1_seed1_scratch.json"]
+    assert bench.main(argv) == 0  # the others' turn: fold 1's cells are not trained again
+    out = capsys.readouterr().out
+    assert "grid complete" in out and "fold1" not in out and len(list((results / "cells").glob("*.json"))) == 6
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*argv, "--run-folds", "3"])
+    assert stop.value.code == 2 and "--run-folds must name folds in 0..2 (--folds 3), got [3]" in (
+        capsys.readouterr().err)
+
+
 def test_members_need_the_last_checkpoint_and_at_least_one(tmp_path, capsys):
     for options in (["--members", "2", "--checkpoint", "best"], ["--members", "0"]):
         with pytest.raises(SystemExit) as stop:
