@@ -263,7 +263,8 @@ def write_outputs(results: dict, args, device: torch.device) -> None:
 SWEEP_CONFIGS = [dict(T=16, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=1, WARPS=1),
                  dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=128), dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=112),
                  dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=96), dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=128),
-                 dict(T=8, TS=2, SPLIT=2, WARPS=1, maxnreg=128), dict(T=16, TS=2, SPLIT=4, WARPS=1)]
+                 dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=96), dict(T=8, TS=2, SPLIT=2, WARPS=1, maxnreg=128),
+                 dict(T=16, TS=2, SPLIT=4, WARPS=1)]
 
 
 def sweep(args, device: torch.device) -> None:
