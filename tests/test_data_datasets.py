@@ -301,7 +301,7 @@ def test_circor_eval_max_seconds_shortens_val_and_test_recordings_only():
     assert len(short.datasets["test"]) == len(short.build_items("test"))
     short.set_eval_max_seconds(None)  # scored whole again from the next use
     assert "test" not in short.datasets and len(short.dataloader("test").dataset) == len(whole.build_items("test"))
-    for bad in (0, -1.0, "5", True):
+    for bad in (0, -1.0, float("nan"), "5", True):
         with pytest.raises(ValueError, match="data.eval_max_seconds must be a positive number"):
             circor(eval_max_seconds=bad)
 

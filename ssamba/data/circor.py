@@ -223,7 +223,8 @@ def read_split_file(path: str) -> dict[str, str]:
 
 
 def check_eval_max_seconds(seconds: float | None) -> None:
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not seconds > 0):  # NaN too
         raise ValueError(f"data.eval_max_seconds must be a positive number of seconds or null, got {seconds!r}")
 
 
