@@ -92,19 +92,11 @@ def _score_test(which: str, ensemble: list[str], max_seconds: list[float], train
     path = last_checkpoint_path(trainer) if which == "last" else trainer.checkpoint_callback.best_model_path
     started = time.perf_counter()
     precision = "bf16" if "bf16" in str(trainer.precision) else "32"
-    device = trainer.strategy.root_device
-    scores, patients = score_checkpoint([path, *ensemble], datamodule, "test", device, precision)
+    scores, patients, shortened = score_checkpoint([path, *ensemble], datamodule, "test",
+                                                   trainer.strategy.root_device, precision, max_seconds)
     record = {"checkpoint": which, "members": 1 + len(ensemble), "split": "test", "precision": precision,
-              "scores": scores, "patients": patients}
-    if max_seconds:
-        whole = datamodule.eval_max_seconds
-        record["by_max_seconds"] = {}
-        for seconds in max_seconds:
-            datamodule.set_eval_max_seconds(seconds)
-            shortened, _ = score_checkpoint([path, *ensemble], datamodule, "test", device, precision)
-            record["by_max_seconds"][f"{seconds:g}"] = shortened
-        datamodule.set_eval_max_seconds(whole)
-    record["seconds"] = time.perf_counter() - started
+              "scores": scores, "patients": patients, **({"by_max_seconds": shortened} if shortened else {}),
+              "seconds": time.perf_counter() - started}
     atomic_write_bytes((json.dumps(record) + "\n").encode(), Path(output_dir) / "test_scores.json")
     log.info("test patients: %s", ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 

@@ -131,17 +131,31 @@ def patient_table(metric: PatientChallengeMetrics, predictions: PatientPredictio
 
 
 def score_checkpoint(paths: Sequence[str], datamodule: Any, split: str, device: torch.device,
-                     precision: str = "32") -> tuple[dict[str, float], dict[str, list]]:
+                     precision: str = "32", max_seconds: Sequence[float] = ()
+                     ) -> tuple[dict[str, float], dict[str, list], dict[str, dict[str, float]]]:
     """Patient-level scores of finetuning checkpoints (one, or several as one ensemble: mean class
     probabilities, as ``evaluate.py ckpt_path=[...]``) on ``split`` of ``datamodule`` (its own aggregation
-    rule), and the patient predictions behind them (:func:`patient_table`)."""
+    rule), the patient predictions behind them (:func:`patient_table`), and, for each of ``max_seconds``, the
+    same model's scores on each recording's first that many seconds (``datamodule.set_eval_max_seconds``),
+    keyed by the length as written (``"5"``)."""
     members = load_members(paths)  # which agree on classes and input, so the first one speaks for all
     check_compatible(members[0], datamodule.label_names, datamodule.target_length)
-    rule = datamodule.aggregation
-    metric = score_split(build_model(members), datamodule, split, rule, device, precision)
-    predictions = metric.predictions()
-    scores = {name: float(value) for name, value in metric.scores(predictions).items()}
-    return scores, patient_table(metric, predictions, datamodule.label_names, rule)
+    model, rule = build_model(members), datamodule.aggregation
+
+    def scored() -> tuple[PatientChallengeMetrics, PatientPredictions, dict[str, float]]:
+        metric = score_split(model, datamodule, split, rule, device, precision)
+        predictions = metric.predictions()
+        return metric, predictions, {name: float(value) for name, value in metric.scores(predictions).items()}
+
+    metric, predictions, scores = scored()
+    shortened = {}
+    if max_seconds:
+        whole = datamodule.eval_max_seconds
+        for seconds in max_seconds:
+            datamodule.set_eval_max_seconds(seconds)
+            shortened[f"{seconds:g}"] = scored()[2]
+        datamodule.set_eval_max_seconds(whole)
+    return scores, patient_table(metric, predictions, datamodule.label_names, rule), shortened
 
 
 def gate_predictions(path: str | Path, datamodule: Any, split: str, metric: PatientChallengeMetrics,
