@@ -222,9 +222,13 @@ def read_split_file(path: str) -> dict[str, str]:
     return {row["patient_id"].strip(): row["split"].strip() for row in rows}
 
 
+def is_length(seconds: object) -> bool:
+    """A length of recording to score: a positive number of seconds (not a bool, not NaN)."""
+    return not isinstance(seconds, bool) and isinstance(seconds, (int, float)) and seconds > 0
+
+
 def check_eval_max_seconds(seconds: float | None) -> None:
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                or not seconds > 0):  # NaN too
+    if seconds is not None and not is_length(seconds):
         raise ValueError(f"data.eval_max_seconds must be a positive number of seconds or null, got {seconds!r}")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssamba.checkpoints import HUB_SCHEME
+from ssamba.data.circor import is_length
 from ssamba.errors import ConfigError
 from ssamba.evaluation import SCORED_CHECKPOINTS
 from ssamba.models.heads import POOLINGS
@@ -129,7 +130,7 @@ def validate_config(cfg: DictConfig) -> None:
     if lengths and scored is None:
         raise ConfigError("score_max_seconds=[...] scores the run's checkpoint on shorter recordings: set "
                           "score_checkpoint=last|best too")
-    if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0 for s in lengths):  # NaN too
+    if not all(map(is_length, lengths)):
         raise ConfigError(f"score_max_seconds={lengths}: each must be a positive number of seconds")
     ckpt_path = _get(cfg, "ckpt_path")
     if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
