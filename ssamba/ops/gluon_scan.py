@@ -10,9 +10,8 @@ output gradient) are copied into shared memory asynchronously while the previous
 step reads shared memory instead of waiting on global loads. Every thread reads the whole row of B
 and C at every step, so once a chunk's rows have landed its 16-bit B rows (and, in the forward, C
 rows) are widened to fp32 in shared memory, once, instead of by every thread at every step. The
-backward widens B only: an fp32 C was weighed when the narrow models' backward ran two threads per
-channel, where its shared memory would have cost a warp per multiprocessor; with one thread per
-channel it has not been tried.
+backward widens B only: an fp32 C (docs/performance.md, optimisation log, step 28) made it 5% faster
+over the tiny model's grid and 10% slower over the base model's.
 
 The two directions run in separate programs over the original time order (the backward branch
 walks from the last step to the first), each writing its own half of ``y [batch, L, 2E]``; gating
