@@ -264,7 +264,7 @@ SWEEP_CONFIGS = [dict(T=16, TS=2, SPLIT=2, WARPS=1), dict(T=16, TS=2, SPLIT=1, W
                  dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=128), dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=112),
                  dict(T=16, TS=2, SPLIT=2, WARPS=1, maxnreg=96), dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=128),
                  dict(T=16, TS=2, SPLIT=1, WARPS=1, maxnreg=96), dict(T=8, TS=2, SPLIT=2, WARPS=1, maxnreg=128),
-                 dict(T=16, TS=2, SPLIT=4, WARPS=1)]
+                 dict(T=16, TS=2, SPLIT=4, WARPS=1), dict(T=16, TS=2, SPLIT=1, WARPS=2)]
 
 
 def sweep(args, device: torch.device) -> None:
