@@ -90,7 +90,7 @@ def run_tree(tree: Path, args, outputs: bool) -> dict:
                    *([] if outputs else ["--no-outputs"])]  # fmt: skip
         if subprocess.run(command, cwd=tree).returncode or not out.exists():
             raise SystemExit(f"the run of {tree} failed (its output is above)")
-        return torch.load(out, map_location="cpu")
+        return torch.load(out, map_location="cpu", weights_only=True)
 
 
 def bitwise_equal(a, b) -> bool:
