@@ -689,7 +689,7 @@ def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
 def shortened_lines(records: list[dict], reported: tuple, ratio: float) -> list[str]:
     """The cells' scores on each recording's first N s (``--score-max-seconds``), and those minus the cell's own
     scores on the whole recordings: how much the models depend on the length they are scored on."""
-    lengths = sorted({float(n) for r in records for n in r.get("by_max_seconds", {})})
+    lengths = sorted({key for r in records for key in r.get("by_max_seconds", {})}, key=float)  # as written: "5"
     if not lengths:
         return []
     titles = " | ".join(title for _, title, _ in reported)
@@ -697,8 +697,7 @@ def shortened_lines(records: list[dict], reported: tuple, ratio: float) -> list[
              "whole recordings' score, cell by cell:", "", f"| arm | scored on | cells | {titles} |",
              "|---|---|---" + "|---" * len(reported) + "|"]  # fmt: skip
     for arm in ARMS:
-        for n in lengths:
-            key = f"{n:g}"
+        for key in lengths:
             rows = [r for r in records if r["arm"] == arm and key in r.get("by_max_seconds", {})]
             if not rows:
                 continue

@@ -2,9 +2,10 @@
 
 A GPU recipe started on a laptop or a small CPU server (CirCor pretraining keeps about 30 GiB of activations
 per step at its batch of 64: SSAMBA-tiny keeps 0.23 GiB a clip of 512 frames, two passes) is otherwise
-killed by the kernel's out-of-memory killer during its first step, with no message of ours. The check measures what autograd keeps for the backward of one clip through the encoder and
-refuses, in one line, a step that needs more than the memory available for those activations alone: a lower
-bound on the step's peak, so it only refuses steps that cannot fit.
+killed by the kernel's out-of-memory killer during its first step, with no message of ours. The check
+measures what autograd keeps for the backward of one clip through the encoder and refuses, in one line, a
+step that needs more than the memory available for those activations alone: a lower bound on the step's
+peak, so it only refuses steps that cannot fit.
 """
 from __future__ import annotations
 
