@@ -24,10 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("y", "ckpt", "du", "ddt", "dBC", "dA_log", "dD", "dbias")
-D_STATE = 16
 
 
-def scan_inputs(batch: int, tokens: int, dim: int, device):
+def scan_inputs(batch: int, tokens: int, dim: int, d_state: int, device):
     """Seeded bf16 activations and fp32 parameters for one width, as the mixer hands them to the scan."""
     import torch
 
@@ -36,8 +35,8 @@ def scan_inputs(batch: int, tokens: int, dim: int, device):
     rnd = lambda *shape: torch.randn(*shape, device=device, generator=gen)  # noqa: E731
     u = rnd(batch, tokens, 2 * E).bfloat16()
     dt = (rnd(batch, tokens, 2 * E) * 0.5 - 2).bfloat16()
-    bc = rnd(batch, tokens, 2, 2 * D_STATE).bfloat16()
-    A_log = torch.log(torch.rand(2, E, D_STATE, device=device, generator=gen) * 15 + 1)
+    bc = rnd(batch, tokens, 2, 2 * d_state).bfloat16()
+    A_log = torch.log(torch.rand(2, E, d_state, device=device, generator=gen) * 15 + 1)
     params = (A_log[0], A_log[1], rnd(E), rnd(E), rnd(E) * 0.1 - 3, rnd(E) * 0.1 - 3)
     return u, dt, bc, params, rnd(batch, tokens, E).bfloat16()
 
@@ -48,6 +47,7 @@ def child(tree: Path, out: Path, args) -> None:
     sys.path.insert(0, str(tree))
     import torch
 
+    from ssamba.models.ssamba import SSAMBAConfig
     from ssamba.ops import gluon_scan
     from ssamba.ops.gluon_scan import scan_bwd, scan_fwd
 
@@ -68,7 +68,7 @@ def child(tree: Path, out: Path, args) -> None:
 
     result = {}
     for dim in args.dims:
-        u, dt, bc, params, g = scan_inputs(args.batch, args.tokens, dim, "cuda")
+        u, dt, bc, params, g = scan_inputs(args.batch, args.tokens, dim, SSAMBAConfig().d_state, "cuda")
         y, ckpt = scan_fwd(u, dt, bc, params)
         grads = scan_bwd(u, dt, bc, params, ckpt, g)
         result[dim] = {"outputs": {} if args.no_outputs else dict(zip(OUTPUTS, (y, ckpt, *grads))),
