@@ -157,6 +157,30 @@ def test_finetune_head_lr_multiplier_makes_two_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(task.parameters()))
 
 
+@pytest.mark.parametrize("family", ["tiny", "ssast_tiny"])
+def test_layer_lr_decay_gives_each_depth_its_rate(family):
+    encoder = ssamba.build_encoder(family, depth=4, embed_dim=16, **({"d_state": 4} if family == "tiny" else
+                                                                      {"num_heads": 2}))
+    task = Finetuning(ADAMW, encoder=encoder, head_lr_multiplier=3.0, layer_lr_decay=0.5, data=DATA,
+                      fstride=16, tstride=16)
+    groups = task.configure_optimizers().param_groups
+    assert [g["name"] for g in groups] == [f"encoder_depth{d}" for d in range(6)] + ["head"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3 * 0.5 ** (5 - d) for d in range(6)] + [3e-3])
+    by_id = {id(p): g["name"] for g in groups for p in g["params"]}
+    named = dict(task.encoder.named_parameters())
+    stack = task.encoder.layer_stack
+    assert by_id[id(named["patch_embed.proj.weight"])] == by_id[id(named["pos_embed"])] == "encoder_depth0"
+    assert by_id[id(named[next(n for n in named if n.startswith(f"{stack}.2."))])] == "encoder_depth3"
+    assert by_id[id(named[next(n for n in named if n.startswith(task.encoder.top_modules[0]))])] == "encoder_depth5"
+    assert len(by_id) == sum(len(g["params"]) for g in groups) == len(list(task.parameters()))
+
+
+def test_layer_lr_decay_must_be_a_fraction():
+    for value in (0.0, 1.5, -0.2):
+        with pytest.raises(ConfigError, match=r"task.layer_lr_decay=.*allowed values are in \(0, 1\]"):
+            Finetuning(ADAMW, encoder=tiny_encoder(), layer_lr_decay=value, data=DATA)
+
+
 @pytest.mark.parametrize("multilabel,loss,expected", [(False, "auto", "ce"), (True, "auto", "bce"), (False, "bce", "bce")])
 def test_finetune_loss_follows_the_data(multilabel, loss, expected):
     task = Finetuning(ADAMW, encoder=tiny_encoder(), loss=loss, data={**DATA, "multilabel": multilabel})

@@ -60,6 +60,15 @@ def test_fast_dev_run_finetune_from_scratch(tmp_path):
     assert score is not None and 0.0 <= score <= 1.0
 
 
+def test_layer_lr_decay_from_the_command_line_trains_each_depth_at_its_rate(tmp_path):
+    run_train(tmp_path, *FINETUNE, "task.layer_lr_decay=0.5")
+    rows = read_metrics(tmp_path)
+    # 2 layers: depths 0 (patch embedding, tokens), 1, 2 and 3 (final norm); "lr" is the first group's
+    lowest, top, head = column(rows, "lr"), column(rows, "lr_encoder_depth3"), column(rows, "lr_head")
+    assert lowest and len(lowest) == len(top) == len(head)
+    assert all(t / low == pytest.approx(8.0) and h == pytest.approx(t) for low, t, h in zip(lowest, top, head))
+
+
 def test_pretrain_checkpoint_hands_off_to_finetune(tmp_path):
     pre, fine = tmp_path / "pre", tmp_path / "fine"
     run_train(pre)

@@ -118,6 +118,8 @@ class PatchTokenEncoder(nn.Module):
     """
 
     num_prefix_tokens: int
+    layer_stack: str  # the attribute holding the family's layers (an nn.ModuleList, input side first)
+    top_modules: tuple[str, ...]  # what runs after the layers (the final norm)
 
     def __init__(self, config):
         super().__init__()
@@ -131,6 +133,20 @@ class PatchTokenEncoder(nn.Module):
     def prefix_tokens(self) -> Tensor:
         """The learned tokens put before the patches, ``[1, num_prefix_tokens, D]``."""
         raise NotImplementedError
+
+    def parameter_depths(self) -> dict[str, int]:
+        """Each parameter's depth, for layer-wise learning rates: 0 for the patch embedding and the tokens,
+        ``i + 1`` for layer ``i``, ``len(layers) + 1`` for :attr:`top_modules`."""
+        stack = getattr(self, self.layer_stack)
+        top = len(stack) + 1
+        depths = {}
+        for name, _ in self.named_parameters():
+            root, _, rest = name.partition(".")
+            if root == self.layer_stack:
+                depths[name] = int(rest.partition(".")[0]) + 1
+            else:
+                depths[name] = top if root in self.top_modules else 0
+        return depths
 
     def set_backend(self, backend: str) -> None:
         """Choose the kernels the encoder runs on (same weights for all); families with one

@@ -171,6 +171,7 @@ class SSAMBAEncoder(PatchTokenEncoder):
     """Patch embedding + cls token + position embedding + bidirectional Mamba layers + final norm."""
 
     num_prefix_tokens = 1
+    layer_stack, top_modules = "layers", ("norm_f",)
     # 24 layers of ~20 small kernels each: at the tiny width an eager training step waits on the
     # host's launches, and replaying the encoder as CUDA graphs trains ~1.6x faster
     # (docs/performance.md); task.cuda_graphs=auto turns it on for this family on a GPU

@@ -92,6 +92,7 @@ class SSASTEncoder(PatchTokenEncoder):
     """Patch embedding + cls and distillation tokens + position embedding + ViT blocks + final norm."""
 
     num_prefix_tokens = 2
+    layer_stack, top_modules = "blocks", ("norm",)
 
     def __init__(self, config: SSASTConfig):
         super().__init__(config)

@@ -78,13 +78,14 @@ class ClassifierTraining:
 
 
 class Finetuning(ClassifierTraining, EncoderTask):
-    """Encoder + :class:`ClassificationHead`; BCE or CE; head learning-rate multiplier."""
+    """Encoder + :class:`ClassificationHead`; BCE or CE; head learning-rate multiplier and layer-wise decay."""
 
     task_name = "finetune"
 
     def __init__(self, optimizer, encoder: nn.Module | Any = None, pretrained: str | None = None,
                  backend: str | None = None, fstride: int = 10, tstride: int = 10, pooling: str = "mean",
-                 loss: str = "auto", head_lr_multiplier: float = 1.0, num_classes: int | None = None,
+                 loss: str = "auto", head_lr_multiplier: float = 1.0, layer_lr_decay: float = 1.0,
+                 num_classes: int | None = None,
                  class_weights: list[float] | None = None, scheduler=None,
                  scheduler_config: dict | None = None, warmup_steps: int = 0,
                  metrics: dict[str, Metric] | None = None, cuda_graphs: bool | str = "auto",
@@ -109,6 +110,10 @@ class Finetuning(ClassifierTraining, EncoderTask):
         self.multilabel = bool(data.get("multilabel", False))
         self.loss_name = ("bce" if self.multilabel else "ce") if loss == "auto" else loss
         self.head_lr_multiplier = head_lr_multiplier
+        if not 0 < layer_lr_decay <= 1:
+            raise ConfigError(f"task.layer_lr_decay={layer_lr_decay}: allowed values are in (0, 1] (1: one "
+                              "learning rate for the whole encoder)")
+        self.layer_lr_decay = layer_lr_decay
         if class_weights is not None and len(class_weights) != self.num_classes:
             raise ConfigError(f"task.class_weights has {len(class_weights)} entries; the data has "
                               f"{self.num_classes} classes (one weight per class, in label order)")
@@ -153,11 +158,25 @@ class Finetuning(ClassifierTraining, EncoderTask):
         return self.head(self.encode(fbank))
 
     def parameter_groups(self) -> list[dict]:
+        """The encoder at the base learning rate and the head at ``head_lr_multiplier`` times it; with
+        ``layer_lr_decay`` below 1, one encoder group per depth, each ``layer_lr_decay`` times the rate of
+        the depth above it (the final norm at the base rate), so the layers nearest the input, whose
+        pretrained features are the most general, move the least."""
         head = [p for p in self.head.parameters() if p.requires_grad]
+        head_group = {"params": head, "name": "head", "lr": self.base_lr() * self.head_lr_multiplier}
         head_ids = {id(p) for p in head}
         body = [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
-        return [{"params": body, "name": "encoder"},
-                {"params": head, "name": "head", "lr": self.base_lr() * self.head_lr_multiplier}]
+        if self.layer_lr_decay == 1:
+            return [{"params": body, "name": "encoder"}, head_group]
+        depths = self.encoder.parameter_depths()
+        top = max(depths.values())
+        depth_of = {id(p): depths[name] for name, p in self.encoder.named_parameters()}
+        groups: dict[int, list] = {}
+        for p in body:  # anything outside the encoder and the head trains at the base rate, as the top
+            groups.setdefault(depth_of.get(id(p), top), []).append(p)
+        return [{"params": params, "name": f"encoder_depth{depth}",
+                 "lr": self.base_lr() * self.layer_lr_decay ** (top - depth)}
+                for depth, params in sorted(groups.items())] + [head_group]
 
     def checkpoint_record(self) -> dict[str, Any]:
         record = super().checkpoint_record()
