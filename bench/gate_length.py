@@ -32,11 +32,11 @@ from ssamba.metrics.gate import QualityGate  # noqa: E402
 
 
 def measure(data: str, seconds: float) -> tuple[list[dict], list[str]]:
-    """Per patient with a readable recording: its id, recording count and length in seconds, and its
+    """Per patient with a readable recording: its id, its recordings' lengths in seconds, and its
     :data:`PATIENT_FEATURES` from the first ``seconds`` of each recording and from the whole ones."""
     patients, skipped = [], []
     for patient in read_patients(data):
-        cut, full, length = [], [], 0.0
+        cut, full, lengths = [], [], []
         for recording in patient.recordings:
             try:
                 wave, rate = read_audio(recording.path)
@@ -44,12 +44,12 @@ def measure(data: str, seconds: float) -> tuple[list[dict], list[str]]:
                 skipped.append(f"{error.reason}: {recording.id}")
                 continue
             mono = wave.mean(dim=0)
-            length += mono.numel() / rate
+            lengths.append(mono.numel() / rate)
             cut.append(recording_quality(mono[: round(seconds * rate)], rate))
             full.append(recording_quality(mono, rate))
         if full:
-            patients.append({"id": patient.id, "recordings": len(full), "seconds": length,
-                             "cut": patient_quality(cut), "full": patient_quality(full)})
+            patients.append({"id": patient.id, "lengths": lengths, "cut": patient_quality(cut),
+                             "full": patient_quality(full)})
     return patients, skipped
 
 
@@ -70,33 +70,33 @@ def report(gate: QualityGate, patients: list[dict], seconds: float, data_name: s
     weight = torch.tensor(gate.weight, dtype=torch.float64)
     drift = torch.stack([(p["full"] - p["cut"]) / scale for p in patients])  # [patients, features], standardised
     changed = int(((cut > gate.threshold) != (full > gate.threshold)).sum())
-    lengths = [p["seconds"] / p["recordings"] for p in patients]
+    lengths = [length for p in patients for length in p["lengths"]]
     moved = (full - cut).abs()
+    near = ""
+    if reference_scores and len(reference_scores) > 1:
+        near = (f"; over the reference's {len(reference_scores)} patients the score's standard deviation is "
+                f"{statistics.stdev(reference_scores):.3f}, and "
+                f"{near_threshold(reference_scores, gate.threshold, moved):.1%} of them score closer to the "
+                "threshold than the largest change")
     lines = [
         f"## Quality gate: first {seconds:g} s of each recording against the whole recording",
         "",
         f"Written {datetime.date.today().isoformat()} by `bench/gate_length.py`. Data: {data_name}, "
-        f"{len(patients)} patients, {sum(p['recordings'] for p in patients)} recordings of "
-        f"{min(lengths):.1f}-{max(lengths):.1f} s on average per patient"
+        f"{len(patients)} patients, {len(lengths)} recordings of {min(lengths):.1f}-{max(lengths):.1f} s"
         + (f", {len(skipped)} recordings unreadable (first: {skipped[0]})" if skipped else "") + ". "
         f"Gate: {gate.fitted_on or 'fitted elsewhere'}; threshold {gate.threshold:.3f} on its score (the "
         "regression's logit of Unknown); a patient not predicted Present becomes Unknown above it.",
         "",
         f"**Decisions changed by the length: {changed} of {len(patients)} patients.** Score, whole minus first "
         f"{seconds:g} s: mean {statistics.fmean((full - cut).tolist()):+.3f}, mean size {float(moved.mean()):.3f}, "
-        f"largest {float(moved.max()):.3f}"
-        + (f"; over the reference's {len(reference_scores)} patients the score's standard deviation is "
-           f"{statistics.stdev(reference_scores):.3f}, and {near_threshold(reference_scores, gate.threshold, moved):.1%} "
-           "of them score closer to the threshold than the largest change"
-           if reference_scores and len(reference_scores) > 1 else "")
-        + ".",
+        f"largest {float(moved.max()):.3f}{near}.",
         "",
-        f"| patient | recordings | seconds | score, first {seconds:g} s | score, whole | above threshold, first "
+        f"| patient | recordings | seconds in all | score, first {seconds:g} s | score, whole | above threshold, first "
         f"{seconds:g} s | above threshold, whole |",
         "|---|---|---|---|---|---|---|",
     ]
     for p, a, b in zip(patients, cut.tolist(), full.tolist()):
-        lines.append(f"| {p['id']} | {p['recordings']} | {p['seconds']:.1f} | {a:.3f} | {b:.3f} | "
+        lines.append(f"| {p['id']} | {len(p['lengths'])} | {sum(p['lengths']):.1f} | {a:.3f} | {b:.3f} | "
                      f"{'yes' if a > gate.threshold else 'no'} | {'yes' if b > gate.threshold else 'no'} |")
     contribution = drift * weight
     order = contribution.abs().mean(dim=0).argsort(descending=True).tolist()

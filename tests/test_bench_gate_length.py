@@ -26,7 +26,7 @@ def crest_gate(threshold: float) -> QualityGate:
 
 def test_the_first_part_against_the_whole_and_the_decisions_it_changes(tmp_path):
     patients, skipped = measure(str(CIRCOR_MINI), 5.0)
-    assert len(patients) == 6 and not skipped and sum(p["recordings"] for p in patients) == 27
+    assert len(patients) == 6 and not skipped and sum(len(p["lengths"]) for p in patients) == 27
     crest = PATIENT_FEATURES.index("max_crest")
     moves = [float(p["full"][crest] - p["cut"][crest]) for p in patients]
     assert max(abs(m) for m in moves) > 0.05  # recordings are 6-32 s: 5 s sees less of them
