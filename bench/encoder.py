@@ -64,7 +64,7 @@ def main() -> None:
 
         ms = time_steps(step, device, args.warmup, args.iters)
         rows[name] = {"ms": ms, "samples_per_s": args.batch / ms * 1e3, "tokens": encoder.num_patches
-                      + encoder.num_prefix_tokens, "layers": len(getattr(encoder, "layers", getattr(encoder, "blocks", [])))}
+                      + encoder.num_prefix_tokens, "layers": len(getattr(encoder, encoder.layer_stack))}
         print(f"{name}: {ms:.2f} ms/step, {rows[name]['samples_per_s']:.1f} samples/s", flush=True)
         del encoder
     if not args.write:

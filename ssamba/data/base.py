@@ -20,7 +20,6 @@ from ssamba.constants import MEL_BINS, UNLABELED
 from ssamba.data.audio import (
     SKIP_REASONS,
     BadAudio,
-    audio_duration,
     check_files_exist,
     prepare_waveform,
     read_audio,
@@ -261,12 +260,6 @@ class AudioDataModule(L.LightningDataModule):
     def train_sampler(self, dataset: ClipDataset) -> Sampler | None:
         """A custom sampler for training (None: plain shuffling)."""
         return None
-
-    def item_seconds(self, item: Item) -> float:
-        """Duration an item covers (for summaries); reads the header when not known."""
-        if item.duration is not None:
-            return item.duration
-        return audio_duration(item.path) - item.start
 
     # --- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
