@@ -25,9 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ssamba.data.audio import BadAudio, read_audio  # noqa: E402
 from ssamba.data.circor import read_patients  # noqa: E402
-from ssamba.data.quality import PATIENT_FEATURES, patient_quality, patients_quality, recording_quality  # noqa: E402
+from ssamba.data.quality import (  # noqa: E402
+    PATIENT_FEATURES,
+    patient_quality,
+    patients_quality,
+    readable_recordings,
+    recording_quality,
+)
 from ssamba.metrics.gate import QualityGate  # noqa: E402
 
 
@@ -37,13 +42,7 @@ def measure(data: str, seconds: float) -> tuple[list[dict], list[str]]:
     patients, skipped = [], []
     for patient in read_patients(data):
         cut, full, lengths = [], [], []
-        for recording in patient.recordings:
-            try:
-                wave, rate = read_audio(recording.path)
-            except BadAudio as error:
-                skipped.append(f"{error.reason}: {recording.id}")
-                continue
-            mono = wave.mean(dim=0)
+        for mono, rate in readable_recordings(patient, skipped):
             lengths.append(mono.numel() / rate)
             cut.append(recording_quality(mono[: round(seconds * rate)], rate))
             full.append(recording_quality(mono, rate))

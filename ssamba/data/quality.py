@@ -8,7 +8,7 @@ predictions without any training of the model.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -85,20 +85,25 @@ def patient_quality(recordings: Sequence[Tensor]) -> Tensor:
     return torch.cat([rows.mean(dim=0), rows.min(dim=0).values, rows.max(dim=0).values, count])
 
 
+def readable_recordings(patient, skipped: list[str]) -> Iterator[tuple[Tensor, int]]:
+    """Each readable recording of ``patient`` (``ssamba.data.circor.Patient``) as a mono waveform and its
+    rate; a recording that cannot be read is skipped and named in ``skipped`` ("reason: id")."""
+    for recording in patient.recordings:
+        try:
+            wave, rate = read_audio(recording.path)
+        except BadAudio as error:
+            skipped.append(f"{error.reason}: {recording.id}")
+            continue
+        yield wave.mean(dim=0), rate
+
+
 def patients_quality(patients: Iterable) -> tuple[dict[str, Tensor], list[str]]:
     """:data:`PATIENT_FEATURES` of each patient (``ssamba.data.circor.Patient``: ``id`` and ``recordings``
     with ``id`` and ``path``) by patient id, and the recordings that could not be read ("reason: id"),
     skipped. A patient none of whose recordings can be read is left out."""
     table, skipped = {}, []
     for patient in patients:
-        rows = []
-        for recording in patient.recordings:
-            try:
-                wave, rate = read_audio(recording.path)
-            except BadAudio as error:
-                skipped.append(f"{error.reason}: {recording.id}")
-                continue
-            rows.append(recording_quality(wave.mean(dim=0), rate))
+        rows = [recording_quality(mono, rate) for mono, rate in readable_recordings(patient, skipped)]
         if rows:
             table[patient.id] = patient_quality(rows)
     return table, skipped
