@@ -7,7 +7,8 @@ applies a signal-quality gate to murmur predictions first (``ssamba.metrics.gate
 ``bench/circor_results.py gate``); ``scores.json`` then also holds the scores without it. For the
 Challenge's label sets the predictions are one ``outputs/<PID>.csv`` per patient in the PhysioNet
 Challenge 2022 output format; for any other label set (``data.task=murmur_timing``, earbud classes)
-one ``predictions.csv``. Config: ``conf/evaluate.yaml``.
+one ``predictions.csv``; for every label set ``recordings.csv``, each recording's own prediction (the
+argmax of its mean logits, before the patient rule). Config: ``conf/evaluate.yaml``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,22 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, open_dict
 
-from ssamba.evaluation import build_model, check_compatible, gate_predictions, load_members, score_split
+from ssamba.evaluation import (
+    build_model,
+    check_compatible,
+    gate_predictions,
+    load_members,
+    recording_ids,
+    score_split,
+)
 from ssamba.metrics import is_challenge_label_set
-from ssamba.metrics.report import confusion_figure, scores_table, write_challenge_outputs, write_predictions
+from ssamba.metrics.report import (
+    confusion_figure,
+    scores_table,
+    write_challenge_outputs,
+    write_predictions,
+    write_recording_predictions,
+)
 
 log = logging.getLogger("evaluate")
 
@@ -79,6 +93,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         write_challenge_outputs(predictions, patient_ids, datamodule.label_names, out_dir / "outputs")
     else:
         write_predictions(predictions, patient_ids, datamodule.label_names, out_dir / "predictions.csv")
+    write_recording_predictions(predictions, *recording_ids(metric, predictions), datamodule.label_names,
+                                out_dir / "recordings.csv")
     figure.savefig(out_dir / "confusion_matrix.png", dpi=100)
     summary = {"ckpt_path": paths[0] if len(paths) == 1 else paths, "split": cfg.split, "aggregation": rule,
                "scores": strict_json(scores), **({"quality_gate": gate} if gate else {})}
@@ -88,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     model_name = Path(paths[0]).name if len(paths) == 1 else f"ensemble of {len(paths)} checkpoints"
     Console().print(scores_table(scores, f"{cfg.split} ({rule} rule), {model_name}"))
-    log.info("patient outputs, scores.json and confusion_matrix.png in %s", out_dir)
+    log.info("patient outputs, recordings.csv, scores.json and confusion_matrix.png in %s", out_dir)
     return scores
 
 

@@ -923,8 +923,10 @@ def correlation(pairs: list[tuple[float, float]]) -> float:
 
 
 # --- patient decision rules on the cells' stored predictions ------------------------------------------
-# log-probability offsets searched for Present and Unknown by the rule fitted on the other folds
+# log-probability offsets searched for Present and Unknown by the rules fitted on the other folds: a patient's
+# (which the mean rule under-calls Present) and each recording's (where the hierarchical rule may over-call it)
 BIAS_GRID = tuple(step / 4 for step in range(11))
+RECORDING_BIAS_GRID = tuple(step / 4 for step in range(-10, 11))
 RULES = {  # name -> what it does, for the report
     "recorded": "the cell's own predictions: the hierarchical rule over its recordings (the grid's scores)",
     "mean": "argmax of the patient's probabilities (the softmax of its recordings' mean logits)",
@@ -934,6 +936,12 @@ RULES = {  # name -> what it does, for the report
                       "seed's other folds, scored by their own models: the fold's patients choose nothing",
     "seed ensemble": "argmax of the mean of the patient's probabilities over the arm's seeds (each from the "
                      "fold model that did not train on the patient)",
+    "recording offsets": f"the hierarchical rule on each recording's log-probabilities plus offsets for Present and "
+                         f"Unknown (each {RECORDING_BIAS_GRID[0]} to {RECORDING_BIAS_GRID[-1]} by 0.25) chosen for "
+                         "the best weighted accuracy on the same seed's other folds: the fold's patients choose "
+                         "nothing (cells that kept their recordings' logits)",
+    "seed ensemble, recordings": "the hierarchical rule on each recording's probabilities averaged over the arm's "
+                                 "seeds (cells that kept their recordings' logits)",
     "quality gate": "the recorded predictions, except that a patient not predicted Present becomes Unknown when a "
                     "logistic regression on its recordings' signal-quality statistics (ssamba.data.quality; "
                     "needs --data) scores it above a threshold; regression and threshold (the best weighted "
@@ -965,6 +973,43 @@ def fitted_offsets(records: list[dict], weights: list[float]) -> tuple[float, fl
     for present, unknown in itertools.product(BIAS_GRID, BIAS_GRID):
         preds = _argmax([[row[0] + present, row[1] + unknown, *row[2:]] for row in logs])
         score = weighted_accuracy_of(target, preds, weights)
+        if best is None or score > best[0]:
+            best = (score, present, unknown)
+    return best[1], best[2]
+
+
+def recording_log_probs(record: dict) -> list[list[list[float]]] | None:
+    """For each patient of the cell, in its order, its recordings' log-probabilities (the log-softmax of their
+    mean logits); None for a cell scored before cells kept their recordings (``recording_rows``)."""
+    rows = record["patients"].get("recording_rows")
+    if rows is None:
+        return None
+    by_patient: dict[str, list[list[float]]] = {}
+    for patient, logits in zip(rows["patient"], rows["logits"]):
+        top = max(logits)
+        norm = top + math.log(sum(math.exp(value - top) for value in logits))
+        by_patient.setdefault(patient, []).append([value - norm for value in logits])
+    return [by_patient[patient] for patient in record["patients"]["id"]]
+
+
+def hierarchical(patients: list[list[list[float]]], present: float = 0.0, unknown: float = 0.0) -> list[int]:
+    """The hierarchical rule over each patient's recordings (rows of Present, Unknown, Absent scores): the
+    lowest class index a recording's argmax takes, after adding the offsets to its Present and Unknown scores."""
+    return [min(_argmax([[row[0] + present, row[1] + unknown, *row[2:]] for row in recordings]))
+            for recordings in patients]
+
+
+def fitted_recording_offsets(records: list[dict], weights: list[float]) -> tuple[float, float]:
+    """The (Present, Unknown) offsets from :data:`RECORDING_BIAS_GRID` for :func:`hierarchical` with the best
+    weighted accuracy over ``records``' patients; ties go to the smallest shift."""
+    from ssamba.metrics.challenge import weighted_accuracy_of
+
+    target = [t for r in records for t in r["patients"]["target"]]
+    patients = [recordings for r in records for recordings in recording_log_probs(r)]
+    best = None
+    for present, unknown in sorted(itertools.product(RECORDING_BIAS_GRID, RECORDING_BIAS_GRID),
+                                   key=lambda pair: (abs(pair[0]) + abs(pair[1]), pair)):
+        score = weighted_accuracy_of(target, hierarchical(patients, present, unknown), weights)
         if best is None or score > best[0]:
             best = (score, present, unknown)
     return best[1], best[2]
@@ -1014,7 +1059,7 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
     """Per rule of :data:`RULES`, each cell's patient predictions, by (fold, seed, arm). ``records``: one label
     scheme whose classes are the Challenge's Present, Unknown, Absent; ``quality``: patient -> quality features
     (:func:`quality_table`), for the quality gate. A rule with no prediction for a cell (no other fold of its
-    seed, a patient that only one seed scored, no ``quality``) leaves that cell out."""
+    seed, a patient that only one seed scored, no ``quality``, no kept recordings) leaves that cell out."""
     from ssamba.metrics.challenge import CLASS_WEIGHTS, MURMUR_CLASSES
 
     names = records[0]["patients"]["class_names"]
@@ -1024,9 +1069,15 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
     weights = [CLASS_WEIGHTS[name] for name in names]
     rules: dict[str, dict[tuple, list[int]]] = {name: {} for name in RULES}
     by_patient: dict[tuple[str, str], list[list[float]]] = {}  # (arm, patient) -> each seed's probabilities
+    by_recording: dict[tuple[str, str], list[list[float]]] = {}  # (arm, recording) -> each seed's probabilities
     for r in records:
         for patient, row in zip(r["patients"]["id"], r["patients"]["probs"]):
             by_patient.setdefault((r["arm"], patient), []).append(row)
+        rows = r["patients"].get("recording_rows", {"id": [], "logits": []})
+        for recording, logits in zip(rows["id"], rows["logits"]):
+            top = max(logits)
+            by_recording.setdefault((r["arm"], recording), []).append([math.exp(v - top) for v in logits])
+    by_recording = {key: [[v / sum(row) for v in row] for row in rows] for key, rows in by_recording.items()}
     for r in records:
         patients = r["patients"]
         rules["recorded"][cell_key(r)] = list(patients["pred"])
@@ -1046,6 +1097,19 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
         if all(len(rows) > 1 for rows in seeds):
             rules["seed ensemble"][cell_key(r)] = _argmax([[statistics.fmean(column) for column in zip(*rows)]
                                                       for rows in seeds])
+        kept = recording_log_probs(r)
+        if kept is None:
+            continue
+        if others and all(recording_log_probs(o) is not None for o in others):
+            present, unknown = fitted_recording_offsets(others, weights)
+            rules["recording offsets"][cell_key(r)] = hierarchical(kept, present, unknown)
+        recordings: dict[str, list[list[list[float]]]] = {}  # patient -> its recordings' probabilities per seed
+        for patient, recording in zip(patients["recording_rows"]["patient"], patients["recording_rows"]["id"]):
+            recordings.setdefault(patient, []).append(by_recording[(r["arm"], recording)])
+        if all(len(seeds) > 1 for rows in recordings.values() for seeds in rows):
+            rules["seed ensemble, recordings"][cell_key(r)] = hierarchical(
+                [[[statistics.fmean(column) for column in zip(*seeds)] for seeds in recordings[patient]]
+                 for patient in patients["id"]])
     return rules
 
 
@@ -1072,7 +1136,7 @@ def render_rules(results: Path, task: str, data: list[Path] | None = None) -> st
     lines = [f"## CirCor `{task}`: patient decision rules on the grid's stored predictions", "",
              f"Written {datetime.date.today().isoformat()} by `bench/circor_results.py rules` from the cells in "
              f"`{results.name}` ({len(records)} cells). No model is trained or run: each rule turns the patient "
-             "probabilities the cells stored into predictions, which are scored as the grid scores them. Intervals: "
+             "probabilities the cells stored (and their recordings', where kept) into predictions, which are scored as the grid scores them. Intervals: "
              f"{CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})) over the "
              "cells, as in the cross-validation report; a difference is the rule's score minus the recorded "
              "predictions' in the same cell.", ""]  # fmt: skip

@@ -28,6 +28,7 @@ from ssamba.metrics.patient import PatientChallengeMetrics, PatientPredictions
 from ssamba.models import ClassifierEnsemble
 
 BATCH_METRIC_KEYS = ("patient", "recording", "id", "outcome")
+LOGIT_DECIMALS = 4  # a recording's logits as stored with a cell's patients: ample for any rule, and compact
 SCORED_CHECKPOINTS = ("last", "best")  # train.py score_checkpoint=...: the run's last.ckpt, or its best on val
 
 
@@ -120,14 +121,36 @@ def score_split(
 def patient_table(metric: PatientChallengeMetrics, predictions: PatientPredictions, class_names: Sequence[str],
                   rule: str) -> dict[str, list]:
     """The patients' predictions as plain JSON lists (ids, targets, predictions, probabilities, outcome or -1,
-    recordings), enough to score any set of them again later (pooling folds)."""
+    recordings), enough to score any set of them again later (pooling folds), and the recordings' own
+    (``recording_rows``: :func:`recording_table`), for rules that start from the recordings."""
     outcome = predictions.outcome.tolist() if predictions.outcome is not None else [-1] * len(predictions.preds)
     return {
         "class_names": list(class_names), "rule": rule,
         "id": [metric.patient_id(code) for code in predictions.patient.tolist()],
         "target": predictions.target.tolist(), "pred": predictions.preds.tolist(),
         "probs": predictions.probs.tolist(), "outcome": outcome, "recordings": predictions.num_recordings.tolist(),
+        **({"recording_rows": recording_table(metric, predictions)} if predictions.recordings is not None else {}),
     }  # fmt: skip
+
+
+def recording_ids(metric: PatientChallengeMetrics, predictions: PatientPredictions) -> tuple[list[str], list[str]]:
+    """The patient and recording id of each row of ``predictions.recordings``."""
+    recordings = predictions.recordings
+    return ([metric.patient_id(code) for code in recordings.patient.tolist()],
+            [metric.recording_id(code) for code in recordings.recording.tolist()])
+
+
+def recording_table(metric: PatientChallengeMetrics, predictions: PatientPredictions) -> dict[str, list]:
+    """Each recording's patient id, recording id, class and mean logits (to :data:`LOGIT_DECIMALS`) as plain
+    JSON lists, in the order of ``predictions.recordings``."""
+    recordings = predictions.recordings
+    patients, ids = recording_ids(metric, predictions)
+    return {
+        "patient": patients,
+        "id": ids,
+        "target": recordings.target.tolist(),
+        "logits": [[round(value, LOGIT_DECIMALS) for value in row] for row in recordings.logits.tolist()],
+    }
 
 
 def score_checkpoint(paths: Sequence[str], datamodule: Any, split: str, device: torch.device,

@@ -48,6 +48,11 @@ def read_output(path: Path):
     return lines[0], labels, probs
 
 
+def read_recordings(path: Path) -> list[dict[str, str]]:
+    header, *rows = (line.split(",") for line in path.read_text().splitlines())
+    return [dict(zip(header, row)) for row in rows]
+
+
 def test_cli_scores_a_split_and_writes_challenge_files(checkpoint, tmp_path):
     out = tmp_path / "eval"
     command = [
@@ -76,6 +81,17 @@ def test_cli_scores_a_split_and_writes_challenge_files(checkpoint, tmp_path):
         hits += WEIGHTS[true_class] * predicted[true_class]
     assert scores["weighted_accuracy"] == pytest.approx(hits / total)
     assert scores["cost"] > 0  # every mini patient has an outcome
+
+    # each test recording's own prediction; the hierarchical rule over them gives the patients' files
+    recordings = read_recordings(out / "recordings.csv")
+    datamodule = CirCorDataModule(root=str(CIRCOR_MINI))
+    expected = {(p.id, r.id) for p in datamodule.split_patients("test") for r in p.recordings}
+    assert {(row["patient"], row["recording"]) for row in recordings} == expected
+    for pid in truth:
+        own = [row["prediction"] for row in recordings if row["patient"] == pid]
+        patient_class = next(c for c in ("Present", "Unknown", "Absent") if c in own)
+        assert read_output(out / "outputs" / f"{pid}.csv")[1][patient_class] == 1
+    assert all(sum(float(row[f"p_{c}"]) for c in WEIGHTS) == pytest.approx(1, abs=1e-5) for row in recordings)
     assert (out / "confusion_matrix.png").stat().st_size > 0
     assert "test/challenge/weighted_accuracy" in (out / "metrics.csv").read_text()
 
@@ -123,6 +139,9 @@ def test_cli_scores_the_timing_label_set_and_writes_predictions(tmp_path):
     assert header[:3] == ["patient", "target", "prediction"] and len(header) == 3 + 7
     assert len(rows) - 1 == scores["patients"]
     assert not (out / "outputs").exists()  # Challenge output files are for the Challenge's label sets
+    recordings = read_recordings(out / "recordings.csv")
+    assert list(recordings[0])[:4] == ["patient", "recording", "target", "prediction"] and len(recordings[0]) == 4 + 7
+    assert {row["patient"] for row in recordings} == {row.split(",")[0] for row in rows[1:]}
 
 
 def test_an_ensemble_averages_its_members_probabilities():

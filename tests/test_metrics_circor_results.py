@@ -587,6 +587,12 @@ def test_tiny_cross_validation_grid_on_cpu_trains_scores_resumes_and_reports(tmp
             log = (results / "runs" / f"{task}_fold{fold}_seed0_pretrained" / "stdout.log").read_text()
             assert "finetuning from" in log and f"pretrain_fold{fold}_seed0" in log
     assert 0 <= cells["murmur_timing_fold0_seed0_scratch"]["scores"]["murmur_weighted_accuracy"] <= 1
+    for record in cells.values():  # each cell keeps its recordings, from which the recorded rule is recomputed
+        kept = record["patients"]["recording_rows"]
+        assert set(kept["patient"]) == set(record["patients"]["id"]) and len(kept["id"]) == len(set(kept["id"]))
+        assert len(kept["id"]) == sum(record["patients"]["recordings"])
+        if record["task"] == "murmur":
+            assert bench.hierarchical(bench.recording_log_probs(record)) == record["patients"]["pred"]
     text = out.read_text()
     assert "### `murmur`" in text and "### `murmur_timing`" in text and "Pooled out-of-fold" in text
     assert "| 2 | " in text.split("Paired difference")[1]  # two (fold, seed) pairs per scheme
@@ -662,6 +668,53 @@ def test_decision_rules_fit_nothing_on_the_scored_fold_and_average_seeds_per_pat
     with pytest.raises(SystemExit) as exit_:
         bench.main(["rules", "--results", str(tmp_path), "--out", str(tmp_path / "rules.md")])
     assert exit_.value.code == 2 and "decision rules need the Challenge's murmur classes" in capsys.readouterr().err
+
+
+def with_recordings(record, rows):
+    """``record`` with kept recordings: (patient, recording, probabilities) rows, stored as their log (logits)."""
+    record["patients"]["recording_rows"] = {
+        "patient": [row[0] for row in rows], "id": [row[1] for row in rows],
+        "target": [2] * len(rows), "logits": [[math.log(p) for p in row[2]] for row in rows],
+    }  # fmt: skip
+    return record
+
+
+def test_recording_rules_fit_offsets_on_the_other_folds_and_average_recordings_over_seeds(tmp_path):
+    # the other fold: Absent patient 10's one recording leans Present (0.5 against 0.4); Present patient 11's
+    # clearly Present: a Present offset of -0.25 (the smallest shift that scores both right) is fitted there
+    fold1 = with_recordings(rule_cell(1, 0, [2, 0], [[0.5, 0.1, 0.4], [0.7, 0.1, 0.2]]),
+                            [("10", "10a", [0.5, 0.1, 0.4]), ("11", "11a", [0.7, 0.1, 0.2])])
+    fold1["patients"]["pred"] = [0, 0]
+    assert bench.fitted_recording_offsets([fold1], [5.0, 3.0, 1.0]) == (-0.25, 0.0)
+    # the scored fold: Absent 00 (0.5 against 0.45 at its recording) turns Absent; Present 01 stays Present
+    # through its second recording, which the hierarchical rule needs only one of
+    recordings = [("00", "00a", [0.5, 0.05, 0.45]), ("01", "01a", [0.2, 0.1, 0.7]), ("01", "01b", [0.6, 0.1, 0.3])]
+    fold0 = with_recordings(rule_cell(0, 0, [2, 0], [[0.5, 0.05, 0.45], [0.4, 0.1, 0.5]]), recordings)
+    fold0["patients"]["pred"] = [0, 0]
+    assert bench.hierarchical(bench.recording_log_probs(fold0)) == fold0["patients"]["pred"]  # the recorded rule
+    flipped = with_recordings(rule_cell(0, 0, [0, 2], fold0["patients"]["probs"]), recordings)
+    for scored in (fold0, flipped):  # the fold's own targets choose nothing
+        rules = bench.rule_predictions([scored, fold1])
+        assert rules["recording offsets"][(0, 0, "scratch")] == [2, 0]
+        assert rules["seed ensemble, recordings"] == {}  # one seed
+    # seed 1 scored the same recordings: each is averaged over the two seeds before the hierarchical rule
+    seed1 = [with_recordings(rule_cell(0, 1, [2, 0], [[0.3, 0.1, 0.6], [0.3, 0.15, 0.55]]),
+                             [("00", "00a", [0.3, 0.1, 0.6]), ("01", "01a", [0.1, 0.1, 0.8]),
+                              ("01", "01b", [0.5, 0.2, 0.3])]),
+             with_recordings(rule_cell(1, 1, [2, 0], fold1["patients"]["probs"]),
+                             [("10", "10a", [0.5, 0.1, 0.4]), ("11", "11a", [0.7, 0.1, 0.2])])]
+    rules = bench.rule_predictions([fold0, fold1, *seed1])
+    # 00a: [0.4, 0.075, 0.525] Absent; 01a [0.15, 0.1, 0.75] Absent, 01b [0.55, 0.15, 0.3] Present
+    assert rules["seed ensemble, recordings"][(0, 0, "scratch")] == [2, 0]
+    # cells scored before cells kept their recordings take no part in these rules
+    rules = bench.rule_predictions([rule_cell(0, 0, [2, 0], fold0["patients"]["probs"]), fold1])
+    assert rules["recording offsets"] == {} and rules["seed ensemble, recordings"] == {}
+    (tmp_path / "cells").mkdir()
+    for r in (fold0, fold1, *seed1):
+        (tmp_path / "cells" / f"murmur_fold{r['fold']}_seed{r['seed']}_scratch.json").write_text(json.dumps(r))
+    assert bench.main(["rules", "--results", str(tmp_path), "--out", str(tmp_path / "rules.md")]) == 0
+    text = (tmp_path / "rules.md").read_text()
+    assert "| recording offsets | 4 |" in text and "| seed ensemble, recordings | 4 |" in text
 
 
 def test_quality_gate_turns_only_non_present_predictions_unknown_and_is_fitted_on_the_other_folds(tmp_path, capsys):

@@ -12,6 +12,7 @@ from ssamba.metrics import (
     PatientLabelSetMetrics,
     aggregate_label_set,
     aggregate_patients,
+    collapse_to_murmur,
     collapsed_challenge_scores,
     label_set_scores,
     murmur_groups,
@@ -105,6 +106,13 @@ def test_hierarchical_timing_rule_most_severe_group_then_largest_mean_logit():
     out = aggregate_label_set(logits, target, patient, recording, TIMING, "hierarchical")
     assert out.preds.tolist() == [5, 1, 0]
     assert out.target.tolist() == [5, 1, 0]  # most severe item label (recording-level labels)
+    # the recordings in the caller's class order, with their own labels; collapsed, their murmur groups
+    assert out.recordings.logits.tolist() == logits.tolist() and out.recordings.target.tolist() == target.tolist()
+    collapsed = collapse_to_murmur(out, TIMING).recordings
+    assert collapsed.target.tolist() == [2, 2, 0, 2, 1, 2]  # Present 0, Unknown 1, Absent 2
+    assert collapsed.logits.exp().sum(dim=1).tolist() == pytest.approx([1.0] * 6)
+    total = math.exp(medium) + 6  # recording 12: softmax over TIMING, then its five present-* classes summed
+    assert collapsed.logits[2].exp().tolist() == pytest.approx([(math.exp(medium) + 4) / total, 1 / total, 1 / total])
     mean = aggregate_label_set(logits, target, patient, recording, TIMING, "mean")
     assert mean.preds.tolist() == [0, 0, 0]  # arg-max of the recordings' mean logits
     assert mean.probs[0].tolist() == pytest.approx(torch.tensor([4, 0, 1, 0, 0, 3, 0]).div(3).softmax(0).tolist())

@@ -86,6 +86,21 @@ def test_segments_are_averaged_per_recording_before_the_patient_rule():
     assert metric.patient_id(predictions.patient[first]) == "100"
 
 
+def test_the_recordings_behind_the_patients_are_kept_with_their_ids_means_and_classes():
+    metric = PatientChallengeMetrics()
+    metric.update(**columns(ROWS))
+    recordings = metric.predictions().recordings
+    rows = {metric.recording_id(code): (metric.patient_id(patient), logits, target) for code, patient, logits, target
+            in zip(recordings.recording, recordings.patient, recordings.logits.tolist(), recordings.target.tolist())}
+    assert rows == {"100_AV": ("100", [2.0, 1.0, 0.0], P), "100_MV": ("100", [0.0, 0.0, 3.0], P),
+                    "200_AV": ("200", [0.0, 0.0, 1.0], A), "200_PV": ("200", [0.0, 0.5, 0.0], A),
+                    "300_TV": ("300", [0.0, 1.0, 0.0], U)}  # fmt: skip
+    without = PatientChallengeMetrics()
+    without.update(**{k: v for k, v in columns(ROWS).items() if k != "recording"})
+    alone = without.predictions().recordings  # a patient's rows are its one recording, named as the patient
+    assert sorted(without.recording_id(code) for code in alone.recording) == ["100", "200", "300"]
+
+
 def test_recording_level_targets_give_the_patient_label():
     # murmur audible on AV only: MV carries Absent, the patient stays Present
     rows = [r if r[2] != "100_MV" else (*r[:4], A, r[5]) for r in ROWS]

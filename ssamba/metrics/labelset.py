@@ -21,6 +21,7 @@ for label sets without murmur names, the lowest index among its items' labels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -96,15 +97,24 @@ def collapse_to_murmur(predictions: PatientPredictions, class_names: Sequence[st
     group_of = torch.tensor([MURMUR_CLASSES.index(g) for g in groups], device=device)
     onto = torch.zeros(len(groups), len(MURMUR_CLASSES), dtype=predictions.probs.dtype, device=device)
     onto[torch.arange(len(groups), device=device), group_of] = 1.0
+
+    def log_of(probs: Tensor) -> Tensor:
+        return probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
+
     probs = predictions.probs @ onto
+    recordings = predictions.recordings
+    if recordings is not None:  # a recording's logits become the log of its collapsed probabilities
+        recordings = dataclasses.replace(recordings, logits=log_of(recordings.logits.softmax(dim=1) @ onto),
+                                         target=group_of[recordings.target])
     return PatientPredictions(
         patient=predictions.patient,
-        logits=probs.clamp(min=torch.finfo(probs.dtype).tiny).log(),
+        logits=log_of(probs),
         probs=probs,
         preds=group_of[predictions.preds],
         target=group_of[predictions.target],
         outcome=predictions.outcome,
         num_recordings=predictions.num_recordings,
+        recordings=recordings,
     )
 
 
@@ -157,6 +167,8 @@ def aggregate_label_set(
         rank = torch.tensor([MURMUR_CLASSES.index(groups[k]) for k in order.tolist()], device=device)
         other_group = rank.unsqueeze(0) != rank[preds].unsqueeze(1)
         preds = result.logits.masked_fill(other_group, -math.inf).argmax(dim=1)
+    recordings = dataclasses.replace(result.recordings, logits=result.recordings.logits[:, position],
+                                     target=order[result.recordings.target])
     return PatientPredictions(
         patient=result.patient,
         logits=result.logits[:, position],
@@ -165,6 +177,7 @@ def aggregate_label_set(
         target=order[result.target],
         outcome=result.outcome,
         num_recordings=result.num_recordings,
+        recordings=recordings,
     )
 
 

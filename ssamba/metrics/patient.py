@@ -82,6 +82,18 @@ def _group_max(values: Tensor, groups: Tensor, num_groups: int) -> Tensor:
 
 
 @dataclass
+class RecordingPredictions:
+    """One row per recording, sorted by recording code: what the patient rules start from, kept so that
+    a recording's own prediction can be read (which auscultation location sounded like a murmur) and other
+    rules tried on it later."""
+
+    recording: Tensor  # int64 codes
+    patient: Tensor  # [R] int64 code of the recording's patient
+    logits: Tensor  # [R, C] mean of the recording's item logits
+    target: Tensor  # [R] its items' class (the lowest index: a recording label, or its patient's)
+
+
+@dataclass
 class PatientPredictions:
     """One row per patient, sorted by patient code."""
 
@@ -92,6 +104,7 @@ class PatientPredictions:
     target: Tensor  # [P] true class index
     outcome: Tensor | None  # [P] outcome index (Abnormal=0, Normal=1), if known
     num_recordings: Tensor  # [P]
+    recordings: RecordingPredictions | None = None  # the recordings behind the rows, where they were aggregated here
 
 
 def aggregate_patients(
@@ -134,6 +147,7 @@ def aggregate_patients(
         target=_group_min(target, pat_of_row, num_pat),
         outcome=pat_outcome,
         num_recordings=torch.bincount(pat_of_rec, minlength=num_pat),
+        recordings=RecordingPredictions(rec_codes, rec_patient, rec_logits, _group_min(target, rec_of_row, num_rec)),
     )
 
 
@@ -183,6 +197,7 @@ class PatientChallengeMetrics(Metric):
         self.class_names = self.check_classes(class_names)
         self.rule = rule
         self.patient_names: dict[int, str] = {}
+        self.recording_names: dict[int, str] = {}
         for name in ("logits", "target", "outcome", "patient", "recording", "item", "has_item"):
             self.add_state(name, [], dist_reduce_fx="cat")
 
@@ -217,6 +232,9 @@ class PatientChallengeMetrics(Metric):
         if not isinstance(patient, Tensor):
             self.patient_names.update(zip(patient_codes.tolist(), map(str, patient)))
         recording_codes = patient_codes if recording is None else _codes(recording, "recording", n, device)
+        recording_ids = patient if recording is None else recording
+        if not isinstance(recording_ids, Tensor):
+            self.recording_names.update(zip(recording_codes.tolist(), map(str, recording_ids)))
         if outcome is None:
             outcome_codes = torch.full((n,), NO_OUTCOME, dtype=torch.long, device=device)
         else:
@@ -263,6 +281,11 @@ class PatientChallengeMetrics(Metric):
     def patient_id(self, code: int) -> str:
         """The original id of a patient code seen by this process (the code itself otherwise)."""
         return self.patient_names.get(int(code), str(int(code)))
+
+    def recording_id(self, code: int) -> str:
+        """The original id of a recording code seen by this process (the code itself otherwise); without
+        recording ids a patient's rows are its one recording, named as the patient."""
+        return self.recording_names.get(int(code), str(int(code)))
 
 
 def _outcome_codes(outcome: Tensor, n: int) -> Tensor:

@@ -69,6 +69,30 @@ def write_predictions(
     return path
 
 
+def write_recording_predictions(
+    predictions: PatientPredictions, patient_ids: Sequence[str], recording_ids: Sequence[str],
+    class_names: Sequence[str], path: str | Path
+) -> Path:
+    """``recordings.csv``: one row per recording with its patient, its class (its items' label), its own
+    prediction (the argmax of its mean logits, before any patient rule) and each class's probability (their
+    softmax): which recording, e.g. which auscultation location, a patient's prediction came from."""
+    recordings = predictions.recordings
+    if recordings is None:
+        raise ValueError("these patient predictions keep no recordings")
+    if len(patient_ids) != recordings.recording.numel() or len(recording_ids) != recordings.recording.numel():
+        raise ValueError(f"{len(patient_ids)} patient and {len(recording_ids)} recording ids for "
+                         f"{recordings.recording.numel()} recordings")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probs = recordings.logits.softmax(dim=1)
+    lines = [",".join(["patient", "recording", "target", "prediction", *(f"p_{name}" for name in class_names)])]
+    rows = zip(patient_ids, recording_ids, recordings.target.tolist(), probs.argmax(dim=1).tolist(), probs.tolist())
+    for pid, rid, target, pred, row in rows:
+        lines.append(",".join([pid, rid, class_names[target], class_names[pred], *(f"{p:.6f}" for p in row)]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def scores_table(scores: Mapping[str, Tensor | float], title: str):
     """A rich table of scalar scores, in the order given."""
     from rich.table import Table
