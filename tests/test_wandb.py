@@ -250,6 +250,12 @@ def test_patient_table_follows_the_label_set_rule():
     assert by_patient["A"][:4] == ["A", 2, "present-holosystolic", "present-holosystolic"]
     assert by_patient["A"][4:] == pytest.approx(logits[:2].mean(0).softmax(0).tolist())
     assert by_patient["B"][:4] == ["B", 1, "absent", "absent"]
+    recordings = {row[1]: row for row in logged["val/recording_predictions"].data}
+    assert sorted(recordings) == ["A_AV", "A_MV", "B_AV"]
+    for recording, clip in (("A_AV", 0), ("A_MV", 1), ("B_AV", 2)):  # one clip each: its own probabilities
+        assert recordings[recording][0] == recording[0]
+        assert recordings[recording][4:] == pytest.approx(logits[clip].softmax(0).tolist())
+        assert recordings[recording][3] == names[int(logits[clip].argmax())]
 
 
 def test_rows_seen_on_two_ranks_are_kept_once():

@@ -182,6 +182,7 @@ def single_label_tables(rows: dict[str, Any], names: list[str], sigmoid: bool, s
         recording = torch.tensor([id_code(r) for r in rows.get("recording", rows["patient"])], dtype=torch.long)
         result = metric.aggregate(rows["logits"], rows["target"], patient, recording, None)
         name_of = dict(zip(patient.tolist(), rows["patient"]))
+        recording_name = dict(zip(recording.tolist(), rows.get("recording", rows["patient"])))
         classes = list(metric.class_names)
         logged[f"{stage}/patient_confusion_matrix"] = wandb.plot.confusion_matrix(
             y_true=result.target.tolist(), preds=result.preds.tolist(), class_names=classes,
@@ -191,6 +192,13 @@ def single_label_tables(rows: dict[str, Any], names: list[str], sigmoid: bool, s
             data=[[name_of[code], count, classes[t], classes[p], *row] for code, count, t, p, row in zip(
                 result.patient.tolist(), result.num_recordings.tolist(), result.target.tolist(),
                 result.preds.tolist(), result.probs.tolist())])
+        recordings = result.recordings  # each recording's own call (argmax of its mean logits), before the rule
+        recording_probs = recordings.logits.softmax(dim=1)
+        logged[f"{stage}/recording_predictions"] = wandb.Table(
+            columns=["patient", "recording", "true", "predicted", *[f"p_{name}" for name in classes]],
+            data=[[name_of[p], recording_name[r], classes[t], classes[q], *row] for p, r, t, q, row in zip(
+                recordings.patient.tolist(), recordings.recording.tolist(), recordings.target.tolist(),
+                recording_probs.argmax(dim=1).tolist(), recording_probs.tolist())])
     return logged
 
 

@@ -43,7 +43,6 @@ from ssamba.constants import MURMUR_CLASSES, OUTCOME_CLASSES
 
 CLASS_WEIGHTS = {"Present": 5.0, "Unknown": 3.0, "Absent": 1.0, "Abnormal": 5.0, "Normal": 1.0}
 REFERRAL_CLASSES = frozenset({"Present", "Unknown", "Abnormal"})
-NEGATIVE_CLASSES = frozenset({"Absent", "Normal"})
 
 
 def check_challenge_classes(class_names: Sequence[str]) -> tuple[str, ...]:
