@@ -11,7 +11,14 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from ssamba.data import CirCorDataModule
-from ssamba.data.circor import Patient, kfold_split, read_patients, stratified_folds, stratified_split
+from ssamba.data.circor import (
+    Patient,
+    kfold_split,
+    read_patients,
+    stratified_folds,
+    stratified_split,
+    stratified_subset,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CIRCOR_MINI = ROOT / "tests" / "data" / "circor-mini"
@@ -126,3 +133,32 @@ def test_pretraining_on_a_fold_reads_only_its_training_patients_audio(tmp_path):
     read = {Path(item.path).name.split("_")[0] for split in ("train", "val") for item in dm.datasets[split].items}
     assert read and not read & test
     assert read == {p.id for p in dm.split_patients("train")} | {p.id for p in dm.split_patients("val")}
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_a_label_fraction_trains_on_a_stratified_share_of_the_train_patients_only(fraction):
+    patients = cohort()
+    kept = stratified_subset(patients, fraction, 3)
+    assert len(kept) == round(fraction * len(patients)) and kept == stratified_subset(list(patients), fraction, 3)
+    for stratum, count in STRATA.items():  # every stratum in proportion, to within one patient
+        share = sum(p.id in kept for p in patients if (p.murmur, p.outcome) == stratum)
+        assert abs(share - fraction * count) <= 1
+    assert stratified_subset(patients[:3], 0.01, 0) and len(stratified_subset(patients[:3], 0.01, 0)) == 1
+
+
+def test_a_label_fraction_leaves_val_and_test_alone_and_says_so(tmp_path):
+    root = cloned_circor(tmp_path / "circor", copies=4)  # 24 patients
+    options = {"root": str(root), "split": "kfold", "folds": 2, "fold": 0, "split_seed": 1, "num_workers": 0}
+    full, part = CirCorDataModule(**options), CirCorDataModule(**options, label_fraction=0.5)
+    assert part.splits == ("train", "val", "test")
+    for split in ("val", "test"):
+        assert part.split_patients(split) == full.split_patients(split)
+    train, kept = full.split_patients("train"), part.split_patients("train")
+    assert set(p.id for p in kept) < set(p.id for p in train) and len(kept) == round(0.5 * len(train))
+    assert f"training on 0.5 of the train patients ({len(train) - len(kept)} left out)" in part.split_description
+    part.setup("fit")
+    read = {Path(item.path).name.split("_")[0] for item in part.datasets["train"].items}
+    assert read == {p.id for p in kept}
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"data.label_fraction must be in \(0, 1\]"):
+            CirCorDataModule(**options, label_fraction=bad)

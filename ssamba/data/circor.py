@@ -48,6 +48,7 @@ SYSTOLIC_TIMINGS = {  # "Systolic murmur timing" value -> class of a Present pat
 }
 TASKS = {"murmur": MURMUR_CLASSES, "murmur_timing": TIMING_CLASSES, "outcome": OUTCOME_CLASSES}
 SPLIT_KINDS = ("holdout", "kfold")  # data.split: seeded fractions of patients, or one fold of a k-fold partition
+UNLABELED_SPLIT = "unlabeled"  # train patients data.label_fraction leaves out: no split reads them
 
 
 @dataclass
@@ -175,12 +176,23 @@ def stratified_split(patients: list[Patient], fractions: dict[str, float], seed:
     order = [pid for _, ids in _shuffled_strata(patients, seed) for pid in ids]
     total, assignment = len(order), {}
     for split in ("test", "val"):
-        count = min(round(fractions.get(split, 0.0) * total), len(order))
-        chosen = {k for k in range(len(order)) if (k + 1) * count // len(order) > k * count // len(order)}
+        chosen = _evenly_spaced(len(order), min(round(fractions.get(split, 0.0) * total), len(order)))
         assignment.update({order[k]: split for k in chosen})
         order = [pid for k, pid in enumerate(order) if k not in chosen]
     assignment.update({pid: "train" for pid in order})
     return assignment
+
+
+def _evenly_spaced(length: int, count: int) -> set[int]:
+    """``count`` positions spread evenly over ``range(length)``."""
+    return {k for k in range(length) if (k + 1) * count // length > k * count // length}
+
+
+def stratified_subset(patients: list[Patient], fraction: float, seed: int) -> set[str]:
+    """The ids of ``fraction`` of ``patients`` (at least one), stratified on (murmur, outcome) as
+    :func:`stratified_split` is, reproducible from ``seed``."""
+    order = [pid for _, ids in _shuffled_strata(patients, seed) for pid in ids]
+    return {order[k] for k in _evenly_spaced(len(order), max(1, round(fraction * len(order))))}
 
 
 def stratified_folds(patients: list[Patient], folds: int, seed: int) -> dict[str, int]:
@@ -273,6 +285,7 @@ class CirCorDataModule(AudioDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.25,
         split_seed: int = 0,
+        label_fraction: float = 1.0,
         crop_seconds: float = 5.0,
         crop_hop_seconds: float = 2.5,
         segment_seconds: float = 5.0,
@@ -296,6 +309,9 @@ class CirCorDataModule(AudioDataModule):
                 raise ValueError(f"data.folds must be an integer >= 2, got {folds!r}")
             if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
                 raise ValueError(f"data.fold must be an integer in 0..{folds - 1} (data.folds={folds}), got {fold!r}")
+        if isinstance(label_fraction, bool) or not isinstance(label_fraction, (int, float)) or not (
+                0 < label_fraction <= 1):
+            raise ValueError(f"data.label_fraction must be in (0, 1], got {label_fraction!r}")
         if split_file is not None and not os.path.isfile(split_file):
             raise FileNotFoundError(f"data.split_file: no such file: {split_file}")
         self.root = os.path.expanduser(root)
@@ -308,6 +324,7 @@ class CirCorDataModule(AudioDataModule):
         self.folds, self.fold = folds, fold
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.split_seed = split_seed
+        self.label_fraction = label_fraction
         self.crop = (crop_seconds, crop_hop_seconds)
         self.segment = (segment_seconds, min_segment_seconds)
         self.eval_max_seconds = eval_max_seconds
@@ -337,7 +354,7 @@ class CirCorDataModule(AudioDataModule):
 
     @property
     def assignment(self) -> dict[str, str]:
-        """Patient id -> train / val / test."""
+        """Patient id -> train / val / test (or :data:`UNLABELED_SPLIT`, with ``label_fraction`` below 1)."""
         if self._assignment is None:
             self._assignment = self._assign()
         return self._assignment
@@ -348,10 +365,15 @@ class CirCorDataModule(AudioDataModule):
             unknown = [p.id for p in self.patients if p.id not in assignment]
             if unknown:
                 raise ValueError(f"{self.split_file}: no split for patient(s) {unknown[:5]}")
-            return assignment
-        if self.split == "kfold":
-            return kfold_split(self.patients, self.folds, self.fold, self.fractions["val"], self.split_seed)
-        return stratified_split(self.patients, self.fractions, self.split_seed)
+        elif self.split == "kfold":
+            assignment = kfold_split(self.patients, self.folds, self.fold, self.fractions["val"], self.split_seed)
+        else:
+            assignment = stratified_split(self.patients, self.fractions, self.split_seed)
+        if self.label_fraction < 1:
+            train = [p for p in self.patients if assignment[p.id] == "train"]
+            kept = stratified_subset(train, self.label_fraction, self.split_seed)
+            assignment.update({p.id: UNLABELED_SPLIT for p in train if p.id not in kept})
+        return assignment
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -364,12 +386,17 @@ class CirCorDataModule(AudioDataModule):
     @property
     def split_description(self) -> str:
         if self.split_file:
-            return f"patient-wise, data.split_file={self.split_file}"
-        if self.split == "kfold":
-            return (f"patient-wise stratified {self.folds}-fold cross-validation, fold {self.fold} as test, "
+            text = f"patient-wise, data.split_file={self.split_file}"
+        elif self.split == "kfold":
+            text = (f"patient-wise stratified {self.folds}-fold cross-validation, fold {self.fold} as test, "
                     f"val {self.fractions['val']:g} of the other folds' patients, seed {self.split_seed}")
-        return (f"patient-wise, stratified on murmur and outcome, val {self.fractions['val']:g} / "
-                f"test {self.fractions['test']:g} of patients, seed {self.split_seed}")
+        else:
+            text = (f"patient-wise, stratified on murmur and outcome, val {self.fractions['val']:g} / "
+                    f"test {self.fractions['test']:g} of patients, seed {self.split_seed}")
+        if self.label_fraction < 1:
+            left = sum(split == UNLABELED_SPLIT for split in self.assignment.values())
+            text += f"; training on {self.label_fraction:g} of the train patients ({left} left out)"
+        return text
 
     def patient_targets(self, split: str) -> dict[str, dict[str, int]]:
         """Patient id -> {"murmur": index, "outcome": index or -1} (plus "murmur_timing": index for
