@@ -2,6 +2,7 @@
 val part carved from each fold's training patients, clear errors, and pretraining that reads only the
 training patients' audio."""
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_a_label_fraction_trains_on_a_stratified_share_of_the_train_patients_onl
     assert stratified_subset(patients[:3], 0.01, 0) and len(stratified_subset(patients[:3], 0.01, 0)) == 1
 
 
-def test_a_label_fraction_leaves_val_and_test_alone_and_says_so(tmp_path):
+def test_a_label_fraction_leaves_val_and_test_alone_and_says_so(tmp_path, caplog):
     root = cloned_circor(tmp_path / "circor", copies=4)  # 24 patients
     options = {"root": str(root), "split": "kfold", "folds": 2, "fold": 0, "split_seed": 1, "num_workers": 0}
     full, part = CirCorDataModule(**options), CirCorDataModule(**options, label_fraction=0.5)
@@ -156,7 +157,9 @@ def test_a_label_fraction_leaves_val_and_test_alone_and_says_so(tmp_path):
     train, kept = full.split_patients("train"), part.split_patients("train")
     assert set(p.id for p in kept) < set(p.id for p in train) and len(kept) == round(0.5 * len(train))
     assert f"training on 0.5 of the train patients ({len(train) - len(kept)} left out)" in part.split_description
-    part.setup("fit")
+    with caplog.at_level(logging.INFO, logger="ssamba.data.circor"):
+        part.setup("fit")
+    assert "training on 0.5 of the train patients" in caplog.text  # the run's log says what it trained on
     read = {Path(item.path).name.split("_")[0] for item in part.datasets["train"].items}
     assert read == {p.id for p in kept}
     for bad in (0, 1.5, True, "half"):

@@ -439,6 +439,7 @@ class CirCorDataModule(AudioDataModule):
 
     def build_items(self, split: str) -> list[Item]:
         if split == "train":
+            log.info("circor %s, split %s", self.root, self.split_description)  # scores depend on it
             length, hop, min_last = *self.crop, math.inf
         else:
             length, min_last = self.segment
