@@ -986,10 +986,14 @@ def recording_log_probs(record: dict) -> list[list[list[float]]] | None:
         return None
     by_patient: dict[str, list[list[float]]] = {}
     for patient, logits in zip(rows["patient"], rows["logits"]):
-        top = max(logits)
-        norm = top + math.log(sum(math.exp(value - top) for value in logits))
-        by_patient.setdefault(patient, []).append([value - norm for value in logits])
+        by_patient.setdefault(patient, []).append(_log_softmax(logits))
     return [by_patient[patient] for patient in record["patients"]["id"]]
+
+
+def _log_softmax(logits: list[float]) -> list[float]:
+    top = max(logits)
+    norm = top + math.log(sum(math.exp(value - top) for value in logits))
+    return [value - norm for value in logits]
 
 
 def hierarchical(patients: list[list[list[float]]], present: float = 0.0, unknown: float = 0.0) -> list[int]:
@@ -1075,9 +1079,7 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
             by_patient.setdefault((r["arm"], patient), []).append(row)
         rows = r["patients"].get("recording_rows", {"id": [], "logits": []})
         for recording, logits in zip(rows["id"], rows["logits"]):
-            top = max(logits)
-            by_recording.setdefault((r["arm"], recording), []).append([math.exp(v - top) for v in logits])
-    by_recording = {key: [[v / sum(row) for v in row] for row in rows] for key, rows in by_recording.items()}
+            by_recording.setdefault((r["arm"], recording), []).append([math.exp(v) for v in _log_softmax(logits)])
     for r in records:
         patients = r["patients"]
         rules["recorded"][cell_key(r)] = list(patients["pred"])
@@ -1103,12 +1105,12 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
         if others and all(recording_log_probs(o) is not None for o in others):
             present, unknown = fitted_recording_offsets(others, weights)
             rules["recording offsets"][cell_key(r)] = hierarchical(kept, present, unknown)
-        recordings: dict[str, list[list[list[float]]]] = {}  # patient -> its recordings' probabilities per seed
+        recordings: dict[str, list[list[list[float]]]] = {}  # patient -> each recording's probabilities per seed
         for patient, recording in zip(patients["recording_rows"]["patient"], patients["recording_rows"]["id"]):
             recordings.setdefault(patient, []).append(by_recording[(r["arm"], recording)])
-        if all(len(seeds) > 1 for rows in recordings.values() for seeds in rows):
+        if all(len(per_seed) > 1 for rows in recordings.values() for per_seed in rows):
             rules["seed ensemble, recordings"][cell_key(r)] = hierarchical(
-                [[[statistics.fmean(column) for column in zip(*seeds)] for seeds in recordings[patient]]
+                [[[statistics.fmean(column) for column in zip(*per_seed)] for per_seed in recordings[patient]]
                  for patient in patients["id"]])
     return rules
 
@@ -1136,7 +1138,8 @@ def render_rules(results: Path, task: str, data: list[Path] | None = None) -> st
     lines = [f"## CirCor `{task}`: patient decision rules on the grid's stored predictions", "",
              f"Written {datetime.date.today().isoformat()} by `bench/circor_results.py rules` from the cells in "
              f"`{results.name}` ({len(records)} cells). No model is trained or run: each rule turns the patient "
-             "probabilities the cells stored (and their recordings', where kept) into predictions, which are scored as the grid scores them. Intervals: "
+             "probabilities the cells stored (and their recordings', where kept) into predictions, which are scored "
+             "as the grid scores them. Intervals: "
              f"{CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})) over the "
              "cells, as in the cross-validation report; a difference is the rule's score minus the recorded "
              "predictions' in the same cell.", ""]  # fmt: skip
