@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from circor_results import ARM_TITLES, ARMS, load_results, t_quantile  # noqa: E402
+from circor_results import ARM_TITLES, ARMS, interval, load_results  # noqa: E402
 
 CLASSES = ("Present", "Unknown", "Absent")  # the Challenge's murmur classes, in the cells' index order
 TABLE = "training_data.csv"
@@ -63,14 +63,6 @@ def patient_outcomes(records: list[dict]) -> dict[str, tuple[int, list[int]]]:
     return out
 
 
-def mean_interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of its 95% Student's t interval; NaN below two values)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def breakdown_rows(outcomes: dict[str, tuple[int, list[int]]], table: dict[str, dict[str, str]]) -> list[str]:
     """Markdown rows: class, column, value, patients, recall with interval, and where its patients went."""
     missing = sorted(pid for pid in outcomes if pid not in table)
@@ -86,7 +78,7 @@ def breakdown_rows(outcomes: dict[str, tuple[int, list[int]]], table: dict[str, 
                     groups.setdefault(group_value(table[pid], column), []).append(preds)
             for value in sorted(groups):
                 shares = [[sum(p == k for p in preds) / len(preds) for preds in groups[value]] for k in range(3)]
-                mean, half = mean_interval(shares[index])
+                mean, half, _ = interval(shares[index], 0.0)  # independent patients: no correction
                 recall = f"{mean:.2f}" if math.isnan(half) else f"{mean:.2f} [{max(0.0, mean - half):.2f}, " \
                                                                f"{min(1.0, mean + half):.2f}]"
                 went = " | ".join(f"{statistics.fmean(shares[k]):.2f}" for k in range(3))

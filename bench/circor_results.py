@@ -1003,13 +1003,13 @@ def hierarchical(patients: list[list[list[float]]], present: float = 0.0, unknow
             for recordings in patients]
 
 
-def fitted_recording_offsets(records: list[dict], weights: list[float]) -> tuple[float, float]:
+def fitted_recording_offsets(patients: list[list[list[float]]], target: list[int],
+                             weights: list[float]) -> tuple[float, float]:
     """The (Present, Unknown) offsets from :data:`RECORDING_BIAS_GRID` for :func:`hierarchical` with the best
-    weighted accuracy over ``records``' patients; ties go to the smallest shift."""
+    weighted accuracy over ``patients`` (each its recordings' log-probabilities, :func:`recording_log_probs`)
+    and their ``target`` classes; ties go to the smallest shift."""
     from ssamba.metrics.challenge import weighted_accuracy_of
 
-    target = [t for r in records for t in r["patients"]["target"]]
-    patients = [recordings for r in records for recordings in recording_log_probs(r)]
     best = None
     for present, unknown in sorted(itertools.product(RECORDING_BIAS_GRID, RECORDING_BIAS_GRID),
                                    key=lambda pair: (abs(pair[0]) + abs(pair[1]), pair)):
@@ -1080,6 +1080,7 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
         rows = r["patients"].get("recording_rows", {"id": [], "logits": []})
         for recording, logits in zip(rows["id"], rows["logits"]):
             by_recording.setdefault((r["arm"], recording), []).append([math.exp(v) for v in _log_softmax(logits)])
+    kept = {cell_key(r): recording_log_probs(r) for r in records}
     for r in records:
         patients = r["patients"]
         rules["recorded"][cell_key(r)] = list(patients["pred"])
@@ -1099,12 +1100,12 @@ def rule_predictions(records: list[dict], quality: dict[str, list[float]] | None
         if all(len(rows) > 1 for rows in seeds):
             rules["seed ensemble"][cell_key(r)] = _argmax([[statistics.fmean(column) for column in zip(*rows)]
                                                       for rows in seeds])
-        kept = recording_log_probs(r)
-        if kept is None:
+        if kept[cell_key(r)] is None:
             continue
-        if others and all(recording_log_probs(o) is not None for o in others):
-            present, unknown = fitted_recording_offsets(others, weights)
-            rules["recording offsets"][cell_key(r)] = hierarchical(kept, present, unknown)
+        if others and all(kept[cell_key(o)] is not None for o in others):
+            present, unknown = fitted_recording_offsets([rows for o in others for rows in kept[cell_key(o)]],
+                                                        [t for o in others for t in o["patients"]["target"]], weights)
+            rules["recording offsets"][cell_key(r)] = hierarchical(kept[cell_key(r)], present, unknown)
         recordings: dict[str, list[list[list[float]]]] = {}  # patient -> each recording's probabilities per seed
         for patient, recording in zip(patients["recording_rows"]["patient"], patients["recording_rows"]["id"]):
             recordings.setdefault(patient, []).append(by_recording[(r["arm"], recording)])

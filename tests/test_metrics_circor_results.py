@@ -685,7 +685,8 @@ def test_recording_rules_fit_offsets_on_the_other_folds_and_average_recordings_o
     fold1 = with_recordings(rule_cell(1, 0, [2, 0], [[0.5, 0.1, 0.4], [0.7, 0.1, 0.2]]),
                             [("10", "10a", [0.5, 0.1, 0.4]), ("11", "11a", [0.7, 0.1, 0.2])])
     fold1["patients"]["pred"] = [0, 0]
-    assert bench.fitted_recording_offsets([fold1], [5.0, 3.0, 1.0]) == (-0.25, 0.0)
+    assert bench.fitted_recording_offsets(bench.recording_log_probs(fold1), fold1["patients"]["target"],
+                                          [5.0, 3.0, 1.0]) == (-0.25, 0.0)
     # the scored fold: Absent 00 (0.5 against 0.45 at its recording) turns Absent; Present 01 stays Present
     # through its second recording, which the hierarchical rule needs only one of
     recordings = [("00", "00a", [0.5, 0.05, 0.45]), ("01", "01a", [0.2, 0.1, 0.7]), ("01", "01b", [0.6, 0.1, 0.3])]
