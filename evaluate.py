@@ -22,6 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, open_dict
 
+from ssamba.checkpoints import INPUT_KEYS
 from ssamba.evaluation import (
     build_model,
     check_compatible,
@@ -59,8 +60,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("ckpt_path=[]: give a checkpoint, or a list of them for an ensemble")
     members = load_members(paths)
     checkpoint = members[0]
-    with open_dict(cfg):  # the model's input: its own frame count and normalisation
-        for key in ("target_length", "norm_mean", "norm_std"):
+    with open_dict(cfg):  # the model's input: its own frame count, normalisation and mel scale
+        for key in INPUT_KEYS:
             value = getattr(checkpoint, key)
             if value is not None:  # a number (the reader checks), never a config node that names a _target_
                 cfg.data[key] = value

@@ -26,12 +26,14 @@ def load(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", fami
     Released files carry no normalisation statistics: they get the AudioSet ones their
     pretraining used.
     """
-    from .embed import AudioEmbedder  # here so that ``import ssamba`` does not pull in the audio front end
+    from .data.features import MelScale  # here so that ``import ssamba`` does not pull in the audio front end
+    from .embed import AudioEmbedder
 
     loaded = load_checkpoint(checkpoint, family, **config_overrides)
     metadata = {k: v for k, v in loaded.record().items() if k != "encoder"}
     metadata.update(unused_keys=loaded.unused_keys, source_format=loaded.source_format)
-    return AudioEmbedder(loaded.build_encoder(backend), loaded.norm_mean, loaded.norm_std, metadata).to(device)
+    mel = MelScale(loaded.mel_low_hz, loaded.mel_high_hz, loaded.fft_size)
+    return AudioEmbedder(loaded.build_encoder(backend), loaded.norm_mean, loaded.norm_std, metadata, mel=mel).to(device)
 
 
 def save_pretrained(model_or_checkpoint, directory: str | os.PathLike) -> Path:
@@ -52,6 +54,8 @@ def save_pretrained(model_or_checkpoint, directory: str | os.PathLike) -> Path:
         checkpoint = Checkpoint(encoder_record(source.encoder), source.encoder.state_dict(),
                                 norm_mean=source.norm_mean, norm_std=source.norm_std,
                                 target_length=meta.get("target_length", source.encoder.config.input_tdim),
+                                mel_low_hz=source.mel.low_hz, mel_high_hz=source.mel.high_hz,
+                                fft_size=source.mel.fft_size,
                                 task=meta.get("task"), label_names=list(meta.get("label_names") or []))
     else:
         raise TypeError(f"save_pretrained takes a checkpoint path, a Checkpoint or a model from ssamba.load, "

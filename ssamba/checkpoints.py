@@ -3,7 +3,7 @@
 :func:`load_checkpoint` reads one of our Lightning checkpoints, a released SSAMBA/SSAST ``.pth``
 (tensors only are unpickled) or a model folder (``config.json`` + ``model.safetensors``, written by
 :func:`save_pretrained`; nothing is unpickled) into a :class:`Checkpoint`: encoder config and weights, the task's
-other weights, input normalisation, input length, label names and a finetuned head's settings.
+other weights, input normalisation, mel scale and length, label names and a finetuned head's settings.
 ``ssamba.load``, finetuning's ``task.pretrained``, ``evaluate.py`` and ``python -m ssamba.embed``
 all come through here, so a checkpoint means the same thing to each of them.
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .constants import AUDIOSET_MEAN, AUDIOSET_STD
+from .constants import AUDIOSET_MEAN, AUDIOSET_STD, FFT_SIZE, MEL_HIGH_HZ, MEL_KEYS, MEL_LOW_HZ
 from .models import ClassificationHead, Classifier, encoder_from_config, encoder_record
 from .models import ssamba as ssamba_family
 from .models import ssast as ssast_family
@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 
 FAMILIES = {"ssamba": ssamba_family, "ssast": ssast_family}  # released formats, by family
 HEAD_PREFIX = "head."  # the finetuning task's classification head in our state_dict
-NUMBERS = {"norm_mean": float, "norm_std": float, "target_length": int}  # numeric fields of the record
+# numeric fields of the record; a record without the mel scale's (written before it could be set) used kaldi's
+NUMBERS = {"norm_mean": float, "norm_std": float, "target_length": int, "mel_low_hz": float, "mel_high_hz": float,
+           "fft_size": int}
+INPUT_KEYS = ("target_length", "norm_mean", "norm_std", *MEL_KEYS)  # the data settings a model's input depends on
 
 
 @dataclass
@@ -56,6 +59,9 @@ class Checkpoint:
     norm_mean: float | None = None
     norm_std: float | None = None
     target_length: int | None = None
+    mel_low_hz: float = MEL_LOW_HZ
+    mel_high_hz: float = MEL_HIGH_HZ
+    fft_size: int = FFT_SIZE
     task: str | None = None
     label_names: list[str] = field(default_factory=list)
     head: dict[str, Any] | None = None  # finetuning: num_classes, pooling, multilabel, loss
@@ -65,7 +71,9 @@ class Checkpoint:
     def record(self) -> dict[str, Any]:
         """``checkpoint["ssamba"]`` as our checkpoints store it."""
         record = {"encoder": self.encoder_config, "norm_mean": self.norm_mean, "norm_std": self.norm_std,
-                  "target_length": self.target_length, "task": self.task, "label_names": self.label_names}
+                  "target_length": self.target_length, "mel_low_hz": self.mel_low_hz,
+                  "mel_high_hz": self.mel_high_hz, "fft_size": self.fft_size, "task": self.task,
+                  "label_names": self.label_names}
         if self.head is not None:
             record["head"] = self.head
         return record
@@ -139,6 +147,7 @@ def lightning_to_ours(checkpoint: dict[str, Any], source: str = "checkpoint", **
                               "or a released file: convert it with python -m ssamba.convert)")
     meta = checkpoint["ssamba"]
     numbers = {key: _number(meta, key, kind) for key, kind in NUMBERS.items()}
+    numbers = {key: value for key, value in numbers.items() if value is not None or key not in MEL_KEYS}
     config = {k: v for k, v in {**meta["encoder"], **config_overrides}.items() if k not in RUNTIME_FIELDS}
     if "name" not in config:
         raise ConversionError(f"{source}: checkpoint['ssamba']['encoder'] names no model (no 'name' key)")
@@ -241,7 +250,8 @@ def released_to_ours(state: dict[str, Tensor], family: str | None = None, norm_m
     config = reference.config
     _check_task_state(task_state, reference.embed_dim, config.fshape * config.tshape, what)
     return Checkpoint(encoder_record(reference), encoder_state, task_state, norm_mean, norm_std, config.input_tdim,
-                      "pretrain", [], None, [DATAPARALLEL_PREFIX + k for k in unused], f"{detected}-released")
+                      task="pretrain", unused_keys=[DATAPARALLEL_PREFIX + k for k in unused],
+                      source_format=f"{detected}-released")
 
 
 # ----------------------------------------------------------------------------------------------

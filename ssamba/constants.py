@@ -7,6 +7,12 @@ each other, and lets checkpoint conversion know the front end's defaults without
 MEL_BINS = 128  # frequency bins of the fbank front end (the encoders' default input_fdim)
 AUDIOSET_MEAN = -4.2677393  # fbank statistics of AudioSet, used by the released pretraining
 AUDIOSET_STD = 4.5689974
+# The mel filterbank: kaldi's (and so AST's and SSAST's) range and FFT size at 16 kHz, and the data
+# config keys that set them (a checkpoint records them: its features must be computed the same way).
+MEL_LOW_HZ = 20.0
+MEL_HIGH_HZ = 8000.0
+FFT_SIZE = 512  # kaldi rounds the 400-sample window up to a power of two
+MEL_KEYS = ("mel_low_hz", "mel_high_hz", "fft_size")
 
 UNLABELED = ["unlabeled"]  # label_names of pretraining corpora: one class, all-zero targets
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssamba.checkpoints import Checkpoint, load_checkpoint
+from ssamba.checkpoints import INPUT_KEYS, Checkpoint, load_checkpoint
 from ssamba.data.quality import PATIENT_FEATURES, patients_quality
 from ssamba.metrics.challenge import MURMUR_CLASSES
 from ssamba.metrics.gate import QualityGate
@@ -50,11 +50,11 @@ def load_finetuned(path: str) -> Checkpoint:
 
 def load_members(paths: Sequence[str]) -> list[Checkpoint]:
     """The finetuning checkpoints of an ensemble (or of one model), which must agree on what the data gives
-    them: classes, input length, input normalisation and single- or multi-label head."""
+    them: classes, input length, normalisation and mel scale, and single- or multi-label head."""
     members = [load_finetuned(str(path)) for path in paths]
     first = members[0]
     for path, member in zip(paths[1:], members[1:]):
-        for key in ("label_names", "target_length", "norm_mean", "norm_std"):
+        for key in ("label_names", *INPUT_KEYS):
             if getattr(member, key) != getattr(first, key):
                 raise ValueError(f"ckpt_path: {path} has {key}={getattr(member, key)!r} but {paths[0]} has "
                                  f"{getattr(first, key)!r}; an ensemble's models must share it")

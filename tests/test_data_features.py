@@ -1,11 +1,17 @@
 """The fbank front end: parity of the batched device path with torchaudio's kaldi fbank, and the
 augmentations of the reference recipe."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
+from ssamba.data.audio import read_audio
 from ssamba.data.features import (
+    SAMPLE_RATE,
     FbankFrontEnd,
+    MelScale,
     batched_fbank,
     frames_for_samples,
     kaldi_fbank,
@@ -45,6 +51,62 @@ def test_front_end_cpu_and_batched_paths_agree_and_normalise():
     torch.testing.assert_close(single[0], (raw - -5.0) / (2 * 3.0))
     assert single.shape == (3, 200, 128)
     assert (single[0, 99:] == (0 - -5.0) / 6.0).all()  # 1 s gives 98 frames, then zero padding
+
+
+CIRCOR_RECORDING = Path(__file__).parent / "data" / "circor-mini" / "training_data" / "2530_AV.wav"
+
+
+def mel(hz: float) -> float:
+    return 1127.0 * math.log(1.0 + hz / 700.0)
+
+
+@pytest.mark.parametrize("scale", [MelScale(), MelScale(20.0, 2000.0, 2048), MelScale(50.0, 1000.0, 4096)])
+def test_a_tone_lands_in_the_mel_filter_centred_nearest_it(scale):
+    tone = torch.sin(2 * math.pi * 700.0 * torch.arange(SAMPLE_RATE) / SAMPLE_RATE)
+    peak = int(FbankFrontEnd(100, mel=scale).raw(tone).mean(0).argmax())
+    spacing = (mel(scale.high_hz) - mel(scale.low_hz)) / 129  # 128 triangles over 130 equally spaced edges
+    expected = (mel(700.0) - mel(scale.low_hz)) / spacing - 1
+    assert abs(peak - expected) <= 1
+
+
+def test_a_4khz_recording_fills_every_filter_of_its_own_band_and_half_of_the_default_is_empty():
+    wav, rate = read_audio(str(CIRCOR_RECORDING))
+    assert rate == 4000
+    wav = to_mono_16k(wav, rate)
+    floor = math.log(torch.finfo(torch.float32).eps)
+    default = FbankFrontEnd(500).raw(wav).mean(0)
+    narrow = FbankFrontEnd(500, mel=MelScale(20.0, 2000.0, 1024)).raw(wav).mean(0)
+    assert int((default < floor + 1).sum()) >= 50  # nothing above 2 kHz
+    assert int((narrow < floor + 1).sum()) == 0
+
+
+def test_the_cpu_and_batched_paths_agree_on_another_scale():
+    torch.manual_seed(2)
+    front = FbankFrontEnd(target_length=150, mel=MelScale(20.0, 2000.0, 2048))
+    wavs = [torch.randn(n) * 0.05 for n in (16000, 9000)]
+    single = torch.stack([front(w, train=False) for w in wavs])
+    padded = torch.zeros(2, 16000)
+    padded[1, :9000] = wavs[1]
+    padded[0] = wavs[0]
+    torch.testing.assert_close(front.batch(padded, torch.tensor([16000, 9000]), train=False), single)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((20.0, 2000.0, 512), "21 of the 128 mel filters fall between FFT bins.*fft_size=1024"),
+    ((0.0, 9000.0), "mel_high_hz <= 8000"),
+    ((500.0, 400.0), "mel_low_hz < mel_high_hz"),
+    ((20.0, 8000.0, 1000), "fft_size=1000: a power of two >= 512"),
+    ((20.0, 8000.0, 256), "fft_size=256"),
+    (("low", 8000.0), "mel_low_hz='low': a frequency in Hz"),
+])
+def test_a_mel_scale_that_cannot_work_is_refused_in_one_line(args, message):
+    with pytest.raises(ValueError, match=message):
+        MelScale(*args)
+
+
+def test_the_default_scale_is_kaldis_and_a_config_number_is_one_scale():
+    assert MelScale().is_kaldi and MelScale(20, 8000, 512).is_kaldi
+    assert MelScale(20, 2000, 2048) == MelScale(20.0, 2000.0, 2048) and not MelScale(20, 2000, 2048).is_kaldi
 
 
 def test_frame_arithmetic():

@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from ssamba.data import CirCorDataModule
-from ssamba.evaluation import build_model, check_compatible, load_finetuned, load_members, score_split
+import ssamba
+from ssamba.data.features import MelScale
+from ssamba.evaluation import (
+    build_model,
+    check_compatible,
+    load_finetuned,
+    load_members,
+    recording_ids,
+    score_split,
+)
+from ssamba.metrics.report import write_recording_predictions
 from ssamba.models import ClassifierEnsemble, build_encoder
 from ssamba.tasks import Finetuning, data_info
 
@@ -120,6 +130,52 @@ def test_mismatched_data_is_refused(checkpoint, tmp_path):
         load_finetuned(str(pretraining))
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         load_finetuned(str(tmp_path / "missing.ckpt"))
+
+
+def recordings_csv(model, datamodule, path: Path) -> str:
+    metric = score_split(model, datamodule, "test", "hierarchical", torch.device("cpu"))
+    predictions = metric.predictions()
+    write_recording_predictions(predictions, *recording_ids(metric, predictions), datamodule.label_names, path)
+    return path.read_text()
+
+
+def test_a_checkpoint_carries_its_mel_scale_to_evaluation_and_to_embeddings(tmp_path):
+    narrow = {"mel_high_hz": 2000.0, "fft_size": 2048}
+    path = save_finetuned(tmp_path / "narrow.ckpt", **narrow)
+    record = torch.load(path, weights_only=True)["ssamba"]
+    assert (record["mel_low_hz"], record["mel_high_hz"], record["fft_size"]) == (20.0, 2000.0, 2048)
+    loaded = load_finetuned(str(path))
+    assert (loaded.mel_low_hz, loaded.mel_high_hz, loaded.fft_size) == (20.0, 2000.0, 2048)
+
+    # evaluate.py computes the checkpoint's features, whatever the data config's scale (here the default)
+    out = tmp_path / "eval"
+    command = [
+        sys.executable, "evaluate.py", f"ckpt_path={path}", f"data.root={CIRCOR_MINI}", "data.num_workers=0",
+        "split=test", "logger=csv", "device=cpu", "backend=torch", f"out_dir={out}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = build_model([loaded], backend="torch")
+    data = functools.partial(CirCorDataModule, root=str(CIRCOR_MINI), target_length=128, num_workers=0)
+    written = (out / "recordings.csv").read_text()
+    assert written == recordings_csv(model, data(**narrow), tmp_path / "narrow.csv")
+    assert written != recordings_csv(model, data(), tmp_path / "default.csv")
+
+    embedder = ssamba.load(path)
+    assert embedder.mel == MelScale(20.0, 2000.0, 2048)
+    folder = ssamba.save_pretrained(embedder, tmp_path / "folder")
+    assert ssamba.load(folder).mel == embedder.mel
+    # a checkpoint written before the scale could be set was computed with kaldi's
+    state = torch.load(path, weights_only=True)
+    old = {key: value for key, value in state["ssamba"].items() if not key.startswith(("mel_", "fft_"))}
+    torch.save({**state, "ssamba": old}, tmp_path / "old.ckpt")
+    assert ssamba.load(tmp_path / "old.ckpt").mel.is_kaldi
+
+
+def test_an_ensemble_refuses_members_of_different_mel_scales(checkpoint, tmp_path):
+    narrow = save_finetuned(tmp_path / "narrow.ckpt", mel_high_hz=2000.0, fft_size=2048)
+    with pytest.raises(ValueError, match="has mel_high_hz=8000.0 but .* has 2000.0"):
+        load_members([str(narrow), str(checkpoint)])
 
 
 def test_cli_scores_the_timing_label_set_and_writes_predictions(tmp_path):

@@ -142,6 +142,22 @@ def test_pretrained_encoder_loads_weights_only_and_adapts_the_grid(tmp_path):
     assert logits.shape == (2, 3)
 
 
+def test_finetuning_on_another_mel_scale_than_the_pretraining_warns(tmp_path, caplog):
+    narrow = {"mel_low_hz": 20.0, "mel_high_hz": 2000.0, "fft_size": 2048}
+    task = pretraining(data={**DATA, **narrow})
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+    assert {key: checkpoint["ssamba"][key] for key in narrow} == narrow
+    path = tmp_path / "pretrain.ckpt"
+    torch.save(checkpoint, path)
+    with caplog.at_level("WARNING", logger="ssamba.tasks.finetune"):
+        Finetuning(ADAMW, pretrained=str(path), data={**DATA, **narrow})
+        assert not caplog.records
+        Finetuning(ADAMW, pretrained=str(path), data={**DATA, **narrow, "mel_high_hz": 8000.0, "fft_size": 512})
+    assert [r.getMessage().split(" was pretrained with ")[1] for r in caplog.records] == [
+        "data.mel_high_hz=2000 data.fft_size=2048; the data gives data.mel_high_hz=8000 data.fft_size=512"]
+
+
 def test_pretrained_must_be_our_checkpoint(tmp_path):
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, path)

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssamba.constants import MEL_BINS, UNLABELED
+from ssamba.constants import FFT_SIZE, MEL_BINS, MEL_HIGH_HZ, MEL_LOW_HZ, UNLABELED
 from ssamba.data.audio import (
     SKIP_REASONS,
     BadAudio,
@@ -29,6 +29,7 @@ from ssamba.data.features import (
     AUDIOSET_STD,
     SAMPLE_RATE,
     FbankFrontEnd,
+    MelScale,
     mix_waveforms,
     sample_mixup_lambda,
 )
@@ -203,6 +204,9 @@ class AudioDataModule(L.LightningDataModule):
         target_length: int = 1024,
         norm_mean: float = AUDIOSET_MEAN,
         norm_std: float = AUDIOSET_STD,
+        mel_low_hz: float = MEL_LOW_HZ,
+        mel_high_hz: float = MEL_HIGH_HZ,
+        fft_size: int = FFT_SIZE,
         freqm: int = 0,
         timem: int = 0,
         mixup: float = 0.0,
@@ -231,8 +235,9 @@ class AudioDataModule(L.LightningDataModule):
         self.min_seconds = min_seconds
         self.pin_memory = pin_memory
         self.drop_last = drop_last
-        self.train_front_end = FbankFrontEnd(target_length, norm_mean, norm_std, freqm, timem, noise)
-        self.eval_front_end = FbankFrontEnd(target_length, norm_mean, norm_std)
+        self.mel = MelScale(mel_low_hz, mel_high_hz, fft_size)
+        self.train_front_end = FbankFrontEnd(target_length, norm_mean, norm_std, freqm, timem, noise, self.mel)
+        self.eval_front_end = FbankFrontEnd(target_length, norm_mean, norm_std, mel=self.mel)
         self.datasets: dict[str, ClipDataset] = {}
         self.skipped: Counter = Counter()
         self.skipped_examples: list[tuple[str, str]] = []

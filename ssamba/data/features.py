@@ -9,19 +9,61 @@ Two equivalent paths compute the same numbers:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torchaudio.compliance import kaldi
 
-from ssamba.constants import AUDIOSET_MEAN, AUDIOSET_STD, MEL_BINS
+from ssamba.constants import AUDIOSET_MEAN, AUDIOSET_STD, FFT_SIZE, MEL_BINS, MEL_HIGH_HZ, MEL_LOW_HZ
 
 SAMPLE_RATE = 16_000
 WINDOW_SAMPLES = 400  # 25 ms at 16 kHz
 HOP_SAMPLES = 160  # 10 ms at 16 kHz
-FFT_SIZE = 512  # kaldi rounds the window up to a power of two
 PREEMPHASIS = 0.97
+
+
+@dataclass(frozen=True)
+class MelScale:
+    """Where the 128 mel filters lie (Hz) and the FFT they read. The default is kaldi's, the front end of
+    AST, SSAST and every released checkpoint. A band-limited source can spend all 128 filters on the band
+    it has: CirCor's phonocardiograms, recorded at 4 kHz, hold nothing above 2 kHz, where the default puts
+    60 of its filters. A narrower band needs a longer (zero-padded) FFT, or some filters would fall
+    between two FFT bins and read nothing; such a scale is refused."""
+
+    low_hz: float = MEL_LOW_HZ
+    high_hz: float = MEL_HIGH_HZ
+    fft_size: int = FFT_SIZE
+
+    def __post_init__(self):
+        for key in ("low_hz", "high_hz"):  # 2000 from a config is 2000.0: one scale, one cache entry
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), (int, float)):
+                raise ValueError(f"data.mel_{key}={getattr(self, key)!r}: a frequency in Hz")
+            object.__setattr__(self, key, float(getattr(self, key)))
+        if not 0 <= self.low_hz < self.high_hz <= SAMPLE_RATE / 2:
+            raise ValueError(f"data.mel_low_hz={self.low_hz:g}, data.mel_high_hz={self.high_hz:g}: need "
+                             f"0 <= mel_low_hz < mel_high_hz <= {SAMPLE_RATE // 2} (the Nyquist frequency at 16 kHz)")
+        size = self.fft_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < FFT_SIZE or size & (size - 1):
+            raise ValueError(f"data.fft_size={size!r}: a power of two >= {FFT_SIZE}")
+        if not self.is_kaldi:  # kaldi's own scale has one empty filter, kept for the released checkpoints
+            empty = int((mel_filters(self) == 0).all(dim=0).sum())
+            if empty:
+                raise ValueError(f"data.mel_low_hz={self.low_hz:g} .. data.mel_high_hz={self.high_hz:g} with "
+                                 f"data.fft_size={size}: {empty} of the {MEL_BINS} mel filters fall between FFT "
+                                 f"bins and would read nothing; use data.fft_size={2 * size} or more")
+
+    @property
+    def is_kaldi(self) -> bool:
+        return (self.low_hz, self.high_hz, self.fft_size) == (MEL_LOW_HZ, MEL_HIGH_HZ, FFT_SIZE)
+
+
+def mel_filters(mel: MelScale) -> torch.Tensor:
+    """``[fft_size // 2 + 1, 128]`` float32: the FFT bins' weights in each mel filter, as kaldi builds them."""
+    banks, _ = kaldi.get_mel_banks(MEL_BINS, mel.fft_size, float(SAMPLE_RATE), mel.low_hz, mel.high_hz,
+                                   100.0, -500.0, 1.0)
+    return F.pad(banks.float(), (0, 1)).T.contiguous()  # the Nyquist bin gets no weight, as in kaldi
 
 
 def samples_for_frames(frames: int) -> int:
@@ -63,30 +105,28 @@ def kaldi_fbank(wav: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _fbank_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _fbank_constants(device: torch.device, mel: MelScale) -> tuple[torch.Tensor, torch.Tensor]:
     """Hann window and mel matrix exactly as kaldi.fbank builds them (float32)."""
     window = torch.hann_window(WINDOW_SAMPLES, periodic=False, dtype=torch.float32)
-    mel, _ = kaldi.get_mel_banks(MEL_BINS, FFT_SIZE, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
-    mel = F.pad(mel.float(), (0, 1))  # the Nyquist bin gets no weight, as in kaldi
-    return window.to(device), mel.T.contiguous().to(device)
+    return window.to(device), mel_filters(mel).to(device)
 
 
-def batched_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+def batched_fbank(wavs: torch.Tensor, lengths: torch.Tensor | None = None, mel: MelScale = MelScale()) -> torch.Tensor:
     """Kaldi fbank of a batch of zero-padded mono 16 kHz waveforms ``[B, n]`` -> ``[B, frames, 128]``.
 
-    Same numbers as :func:`kaldi_fbank` per item; frames past an item's own length (``lengths``,
-    in samples) are set to zero, which is what padding the per-item fbank does.
+    Same numbers as :func:`kaldi_fbank` per item (with the default ``mel``); frames past an item's own
+    length (``lengths``, in samples) are set to zero, which is what padding the per-item fbank does.
     """
     wavs = wavs.float()
-    window, mel = _fbank_constants(wavs.device)
+    window, filters = _fbank_constants(wavs.device, mel)
     if wavs.shape[-1] < WINDOW_SAMPLES:
         wavs = F.pad(wavs, (0, WINDOW_SAMPLES - wavs.shape[-1]))
     frames = wavs.unfold(-1, WINDOW_SAMPLES, HOP_SAMPLES)  # [B, T, 400]
     frames = frames - frames.mean(dim=-1, keepdim=True)
     previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
     frames = (frames - PREEMPHASIS * previous) * window
-    spectrum = torch.fft.rfft(frames, n=FFT_SIZE).abs().pow(2.0)
-    fbank = (spectrum @ mel).clamp_min(torch.finfo(torch.float32).eps).log()
+    spectrum = torch.fft.rfft(frames, n=mel.fft_size).abs().pow(2.0)
+    fbank = (spectrum @ filters).clamp_min(torch.finfo(torch.float32).eps).log()
     if lengths is not None:
         valid = torch.where(
             lengths >= WINDOW_SAMPLES, 1 + (lengths - WINDOW_SAMPLES) // HOP_SAMPLES, torch.zeros_like(lengths)
@@ -121,6 +161,7 @@ class FbankFrontEnd:
         freqm: int = 0,
         timem: int = 0,
         noise: bool = False,
+        mel: MelScale = MelScale(),
     ):
         self.target_length = target_length
         self.norm_mean = norm_mean
@@ -128,18 +169,24 @@ class FbankFrontEnd:
         self.freqm = freqm
         self.timem = timem
         self.noise = noise
+        self.mel = mel
         self.max_samples = samples_for_frames(target_length)
         self._freq_mask = torchaudio.transforms.FrequencyMasking(freqm, iid_masks=True) if freqm else None
         self._time_mask = torchaudio.transforms.TimeMasking(timem, iid_masks=True) if timem else None
 
     def __call__(self, wav: torch.Tensor, train: bool) -> torch.Tensor:
-        """One mono 16 kHz waveform ``[n]`` -> ``[target_length, 128]`` (CPU reference path)."""
-        fbank = pad_or_cut(kaldi_fbank(wav[: self.max_samples]), self.target_length)
-        return self.finish(fbank.unsqueeze(0), train).squeeze(0)
+        """One mono 16 kHz waveform ``[n]`` -> ``[target_length, 128]`` (CPU path)."""
+        return self.finish(self.raw(wav).unsqueeze(0), train).squeeze(0)
+
+    def raw(self, wav: torch.Tensor) -> torch.Tensor:
+        """The unnormalised ``[target_length, 128]`` fbank of one waveform: kaldi's own code for its scale."""
+        wav = wav[: self.max_samples]
+        fbank = kaldi_fbank(wav) if self.mel.is_kaldi else batched_fbank(wav.unsqueeze(0), mel=self.mel)[0]
+        return pad_or_cut(fbank, self.target_length)
 
     def batch(self, wavs: torch.Tensor, lengths: torch.Tensor, train: bool) -> torch.Tensor:
         """Zero-padded waveforms ``[B, n]`` on any device -> ``[B, target_length, 128]``."""
-        fbank = pad_or_cut(batched_fbank(wavs[:, : self.max_samples], lengths), self.target_length)
+        fbank = pad_or_cut(batched_fbank(wavs[:, : self.max_samples], lengths, self.mel), self.target_length)
         return self.finish(fbank, train)
 
     def finish(self, fbank: torch.Tensor, train: bool) -> torch.Tensor:

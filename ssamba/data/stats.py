@@ -16,7 +16,6 @@ import torch
 from ssamba.data.audio import BadAudio
 from ssamba.data.base import AudioDataModule
 from ssamba.data.cli import instantiate_data
-from ssamba.data.features import kaldi_fbank, pad_or_cut
 
 
 def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, split: str = "train") -> dict:
@@ -34,7 +33,7 @@ def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, s
                 raise
             skipped[error.reason] += 1
             continue
-        fbank = pad_or_cut(kaldi_fbank(wav), datamodule.target_length).double()
+        fbank = datamodule.eval_front_end.raw(wav).double()
         total += fbank.sum().item()
         squares += fbank.square().sum().item()
         count += fbank.numel()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..constants import MEL_BINS
-from ..data.features import SAMPLE_RATE, WINDOW_SAMPLES, batched_fbank, to_mono_16k
+from ..data.features import SAMPLE_RATE, WINDOW_SAMPLES, MelScale, batched_fbank, to_mono_16k
 from ..models.ssamba import SSAMBAEncoder
 
 FRAME_SECONDS = 0.01  # fbank frame shift
@@ -58,15 +58,16 @@ def temporary_grid(encoder: nn.Module, input_tdim: int):
 
 
 class AudioEmbedder(nn.Module):
-    """An encoder with its input normalisation, ready for inference on raw waveforms."""
+    """An encoder with its input normalisation and mel scale, ready for inference on raw waveforms."""
 
     def __init__(self, encoder: nn.Module, norm_mean: float, norm_std: float, metadata: dict | None = None,
-                 window_batch: int = 8):
+                 window_batch: int = 8, mel: MelScale = MelScale()):
         super().__init__()
         if encoder.config.input_fdim != MEL_BINS:
             raise ValueError(f"encoder expects {encoder.config.input_fdim} mel bins; the front end gives {MEL_BINS}")
         self.encoder = encoder
         self.norm_mean, self.norm_std = float(norm_mean), float(norm_std)
+        self.mel = mel
         self.metadata = dict(metadata or {})
         self.window_batch = window_batch
         self.eval()
@@ -98,7 +99,7 @@ class AudioEmbedder(nn.Module):
         if wav.numel() < WINDOW_SAMPLES:
             raise ValueError(f"waveform too short: {wav.numel()} samples at 16 kHz, at least {WINDOW_SAMPLES} "
                              f"({1000 * WINDOW_SAMPLES / SAMPLE_RATE:.0f} ms) needed for one frame")
-        return batched_fbank(wav.unsqueeze(0).to(self.device))[0]
+        return batched_fbank(wav.unsqueeze(0).to(self.device), mel=self.mel)[0]
 
     @torch.no_grad()
     def embed(self, waveform: Tensor | np.ndarray, sample_rate: int, layer: int = -1,

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ssamba.constants import MEL_KEYS
 from ssamba.errors import ConfigError
 from ssamba.models import encoder_record
 from ssamba.tasks.cuda_graphs import GraphedPasses
@@ -23,9 +24,13 @@ def data_info(datamodule: Any) -> dict[str, Any]:
     if missing:
         raise TypeError(f"{type(datamodule).__name__} lacks the datamodule attribute(s) {missing} "
                         "(see docs/architecture.md, 'Batches')")
-    return {"target_length": int(datamodule.target_length), "norm_mean": float(datamodule.norm_mean),
+    info = {"target_length": int(datamodule.target_length), "norm_mean": float(datamodule.norm_mean),
             "norm_std": float(datamodule.norm_std), "label_names": [str(n) for n in datamodule.label_names],
             "multilabel": bool(datamodule.multilabel)}
+    mel = getattr(datamodule, "mel", None)  # ours always have one; without it, the features are kaldi's
+    if mel is not None:
+        info.update(zip(MEL_KEYS, (float(mel.low_hz), float(mel.high_hz), int(mel.fft_size))))
+    return info
 
 
 class EncoderTask(L.LightningModule):
@@ -161,6 +166,7 @@ class EncoderTask(L.LightningModule):
         """What a finetune or ``ssamba.load`` needs to rebuild the encoder without the training config."""
         return {"encoder": encoder_record(self.encoder), "norm_mean": self.data.get("norm_mean"),
                 "norm_std": self.data.get("norm_std"), "target_length": self.data.get("target_length"),
+                **{key: self.data[key] for key in MEL_KEYS if key in self.data},
                 "task": self.task_name, "label_names": self.data.get("label_names")}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAveragePrecision, MultilabelAveragePrecision
 
 from ssamba.checkpoints import Checkpoint, load_checkpoint
-from ssamba.constants import UNLABELED
+from ssamba.constants import MEL_KEYS, UNLABELED
 from ssamba.errors import ConfigError
 from ssamba.models.heads import POOLINGS, ClassificationHead
 from ssamba.tasks.base import EncoderTask
@@ -36,13 +36,21 @@ log = logging.getLogger(__name__)
 LOSSES = ("auto", "bce", "ce")
 
 
-def load_pretrained_encoder(path: str, backend: str | None = None) -> tuple[nn.Module, Checkpoint]:
+def load_pretrained_encoder(path: str, backend: str | None = None,
+                            data: dict | None = None) -> tuple[nn.Module, Checkpoint]:
     """Encoder and record of one of our checkpoints, a released SSAMBA/SSAST ``.pth`` or a model folder
-    (read by :func:`ssamba.checkpoints.load_checkpoint`; tensors only are unpickled)."""
+    (read by :func:`ssamba.checkpoints.load_checkpoint`; tensors only are unpickled). A warning when the
+    data's mel scale (``data``: the task's data record) is not the one the encoder was pretrained on: its
+    patches would then hold other frequencies than it learned, which is rarely meant."""
     try:
         checkpoint = load_checkpoint(path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"task.pretrained={path}: {error}") from error
+    differ = [key for key in MEL_KEYS if key in (data or {}) and data[key] != getattr(checkpoint, key)]
+    if differ:
+        log.warning("task.pretrained=%s was pretrained with %s; the data gives %s", path,
+                    " ".join(f"data.{key}={getattr(checkpoint, key):g}" for key in differ),
+                    " ".join(f"data.{key}={data[key]:g}" for key in differ))
     return checkpoint.build_encoder(backend), checkpoint
 
 
@@ -92,7 +100,7 @@ class Finetuning(ClassifierTraining, EncoderTask):
                  data: dict | None = None):
         data = dict(data or {})
         if pretrained:
-            encoder, checkpoint = load_pretrained_encoder(pretrained, backend)
+            encoder, checkpoint = load_pretrained_encoder(pretrained, backend, data)
             log.info("finetuning from %s (%s pretraining, grid %s)", pretrained, checkpoint.encoder_config["name"],
                      "x".join(map(str, encoder.grid)))
         elif encoder is None:

@@ -53,7 +53,7 @@ class Probing(ClassifierTraining, EncoderTask):
                  data: dict | None = None):
         data = dict(data or {})
         if pretrained:
-            encoder, _ = load_pretrained_encoder(pretrained, backend)
+            encoder, _ = load_pretrained_encoder(pretrained, backend, data)
             log.info("probing the frozen encoder of %s", pretrained)
         elif encoder is None:
             raise ConfigError("task.pretrained: no checkpoint and no model config; give task.pretrained=PATH "
