@@ -14,7 +14,7 @@ from .models import encoder_record
 
 def load(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", family: str | None = None,
          backend: str | None = None, **config_overrides):
-    """Load the encoder of ``checkpoint`` with its input normalisation, in eval mode on ``device``.
+    """Load the encoder of ``checkpoint`` with its input normalisation and mel scale, in eval mode on ``device``.
 
     ``checkpoint``: our ``.ckpt``, a released ``.pth``, a model folder (:func:`save_pretrained`), or
     ``hf://<repo id>`` for a model folder on the Hugging Face Hub (needs huggingface_hub).
