@@ -1,6 +1,7 @@
 """Datamodules on small fixtures: generated AST manifests, LibriSpeech and earbud trees, the real
 CirCor mini set; bad-input handling; the summary command."""
 
+import functools
 import json
 import logging
 import shutil
@@ -410,3 +411,20 @@ def test_stats_utility_on_a_known_signal(tmp_path):
     assert stats["items"] == 3
     assert stats["norm_mean"] == pytest.approx(values.mean().item(), abs=1e-3)
     assert stats["norm_std"] == pytest.approx(values.std().item(), abs=1e-3)
+    assert stats["sample_rates"] == {"16000": 3} and stats["mel_filters_above_nyquist"] == 0
+
+
+def test_stats_name_the_band_of_audio_recorded_below_16khz(tmp_path):
+    from ssamba.data.stats import band_hint, fbank_stats
+
+    paths = [write_wav(tmp_path / f"{i}.wav", seconds=0.5, rate=4000, seed=i) for i in range(2)]
+    paths.append(write_wav(tmp_path / "wide.wav", seconds=0.5, rate=8000))
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": p.name} for p in paths]}))
+    data = functools.partial(ManifestDataModule, train_manifest=str(tmp_path / "m.json"),
+                             root=str(tmp_path), target_length=48)
+    stats = fbank_stats(data(), items=10)
+    assert stats["sample_rates"] == {"4000": 2, "8000": 1}
+    assert stats["mel_filters_above_nyquist"] == 60  # filter centres above 2 kHz on kaldi's scale
+    hint = band_hint(data().mel, 4000, 60)
+    assert "recorded at 4000 Hz" in hint and "data.mel_high_hz=2000 data.fft_size=1024 puts them all" in hint
+    assert fbank_stats(data(mel_high_hz=2000, fft_size=1024), items=10)["mel_filters_above_nyquist"] == 0

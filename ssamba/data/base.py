@@ -100,7 +100,8 @@ class ClipDataset(Dataset):
             target[list(item.labels)] = 1.0
         return target
 
-    def waveform(self, index: int) -> torch.Tensor:
+    def read(self, index: int) -> tuple[torch.Tensor, int]:
+        """The item's mono 16 kHz waveform, and the rate its file was recorded at."""
         item = self.items[index]
         try:
             wav, rate = self.reader(item)
@@ -108,7 +109,10 @@ class ClipDataset(Dataset):
             raise
         except Exception as error:  # any decoder failure is an unreadable file, not a crash
             raise BadAudio("unreadable", item.path, repr(error)) from error
-        wav = prepare_waveform(wav, rate, item.path, self.min_seconds)
+        return prepare_waveform(wav, rate, item.path, self.min_seconds), rate
+
+    def waveform(self, index: int) -> torch.Tensor:
+        wav, _ = self.read(index)
         return wav[: self.front_end.max_samples] if not self.mixup else wav
 
     def __getitem__(self, index: int) -> dict:

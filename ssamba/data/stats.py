@@ -3,6 +3,10 @@
 Mean and standard deviation of the (un-normalised) fbank of a dataset's training split, for its
 ``norm_mean`` / ``norm_std``. Frames are taken as the model sees them (padded or cut to
 ``target_length``), as in the AST recipe; a random subset of ``--items`` items keeps it quick.
+
+It also counts the rates the files were recorded at: audio recorded below 16 kHz holds nothing above
+half its rate, where the default mel scale may put many of its filters (``data.mel_high_hz``,
+docs/data.md, "Mel range").
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import json
 from collections import Counter
 
 import torch
+from torchaudio.compliance import kaldi
 
+from ssamba.constants import MEL_BINS
 from ssamba.data.audio import BadAudio
 from ssamba.data.base import AudioDataModule
 from ssamba.data.cli import instantiate_data
+from ssamba.data.features import MelScale
 
 
 def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, split: str = "train") -> dict:
@@ -25,14 +32,16 @@ def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, s
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:items].tolist()
     total = squares = count = 0.0
     skipped: Counter = Counter()
+    rates: Counter = Counter()
     for index in order:
         try:
-            wav = dataset.waveform(index)
+            wav, rate = dataset.read(index)
         except BadAudio as error:
             if datamodule.on_error == "raise":
                 raise
             skipped[error.reason] += 1
             continue
+        rates[rate] += 1
         fbank = datamodule.eval_front_end.raw(wav).double()
         total += fbank.sum().item()
         squares += fbank.square().sum().item()
@@ -41,8 +50,31 @@ def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, s
         raise RuntimeError(f"no usable audio among {len(order)} items of the {split} split")
     mean = total / count
     std = max(squares / count - mean * mean, 0.0) ** 0.5
+    nyquist = min(rates) / 2
+    above = sum(filter_centre_hz(datamodule.mel, i) > nyquist for i in range(MEL_BINS))
     return {"norm_mean": round(mean, 4), "norm_std": round(std, 4), "items": len(order) - sum(skipped.values()),
-            "skipped": dict(skipped)}
+            "skipped": dict(skipped), "sample_rates": {str(r): n for r, n in sorted(rates.items())},
+            "mel_filters_above_nyquist": above}
+
+
+def filter_centre_hz(mel: MelScale, index: int) -> float:
+    """The centre of mel filter ``index``: kaldi's 128 triangles lie on 130 edges equally spaced in mel."""
+    low, high = kaldi.mel_scale_scalar(mel.low_hz), kaldi.mel_scale_scalar(mel.high_hz)
+    return kaldi.inverse_mel_scale_scalar(low + (index + 1) * (high - low) / (MEL_BINS + 1))
+
+
+def band_hint(mel: MelScale, rate: int, above: int) -> str:
+    """What to set for audio recorded at ``rate``: its band, with the shortest FFT that leaves no filter empty."""
+    text = (f"audio recorded at {rate} Hz holds nothing above {rate // 2} Hz, where {above} of the {MEL_BINS} mel "
+            "filters lie")
+    for size in (mel.fft_size * 2**k for k in range(8)):
+        try:
+            MelScale(mel.low_hz, rate // 2, size)
+        except ValueError:
+            continue
+        return (f"{text}: data.mel_high_hz={rate // 2} data.fft_size={size} puts them all on the band (docs/data.md, "
+                "'Mel range'; then compute these stats again with it)")
+    return f"{text} (docs/data.md, 'Mel range')"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,9 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train")
     args, overrides = parser.parse_known_args(argv)
-    stats = fbank_stats(instantiate_data(overrides), args.items, args.seed, args.split)
+    datamodule = instantiate_data(overrides)
+    stats = fbank_stats(datamodule, args.items, args.seed, args.split)
     print(json.dumps(stats))
     print(f"use: data.norm_mean={stats['norm_mean']} data.norm_std={stats['norm_std']}")
+    if stats["mel_filters_above_nyquist"]:
+        print(band_hint(datamodule.mel, min(map(int, stats["sample_rates"])), stats["mel_filters_above_nyquist"]))
 
 
 if __name__ == "__main__":
