@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssamba.data import CirCorDataModule
 import ssamba
+from ssamba.data import CirCorDataModule
 from ssamba.data.features import MelScale
 from ssamba.evaluation import (
     build_model,
