@@ -50,6 +50,18 @@ def checkpoint(tmp_path_factory):
     return save_finetuned(tmp_path_factory.mktemp("ckpt") / "finetuned.ckpt")
 
 
+def run_evaluate(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python evaluate.py`` on the CirCor mini fixture's test split, on the CPU, its outputs in ``out``;
+    the test fails with the end of its stderr if it does."""
+    command = [
+        sys.executable, "evaluate.py", f"data.root={CIRCOR_MINI}", "data.num_workers=0", "split=test", "device=cpu",
+        f"out_dir={out}", f"hydra.run.dir={out}", *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def read_output(path: Path):
     lines = path.read_text().splitlines()
     classes = lines[1].split(",")
@@ -65,12 +77,7 @@ def read_recordings(path: Path) -> list[dict[str, str]]:
 
 def test_cli_scores_a_split_and_writes_challenge_files(checkpoint, tmp_path):
     out = tmp_path / "eval"
-    command = [
-        sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", f"data.root={CIRCOR_MINI}",
-        "data.num_workers=0", "split=test", "logger=csv", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}",
-    ]  # fmt: skip
-    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_evaluate(out, f"ckpt_path={checkpoint}", "logger=csv")
     assert "weighted_accuracy" in result.stdout  # the printed table
 
     summary = json.loads((out / "scores.json").read_text())
@@ -149,12 +156,7 @@ def test_a_checkpoint_carries_its_mel_scale_to_evaluation_and_to_embeddings(tmp_
 
     # evaluate.py computes the checkpoint's features, whatever the data config's scale (here the default)
     out = tmp_path / "eval"
-    command = [
-        sys.executable, "evaluate.py", f"ckpt_path={path}", f"data.root={CIRCOR_MINI}", "data.num_workers=0",
-        "split=test", "logger=csv", "device=cpu", "backend=torch", f"out_dir={out}", f"hydra.run.dir={out}",
-    ]  # fmt: skip
-    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_evaluate(out, f"ckpt_path={path}", "logger=csv", "backend=torch")
     model = build_model([loaded], backend="torch")
     data = functools.partial(CirCorDataModule, root=str(CIRCOR_MINI), target_length=128, num_workers=0)
     written = (out / "recordings.csv").read_text()
@@ -182,12 +184,7 @@ def test_cli_scores_the_timing_label_set_and_writes_predictions(tmp_path):
     """data.task=murmur_timing: label-set scores, the collapsed Challenge scores and predictions.csv."""
     checkpoint = save_finetuned(tmp_path / "timing.ckpt", task="murmur_timing")
     out = tmp_path / "eval"
-    command = [
-        sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", f"data.root={CIRCOR_MINI}", "data.task=murmur_timing",
-        "data.num_workers=0", "split=test", "logger=csv", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}",
-    ]  # fmt: skip
-    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_evaluate(out, f"ckpt_path={checkpoint}", "data.task=murmur_timing", "logger=csv")
     scores = json.loads((out / "scores.json").read_text())["scores"]
     assert {"uar", "recall_present-holosystolic", "murmur_weighted_accuracy", "patients"} <= set(scores)
     rows = (out / "predictions.csv").read_text().splitlines()
@@ -230,12 +227,7 @@ def test_an_ensemble_of_one_model_twice_scores_as_the_model_and_mismatched_membe
 def test_cli_scores_a_list_of_checkpoints_as_one_ensemble(checkpoint, tmp_path):
     second = save_finetuned(tmp_path / "seed1.ckpt", seed=1)
     out = tmp_path / "eval"
-    command = [
-        sys.executable, "evaluate.py", f"ckpt_path=[{checkpoint},{second}]", f"data.root={CIRCOR_MINI}",
-        "data.num_workers=0", "split=test", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}",
-    ]  # fmt: skip
-    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_evaluate(out, f"ckpt_path=[{checkpoint},{second}]")
     assert "ensemble of 2" in " ".join(result.stdout.split())  # the table title, however the table wraps it
     summary = json.loads((out / "scores.json").read_text())
     assert summary["ckpt_path"] == [str(checkpoint), str(second)] and summary["scores"]["patients"] == 2
@@ -275,11 +267,7 @@ def test_the_quality_gate_makes_only_non_present_patients_unknown_and_counts_unr
     assert summary["recordings_skipped"] >= 1
 
     out = tmp_path / "eval"
-    command = [sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", f"data.root={CIRCOR_MINI}", "data.num_workers=0",
-               "split=test", "device=cpu", f"quality_gate={tmp_path / 'gate.json'}", f"out_dir={out}",
-               f"hydra.run.dir={out}"]  # fmt: skip
-    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_evaluate(out, f"ckpt_path={checkpoint}", f"quality_gate={tmp_path / 'gate.json'}")
     summary = json.loads((out / "scores.json").read_text())
     assert set(summary["quality_gate"]) >= {"made_unknown", "threshold", "scores_without_gate"}
     for pid in CirCorDataModule(root=str(CIRCOR_MINI)).patient_targets("test"):
