@@ -23,6 +23,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from ssamba.checkpoints import INPUT_KEYS
+from ssamba.constants import MEL_KEYS
+from ssamba.data.features import MelScale
 from ssamba.evaluation import (
     build_model,
     check_compatible,
@@ -52,6 +54,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def input_settings(checkpoint, data: DictConfig) -> dict:
+    """The data settings the checkpoint's input needs (``INPUT_KEYS``), to replace the config's. Kaldi's mel scale
+    needs no keys: a datamodule without them (docs/architecture.md, "Batches") computes it and keeps working."""
+    kaldi = MelScale.from_record(checkpoint).is_kaldi
+    needed = [key for key in INPUT_KEYS if not (key in MEL_KEYS and kaldi and key not in data)]
+    settings = {key: getattr(checkpoint, key) for key in needed}
+    # a number (the reader checks), never a config node that names a _target_
+    return {key: value for key, value in settings.items() if value is not None}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` (one checkpoint, or a list scored as one ensemble) on ``cfg.split``; returns the
     scores as floats."""
@@ -61,10 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     members = load_members(paths)
     checkpoint = members[0]
     with open_dict(cfg):  # the model's input: its own frame count, normalisation and mel scale
-        for key in INPUT_KEYS:
-            value = getattr(checkpoint, key)
-            if value is not None:  # a number (the reader checks), never a config node that names a _target_
-                cfg.data[key] = value
+        cfg.data.update(input_settings(checkpoint, cfg.data))
     datamodule = hydra.utils.instantiate(cfg.data)
     check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
     if cfg.split not in datamodule.splits:

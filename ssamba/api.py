@@ -32,8 +32,8 @@ def load(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", fami
     loaded = load_checkpoint(checkpoint, family, **config_overrides)
     metadata = {k: v for k, v in loaded.record().items() if k != "encoder"}
     metadata.update(unused_keys=loaded.unused_keys, source_format=loaded.source_format)
-    mel = MelScale(loaded.mel_low_hz, loaded.mel_high_hz, loaded.fft_size)
-    return AudioEmbedder(loaded.build_encoder(backend), loaded.norm_mean, loaded.norm_std, metadata, mel=mel).to(device)
+    return AudioEmbedder(loaded.build_encoder(backend), loaded.norm_mean, loaded.norm_std, metadata,
+                         mel=MelScale.from_record(loaded)).to(device)
 
 
 def save_pretrained(model_or_checkpoint, directory: str | os.PathLike) -> Path:
@@ -54,8 +54,7 @@ def save_pretrained(model_or_checkpoint, directory: str | os.PathLike) -> Path:
         checkpoint = Checkpoint(encoder_record(source.encoder), source.encoder.state_dict(),
                                 norm_mean=source.norm_mean, norm_std=source.norm_std,
                                 target_length=meta.get("target_length", source.encoder.config.input_tdim),
-                                mel_low_hz=source.mel.low_hz, mel_high_hz=source.mel.high_hz,
-                                fft_size=source.mel.fft_size,
+                                **source.mel.record(),
                                 task=meta.get("task"), label_names=list(meta.get("label_names") or []))
     else:
         raise TypeError(f"save_pretrained takes a checkpoint path, a Checkpoint or a model from ssamba.load, "

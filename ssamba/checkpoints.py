@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .constants import AUDIOSET_MEAN, AUDIOSET_STD, FFT_SIZE, MEL_HIGH_HZ, MEL_KEYS, MEL_LOW_HZ
+from .constants import AUDIOSET_MEAN, AUDIOSET_STD, FFT_SIZE, KALDI_MEL, MEL_HIGH_HZ, MEL_KEYS, MEL_LOW_HZ
 from .models import ClassificationHead, Classifier, encoder_from_config, encoder_record
 from .models import ssamba as ssamba_family
 from .models import ssast as ssast_family
@@ -77,6 +77,11 @@ class Checkpoint:
         if self.head is not None:
             record["head"] = self.head
         return record
+
+    @property
+    def on_kaldi_scale(self) -> bool:
+        """Whether the model reads kaldi's mel scale (that of AST, SSAST and every released checkpoint)."""
+        return tuple(getattr(self, key) for key in MEL_KEYS) == KALDI_MEL
 
     def build_encoder(self, backend: str | None = None) -> nn.Module:
         """The encoder with its weights (train mode, CPU); ``backend`` chooses its kernels."""
@@ -257,21 +262,24 @@ def released_to_ours(state: dict[str, Tensor], family: str | None = None, norm_m
 # ----------------------------------------------------------------------------------------------
 # the model folder: config.json + model.safetensors
 
-FOLDER_FORMAT = {"format": "ssamba-model", "format_version": 1}
+# format_version 2 added the mel scale; a folder on kaldi's scale is still written as 1, which older readers read
+# right, and one on another scale as 2, which they refuse instead of computing kaldi's features for it
+FOLDER_FORMAT = {"format": "ssamba-model", "format_version": 2}
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 HUB_SCHEME = "hf://"
 
 
 def save_pretrained(checkpoint: Checkpoint, directory: str | os.PathLike) -> Path:
     """Write ``checkpoint`` as a model folder: ``config.json`` (family, encoder config, input
-    normalisation and length, task, label names, head) and ``model.safetensors`` (encoder weights
+    normalisation, length and mel scale, task, label names, head) and ``model.safetensors`` (encoder weights
     under ``encoder.``, the task's other weights, e.g. a classification head, under their own names)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     family = str(checkpoint.encoder_config["name"]).split("_", 1)[0]
-    config = {**FOLDER_FORMAT, "family": family, **checkpoint.record()}
+    version = FOLDER_FORMAT["format_version"] if not checkpoint.on_kaldi_scale else 1
+    config = {**FOLDER_FORMAT, "format_version": version, "family": family, **checkpoint.record()}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tensors = {OUR_ENCODER_PREFIX + k: v for k, v in checkpoint.encoder_state.items()}
     tensors.update(checkpoint.task_state)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .checkpoints import (FAMILIES, Checkpoint, lightning_to_ours, load_checkpoint, read_tensors,
                           released_to_ours, save_pretrained)
-from .constants import AUDIOSET_MEAN, AUDIOSET_STD
+from .constants import AUDIOSET_MEAN, AUDIOSET_STD, MEL_KEYS
 from .models import released as keys
 from .models.released import ConversionError
 
@@ -44,9 +44,14 @@ def ours_to_released(checkpoint: dict[str, Any]) -> tuple[dict[str, Tensor], lis
     """Our checkpoint -> ``(released state dict with module. keys, our keys that have no counterpart)``.
 
     The released loaders assume the pretraining grid is laid out with stride == patch shape and
-    store only its input size, so an encoder on another grid (e.g. a stride-10 finetune) is refused.
+    store only its input size, so an encoder on another grid (e.g. a stride-10 finetune) is refused, as is one
+    on another mel scale than kaldi's (they store none).
     """
     converted = lightning_to_ours(checkpoint)
+    if not converted.on_kaldi_scale:
+        scale = " ".join(f"{key}={getattr(converted, key):g}" for key in MEL_KEYS)
+        raise ConversionError("the released layout stores no mel scale and its readers compute kaldi's: this "
+                              f"checkpoint reads {scale} (write a model folder instead: --to-folder)")
     config = converted.encoder_config
     if (config["fstride"], config["tstride"]) != (config["fshape"], config["tshape"]):
         raise ConversionError(f"the released layout stores no stride: encoder stride ({config['fstride']}, "

@@ -25,6 +25,7 @@ from ssamba.data import (
 )
 from ssamba.data.__main__ import main as summary_main
 from ssamba.data.circor import stratified_split, windows
+from ssamba.errors import ConfigError
 
 CIRCOR_MINI = Path(__file__).parent / "data" / "circor-mini"
 FAST = {"batch_size": 4, "target_length": 64, "num_workers": 0, "pin_memory": False}
@@ -428,3 +429,25 @@ def test_stats_name_the_band_of_audio_recorded_below_16khz(tmp_path):
     hint = band_hint(data().mel, 4000, 60)
     assert "recorded at 4000 Hz" in hint and "data.mel_high_hz=2000 data.fft_size=1024 puts them all" in hint
     assert fbank_stats(data(mel_high_hz=2000, fft_size=1024), items=10)["mel_filters_above_nyquist"] == 0
+
+
+def test_a_stats_file_of_another_mel_scale_is_refused(tmp_path):
+    """stats.json records the scale its statistics were computed on; normalising another scale's features with
+    them would be silently wrong. A file without a scale (written before it could be set) is kaldi's."""
+    from ssamba.data.stats import fbank_stats
+
+    path = write_wav(tmp_path / "a.wav", seconds=0.5)
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": path.name}]}))
+    data = functools.partial(ManifestDataModule, train_manifest=str(tmp_path / "m.json"), root=str(tmp_path),
+                             target_length=48)
+    narrow = {"mel_high_hz": 2000, "fft_size": 1024}
+    stats = fbank_stats(data(**narrow), items=1)
+    assert (stats["mel_low_hz"], stats["mel_high_hz"], stats["fft_size"]) == (20.0, 2000.0, 1024)
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    assert data(stats_file=str(tmp_path / "stats.json"), **narrow).norm_mean == stats["norm_mean"]
+    with pytest.raises(ConfigError, match="another mel scale .*mel_high_hz=2000.*data.mel_high_hz=8000"):
+        data(stats_file=str(tmp_path / "stats.json"))
+    (tmp_path / "old.json").write_text(json.dumps({"norm_mean": -5.0, "norm_std": 4.0}))
+    assert data(stats_file=str(tmp_path / "old.json")).norm_mean == -5.0
+    with pytest.raises(ConfigError, match="another mel scale"):
+        data(stats_file=str(tmp_path / "old.json"), **narrow)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchaudio.compliance import kaldi
 
 from ssamba.data.audio import read_audio
 from ssamba.data.features import (
@@ -78,6 +79,19 @@ def test_a_4khz_recording_fills_every_filter_of_its_own_band_and_half_of_the_def
     narrow = FbankFrontEnd(500, mel=MelScale(20.0, 2000.0, 1024)).raw(wav).mean(0)
     assert int((default < floor + 1).sum()) >= 50  # nothing above 2 kHz
     assert int((narrow < floor + 1).sum()) == 0
+
+
+def test_another_scale_at_512_points_is_kaldis_own_fbank_with_that_range():
+    """The scale's filters are kaldi's for its range: kaldi's code, given the range, computes the same numbers
+    (it fixes the FFT at 512 points, so only a 512-point scale can be checked against it)."""
+    torch.manual_seed(3)
+    wav = torch.randn(16000) * 0.05
+    reference = kaldi.fbank(wav.unsqueeze(0), htk_compat=True, sample_frequency=16000, use_energy=False,
+                            window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
+                            low_freq=300.0, high_freq=6000.0)
+    ours = FbankFrontEnd(target_length=reference.shape[0], mel=MelScale(300.0, 6000.0, 512)).raw(wav)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(FbankFrontEnd(target_length=reference.shape[0]).raw(wav), reference, atol=1e-2)
 
 
 def test_the_cpu_and_batched_paths_agree_on_another_scale():

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import ssamba
+from ssamba.checkpoints import ConversionError
+from ssamba.convert import ours_to_released
 from ssamba.data import CirCorDataModule
 from ssamba.data.features import MelScale
 from ssamba.evaluation import (
@@ -167,11 +169,31 @@ def test_a_checkpoint_carries_its_mel_scale_to_evaluation_and_to_embeddings(tmp_
     assert embedder.mel == MelScale(20.0, 2000.0, 2048)
     folder = ssamba.save_pretrained(embedder, tmp_path / "folder")
     assert ssamba.load(folder).mel == embedder.mel
+    # a reader older than the scale must refuse the folder, not compute kaldi's features for it
+    assert json.loads((folder / "config.json").read_text())["format_version"] == 2
+    with pytest.raises(ConversionError, match="released layout stores no mel scale.*--to-folder"):
+        ours_to_released(torch.load(path, weights_only=True))
     # a checkpoint written before the scale could be set was computed with kaldi's
     state = torch.load(path, weights_only=True)
     old = {key: value for key, value in state["ssamba"].items() if not key.startswith(("mel_", "fft_"))}
     torch.save({**state, "ssamba": old}, tmp_path / "old.ckpt")
     assert ssamba.load(tmp_path / "old.ckpt").mel.is_kaldi
+
+
+def test_evaluate_gives_a_datamodule_the_mel_keys_only_where_it_has_them_or_the_scale_is_not_kaldis(tmp_path):
+    """A datamodule of the user's without the mel keys (docs/architecture.md) still evaluates a kaldi-scale model."""
+    sys.path.insert(0, str(REPO))
+    from omegaconf import OmegaConf
+
+    from evaluate import input_settings
+
+    kaldi, narrow = load_finetuned(str(save_finetuned(tmp_path / "kaldi.ckpt"))), load_finetuned(
+        str(save_finetuned(tmp_path / "narrow.ckpt", mel_high_hz=2000.0, fft_size=2048)))
+    bare, ours = OmegaConf.create({"_target_": "custom.DataModule"}), OmegaConf.create({"mel_high_hz": 4000.0})
+    assert set(input_settings(kaldi, bare)) == {"target_length", "norm_mean", "norm_std"}
+    assert input_settings(kaldi, ours)["mel_high_hz"] == 8000.0 and "fft_size" not in input_settings(kaldi, ours)
+    assert {k: input_settings(narrow, bare)[k] for k in ("mel_low_hz", "mel_high_hz", "fft_size")} == {
+        "mel_low_hz": 20.0, "mel_high_hz": 2000.0, "fft_size": 2048}
 
 
 def test_an_ensemble_refuses_members_of_different_mel_scales(checkpoint, tmp_path):

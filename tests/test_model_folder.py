@@ -28,6 +28,7 @@ def test_released_file_to_folder_gives_the_same_embeddings(family, tmp_path, mon
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
     assert config["family"] == family and config["encoder"]["name"] == f"{family}_tiny"
     assert config["norm_std"] == pytest.approx(4.5689974) and config["target_length"] == 48
+    assert config["format_version"] == 1  # kaldi's mel scale: readers older than the scale read it right
 
     wav = torch.randn(16_000)
     expected = ssamba.load(tmp_path / "released.pth").embed(wav, 16_000)

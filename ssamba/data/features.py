@@ -1,7 +1,8 @@
 """The AST/SSAST front end: waveform -> normalised 128-bin kaldi fbank, plus its augmentations.
 
 Two equivalent paths compute the same numbers:
-- per sample on the CPU (inside DataLoader workers) with ``torchaudio.compliance.kaldi.fbank``;
+- per sample on the CPU (inside DataLoader workers): ``torchaudio.compliance.kaldi.fbank`` on kaldi's mel
+  scale, ``batched_fbank`` of the one item on another (kaldi's code fixes the FFT at 512 points);
 - batched on any device with plain torch ops (``batched_fbank``), used after the batch has been
   moved to the GPU so that workers only decode audio.
 """
@@ -9,6 +10,7 @@ Two equivalent paths compute the same numbers:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +18,18 @@ import torch.nn.functional as F
 import torchaudio
 from torchaudio.compliance import kaldi
 
-from ssamba.constants import AUDIOSET_MEAN, AUDIOSET_STD, FFT_SIZE, MEL_BINS, MEL_HIGH_HZ, MEL_LOW_HZ
+from ssamba.constants import (
+    AUDIOSET_MEAN,
+    AUDIOSET_STD,
+    FFT_SIZE,
+    KALDI_MEL,
+    MEL_BINS,
+    MEL_HIGH_HZ,
+    MEL_KEYS,
+    MEL_LOW_HZ,
+    SAMPLE_RATE,
+)
 
-SAMPLE_RATE = 16_000
 WINDOW_SAMPLES = 400  # 25 ms at 16 kHz
 HOP_SAMPLES = 160  # 10 ms at 16 kHz
 PREEMPHASIS = 0.97
@@ -56,7 +67,18 @@ class MelScale:
 
     @property
     def is_kaldi(self) -> bool:
-        return (self.low_hz, self.high_hz, self.fft_size) == (MEL_LOW_HZ, MEL_HIGH_HZ, FFT_SIZE)
+        return (self.low_hz, self.high_hz, self.fft_size) == KALDI_MEL
+
+    def record(self) -> dict[str, float | int]:
+        """The scale under the data config's and the checkpoint record's keys (``MEL_KEYS``)."""
+        return dict(zip(MEL_KEYS, (self.low_hz, self.high_hz, self.fft_size)))
+
+    @classmethod
+    def from_record(cls, record) -> MelScale:
+        """The scale of a mapping or object with ``MEL_KEYS`` (a checkpoint, a data config, a stats file);
+        a key it lacks is kaldi's, as in records written before the scale could be set."""
+        get = record.get if isinstance(record, Mapping) else lambda key, default: getattr(record, key, default)
+        return cls(*(get(key, default) for key, default in zip(MEL_KEYS, KALDI_MEL)))
 
 
 def mel_filters(mel: MelScale) -> torch.Tensor:

@@ -17,6 +17,7 @@ import os
 from torch.utils.data import Sampler
 
 from ssamba.data.base import UNLABELED, AudioDataModule, ClipDataset, Item
+from ssamba.data.features import MelScale
 from ssamba.data.sampling import BalancedSampler, label_balanced_weights
 from ssamba.errors import ConfigError, MissingFileError
 
@@ -33,17 +34,26 @@ def read_label_csv(path: str) -> tuple[list[str], dict[str, int]]:
     return [row["display_name"] for row in rows], {row["mid"]: int(row["index"]) for row in rows}
 
 
-def read_stats_file(path: str) -> dict[str, float]:
-    """``norm_mean``/``norm_std`` of a prepared dataset's ``stats.json``; one clear line otherwise."""
+def read_stats_file(path: str, mel: MelScale = MelScale()) -> dict[str, float]:
+    """``norm_mean``/``norm_std`` of a prepared dataset's ``stats.json``; one clear line otherwise, also when
+    the file's statistics were computed on another mel scale than ``mel`` (one without a scale: kaldi's)."""
     if not os.path.isfile(path):
         raise MissingFileError(f"data.stats_file: no such file: {path} (python -m ssamba.prepare writes it; "
                                 "or set data.stats_file=null and give data.norm_mean / data.norm_std)")
     with open(path) as f:
         try:
             stats = json.load(f)
-            return {"norm_mean": float(stats["norm_mean"]), "norm_std": float(stats["norm_std"])}
+            norm = {"norm_mean": float(stats["norm_mean"]), "norm_std": float(stats["norm_std"])}
+            scale = MelScale.from_record(stats)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise ConfigError(f"data.stats_file={path}: expected a JSON object with norm_mean and norm_std") from None
+    if scale != mel:
+        theirs = " ".join(f"{key}={value:g}" for key, value in scale.record().items())
+        ours = " ".join(f"data.{key}={value:g}" for key, value in mel.record().items())
+        raise ConfigError(f"data.stats_file={path} holds the statistics of another mel scale ({theirs}); for {ours} "
+                          "compute them (python -m ssamba.data.stats with these overrides and data.stats_file=null) "
+                          "and give data.stats_file=null data.norm_mean=... data.norm_std=...")
+    return norm
 
 
 def resolve(path: str, root: str) -> str:
@@ -107,7 +117,7 @@ class ManifestDataModule(AudioDataModule):
         **kwargs,
     ):
         if stats_file is not None:
-            kwargs.update(read_stats_file(stats_file))
+            kwargs.update(read_stats_file(stats_file, MelScale.from_record(kwargs)))
         super().__init__(**kwargs)
         self.balanced_sampling = balanced_sampling
         self.samples_per_epoch = samples_per_epoch

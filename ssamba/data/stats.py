@@ -54,7 +54,7 @@ def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, s
     above = sum(filter_centre_hz(datamodule.mel, i) > nyquist for i in range(MEL_BINS))
     return {"norm_mean": round(mean, 4), "norm_std": round(std, 4), "items": len(order) - sum(skipped.values()),
             "skipped": dict(skipped), "sample_rates": {str(r): n for r, n in sorted(rates.items())},
-            "mel_filters_above_nyquist": above}
+            "mel_filters_above_nyquist": above, **datamodule.mel.record()}
 
 
 def filter_centre_hz(mel: MelScale, index: int) -> float:

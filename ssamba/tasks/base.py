@@ -29,7 +29,7 @@ def data_info(datamodule: Any) -> dict[str, Any]:
             "multilabel": bool(datamodule.multilabel)}
     mel = getattr(datamodule, "mel", None)  # ours always have one; without it, the features are kaldi's
     if mel is not None:
-        info.update(zip(MEL_KEYS, (float(mel.low_hz), float(mel.high_hz), int(mel.fft_size))))
+        info.update(mel.record())
     return info
 
 
