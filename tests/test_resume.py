@@ -145,6 +145,15 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(uninterrupted,
     assert got["optimizer_states"][0]["param_groups"][0]["lr"] == expected["optimizer_states"][0]["param_groups"][0]["lr"]
 
 
+def test_resuming_with_other_input_settings_is_refused_in_one_line(uninterrupted, tmp_path):
+    """Other features on resume would train one model on two kinds of input and record only the second."""
+    last = uninterrupted / "checkpoints" / "last.ckpt"
+    resumed = train(tmp_path / "resumed", f"ckpt_path={last}", "data.mel_low_hz=300", "data.norm_std=2.5")
+    assert resumed.returncode == 2  # train.py's exit status for a configuration error
+    assert ("config error: this checkpoint was trained with data.norm_std=3.74 data.mel_low_hz=20.0; this run gives "
+            "data.norm_std=2.5 data.mel_low_hz=300.0") in resumed.stdout + resumed.stderr
+
+
 @pytest.mark.slow
 def test_resume_without_the_rng_states_would_differ(uninterrupted, tmp_path):
     """The comparison above can fail: resuming without restoring the RNG gives other masks and other weights."""

@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ssamba.constants import MEL_KEYS
+from ssamba.checkpoints import INPUT_KEYS
+from ssamba.constants import KALDI_MEL, MEL_KEYS
 from ssamba.errors import ConfigError
 from ssamba.models import encoder_record
 from ssamba.tasks.cuda_graphs import GraphedPasses
@@ -171,3 +172,16 @@ class EncoderTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ssamba"] = self.checkpoint_record()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (``ckpt_path=``) with other input settings would train one model on two kinds of features,
+        and record only the second: refused, naming the settings."""
+        record, data = checkpoint.get("ssamba", {}), self.data or {}
+        saved = {**dict(zip(MEL_KEYS, KALDI_MEL)), **record}  # a record without the mel keys: kaldi's scale
+        differ = [key for key in INPUT_KEYS if data.get(key) is not None and saved.get(key) is not None
+                  and data[key] != saved[key]]
+        if differ:
+            raise ConfigError("this checkpoint was trained with " + " ".join(f"data.{k}={saved[k]}" for k in differ)
+                              + "; this run gives " + " ".join(f"data.{k}={data[k]}" for k in differ)
+                              + ": resume with the checkpoint's settings, or start a new run from it "
+                              "(task.pretrained=<checkpoint>)")

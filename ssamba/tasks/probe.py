@@ -137,6 +137,7 @@ class Probing(ClassifierTraining, EncoderTask):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         probe = checkpoint.get("ssamba", {}).get("probe")
         if probe is None:
             raise ValueError("not a probe checkpoint (no ssamba.probe record); task=probe resumes and tests only "
