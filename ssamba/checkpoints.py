@@ -174,8 +174,9 @@ def _number(meta: dict[str, Any], key: str, kind: type) -> int | float | None:
     value = meta.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConversionError(f"checkpoint['ssamba'][{key!r}]={value!r}: expected a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        expected = "an integer" if kind is int else "a number"
+        raise ConversionError(f"checkpoint['ssamba'][{key!r}]={value!r}: expected {expected}")
     return kind(value)
 
 

@@ -178,6 +178,9 @@ def test_a_checkpoint_carries_its_mel_scale_to_evaluation_and_to_embeddings(tmp_
     old = {key: value for key, value in state["ssamba"].items() if not key.startswith(("mel_", "fft_"))}
     torch.save({**state, "ssamba": old}, tmp_path / "old.ckpt")
     assert ssamba.load(tmp_path / "old.ckpt").mel.is_kaldi
+    torch.save({**state, "ssamba": {**state["ssamba"], "fft_size": 1024.5}}, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match=r"ckpt_path=.*\[.fft_size.\]=1024.5: expected an integer"):
+        load_finetuned(str(tmp_path / "odd.ckpt"))
 
 
 def test_evaluate_gives_a_datamodule_the_mel_keys_only_where_it_has_them_or_the_scale_is_not_kaldis(tmp_path):

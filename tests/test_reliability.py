@@ -278,7 +278,7 @@ def test_a_checkpoint_record_cannot_smuggle_a_target_into_evaluate(tmp_path):
                 "target_length": {"_target_": "os.makedirs", "name": str(marker)}}}, path)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"ckpt_path={path}", "data=synthetic", "paths.output_dir=unused"])
-    with pytest.raises(ValueError, match=r"checkpoint\['ssamba'\]\['target_length'\]=.*expected a number"):
+    with pytest.raises(ValueError, match=r"checkpoint\['ssamba'\]\['target_length'\]=.*expected an integer"):
         evaluate.evaluate(cfg)
     assert not marker.exists()
 
