@@ -168,6 +168,14 @@ def merge(parts: list[Path], dst: Path) -> Path:
     return dst
 
 
+def write_json(path: Path, value, indent: int = 2) -> None:
+    """Whole or not at all: a runner killed mid-write, or another reading the shared --results (--run-folds array
+    jobs), never sees a part of a cell, runner.json or grid.json."""
+    from ssamba.utils.atomic_checkpoint import atomic_write_bytes
+
+    atomic_write_bytes((json.dumps(value, indent=indent) + "\n").encode(), path)
+
+
 # --- one training run, resumable -----------------------------------------------------------------
 class Deadline:
     """``--stop-after-minutes`` as a point in time (none when 0); ``stop()`` (on SIGTERM or SIGINT to the
@@ -217,6 +225,11 @@ def train(overrides: list[str], run_dir: Path, deadline: Deadline, output: str) 
     state_path = run_dir / "runner.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"finished": False, "seconds": 0.0,
                                                                               "devices": []}  # fmt: skip
+    settings = [o for o in overrides if not o.startswith("data.num_workers=")]  # the workers may change on resume
+    if state.setdefault("overrides", settings) != settings:
+        changed = sorted(set(state["overrides"]) ^ set(settings))
+        raise ValueError(f"{run_dir} holds a training of other settings ({', '.join(changed)}): a --work folder "
+                         "serves one grid; use another --work")
     if state["finished"] and (run_dir / output).is_file():
         return state
     if state["finished"]:
@@ -236,7 +249,7 @@ def train(overrides: list[str], run_dir: Path, deadline: Deadline, output: str) 
     state["finished"] = code == 0
     if code == 0:
         state["wall_times"] = wall_times(run_dir, seconds)
-    state_path.write_text(json.dumps(state, indent=2) + "\n")
+    write_json(state_path, state)
     if code == 0:
         return state
     if code is None or deadline.left() <= 0:  # a Ctrl-C reaches the training too, which then exits non-zero
@@ -275,7 +288,7 @@ def check_grid(results: Path, settings: dict) -> None:
                              "use another --results folder")
     else:
         results.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(path, settings)
 
 
 class Durations:
@@ -517,13 +530,14 @@ def record_cell(grid: Grid, job: Job, pretrained: dict, finetunings: list[dict])
         "cards": sorted({*pretrained["devices"], *(card for state in finetunings for card in state["devices"])}),
         "pretrain_seconds": pretrained["seconds"], "finetune_seconds": sum(state["seconds"] for state in finetunings),
         **({"members": len(finetunings)} if len(finetunings) > 1 else {}),
-        "score_seconds": scored["seconds"], "parallel": grid.args.parallel, "settings": grid.settings,
+        "score_seconds": scored["seconds"], "parallel": grid.args.parallel, "num_workers": grid.args.num_workers,
+        "settings": grid.settings,
         "scores": scores,
         **({"by_max_seconds": scored["by_max_seconds"]} if "by_max_seconds" in scored else {}),
         "patients": scored["patients"],
         "wall_times": {"pretrain": pretrained.get("wall_times", {}), "finetune": finetuned.get("wall_times", {})},
     }  # fmt: skip
-    cell_path(grid.results, job.task, job.fold, job.seed, job.arm).write_text(json.dumps(record, indent=1) + "\n")
+    write_json(cell_path(grid.results, job.task, job.fold, job.seed, job.arm), record, indent=1)
     print(f"{job.run_dir_name}: " + ", ".join(f"{k}={scores.get(k, math.nan):.4f}" for k, *_ in REPORTED[job.task]),
           flush=True)  # fmt: skip
     write_report(grid.results, Path(grid.args.out), grid_plan(grid.args))

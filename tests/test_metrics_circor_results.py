@@ -165,6 +165,18 @@ def test_no_training_starts_too_close_to_the_deadline(fake_train, monkeypatch):
     assert not (fake_train / "runs" / "cell").exists()
 
 
+def test_a_run_of_other_settings_is_refused_not_reused_and_the_workers_may_change(fake_train):
+    """Two grids sharing a --work folder (say 40 epochs of pretraining after 8) must not take each other's runs."""
+    run = fake_train / "runs" / "pretrain"
+    state = bench.train(["sleep=0", "trainer.max_epochs=8", "data.num_workers=5"], run, bench.Deadline(0), LAST)
+    assert json.loads((run / "runner.json").read_text())["overrides"] == ["sleep=0", "trainer.max_epochs=8"]
+    assert bench.train(["sleep=0", "trainer.max_epochs=8", "data.num_workers=3"], run, bench.Deadline(0), LAST) == state
+    with pytest.raises(ValueError, match="holds a training of other settings .*trainer.max_epochs=40, "
+                                         "trainer.max_epochs=8.*use another --work"):
+        bench.train(["sleep=0", "trainer.max_epochs=40", "data.num_workers=5"], run, bench.Deadline(0), LAST)
+    assert len(calls(run)) == 1
+
+
 def test_a_run_finished_on_another_machine_without_its_output_is_trained_again(fake_train, capsys):
     run = fake_train / "runs" / "pretrain"
     first = bench.train(["sleep=0"], run, bench.Deadline(0), LAST)
@@ -179,8 +191,8 @@ def fake_grid(fake_train, results, common, parallel=1, recipes=("murmur",)):
     """A Grid for the stand-in train.py: ``common`` goes to every training."""
     recipes = {t: f"experiment={bench.RECIPES[t]}" for t in recipes}
     settings = cell("scratch", 0, 0, 0.7)["settings"] | {"recipes": recipes, "folds": 5}  # no fold set complete
-    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel, members=1,
-                                    machine_stays=False, score_max_seconds=[])
+    args = bench.argparse.Namespace(out=str(fake_train / "report.md"), checkpoint="last", parallel=parallel,
+                                    num_workers=2, members=1, machine_stays=False, score_max_seconds=[])
     (results / "cells").mkdir(parents=True, exist_ok=True)
     return bench.Grid(args, bench.Deadline(0), results, fake_train / "work", common, ["experiment=circor_pretrain"],
                       ["score_checkpoint=last"], settings)  # fmt: skip
@@ -211,7 +223,7 @@ def test_a_pretraining_done_on_another_machine_is_done_again_before_its_remainin
     assert f"task.pretrained={pretraining / LAST}" in finetuning[0] and "score_checkpoint=last" in finetuning[0]
     record = json.loads((results / "cells" / "murmur_timing_fold0_seed0_pretrained.json").read_text())
     assert record["pretrain_seconds"] > 0 and record["score_seconds"] == 0.5 and record["scores"] == {"patients": 2.0}
-    assert record["parallel"] == 1
+    assert record["parallel"] == 1 and record["num_workers"] == 2
     assert not (results / "runs").exists()  # run folders stay in --work
 
 
