@@ -96,6 +96,7 @@ GRACE_SECONDS = 120  # after SIGTERM: the batch in flight, a validation due, wri
 MIN_START_SECONDS = 60  # no training starts with less time left before --stop-after-minutes
 LAST_CHECKPOINT = "checkpoints/last.ckpt"  # what a finished pretraining leaves for its finetunings
 TEST_SCORES = "test_scores.json"  # what a finished finetuning leaves for its cell (train.py score_checkpoint=...)
+CIRCOR_CONFIG = ROOT / "conf" / "data" / "circor.yaml"  # its val and label fractions, for the intervals
 MEMBER_SEED_STEP = 1000  # --members K: member j of the cell of seed s trains with seed s + j * MEMBER_SEED_STEP
 
 
@@ -576,9 +577,30 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
-def test_to_train(folds: int) -> float:
-    """A test fold's size over its training patients' in ``folds``-fold cross-validation (:func:`interval`)."""
-    return 1 / (folds - 1)
+def test_to_train(records: list[dict]) -> float:
+    """A test fold's size over the patients a cell's finetuning trained on (:func:`interval`): the other k - 1
+    folds less the val patients carved from them (``data.val_fraction``) and, with ``data.label_fraction``, less
+    the train patients whose labels were left out. Where two grids are paired, the larger of theirs."""
+    return max(_test_to_train(r["settings"]) for r in records)
+
+
+def _test_to_train(settings: dict) -> float:
+    given = dict(o.lstrip("+").split("=", 1) for o in [*settings["common"], *settings["finetune"]] if "=" in o)
+    val = float(given.get("data.val_fraction", circor_default("val_fraction")))
+    labels = float(given.get("data.label_fraction", circor_default("label_fraction")))
+    return 1 / ((settings["folds"] - 1) * (1 - val) * labels)
+
+
+@functools.cache
+def circor_default(key: str):
+    """A setting of ``data=circor`` as its config file gives it."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(CIRCOR_CONFIG)[key]
+
+
+def ratio_text(ratio: float) -> str:
+    return f"s² (1/n + {ratio:.3f}), {ratio:.3f} a test fold's size over the patients its models trained on"
 
 
 def minutes_per_cell(cells: list[dict]) -> float:
@@ -591,7 +613,7 @@ def interval(values: list[float], test_to_train: float) -> tuple[float, float, i
 
     Student's t with n - 1 degrees of freedom on the variance corrected for cells that share patients
     (Nadeau and Bengio's corrected resampled t): ``s^2 * (1/n + test_to_train)``, where ``test_to_train``
-    is a test fold's size over its training patients', ``1 / (folds - 1)``. NaN half-width below 2 values.
+    is a test fold's size over its training patients' (:func:`test_to_train`). NaN half-width below 2 values.
     """
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -657,8 +679,8 @@ def load_results(results: Path) -> list[dict]:
     return sorted(records, key=lambda r: (list(REPORTED).index(r["task"]), ARMS.index(r["arm"]), r["seed"], r["fold"]))
 
 
-def render_scheme(task: str, records: list[dict], folds: int) -> list[str]:
-    reported, ratio = REPORTED[task], test_to_train(folds)
+def render_scheme(task: str, records: list[dict]) -> list[str]:
+    reported, ratio, folds = REPORTED[task], test_to_train(records), records[0]["settings"]["folds"]
     titles = " | ".join(title for _, title, _ in reported)
     rule = "|---" * len(reported) + "|"
     lines = [f"### `{task}`: {SCHEME_TITLES[task]}", "", f"| arm | cells | {titles} | minutes per cell | cards |",
@@ -738,8 +760,7 @@ def planned_cells(records: list[dict], plan: dict | None) -> tuple[list[str], li
 def readme_summary(records: list[dict], plan: dict | None = None) -> str:
     """The README's table: per label scheme and arm the cells, the headline scores with their intervals and
     the minutes per cell; then pretrained minus scratch, and whether any interval orders the arms."""
-    folds = records[0]["settings"]["folds"]
-    ratio = test_to_train(folds)
+    folds, ratio = records[0]["settings"]["folds"], test_to_train(records)
     _, _, _, expected = planned_cells(records, plan)
     lines = [f"{len(records)} of the grid's {expected} cells:", "",
              "| label scheme | arm | cells | murmur weighted accuracy | murmur UAR | Unknown recall | "
@@ -800,7 +821,7 @@ def render(records: list[dict], plan: dict | None = None) -> str:
         "other folds' patients (val carved from them) and is scored per patient on its fold with the "
         f"{settings['checkpoint']} checkpoint; the test fold chooses nothing.",
         f"Intervals: {CONFIDENCE:.0%}, Student's t over the fold x seed cells with the variance corrected for "
-        f"their shared patients (Nadeau-Bengio: s² (1/n + 1/{folds - 1})); see docs/heart-murmurs.md.",
+        f"their shared patients (Nadeau-Bengio: {ratio_text(test_to_train(records))}); see docs/heart-murmurs.md.",
         "",
     ]
     tasks, planned_seeds, arms, expected = planned_cells(records, plan)
@@ -811,7 +832,7 @@ def render(records: list[dict], plan: dict | None = None) -> str:
     for task in REPORTED:
         rows = [r for r in records if r["task"] == task]
         if rows:
-            lines += render_scheme(task, rows, folds)
+            lines += render_scheme(task, rows)
     lines += [
         "Settings (Hydra overrides):",
         "",
@@ -885,11 +906,11 @@ def render_comparison(base_dir: Path, other_dir: Path, base_arm: str, other_arm:
     if not pairs:
         raise ValueError(f"no (label scheme, fold, seed) cell of arm {other_arm} in {other_dir} has a {base_arm} "
                          f"cell in {base_dir} to pair with")
-    ratio = test_to_train(folds)
+    ratio = test_to_train(base + other)
     lines = [f"## CirCor: `{other_dir.name}` ({other_arm}) minus `{base_dir.name}` ({base_arm}), pair by pair", "",
              f"Written {datetime.date.today().isoformat()} by `bench/circor_results.py compare`. A pair is one label "
              f"scheme, fold and seed scored by both grids: the same {folds}-fold partition, the same test patients. "
-             f"Intervals: {CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})), "
+             f"Intervals: {CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction ({ratio_text(ratio)}), "
              "as in the cross-validation report; an interval that spans 0 orders neither recipe.", "",
              f"What `{other_dir.name}` changes (Hydra overrides against `{base_dir.name}`):", "",
              *setting_changes(base[0]["settings"], other[0]["settings"]), ""]  # fmt: skip
@@ -1141,8 +1162,7 @@ def render_rules(results: Path, task: str, data: list[Path] | None = None) -> st
     records = [r for r in load_results(results) if r["task"] == task]
     if not records:
         raise ValueError(f"no `{task}` cells in {results}/cells")
-    folds = records[0]["settings"]["folds"]
-    ratio = test_to_train(folds)
+    ratio = test_to_train(records)
     quality = quality_table(data) if data else None
     predictions = rule_predictions(records, quality)
     by_key = {cell_key(r): r for r in records}
@@ -1155,7 +1175,7 @@ def render_rules(results: Path, task: str, data: list[Path] | None = None) -> st
              f"`{results.name}` ({len(records)} cells). No model is trained or run: each rule turns the patient "
              "probabilities the cells stored (and their recordings', where kept) into predictions, which are scored "
              "as the grid scores them. Intervals: "
-             f"{CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction (s² (1/n + 1/{folds - 1})) over the "
+             f"{CONFIDENCE:.0%}, Student's t with the Nadeau-Bengio correction ({ratio_text(ratio)}) over the "
              "cells, as in the cross-validation report; a difference is the rule's score minus the recorded "
              "predictions' in the same cell.", ""]  # fmt: skip
     if quality is not None:

@@ -436,6 +436,19 @@ def cell(arm, fold, seed, wa, cost=12000.0):
             "patients": patients}  # fmt: skip
 
 
+def test_the_correction_is_a_test_fold_over_the_patients_the_finetuning_trained_on():
+    """k - 1 folds train, less the val patients carved from them, less the labels data.label_fraction leaves out;
+    paired grids take the larger ratio (the wider interval)."""
+    grid = cell("scratch", 0, 0, 0.7)
+    five = {**grid, "settings": {**grid["settings"], "folds": 5}}
+    assert bench.test_to_train([five]) == pytest.approx(1 / (4 * 0.9))  # circor-dev: 141 over 508-509
+    quarter = {**five, "settings": {**five["settings"], "finetune": ["data.label_fraction=0.25"]}}
+    assert bench.test_to_train([quarter]) == pytest.approx(1 / (4 * 0.9 * 0.25))
+    assert bench.test_to_train([five, quarter]) == bench.test_to_train([quarter])
+    no_val = {**five, "settings": {**five["settings"], "common": ["++data.val_fraction=0"]}}
+    assert bench.test_to_train([no_val]) == pytest.approx(1 / 4)
+
+
 def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_checked_intervals(tmp_path):
     scratch = [0.70, 0.72, 0.74, 0.76]  # (fold, seed) = (0, 0), (1, 0), (0, 1), (1, 1)
     pretrained = [0.71, 0.75, 0.76, 0.82]  # differences 0.01, 0.03, 0.02, 0.06
@@ -446,15 +459,16 @@ def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_check
             (tmp_path / "cells" / f"murmur_fold{fold}_seed{seed}_{arm}.json").write_text(json.dumps(record))
     bench.write_report(tmp_path, tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
-    # scratch: mean 0.73, s^2 = 0.002 / 3, corrected x 1.25, t(0.975, 3): half-width 0.0919
-    assert ("| from scratch | 4 | 0.730 [0.638, 0.822] | 0.500 [0.500, 0.500] | n/a | 0.250 [0.250, 0.250] | "
+    # scratch: mean 0.73, s^2 = 0.002 / 3, corrected x (1/4 + 1/((2 - 1) x (1 - 0.1))) = 49/36 (the val tenth of
+    # the other fold trains nothing), t(0.975, 3): half-width 0.0959
+    assert ("| from scratch | 4 | 0.730 [0.634, 0.826] | 0.500 [0.500, 0.500] | n/a | 0.250 [0.250, 0.250] | "
             "12000 [12000, 12000] | 2.0 | NVIDIA H100 80GB HBM3 |") in text
-    # paired: mean 0.03, half-width 0.0769 (test_interval_is_the_corrected_resampled_t_interval)
-    assert "| 4 | +0.030 [-0.047, +0.107] | +0.000 [+0.000, +0.000] | n/a |" in text
+    # paired: mean 0.03, s^2 = 0.0014 / 3, the same correction: half-width 0.0802
+    assert "| 4 | +0.030 [-0.050, +0.110] | +0.000 [+0.000, +0.000] | n/a |" in text
     # pooled over both folds: weighted accuracy (5 + 0 + 2) / (5 + 3 + 2), UAR (1 + 0 + 1) / 3
     assert "| scratch | 0 | 0.700 | 0.667 | 1.000 | 0.000 | n/a | 4 |" in text
     assert "| 1 | 1 | pretrained | 0.820 | 0.500 | n/a | 0.250 | 12000 | 2 | NVIDIA H100 80GB HBM3 | 1.0 + 2.0 |" in text
-    assert "Nadeau-Bengio: s² (1/n + 1/1)" in text
+    assert "Nadeau-Bengio: s² (1/n + 1.111), 1.111 a test fold's size over the patients its models trained on" in text
     assert "Incomplete grid" not in text
     (tmp_path / "cells" / "murmur_fold1_seed1_pretrained.json").unlink()
     bench.write_report(tmp_path, tmp_path / "report.md")
@@ -483,10 +497,10 @@ def test_report_rewrites_the_readme_summary_between_its_markers_only(tmp_path, c
     assert text.startswith(f"# Title\n\nbefore\n{start}\n8 of the grid's 8 cells:") and "old table" not in text
     assert text.endswith(f"{end}\nafter\n")
     # the intervals of test_report_gives_means_paired_differences_and_pooled_scores_with_hand_checked_intervals
-    assert ("| `murmur` | from scratch | 4 | 0.730 [0.638, 0.822] | 0.500 [0.500, 0.500] | 0.250 [0.250, 0.250] | - "
+    assert ("| `murmur` | from scratch | 4 | 0.730 [0.634, 0.826] | 0.500 [0.500, 0.500] | 0.250 [0.250, 0.250] | - "
             "| 2.0 |") in text
     assert "| `murmur` | circor_pretrain, then finetuned | 4 | 0.760 " in text and text.count("| `murmur` |") == 2
-    assert ("Pretrained minus scratch, pair by pair: +0.030 [-0.047, +0.107] in murmur weighted accuracy "
+    assert ("Pretrained minus scratch, pair by pair: +0.030 [-0.050, +0.110] in murmur weighted accuracy "
             "(`murmur`, 4 pairs): every interval spans 0, so no ordering of the arms is claimed.") in text
     write_cells(tmp_path, "pretrained", [0.73, 0.751, 0.769, 0.79])  # differences 0.03, 0.031, 0.029, 0.03
     bench.main(args)
@@ -518,9 +532,9 @@ def test_compare_pairs_two_recipes_by_fold_and_seed_with_hand_checked_intervals(
     text = out.read_text()
     assert "- finetune: adds `trainer.max_epochs=20`; drops `trainer.max_epochs=8`" in text
     assert "4 pairs (seeds 0, 1)." in text
-    assert "| `base` (scratch) | 0.730 [0.638, 0.822] |" in text
-    # the differences 0.01, 0.03, 0.02, 0.06: as test_interval_is_the_corrected_resampled_t_interval
-    assert "| difference | +0.030 [-0.047, +0.107] | +0.000 [+0.000, +0.000] | n/a |" in text
+    assert "| `base` (scratch) | 0.730 [0.634, 0.826] |" in text
+    # the differences 0.01, 0.03, 0.02, 0.06: as the report's paired difference
+    assert "| difference | +0.030 [-0.050, +0.110] | +0.000 [+0.000, +0.000] | n/a |" in text
     # the cells' own spread and their correlation, pair by pair (constant or missing scores have none)
     assert "| sd, `base` | 0.026 | 0.000 | n/a | 0.000 | 0 |" in text
     assert "| sd, `longer` | 0.045 | 0.000 | n/a | 0.000 | 0 |" in text
