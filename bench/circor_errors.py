@@ -40,7 +40,12 @@ def read_table(data: list[Path]) -> dict[str, dict[str, str]]:
     if not paths:
         raise FileNotFoundError(f"none of --data {[str(p) for p in data]} holds {TABLE}")
     with open(paths[0], newline="") as f:
-        return {row["Patient ID"]: row for row in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        missing = sorted({"Patient ID", *(column for column, _ in BREAKDOWNS)} - set(reader.fieldnames or []))
+        if missing:
+            raise ValueError(f"{paths[0]}: no column {', '.join(map(repr, missing))} (CirCor's training_data.csv "
+                             "has them)")
+        return {row["Patient ID"]: row for row in reader}
 
 
 def group_value(row: dict[str, str], column: str) -> str:

@@ -65,3 +65,7 @@ def test_refusals_are_one_line(tmp_path):
     run = subprocess.run([*command[:3], str(other), "--data", str(data), "--out", str(tmp_path / "e.md")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "reads the Challenge's murmur classes" in run.stderr
+    rows[0] = rows[0].replace("Campaign", "Site")  # a table without a column the breakdowns read
+    (tmp_path / "circor" / "training_data.csv").write_text("\n".join(rows) + "\n")
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no column 'Campaign'" in run.stderr and len(run.stderr.strip().splitlines()) == 1
