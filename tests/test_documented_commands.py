@@ -144,7 +144,7 @@ def documented_commands() -> dict[str, str]:
 COMMANDS = documented_commands()
 # Sweeps run several jobs (and ddp_sim two processes per job) in one command.
 SLOW = ("python train.py -m mask=250,300,400 task.optimizer.lr=1e-4,5e-4",
-        "python train.py -m trainer=ddp_sim mask.count=20,30")
+        "python train.py -m trainer=ddp_sim experiment=quickstart_cpu mask.count=20,30")
 RUNNABLE = [pytest.param(line, id=line if len(line) < 90 else line[:87] + "...",
                          marks=[pytest.mark.slow] if line in SLOW else [])
             for line in sorted(COMMANDS) if line not in NOT_RUN]
