@@ -51,11 +51,13 @@ def save_pretrained(model_or_checkpoint, directory: str | os.PathLike) -> Path:
         checkpoint = source
     elif isinstance(source, AudioEmbedder):
         meta = source.metadata
+        # the model holds the encoder only: a finetuned source's head, and so its task and labels, stay behind
+        headless = meta.get("head") is None
         checkpoint = Checkpoint(encoder_record(source.encoder), source.encoder.state_dict(),
                                 norm_mean=source.norm_mean, norm_std=source.norm_std,
                                 target_length=meta.get("target_length", source.encoder.config.input_tdim),
-                                **source.mel.record(),
-                                task=meta.get("task"), label_names=list(meta.get("label_names") or []))
+                                **source.mel.record(), task=meta.get("task") if headless else None,
+                                label_names=list(meta.get("label_names") or []) if headless else [])
     else:
         raise TypeError(f"save_pretrained takes a checkpoint path, a Checkpoint or a model from ssamba.load, "
                         f"not {type(source).__name__}")

@@ -10,6 +10,7 @@ directly); this module writes them.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
@@ -22,6 +23,8 @@ from .checkpoints import (FAMILIES, Checkpoint, lightning_to_ours, load_checkpoi
 from .constants import AUDIOSET_MEAN, AUDIOSET_STD, MEL_KEYS
 from .models import released as keys
 from .models.released import ConversionError
+
+log = logging.getLogger(__name__)
 
 
 def to_lightning_checkpoint(converted: Checkpoint) -> dict[str, Any]:
@@ -52,6 +55,12 @@ def ours_to_released(checkpoint: dict[str, Any]) -> tuple[dict[str, Tensor], lis
         scale = " ".join(f"{key}={getattr(converted, key):g}" for key in MEL_KEYS)
         raise ConversionError("the released layout stores no mel scale and its readers compute kaldi's: this "
                               f"checkpoint reads {scale} (write a model folder instead: --to-folder)")
+    stats = (converted.norm_mean, converted.norm_std)
+    if None not in stats and stats != (AUDIOSET_MEAN, AUDIOSET_STD):
+        log.warning("the released layout stores no normalisation and ssamba.load gives such a file AudioSet's "
+                    "(%g, %g); this model was trained with norm_mean=%g norm_std=%g: pass those when loading it "
+                    "(ssamba.load(path, norm_mean=..., norm_std=...)), or write a model folder (--to-folder)",
+                    AUDIOSET_MEAN, AUDIOSET_STD, *stats)
     config = converted.encoder_config
     if (config["fstride"], config["tstride"]) != (config["fshape"], config["tshape"]):
         raise ConversionError(f"the released layout stores no stride: encoder stride ({config['fstride']}, "

@@ -69,7 +69,7 @@ def test_released_file_converts_and_reproduces_outputs(family, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("family", ["ssamba", "ssast"])
-def test_our_checkpoint_round_trips_through_the_released_layout(family, tmp_path):
+def test_our_checkpoint_round_trips_through_the_released_layout(family, tmp_path, caplog):
     encoder = make_encoder(family)
     width = encoder.embed_dim
     task_state = {"mask_embed": torch.randn(1, 1, width), "head.weight": torch.randn(3, width)}
@@ -81,6 +81,11 @@ def test_our_checkpoint_round_trips_through_the_released_layout(family, tmp_path
 
     released, unused = ours_to_released(ours)
     assert unused == ["head.weight"]
+    # the layout has no place for the statistics: said, and how to give them back when loading
+    assert "trained with norm_mean=-1 norm_std=2: pass those when loading it" in caplog.text
+    torch.save(released, tmp_path / "released.pth")
+    assert (load_checkpoint(tmp_path / "released.pth", norm_mean=-1.0, norm_std=2.0).norm_mean, load_checkpoint(
+        tmp_path / "released.pth").norm_mean) == (-1.0, pytest.approx(-4.2677393))
     assert "module.cpredlayer.0.weight" in released and released["module.p_input_tdim"].item() == 48
     back = released_to_ours(released, family, norm_mean=-1.0, norm_std=2.0)
     assert back.unused_keys == []

@@ -59,6 +59,22 @@ def test_short_audio_at_another_rate_keeps_only_columns_with_audio():
         model.embed(torch.full((16_000,), float("nan")), 16_000)
 
 
+def test_integer_pcm_is_scaled_and_a_soundfile_layout_is_refused():
+    """Readers hand over int16 (scipy.io.wavfile) or [samples, channels] (soundfile): the first is the same audio
+    as its float copy, the second would be averaged over the wrong axis, so it is refused in one line."""
+    model = embedder()
+    wav = (audio(0.5) * 0.1).clamp(-1, 1)
+    pcm = (wav * 2**15).round().to(torch.int16)
+    torch.testing.assert_close(model.embed(pcm, 16_000).clip, model.embed(pcm.float() / 2**15, 16_000).clip)
+    assert not torch.allclose(model.embed(pcm.float(), 16_000).clip, model.embed(pcm, 16_000).clip, atol=1e-3)
+    stereo = torch.stack([wav, wav])
+    with pytest.raises(ValueError, match=r"shape \(8000, 2\) looks like \[samples, channels\].*transposed"):
+        model.embed(stereo.T.numpy(), 16_000)
+    torch.testing.assert_close(model.embed(stereo.T.numpy().T, 16_000).clip, model.embed(wav, 16_000).clip)
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        model.embed(torch.zeros(8000, dtype=torch.uint8), 16_000)
+
+
 def test_ssast_long_audio_runs_in_windows_of_the_input_length():
     model = embedder("ssast_tiny")
     model.window_batch = 2  # 3 windows: exercises batching

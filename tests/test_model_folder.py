@@ -49,6 +49,10 @@ def test_finetuned_checkpoint_keeps_its_head_and_labels(tmp_path, monkeypatch):
     fbank = torch.randn(2, original.target_length, 128)
     with torch.no_grad():
         torch.testing.assert_close(folder.build_classifier()(fbank), original.build_classifier()(fbank), rtol=0, atol=0)
+    # a model from ssamba.load holds the encoder only: its folder claims no head, task or labels
+    monkeypatch.undo()
+    encoder_only = load_checkpoint(ssamba.save_pretrained(ssamba.load(path), tmp_path / "encoder"))
+    assert (encoder_only.head, encoder_only.task, encoder_only.label_names) == (None, None, [])
 
 
 def test_a_loaded_model_saves_and_loads_back(tmp_path):

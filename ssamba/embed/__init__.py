@@ -57,6 +57,10 @@ def temporary_grid(encoder: nn.Module, input_tdim: int):
         encoder.pos_embed = pos_embed
 
 
+MAX_CHANNELS = 8  # a 2-D waveform with more rows than this, and this many columns or fewer, is [samples, channels]
+PCM_SCALE = {torch.int8: 2.0**7, torch.int16: 2.0**15, torch.int32: 2.0**31}  # full scale of signed PCM
+
+
 class AudioEmbedder(nn.Module):
     """An encoder with its input normalisation and mel scale, ready for inference on raw waveforms."""
 
@@ -90,9 +94,16 @@ class AudioEmbedder(nn.Module):
 
     def fbank(self, waveform: Tensor | np.ndarray, sample_rate: int) -> Tensor:
         """Waveform ``[n]`` or ``[channels, n]`` at any rate -> unnormalised fbank ``[frames, 128]``."""
-        wav = torch.as_tensor(waveform)
+        wav = torch.as_tensor(waveform).cpu()  # resampling runs where its cached kernel lives
         if wav.dim() not in (1, 2) or wav.numel() == 0:
             raise ValueError(f"expected a waveform [samples] or [channels, samples], got shape {tuple(wav.shape)}")
+        if wav.dim() == 2 and wav.shape[1] <= MAX_CHANNELS < wav.shape[0]:
+            raise ValueError(f"waveform of shape {tuple(wav.shape)} looks like [samples, channels] (soundfile's "
+                             "layout); pass it transposed, [channels, samples]")
+        if wav.dtype in PCM_SCALE:  # integer PCM (scipy.io.wavfile's default) as the [-1, 1] floats training read
+            wav = wav.float() / PCM_SCALE[wav.dtype]
+        elif not wav.is_floating_point():
+            raise ValueError(f"waveform of dtype {wav.dtype}: expected floats in [-1, 1] or signed 8/16/32-bit PCM")
         if not torch.isfinite(wav).all():
             raise ValueError("waveform contains NaN or infinite samples")
         wav = to_mono_16k(wav, sample_rate)
@@ -116,6 +127,7 @@ class AudioEmbedder(nn.Module):
     @torch.no_grad()
     def embed_fbank(self, fbank: Tensor, layer: int = -1, window: bool | None = None) -> Embeddings:
         """As :meth:`embed`, from an unnormalised fbank ``[frames, 128]``."""
+        fbank = fbank.to(self.device, torch.float32)
         cfg = self.encoder.config
         if window is None:
             window = not isinstance(self.encoder, _LINEAR_IN_LENGTH)
