@@ -18,6 +18,7 @@ from ssamba.data.features import (
     kaldi_fbank,
     mix_waveforms,
     pad_or_cut,
+    resampling_rate,
     samples_for_frames,
     to_mono_16k,
 )
@@ -121,6 +122,14 @@ def test_a_mel_scale_that_cannot_work_is_refused_in_one_line(args, message):
 def test_the_default_scale_is_kaldis_and_a_config_number_is_one_scale():
     assert MelScale().is_kaldi and MelScale(20, 8000, 512).is_kaldi
     assert MelScale(20, 2000, 2048) == MelScale(20.0, 2000.0, 2048) and not MelScale(20, 2000, 2048).is_kaldi
+
+
+def test_a_rate_off_the_50_hz_grid_resamples_as_its_nearest_point_on_it():
+    """22051 Hz would build torchaudio's exact 22051:16000 filter (about 30 s and 12 GB); 22050 Hz is 441:320."""
+    assert [resampling_rate(r) for r in (16000, 44100, 8000, 4000, 22050, 8001, 22051, 44124, 7)] == [
+        16000, 44100, 8000, 4000, 22050, 8000, 22050, 44100, 50]
+    wav = torch.randn(22051)
+    torch.testing.assert_close(to_mono_16k(wav, 22051), to_mono_16k(wav, 22050))
 
 
 def test_frame_arithmetic():

@@ -10,6 +10,7 @@ Two equivalent paths compute the same numbers:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from ssamba.constants import (
 WINDOW_SAMPLES = 400  # 25 ms at 16 kHz
 HOP_SAMPLES = 160  # 10 ms at 16 kHz
 PREEMPHASIS = 0.97
+RESAMPLE_GRID_HZ = 50  # every rate on this grid resamples to 16 kHz with a small filter (:func:`resampling_rate`)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,24 @@ def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig_rate, new_rate)
 
 
+def resampling_rate(sample_rate: int) -> int:
+    """The rate audio recorded at ``sample_rate`` is resampled from: itself, unless it shares less than
+    ``RESAMPLE_GRID_HZ`` with 16 kHz (8001 Hz, 22051 Hz), where torchaudio's polyphase filter would take tens of
+    seconds and GBs per file (and stay cached in every loader worker); then the nearest multiple of it, a pitch
+    change of at most 0.3% at 8 kHz and less above."""
+    rate = int(sample_rate)
+    if math.gcd(rate, SAMPLE_RATE) >= RESAMPLE_GRID_HZ:
+        return rate
+    return max(RESAMPLE_GRID_HZ, RESAMPLE_GRID_HZ * round(rate / RESAMPLE_GRID_HZ))
+
+
 def to_mono_16k(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """``[channels, n]`` or ``[n]`` float audio at any rate -> mono ``[n]`` at 16 kHz, mean removed."""
     if wav.dim() == 2:
         wav = wav.mean(dim=0)
     wav = wav.float()
     if sample_rate != SAMPLE_RATE:
-        wav = _resampler(int(sample_rate), SAMPLE_RATE)(wav)
+        wav = _resampler(resampling_rate(sample_rate), SAMPLE_RATE)(wav)
     return wav - wav.mean()
 
 
