@@ -70,7 +70,9 @@ TINY_RUN = ["trainer=cpu", "logger=csv", "+model.depth=2", "+model.embed_dim=32"
 
 def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "train.py", *TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+    keys = {o.split("=", 1)[0] for o in overrides}
+    base = [o for o in TINY_RUN if o.split("=", 1)[0] not in keys]
+    return subprocess.run([sys.executable, "train.py", *base, f"hydra.run.dir={tmp_path / 'run'}", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -100,7 +102,8 @@ def test_corpus_files_decode_or_skip_as_expected(corpus):
 
 def test_bad_corpus_trains_to_completion_with_skip_counts_per_reason(corpus, tmp_path):
     folder, expected = corpus
-    result = train(tmp_path, f"data.root={folder}")
+    # with the sanity check's val batches too: they are read again in epoch 0's validation, counted once
+    result = train(tmp_path, f"data.root={folder}", "trainer.num_sanity_val_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     reasons = ("missing", "unreadable", "empty", "too_short", "non_finite")

@@ -64,6 +64,22 @@ def manifest_module(root, **kwargs):
     return ManifestDataModule(**args)
 
 
+def test_single_label_data_refuses_items_without_exactly_one_label(audioset):
+    """An unlabelled item would train as an all-zero target (no loss) and score as class 0: one line at setup."""
+    dm = manifest_module(audioset, multilabel=False)
+    with pytest.raises(ValueError, match=r"train.json.*1 of 3 train items have no label or several, in single-label "
+                                         r"data \(e.g. a.wav \(2\)\)"):
+        dm.setup("fit")
+    entries = json.loads((audioset / "train.json").read_text())["data"]
+    entries[0]["labels"] = "/m/a"
+    (audioset / "train.json").write_text(json.dumps({"data": [*entries, {"wav": "c.wav", "labels": ""}]}))
+    with pytest.raises(ValueError, match=r"1 of 4 train items .*\(e.g. c.wav \(0\)\)"):
+        manifest_module(audioset, multilabel=False).setup("fit")
+    entries_ok = {"data": entries}
+    (audioset / "train.json").write_text(json.dumps(entries_ok))
+    manifest_module(audioset, multilabel=False, val_manifest=str(audioset / "train.json")).setup("fit")
+
+
 def test_manifest_multi_hot_labels_and_relative_paths(audioset, tmp_path):
     dm = manifest_module(audioset)
     dm.setup("fit")

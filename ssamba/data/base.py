@@ -281,6 +281,15 @@ class AudioDataModule(L.LightningDataModule):
     def make_dataset(self, split: str) -> ClipDataset:
         items = self.build_items(split)
         check_files_exist(sorted({i.path for i in items if i.path is not None}), self.split_source(split))
+        if not self.multilabel and self.label_names != UNLABELED:
+            # no label would train as an all-zero target (no loss) and score as class 0; two, as whichever argmax
+            # picks: single-label data means one label per item
+            odd = [item for item in items if len(item.labels) != 1]
+            if odd:
+                examples = ", ".join(f"{item.id} ({len(item.labels)})" for item in odd[:3])
+                raise ValueError(f"{self.split_source(split)}: {len(odd)} of {len(items)} {split} items have no "
+                                 f"label or several, in single-label data (e.g. {examples}); give each one label, "
+                                 "or set data.multilabel=true where the data allows it")
         train = split == "train"
         return ClipDataset(
             items,
@@ -348,6 +357,8 @@ class AudioDataModule(L.LightningDataModule):
         return "test" if trainer.testing else "other"
 
     def count_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        if self.trainer is not None and self.trainer.sanity_checking:
+            return  # the first validation epoch reads these items again and counts them then
         stage = self._stage()
         for reason, path in skipped:
             self.skipped[stage, reason] += 1
