@@ -355,6 +355,22 @@ def test_circor_split_file(tmp_path):
         f"{pid},{'val' if pid == '9979' else 'train'}\n" for pid in ("2530", "9979", "9983", "49748", "50216", "50743")))
     dm = circor(split_file=str(tmp_path / "split.csv"))
     assert dm.splits == ("train", "val") and [p.id for p in dm.split_patients("val")] == ["9979"]
+    with open(tmp_path / "split.csv", "a") as f:
+        f.write("9979,train\n")  # a second, conflicting row: refused, not the last one winning
+    with pytest.raises(ValueError, match="split.csv: patient.s. listed more than once: 9979"):
+        circor(split_file=str(tmp_path / "split.csv")).split_patients("val")
+
+
+def test_a_patient_listed_twice_in_the_table_is_refused(tmp_path):
+    """Each row would add the patient's recordings again and take another place in the stratified split."""
+    from ssamba.data.circor import read_patients
+
+    root = tmp_path / "circor"
+    shutil.copytree(CIRCOR_MINI, root)
+    rows = (root / "training_data.csv").read_text().splitlines()
+    (root / "training_data.csv").write_text("\n".join([*rows, rows[1]]) + "\n")
+    with pytest.raises(ValueError, match=f"training_data.csv: patient.s. listed more than once: {rows[1].split(',')[0]}"):
+        read_patients(str(root))
 
 
 def test_summary_command_for_circor(capsys):

@@ -122,6 +122,16 @@ def fork_tree(root: Path, variants=("filt", "lp", "wavs"), bare=True) -> Path:
     return root
 
 
+def test_a_small_fraction_still_holds_out_one_and_leaves_one():
+    """Rounding 5% of 11 to 0 left val (or the subject split's eval) silently empty."""
+    from ssamba.data.earbud import spread_pick
+
+    keys = [f"k{i}" for i in range(11)]
+    strata = {k: (i % 3,) for i, k in enumerate(keys)}
+    assert len(spread_pick(keys, strata, 0.05, seed=0)) == 1 and len(spread_pick(keys, strata, 0.99, seed=0)) == 10
+    assert spread_pick(keys, strata, 0.0, seed=0) == set() and len(spread_pick(keys, strata, 0.2, seed=0)) == 2
+
+
 def test_subject_from_file_names():
     assert subject_of("Umich09b_eb2_t03_s02_v02_filt") == "Umich09" == subject_of("Umich09_eb1_t01_s01_v01_lp")
     assert subject_of("Umich10_eb2_t03_s02_v02_filt") != subject_of("Umich09_eb2_t03_s02_v02_filt")

@@ -63,3 +63,23 @@ def test_long_recordings_are_measured_in_10_s_windows_like_the_cuts_the_gate_was
     assert torch.allclose(recording_quality(torch.cat([window, window, tail]), RATE), one)  # a 2 s tail is dropped
     with_half = torch.cat([window, window[: 5 * RATE]])  # a 5 s tail (half a window) counts as a window
     assert torch.allclose(recording_quality(with_half, RATE), (one + recording_quality(window[: 5 * RATE], RATE)) / 2)
+
+
+def test_recordings_training_would_skip_are_skipped_and_named_not_a_crash_or_nan(tmp_path):
+    """Empty, non-finite or sub-frame recordings: counted by reason; the patient keeps its usable ones."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import soundfile as sf
+
+    from ssamba.data.quality import patients_quality
+
+    waves = {"good": np.random.default_rng(0).uniform(-0.5, 0.5, 2 * RATE), "empty": np.zeros(0),
+             "nan": np.full(RATE, np.nan), "short": np.zeros(RATE // 20)}
+    recordings = []
+    for name, wave in waves.items():
+        sf.write(tmp_path / f"{name}.wav", wave.astype("float32"), RATE, subtype="FLOAT")
+        recordings.append(SimpleNamespace(id=name, path=str(tmp_path / f"{name}.wav")))
+    table, skipped = patients_quality([SimpleNamespace(id="1", recordings=recordings)])
+    assert sorted(skipped) == ["empty: empty", "non_finite: nan", "too_short: short"]
+    assert torch.isfinite(table["1"]).all() and table["1"][-1] == 1

@@ -124,7 +124,13 @@ def read_patients(root: str) -> list[Patient]:
     if not os.path.isfile(table) or not os.path.isdir(folder):
         raise FileNotFoundError(f"data.root={root!r} must hold training_data.csv and training_data/")
     with open(table, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        if "Patient ID" not in (reader.fieldnames or []):
+            raise ValueError(f"{table}: no 'Patient ID' column (CirCor's training_data.csv has one)")
+        rows = list(reader)
+    repeated = sorted(pid for pid, n in Counter(row["Patient ID"].strip() for row in rows).items() if n > 1)
+    if repeated:  # each row would add the patient's recordings again and take another place in the split
+        raise ValueError(f"{table}: patient(s) listed more than once: {', '.join(repeated[:5])}")
     patients = []
     for row in rows:
         pid = row["Patient ID"].strip()
@@ -231,6 +237,9 @@ def read_split_file(path: str) -> dict[str, str]:
     bad = {row["split"] for row in rows} - {"train", "val", "test"}
     if bad:
         raise ValueError(f"{path}: unknown split name(s) {sorted(bad)}; allowed: train, val, test")
+    repeated = sorted(pid for pid, n in Counter(row["patient_id"].strip() for row in rows).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{path}: patient(s) listed more than once: {', '.join(repeated[:5])}")
     return {row["patient_id"].strip(): row["split"].strip() for row in rows}
 
 

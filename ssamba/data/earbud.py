@@ -80,11 +80,13 @@ def local_path(path: str, manifest: str) -> str:
 
 
 def spread_pick(keys: list[str], strata: dict[str, tuple], fraction: float, seed: int) -> set[str]:
-    """Evenly spaced picks of ``keys`` ordered by stratum (shuffled within): stratified and seeded."""
+    """Evenly spaced picks of ``keys`` ordered by stratum (shuffled within): stratified and seeded. A fraction
+    above 0 picks at least one key and leaves at least one (a split it rounds to nothing would go unscored)."""
     generator = torch.Generator().manual_seed(seed)
     shuffled = [keys[i] for i in torch.randperm(len(keys), generator=generator).tolist()]
     ordered = sorted(shuffled, key=lambda key: strata[key])
-    n, count = len(ordered), round(fraction * len(ordered))
+    n = len(ordered)
+    count = min(n - 1, max(1, round(fraction * n))) if fraction > 0 else 0
     return {ordered[k] for k in range(n) if (k + 1) * count // n > k * count // n}
 
 

@@ -87,14 +87,24 @@ def patient_quality(recordings: Sequence[Tensor]) -> Tensor:
 
 def readable_recordings(patient, skipped: list[str]) -> Iterator[tuple[Tensor, int]]:
     """Each readable recording of ``patient`` (``ssamba.data.circor.Patient``) as a mono waveform and its
-    rate; a recording that cannot be read is skipped and named in ``skipped`` ("reason: id")."""
+    rate; one that cannot be read, or is empty, not finite or shorter than a frame (``FRAME_SECONDS``), as
+    training would skip it, is skipped and named in ``skipped`` ("reason: id")."""
     for recording in patient.recordings:
         try:
             wave, rate = read_audio(recording.path)
         except BadAudio as error:
             skipped.append(f"{error.reason}: {recording.id}")
             continue
-        yield wave.mean(dim=0), rate
+        if wave.numel() == 0:
+            reason = "empty"
+        elif not torch.isfinite(wave).all():
+            reason = "non_finite"
+        elif wave.shape[-1] < FRAME_SECONDS * rate:
+            reason = "too_short"
+        else:
+            yield wave.mean(dim=0), rate
+            continue
+        skipped.append(f"{reason}: {recording.id}")
 
 
 def patients_quality(patients: Iterable) -> tuple[dict[str, Tensor], list[str]]:
