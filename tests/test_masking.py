@@ -112,3 +112,37 @@ def test_a_mask_that_leaves_one_patch_is_exact_even_when_its_blocks_fall_short()
     torch.manual_seed(0)
     quirky = cluster_mask(500, (12, 5), 59, reference_quirks=True)  # every patch but patch 0
     assert quirky[:, 1:].all() and not quirky[:, 0].any()
+
+
+def released_mask(rng, t_dim: int, num_patches: int, count: int) -> set[int]:
+    """The released SSAST generator, restated: one block side per clip, blocks of flat indices until more than
+    ``count`` patches are covered, then the ``count`` lowest of them (CPython's order of a set of small ints)."""
+    side, ids = rng.randrange(3) + 3, set()
+    while len(ids) <= count:
+        start = rng.randrange(num_patches)
+        ids.update(start + t_dim * i + j for i in range(side) for j in range(side)
+                   if 0 < start + t_dim * i + j < num_patches)
+    return set(sorted(ids)[:count])
+
+
+def test_reference_quirks_draw_masks_distributed_as_the_released_generator():
+    """Per-row shares and the spread of masked neighbours match the released code's over 2000 clips (the
+    per-block side and the first-drawn blocks, used before, put 56.6 patches in the last row against 52.6)."""
+    import random
+
+    grid, count, clips = (8, 64), 400, 2000
+    rng = random.Random(0)
+    released = torch.zeros(clips, 512, dtype=torch.bool)
+    for k in range(clips):
+        released[k, list(released_mask(rng, 64, 512, count))] = True
+    torch.manual_seed(0)
+    ours = cluster_mask(clips, grid, count, reference_quirks=True)
+
+    def stats(mask):
+        rows = mask.view(clips, *grid).sum(2).float()  # masked patches per frequency row
+        pairs = (mask.view(clips, *grid)[..., 1:] & mask.view(clips, *grid)[..., :-1]).sum((1, 2)).float()
+        return rows.mean(0), pairs.std()
+
+    (rows_ours, spread_ours), (rows_ref, spread_ref) = stats(ours), stats(released)
+    torch.testing.assert_close(rows_ours, rows_ref, atol=1.0, rtol=0)  # each row's mean within 1 of 50
+    assert abs(spread_ours - spread_ref) < 0.1 * spread_ref

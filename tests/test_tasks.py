@@ -28,11 +28,12 @@ def pretraining(**kwargs):
 
 
 def reference_nce(preds, targets):
-    """The released per-clip loop: scores = targets @ preds.T, softmax over dim 0, log-softmax over dim -1."""
+    """The released per-clip loop: scores = targets @ preds.T; its softmax and log-softmax are both over dim -1
+    (``nn.Softmax(dim=-1)``), the accuracy's argmax over dim 0 of the softmax."""
     correct, total = 0, 0.0
     for p, t in zip(preds, targets):
         scores = t @ p.T
-        correct += (torch.argmax(torch.softmax(scores, dim=0), dim=0) == torch.arange(len(p))).sum()
+        correct += (torch.argmax(torch.softmax(scores, dim=-1), dim=0) == torch.arange(len(p))).sum()
         total += torch.diag(torch.log_softmax(scores, dim=-1)).sum()
     count = preds.shape[0] * preds.shape[1]
     return -total / count, correct / count
@@ -44,6 +45,8 @@ def test_batched_nce_matches_the_per_clip_loop():
     nce, acc = masked_patch_nce(preds, targets)
     ref_nce, ref_acc = reference_nce(preds, targets)
     assert torch.allclose(nce, ref_nce, atol=1e-5) and torch.allclose(acc, ref_acc.float())
+    raw = (torch.bmm(targets, preds.transpose(1, 2)).argmax(dim=1) == torch.arange(17)).float().mean()
+    assert raw != acc  # the argmax of the raw scores is another count: the test tells the two apart
     perfect_nce, perfect_acc = masked_patch_nce(10 * targets, targets)
     assert perfect_acc == 1.0 and perfect_nce < 1e-3
 
@@ -344,3 +347,24 @@ def test_ddp_ranks_draw_different_masks_from_one_seed():
 
     assert not torch.equal(first_mask(0, 2), first_mask(1, 2))
     assert torch.equal(first_mask(0, 1), first_mask(0, 1))  # one process: the seeded stream is untouched
+
+
+@pytest.mark.parametrize("setting", ["auto", True])
+def test_cuda_graphs_give_way_to_gradient_accumulation(setting):
+    """A replayed backward leaves a parameter's gradient in the graph's own buffer, which the next micro-batch
+    overwrites: with trainer.accumulate_grad_batches > 1, ``auto`` runs eager and ``true`` is refused."""
+    from types import SimpleNamespace
+
+    task = pretraining()
+    task.graphed_passes, task.cuda_graphs = object(), setting  # as use_cuda_graphs leaves them on a GPU
+    task._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2)
+    task._device = torch.device("cuda", 0)
+    if setting == "auto":
+        task.on_fit_start()
+        assert task.graphed_passes is None
+    else:
+        with pytest.raises(ConfigError, match="cannot accumulate gradients .*accumulate_grad_batches=2"):
+            task.on_fit_start()
+    task.graphed_passes, task._trainer.accumulate_grad_batches = "kept", 1
+    task.on_fit_start()
+    assert task.graphed_passes == "kept"

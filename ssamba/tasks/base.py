@@ -97,6 +97,14 @@ class EncoderTask(L.LightningModule):
                 raise ConfigError(f"task.cuda_graphs=true needs a CUDA device, but the model is on "
                                   f"{self.device.type}; use trainer=gpu or task.cuda_graphs=false")
             self.graphed_passes = None
+        if self.graphed_passes is not None and self.trainer.accumulate_grad_batches > 1:
+            # a replayed backward hands the parameters its static gradient buffers: where a parameter has no
+            # gradient yet it keeps the buffer itself, which the next micro-batch's replay overwrites, so only
+            # the last micro-batch's gradient (twice) would reach the optimizer
+            if self.cuda_graphs != "auto":
+                raise ConfigError("task.cuda_graphs=true cannot accumulate gradients (trainer.accumulate_grad_batches="
+                                  f"{self.trainer.accumulate_grad_batches}): use task.cuda_graphs=false or auto")
+            self.graphed_passes = None
 
     def teardown(self, stage: str) -> None:
         """The end of ``fit`` (or validate/test): the graph pools would otherwise outlive the run, and

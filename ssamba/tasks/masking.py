@@ -11,10 +11,12 @@ uniformly.
 ``random`` masks (for frame patches, e.g. 128x2) draw ``count`` patches uniformly.
 
 By default a block is laid out on the 2-D (frequency, time) grid and clipped at its edges.
-``reference_quirks=True`` instead reproduces the released SSAST code exactly: a block covers the
+``reference_quirks=True`` instead draws masks as the released SSAST code does: a block covers the
 flat indices ``start + t_dim * i + j``, so blocks near the end of a time row wrap into the next
-frequency row, and patch 0 is never masked. Either way the masked patches are a function of the
-torch random state only, so seeded runs are reproducible.
+frequency row, and patch 0 is never masked; one block side per clip; blocks are added until more
+than ``count`` patches are covered, and the ``count`` lowest patch indices of those are kept (the
+released ``list(set(ids))[:count]``, as CPython orders a set of small integers). Either way the
+masked patches are a function of the torch random state only, so seeded runs are reproducible.
 """
 from __future__ import annotations
 
@@ -50,7 +52,10 @@ def blocks_to_draw(grid: tuple[int, int], count: int, sides: tuple[int, ...], re
     ``sum_p (1 - q_p) ** K``, is at most ``UNCOVERED_SHARE`` of the ``n - count`` patches the mask leaves
     unmasked, where ``q_p`` is the chance that one block covers patch ``p`` (blocks start anywhere and grow
     down and to the right, so patches near the top and left edges, and with the reference's flat indices
-    the first patches, are covered least). At most ``MAX_BLOCKS``."""
+    the first patches, are covered least). At most ``MAX_BLOCKS``. With the reference's one side per clip,
+    for the smallest side, which needs the most."""
+    if reference_quirks:
+        sides = (min(sides),)
     f_dim, t_dim = grid
     n = f_dim * t_dim
     chances = []
@@ -89,8 +94,17 @@ def cluster_mask(batch: int, grid: tuple[int, int], count: int, cluster_sizes: S
     if not sides or min(sides) < 1:
         raise ValueError(f"cluster_sizes must be positive block sides, got {list(cluster_sizes)}")
     first = first_covering_block(batch, grid, count, sides, reference_quirks, device, generator)
-    # Lowest block index first; random tie-break inside the block that is cut short.
-    order = first + 0.5 * torch.rand(first.shape, device=device, generator=generator)
+    spare = torch.rand(first.shape, device=device, generator=generator)
+    if reference_quirks:
+        # the blocks up to the one that first covers more than ``count`` patches; of what they cover, the lowest
+        # patch indices; patches no drawn block covers (the rare clip whose blocks fall short) in random order
+        last = first.kthvalue(count + 1, dim=1, keepdim=True).values
+        patch = torch.arange(first.shape[1], device=device, dtype=torch.float)
+        blocks = blocks_to_draw(grid, count, tuple(sides), reference_quirks)
+        order = torch.where((first <= last) & (first < blocks), patch, first.shape[1] * (1 + spare))
+        order = torch.where(first.isinf(), math.inf, order)  # patch 0, never masked
+    else:
+        order = first + 0.5 * spare  # lowest block index first; random tie-break inside the block cut short
     chosen = order.topk(count, dim=1, largest=False).indices
     return torch.zeros(first.shape, dtype=torch.bool, device=device).scatter_(1, chosen, True)
 
@@ -106,7 +120,8 @@ def first_covering_block(batch: int, grid: tuple[int, int], count: int, sides: l
     offsets = torch.arange(max(sides), device=device)
     i, j = offsets.view(-1, 1), offsets.view(1, -1)  # block rows (frequency) and columns (time)
     starts = torch.randint(num_patches, (batch, blocks), device=device, generator=generator)
-    choice = torch.randint(len(sides), (batch, blocks), device=device, generator=generator)
+    # a side per block; the reference draws one per clip
+    choice = torch.randint(len(sides), (batch, 1 if reference_quirks else blocks), device=device, generator=generator)
     c = torch.zeros_like(choice)
     for k, side in enumerate(sides):  # the sides as kernel arguments: no copy of a host list to the device
         c = torch.where(choice == k, side, c)

@@ -35,13 +35,15 @@ def masked_patch_nce(preds: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """InfoNCE and accuracy over the masked patches of each clip, batched.
 
     ``preds``/``targets`` are ``[B, M, P]``. ``scores[b, i, j] = targets[b, i] . preds[b, j]``;
-    the loss is the mean of ``-log_softmax(scores, -1)`` on the diagonal, and prediction ``j`` is
-    correct when the target it scores highest is its own (argmax over dim 1).
+    the loss is the mean of ``-log_softmax(scores, -1)`` on the diagonal. As the released code counts
+    it, prediction ``j`` is correct when, of each target's softmax over the predictions, its own
+    target's gives ``j`` the most (argmax over dim 1 of the row-normalised scores, not of the raw ones).
     """
     scores = torch.bmm(targets.float(), preds.float().transpose(1, 2))  # [B, M, M]
-    nce = -torch.diagonal(F.log_softmax(scores, dim=-1), dim1=1, dim2=2).mean()
+    log_probs = F.log_softmax(scores, dim=-1)
+    nce = -torch.diagonal(log_probs, dim1=1, dim2=2).mean()
     own = torch.arange(scores.shape[1], device=scores.device)
-    acc = (scores.argmax(dim=1) == own).float().mean()
+    acc = (log_probs.argmax(dim=1) == own).float().mean()
     return nce, acc
 
 
