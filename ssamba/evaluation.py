@@ -174,10 +174,12 @@ def score_checkpoint(paths: Sequence[str], datamodule: Any, split: str, device: 
     shortened = {}
     if max_seconds:
         whole = datamodule.eval_max_seconds
-        for seconds in max_seconds:
-            datamodule.set_eval_max_seconds(seconds)
-            shortened[f"{seconds:g}"] = scored()[2]
-        datamodule.set_eval_max_seconds(whole)
+        try:
+            for seconds in max_seconds:
+                datamodule.set_eval_max_seconds(seconds)
+                shortened[f"{seconds:g}"] = scored()[2]
+        finally:  # the datamodule scores whole recordings again, also after an error
+            datamodule.set_eval_max_seconds(whole)
     return scores, patient_table(metric, predictions, datamodule.label_names, rule), shortened
 
 
