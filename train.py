@@ -16,9 +16,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
+from ssamba.callbacks.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from ssamba.callbacks.resume_points import last_checkpoint_path
 from ssamba.errors import ConfigError
 from ssamba.evaluation import score_checkpoint
@@ -64,7 +66,8 @@ def train(cfg: DictConfig) -> float | None:
                 raise ConfigError(problem)
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(last_checkpoint_path(trainer))
+        # a requeued job continues from its own last.ckpt, not from the ckpt_path it was first started with
+        ckpt_path = requeued_checkpoint(last_checkpoint_path(trainer)) or cfg.get("ckpt_path")
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         score = _monitored(trainer, cfg.task.monitor)
         if cfg.get("test") and _has_test_split(datamodule):
@@ -119,6 +122,8 @@ def _monitored(trainer: L.Trainer, monitor: str) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
+    except SIGTERMException as stop:  # Lightning's own stop on SIGTERM carries no status: a scheduler would read 0
+        raise SystemExit(stop.code or PREEMPTED_EXIT_STATUS) from None
     except Exception as error:
         config_error = find_config_error(error)
         if config_error is None:

@@ -20,6 +20,18 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), self.signal)
 
 
+class SignalInValidation(Callback):
+    """Send ``signal_name`` to this process as batch ``batch`` of the fit's validation in epoch ``epoch`` starts."""
+
+    def __init__(self, epoch: int, batch: int, signal_name: str):
+        self.epoch, self.batch = epoch, batch
+        self.signal = getattr(signal, signal_name)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signal)
+
+
 class NanInputAtSteps(Callback):
     """Replace the batch's features by NaN at the given optimizer steps (a non-finite loss)."""
 

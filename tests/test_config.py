@@ -84,6 +84,7 @@ def test_defaults_are_the_reference_pretraining():
     (["task=finetune", "task.pretrained=/no/such.ckpt"], "task.pretrained=/no/such.ckpt: no such checkpoint file"),
     (["task=finetune", "task.num_classes=0"], "task.num_classes=0: must be a positive integer"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such checkpoint file"),
+    (["ckpt_path=best"], "ckpt_path=best: no such checkpoint file (or 'last': the run folder's last.ckpt)"),
     (["score_checkpoint=last"], "score_checkpoint=last: allowed values are last, best or null, with task=finetune"),
     (["task=finetune", "score_checkpoint=final"], "score_checkpoint=final: allowed values are last, best or null"),
     (["task=finetune", "score_ensemble=[/no/such.ckpt]"], "score_ensemble=[...] is scored together with the run's"),

@@ -145,6 +145,25 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(uninterrupted,
     assert got["optimizer_states"][0]["param_groups"][0]["lr"] == expected["optimizer_states"][0]["param_groups"][0]["lr"]
 
 
+@pytest.mark.slow
+def test_a_sigterm_during_validation_checkpoints_where_it_ends_and_exits_143(uninterrupted, tmp_path):
+    """Lightning stops a validation at a SIGTERM with no checkpoint and status 0; ours finishes it, checkpoints
+    the end of the epoch it closes and exits 143, and the resumed run ends as the uninterrupted one."""
+    fault = ("+callbacks.fault={_target_: reliability_faults.SignalInValidation, epoch: 0, batch: 0, "
+             "signal_name: SIGTERM}")
+    stopped = train(tmp_path / "stopped", fault)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # epoch 0 complete, its validation included
+    resumed = train(tmp_path / "resumed", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, expected_metrics = final_state(uninterrupted)
+    got, got_metrics = final_state(tmp_path / "resumed")
+    assert got_metrics == expected_metrics
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+
+
 def test_resuming_with_other_input_settings_is_refused_in_one_line(uninterrupted, tmp_path):
     """Other features on resume would train one model on two kinds of input and record only the second."""
     last = uninterrupted / "checkpoints" / "last.ckpt"

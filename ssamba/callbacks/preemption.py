@@ -13,8 +13,10 @@
   the job and exits at once; this callback runs it at the resumable point instead, after writing ``last.ckpt``,
   and the requeued job continues from there (``ssamba.utils.launch.requeued_checkpoint``).
 
-A second signal that arrives during a validation stops the run there (Lightning's behaviour); the resumed run then
-starts from the previous ``last.ckpt``, which periodic saves keep recent.
+A SIGTERM that arrives during a fit's validation lets the validation finish (Lightning would stop it at the next
+batch, with no checkpoint and exit status 0), and the checkpoint is written where the validation ends: after it,
+mid-epoch, or at the end of the epoch it closes. A second signal during that validation stops the run there; the
+resumed run then starts from the previous ``last.ckpt``, which periodic saves keep recent.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import signal
 from typing import Any
 
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ssamba.callbacks.resume_points import ResumePointCallback, last_checkpoint_path
@@ -42,6 +45,7 @@ class PreemptionCheckpoint(ResumePointCallback):
         self._requeue_signal: int | None = None
         self._requeue = False
         self._stop = False
+        self._sigterm_in_validation = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         signals = []
@@ -69,6 +73,27 @@ class PreemptionCheckpoint(ResumePointCallback):
         # a validation due now runs to its end instead of being cut by Lightning's own SIGTERM check
         trainer._signal_connector.received_sigterm = False
         self.request(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._fit_validation(trainer) and trainer.received_sigterm:
+            self._sigterm_in_validation = True  # finish the validation; the checkpoint follows it
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)  # a checkpoint a training batch asked for
+        if not self._fit_validation(trainer) or not _agreed(trainer, self._sigterm_in_validation):
+            return
+        self._sigterm_in_validation = False
+        trainer._signal_connector.received_sigterm = False  # a signal on the validation's last batch
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._pending = "epoch_end"  # the epoch's validation: the checkpoint closes the epoch
+        else:
+            self._flush(trainer)
+
+    def _fit_validation(self, trainer) -> bool:
+        """In a fit's validation (not the sanity check), with no checkpoint or stop already under way."""
+        return (trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+                and not (self._stop or self._pending))
 
     def at_resume_point(self, trainer) -> None:
         path = last_checkpoint_path(trainer)

@@ -133,8 +133,9 @@ def validate_config(cfg: DictConfig) -> None:
     if not all(map(is_length, lengths)):
         raise ConfigError(f"score_max_seconds={lengths}: each must be a positive number of seconds")
     ckpt_path = _get(cfg, "ckpt_path")
-    if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (or use 'last' / 'best')")
+    if ckpt_path is not None and ckpt_path != "last" and not Path(ckpt_path).is_file():
+        # 'best' means a best checkpoint of this trainer, which a run that starts has none of
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (or 'last': the run folder's last.ckpt)")
     _validate_trainer(cfg)
     _validate_loggers(cfg)
 
