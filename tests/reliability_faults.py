@@ -9,14 +9,17 @@ from lightning.pytorch.callbacks import Callback
 
 
 class SignalAtStep(Callback):
-    """Send ``signal_name`` to this process when the optimizer step ``step`` is about to run."""
+    """Send ``signal_name`` to this process, once, as the first batch of optimizer step ``step`` starts (with
+    gradient accumulation a step spans several batches)."""
 
     def __init__(self, step: int, signal_name: str):
         self.step = step
         self.signal = getattr(signal, signal_name)
+        self.sent = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), self.signal)
 
 

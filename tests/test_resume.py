@@ -164,6 +164,26 @@ def test_a_sigterm_during_validation_checkpoints_where_it_ends_and_exits_143(uni
         assert torch.equal(got["state_dict"][key], value), key
 
 
+@pytest.mark.slow
+def test_a_sigterm_inside_a_gradient_accumulation_checkpoints_after_its_optimizer_step(tmp_path):
+    """A checkpoint between two micro-batches of one step would drop the gradients summed so far: the SIGTERM at
+    the first micro-batch of step 1 checkpoints once that step is taken (here the end of epoch 0)."""
+    accumulate = "trainer.accumulate_grad_batches=2"  # 4 batches an epoch: 2 optimizer steps
+    whole = train(tmp_path / "whole", accumulate)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = train(tmp_path / "stopped", accumulate, fault(1, "SIGTERM"))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    resumed = train(tmp_path / "resumed", accumulate, f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, expected_metrics = final_state(tmp_path / "whole")
+    got, got_metrics = final_state(tmp_path / "resumed")
+    assert got_metrics == expected_metrics
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+
+
 def test_resuming_with_other_input_settings_is_refused_in_one_line(uninterrupted, tmp_path):
     """Other features on resume would train one model on two kinds of input and record only the second."""
     last = uninterrupted / "checkpoints" / "last.ckpt"

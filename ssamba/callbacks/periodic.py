@@ -18,8 +18,10 @@ class PeriodicCheckpoint(ResumePointCallback):
         self._last_requested = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.continue_request(trainer)
         step = trainer.global_step
-        if step % self.every_n_train_steps == 0 and step != self._last_requested:
+        # step 0 is seen only inside the first accumulation, before any optimizer step: nothing to keep yet
+        if step and step % self.every_n_train_steps == 0 and step != self._last_requested and not self._pending:
             self._last_requested = step  # several batches share a step with gradient accumulation
             self.request(trainer)
 

@@ -65,6 +65,7 @@ class PreemptionCheckpoint(ResumePointCallback):
         self._requeue_signal = signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.continue_request(trainer)
         if self._stop or self._pending:
             return
         self._requeue = _agreed(trainer, self._requeue_signal is not None)

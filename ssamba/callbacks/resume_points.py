@@ -36,7 +36,9 @@ def _after_batch(trainer) -> str | None:
 
 class ResumePointCallback(Callback):
     """Base: ``request(trainer)`` at a batch end runs :meth:`at_resume_point` there, or after the validation that
-    follows the batch, or at the end of the epoch when the batch was its last (where ModelCheckpoint saves too)."""
+    follows the batch, or at the end of the epoch when the batch was its last (where ModelCheckpoint saves too);
+    with gradient accumulation, from the batch that ends the accumulation on (subclasses call
+    :meth:`continue_request` first in their ``on_train_batch_end``)."""
 
     def __init__(self):
         self._pending: str | None = None
@@ -45,9 +47,17 @@ class ResumePointCallback(Callback):
         raise NotImplementedError
 
     def request(self, trainer) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            self._pending = "step"  # mid-accumulation: the gradients summed so far would be in no checkpoint
+            return
         self._pending = _after_batch(trainer)
         if self._pending is None:
             self.at_resume_point(trainer)
+
+    def continue_request(self, trainer) -> None:
+        """At ``on_train_batch_end``: a request deferred to the end of an accumulation goes on at its last batch."""
+        if self._pending == "step" and not trainer.fit_loop.epoch_loop._should_accumulate():
+            self.request(trainer)
 
     def _flush(self, trainer) -> None:
         self._pending = None
