@@ -133,7 +133,8 @@ def test_cpu_quickstart_is_added_only_to_the_default_pretraining_when_nothing_wa
     assert launch.with_cpu_quickstart(["train.py", "model=tiny"])[-1] == "experiment=quickstart_cpu"
     defaults_chosen = ["train.py", "task=pretrain", "data=synthetic"]
     assert launch.with_cpu_quickstart(defaults_chosen)[-1] == "experiment=quickstart_cpu"
-    for chosen in ("trainer=cpu", "experiment=pretrain_asli", "--cfg", "task=finetune", "data=circor"):
+    for chosen in ("trainer=cpu", "experiment=pretrain_asli", "--cfg", "task=finetune", "data=circor",
+                   "hydra/launcher=submitit_slurm"):  # the jobs run on the cluster's machines, not this one
         assert launch.with_cpu_quickstart(["train.py", chosen]) == ["train.py", chosen]
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
     assert launch.with_cpu_quickstart(["train.py", "model=tiny"]) == ["train.py", "model=tiny"]

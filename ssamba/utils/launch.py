@@ -33,7 +33,8 @@ JOB_ENV = "SSAMBA_DDP_JOB_ARGS"
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 _launcher_env_to_clear: list[str] = []
 QUICKSTART = "experiment=quickstart_cpu"
-_CHOICE_PREFIXES = ("trainer=", "experiment=", "+experiment=", "~experiment")
+# a choice of the user's; a cluster launcher runs the jobs elsewhere, so this machine's lack of a GPU says nothing
+_CHOICE_PREFIXES = ("trainer=", "experiment=", "+experiment=", "~experiment", "hydra/launcher=")
 # The run the quick start sizes; its keys (data.num_train, task.joint_passes) fit no other task or dataset.
 _QUICKSTART_RUN = {"task": "pretrain", "data": "synthetic"}
 _LIGHTNING_CHILD_ARGS = ("hydra.job.name=", "hydra.output_subdir=")
@@ -55,8 +56,8 @@ def quote_numeric_choices(argv: list[str]) -> list[str]:
 
 
 def with_cpu_quickstart(argv: list[str]) -> list[str]:
-    """Add ``experiment=quickstart_cpu`` when there is no GPU, the user chose no trainer/experiment and
-    the run is pretraining on generated audio (another ``task=`` or ``data=`` keeps its own config)."""
+    """Add ``experiment=quickstart_cpu`` when there is no GPU, the user chose no trainer/experiment/launcher
+    and the run is pretraining on generated audio (another ``task=`` or ``data=`` keeps its own config)."""
     if torch.cuda.is_available() or any(arg.startswith(_CHOICE_PREFIXES) for arg in argv[1:]):
         return argv
     for arg in argv[1:]:
