@@ -24,7 +24,6 @@ from omegaconf import DictConfig, ListConfig, open_dict
 
 from ssamba.checkpoints import INPUT_KEYS
 from ssamba.constants import MEL_KEYS
-from ssamba.data.features import MelScale
 from ssamba.evaluation import (
     build_model,
     check_compatible,
@@ -57,7 +56,7 @@ def resolve_device(name: str) -> torch.device:
 def input_settings(checkpoint, data: DictConfig) -> dict:
     """The data settings the checkpoint's input needs (``INPUT_KEYS``), to replace the config's. Kaldi's mel scale
     needs no keys: a datamodule without them (docs/architecture.md, "Batches") computes it and keeps working."""
-    kaldi = MelScale.from_record(checkpoint).is_kaldi
+    kaldi = checkpoint.on_kaldi_scale
     needed = [key for key in INPUT_KEYS if not (key in MEL_KEYS and kaldi and key not in data)]
     settings = {key: getattr(checkpoint, key) for key in needed}
     # a number (the reader checks), never a config node that names a _target_

@@ -83,11 +83,20 @@ class MelScale:
         return cls(*(get(key, default) for key, default in zip(MEL_KEYS, KALDI_MEL)))
 
 
+def _kaldi_mel_banks(mel: MelScale) -> tuple[torch.Tensor, torch.Tensor]:
+    """kaldi's ``[128, fft_size // 2]`` filter weights and the filters' ``[128]`` centre frequencies (Hz)."""
+    return kaldi.get_mel_banks(MEL_BINS, mel.fft_size, float(SAMPLE_RATE), mel.low_hz, mel.high_hz, 100.0, -500.0, 1.0)
+
+
 def mel_filters(mel: MelScale) -> torch.Tensor:
     """``[fft_size // 2 + 1, 128]`` float32: the FFT bins' weights in each mel filter, as kaldi builds them."""
-    banks, _ = kaldi.get_mel_banks(MEL_BINS, mel.fft_size, float(SAMPLE_RATE), mel.low_hz, mel.high_hz,
-                                   100.0, -500.0, 1.0)
+    banks, _ = _kaldi_mel_banks(mel)
     return F.pad(banks.float(), (0, 1)).T.contiguous()  # the Nyquist bin gets no weight, as in kaldi
+
+
+def mel_centres_hz(mel: MelScale) -> torch.Tensor:
+    """``[128]``: the centre frequency of each mel filter, in Hz."""
+    return _kaldi_mel_banks(mel)[1]
 
 
 def samples_for_frames(frames: int) -> int:

@@ -16,13 +16,12 @@ import json
 from collections import Counter
 
 import torch
-from torchaudio.compliance import kaldi
 
 from ssamba.constants import MEL_BINS
 from ssamba.data.audio import BadAudio
 from ssamba.data.base import AudioDataModule
 from ssamba.data.cli import instantiate_data
-from ssamba.data.features import MelScale
+from ssamba.data.features import MelScale, mel_centres_hz
 
 
 def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, split: str = "train") -> dict:
@@ -51,16 +50,10 @@ def fbank_stats(datamodule: AudioDataModule, items: int = 2000, seed: int = 0, s
     mean = total / count
     std = max(squares / count - mean * mean, 0.0) ** 0.5
     nyquist = min(rates) / 2
-    above = sum(filter_centre_hz(datamodule.mel, i) > nyquist for i in range(MEL_BINS))
+    above = int((mel_centres_hz(datamodule.mel) > nyquist).sum())
     return {"norm_mean": round(mean, 4), "norm_std": round(std, 4), "items": len(order) - sum(skipped.values()),
             "skipped": dict(skipped), "sample_rates": {str(r): n for r, n in sorted(rates.items())},
             "mel_filters_above_nyquist": above, **datamodule.mel.record()}
-
-
-def filter_centre_hz(mel: MelScale, index: int) -> float:
-    """The centre of mel filter ``index``: kaldi's 128 triangles lie on 130 edges equally spaced in mel."""
-    low, high = kaldi.mel_scale_scalar(mel.low_hz), kaldi.mel_scale_scalar(mel.high_hz)
-    return kaldi.inverse_mel_scale_scalar(low + (index + 1) * (high - low) / (MEL_BINS + 1))
 
 
 def band_hint(mel: MelScale, rate: int, above: int) -> str:
