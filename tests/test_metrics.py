@@ -146,6 +146,19 @@ def test_macro_auroc_hand_worked_and_skips_undefined_classes():
     assert MacroAUROC()(probs.log(), target).item() == pytest.approx((0.75 + 1.0) / 2)
 
 
+def test_macro_auroc_decides_probabilities_over_all_batches():
+    # logits; the second batch's rows happen to lie in [0, 1] and sum to 1. Taken alone they would
+    # pass raw, and its Absent patient's Present score 0.6 would outrank the softmaxed 0.51 of the
+    # first batch's Present patient (AUROC 0.92 instead of 1.0).
+    logits = torch.tensor([[0.5, 0.0, -0.5], [0.0, 1.0, -0.5], [-0.5, 0.0, 1.0]])
+    look_like_probs = torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]])
+    target = torch.tensor([P, U, A, A, A])
+    metric = MacroAUROC()
+    metric.update(logits, target[:3])
+    metric.update(look_like_probs, target[3:])
+    assert metric.compute().item() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(
     ("preds", "target", "match"),
     [

@@ -275,7 +275,8 @@ class MacroAUROC(Metric):
     """Macro one-vs-rest AUROC over classes with both positive and negative targets.
 
     Keeps every score (``cat`` across processes under DDP); ``preds`` are logits or probabilities
-    ``[N, C]`` (logits are turned into probabilities with a softmax).
+    ``[N, C]``. Whether they are probabilities is decided once over all of them at ``compute``, so a
+    batch of logits that happens to look like probabilities is not ranked against softmaxed ones.
     """
 
     is_differentiable = False
@@ -292,11 +293,11 @@ class MacroAUROC(Metric):
         num_classes = len(self.class_names)
         if preds.ndim != 2 or preds.shape[1] != num_classes:
             raise ValueError(f"MacroAUROC needs scores [N, {num_classes}], got shape {tuple(preds.shape)}")
-        self.scores.append(as_probabilities(preds))
+        self.scores.append(preds.detach().float())
         self.target.append(class_indices(target, num_classes, "target"))
 
     def compute(self) -> Tensor:
-        scores = cat_state(self.scores, (0, len(self.class_names)), torch.float32)
+        scores = as_probabilities(cat_state(self.scores, (0, len(self.class_names)), torch.float32))
         target = cat_state(self.target, (0,), torch.long)
         return macro_auroc(scores, target)[1]
 
