@@ -2,13 +2,14 @@
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssamba.metrics import MurmurWeightedAccuracy, PatientChallengeMetrics, challenge_cost
+from ssamba.metrics import MacroAUROC, MurmurWeightedAccuracy, PatientChallengeMetrics, challenge_cost
 from ssamba.metrics.patient import id_code
 
 P, U, A = 0, 1, 2
@@ -189,29 +190,37 @@ def test_bad_arguments_name_the_key():
         metric.compute()
 
 
-def _ddp_worker(rank, world_size, init_file, out_dir):
+def _ddp_worker(rank, world_size, init_file, out_dir, idle_rank):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        # rank 0: part of patient 100; rank 1: the rest plus a padded duplicate of a rank-0 item
-        shard = ROWS[:2] if rank == 0 else ROWS[2:] + [ROWS[0]]
-        patient_metric = PatientChallengeMetrics()
-        patient_metric.update(**columns(shard))
-        batch = columns(shard)
-        item_metric = MurmurWeightedAccuracy()
-        item_metric.update(batch["logits"], batch["target"])
-        torch.save(
-            {"patient": patient_metric.compute(), "item": item_metric.compute()}, os.path.join(out_dir, f"{rank}.pt")
-        )
+        # rank 0: part of patient 100; rank 1: the rest plus a padded duplicate of a rank-0 item.
+        # With an idle rank, rank 0 holds every row and rank 1 never updates.
+        if idle_rank is None:
+            shard = ROWS[:2] if rank == 0 else ROWS[2:] + [ROWS[0]]
+        else:
+            shard = [] if rank == idle_rank else ROWS + [ROWS[0]]
+        patient_metric, item_metric, auroc = PatientChallengeMetrics(), MurmurWeightedAccuracy(), MacroAUROC()
+        if shard:
+            batch = columns(shard)
+            patient_metric.update(**batch)
+            item_metric.update(batch["logits"], batch["target"])
+            auroc.update(batch["logits"], batch["target"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The ``compute`` method of metric")
+            result = {"patient": patient_metric.compute(), "item": item_metric.compute(), "auroc": auroc.compute()}
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gathers_items_across_processes(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    expected_items = MurmurWeightedAccuracy()(
-        *(columns(ROWS[:2] + ROWS[2:] + [ROWS[0]])[k] for k in ("logits", "target"))
-    )
+@pytest.mark.parametrize("idle_rank", [None, 1], ids=["both-ranks-score", "one-rank-never-updates"])
+def test_ddp_gathers_items_across_processes(tmp_path, idle_rank):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), idle_rank), nprocs=2, join=True)
+    every_row = columns(ROWS + [ROWS[0]])
+    expected_items = MurmurWeightedAccuracy()(every_row["logits"], every_row["target"])
+    expected_auroc = MacroAUROC()(every_row["logits"], every_row["target"])
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt")
         assert as_floats(result["patient"]) == pytest.approx(as_floats(scores(ROWS)), nan_ok=True)
         assert result["item"].item() == pytest.approx(expected_items.item())
+        assert result["auroc"].item() == pytest.approx(expected_auroc.item())

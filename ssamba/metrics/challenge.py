@@ -271,7 +271,44 @@ class OutcomeCost(Metric):
         return challenge_cost(tp, fp, fn, tn)
 
 
-class MacroAUROC(Metric):
+class RowMetric(Metric):
+    """A metric that keeps rows (scores, targets, ids) and concatenates them across processes.
+
+    Each row state starts as a list holding one empty tensor of its row shape and dtype. torchmetrics
+    would gather an empty list as a 1-D float tensor, so a process that saw no rows (a rank whose
+    validation shard missed the metric's data) would send it against the others' 2-D or integer rows,
+    and gloo or NCCL aborts on the mismatch.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._row_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    def add_row_state(self, name: str, width: int | None, dtype: torch.dtype) -> None:
+        """A state of rows ``[N]`` (``width`` None) or ``[N, width]``."""
+        self._row_shapes[name] = ((0,) if width is None else (0, width), dtype)
+        self.add_state(name, [], dist_reduce_fx="cat")
+        self._seed_rows(name)
+
+    def _seed_rows(self, name: str) -> None:
+        shape, dtype = self._row_shapes[name]
+        getattr(self, name).append(torch.zeros(shape, dtype=dtype, device=self.device))
+
+    def reset(self) -> None:
+        super().reset()
+        for name in self._row_shapes:
+            self._seed_rows(name)
+
+    def append_rows(self, name: str, rows: Tensor) -> None:
+        getattr(self, name).append(rows.to(device=self.device, dtype=self._row_shapes[name][1]))
+
+    def rows(self, name: str) -> Tensor:
+        """Every row of a state (already one tensor after a DDP sync)."""
+        state = getattr(self, name)
+        return state if isinstance(state, Tensor) else torch.cat(state)
+
+
+class MacroAUROC(RowMetric):
     """Macro one-vs-rest AUROC over classes with both positive and negative targets.
 
     Keeps every score (``cat`` across processes under DDP); ``preds`` are logits or probabilities
@@ -286,20 +323,18 @@ class MacroAUROC(Metric):
     def __init__(self, class_names: Sequence[str] = MURMUR_CLASSES, **kwargs) -> None:
         super().__init__(**kwargs)
         self.class_names = check_challenge_classes(class_names)
-        self.add_state("scores", [], dist_reduce_fx="cat")
-        self.add_state("target", [], dist_reduce_fx="cat")
+        self.add_row_state("scores", len(self.class_names), torch.float32)
+        self.add_row_state("target", None, torch.long)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         num_classes = len(self.class_names)
         if preds.ndim != 2 or preds.shape[1] != num_classes:
             raise ValueError(f"MacroAUROC needs scores [N, {num_classes}], got shape {tuple(preds.shape)}")
-        self.scores.append(preds.detach().float())
-        self.target.append(class_indices(target, num_classes, "target"))
+        self.append_rows("scores", preds.detach())
+        self.append_rows("target", class_indices(target, num_classes, "target"))
 
     def compute(self) -> Tensor:
-        scores = as_probabilities(cat_state(self.scores, (0, len(self.class_names)), torch.float32))
-        target = cat_state(self.target, (0,), torch.long)
-        return macro_auroc(scores, target)[1]
+        return macro_auroc(as_probabilities(self.rows("scores")), self.rows("target"))[1]
 
 
 def as_probabilities(scores: Tensor) -> Tensor:
@@ -309,12 +344,3 @@ def as_probabilities(scores: Tensor) -> Tensor:
         scores.sum(dim=1), torch.ones(scores.shape[0], device=scores.device), atol=1e-4
     )
     return scores if is_prob else scores.softmax(dim=1)
-
-
-def cat_state(state: Tensor | list[Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A list state concatenated (torchmetrics already concatenates it after a DDP sync)."""
-    if isinstance(state, Tensor):
-        return state
-    if not state:
-        return torch.zeros(empty_shape, dtype=dtype)
-    return torch.cat(state)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from ssamba.constants import NO_OUTCOME
@@ -31,7 +30,7 @@ from ssamba.metrics.challenge import (
     MURMUR_CLASSES,
     OUTCOME_CLASSES,
     accuracy,
-    cat_state,
+    RowMetric,
     check_challenge_classes,
     class_indices,
     cost_from_predictions,
@@ -175,7 +174,7 @@ def patient_scores(predictions: PatientPredictions, class_names: Sequence[str]) 
     return scores
 
 
-class PatientChallengeMetrics(Metric):
+class PatientChallengeMetrics(RowMetric):
     """Challenge scores at patient level from segment/recording logits, exact under DDP.
 
     ``update(logits, target, patient, recording=None, id=None, outcome=None)`` takes the keys of a
@@ -198,8 +197,10 @@ class PatientChallengeMetrics(Metric):
         self.rule = rule
         self.patient_names: dict[int, str] = {}
         self.recording_names: dict[int, str] = {}
-        for name in ("logits", "target", "outcome", "patient", "recording", "item", "has_item"):
-            self.add_state(name, [], dist_reduce_fx="cat")
+        self.add_row_state("logits", len(self.class_names), torch.float32)
+        for name in ("target", "outcome", "patient", "recording", "item"):
+            self.add_row_state(name, None, torch.long)
+        self.add_row_state("has_item", None, torch.bool)
 
     @staticmethod
     def check_classes(class_names: Sequence[str]) -> tuple[str, ...]:
@@ -239,25 +240,20 @@ class PatientChallengeMetrics(Metric):
             outcome_codes = torch.full((n,), NO_OUTCOME, dtype=torch.long, device=device)
         else:
             outcome_codes = _outcome_codes(outcome, n).to(device)
-        self.logits.append(logits.detach().float())
-        self.target.append(target.to(device))
-        self.outcome.append(outcome_codes)
-        self.patient.append(patient_codes)
-        self.recording.append(recording_codes)
-        self.item.append(torch.zeros(n, dtype=torch.long, device=device) if id is None else _codes(id, "id", n, device))
-        self.has_item.append(torch.full((n,), id is not None, dtype=torch.bool, device=device))
+        self.append_rows("logits", logits.detach())
+        self.append_rows("target", target)
+        self.append_rows("outcome", outcome_codes)
+        self.append_rows("patient", patient_codes)
+        self.append_rows("recording", recording_codes)
+        self.append_rows("item", torch.zeros(n, dtype=torch.long, device=device) if id is None
+                    else _codes(id, "id", n, device))
+        self.append_rows("has_item", torch.full((n,), id is not None, dtype=torch.bool, device=device))
 
     def predictions(self) -> PatientPredictions:
         """Patient-level predictions from everything seen so far (call after a DDP sync or in one process)."""
-        num_classes = len(self.class_names)
-        logits = cat_state(self.logits, (0, num_classes), torch.float32)
-        columns = {
-            name: cat_state(getattr(self, name), (0,), torch.long)
-            for name in ("target", "outcome", "patient", "recording", "item")
-        }
-        has_item = cat_state(self.has_item, (0,), torch.bool)
-        keep = _first_occurrences(columns["item"], has_item)
-        logits = logits[keep]
+        columns = {name: self.rows(name) for name in ("target", "outcome", "patient", "recording", "item")}
+        keep = _first_occurrences(columns["item"], self.rows("has_item"))
+        logits = self.rows("logits")[keep]
         columns = {name: value[keep] for name, value in columns.items()}
         outcome = columns["outcome"]
         known = outcome != NO_OUTCOME
