@@ -57,7 +57,8 @@ def save_pretrained(model_or_checkpoint, directory: str | os.PathLike) -> Path:
                                 norm_mean=source.norm_mean, norm_std=source.norm_std,
                                 target_length=meta.get("target_length", source.encoder.config.input_tdim),
                                 **source.mel.record(), task=meta.get("task") if headless else None,
-                                label_names=list(meta.get("label_names") or []) if headless else [])
+                                label_names=list(meta.get("label_names") or []) if headless else [],
+                                converted_from=meta.get("converted_from"))
     else:
         raise TypeError(f"save_pretrained takes a checkpoint path, a Checkpoint or a model from ssamba.load, "
                         f"not {type(source).__name__}")

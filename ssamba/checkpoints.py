@@ -66,7 +66,9 @@ class Checkpoint:
     label_names: list[str] = field(default_factory=list)
     head: dict[str, Any] | None = None  # finetuning: num_classes, pooling, multilabel, loss
     unused_keys: list[str] = field(default_factory=list)  # released keys without a counterpart
-    source_format: str = "lightning"
+    source_format: str = "lightning"  # what was read this time: lightning, folder, ssamba-released, ssast-released
+    # provenance kept through every later save: the released format converted from and its unused keys
+    converted_from: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """``checkpoint["ssamba"]`` as our checkpoints store it."""
@@ -76,6 +78,8 @@ class Checkpoint:
                   "label_names": self.label_names}
         if self.head is not None:
             record["head"] = self.head
+        if self.converted_from is not None:
+            record["converted_from"] = self.converted_from
         return record
 
     @property
@@ -165,7 +169,21 @@ def lightning_to_ours(checkpoint: dict[str, Any], source: str = "checkpoint", **
     reference = encoder_from_config(config).state_dict()
     encoder_state = _checked_state(reference, encoder_state, OUR_ENCODER_PREFIX, source)
     return Checkpoint(config, encoder_state, task_state, **numbers, task=meta.get("task"),
-                      label_names=list(meta.get("label_names") or []), head=meta.get("head"))
+                      label_names=list(meta.get("label_names") or []), head=meta.get("head"),
+                      converted_from=_provenance(meta, source))
+
+
+def _provenance(meta: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """``converted_from`` of a record, checked: ``{"format": str, "unused_keys": [str, ...]}`` or absent."""
+    value = meta.get("converted_from")
+    if value is None:
+        return None
+    unused = value.get("unused_keys", []) if isinstance(value, dict) else None
+    if (not isinstance(value, dict) or not isinstance(value.get("format"), str) or not isinstance(unused, list)
+            or not all(isinstance(key, str) for key in unused)):
+        raise ConversionError(f"{source}: checkpoint['ssamba']['converted_from']={value!r}: expected "
+                              "{'format': <name>, 'unused_keys': [<key>, ...]}")
+    return {"format": value["format"], "unused_keys": list(unused)}
 
 
 def _number(meta: dict[str, Any], key: str, kind: type) -> int | float | None:
@@ -255,9 +273,10 @@ def released_to_ours(state: dict[str, Tensor], family: str | None = None, norm_m
             unused.append(key)
     config = reference.config
     _check_task_state(task_state, reference.embed_dim, config.fshape * config.tshape, what)
+    unused = [DATAPARALLEL_PREFIX + k for k in unused]
     return Checkpoint(encoder_record(reference), encoder_state, task_state, norm_mean, norm_std, config.input_tdim,
-                      task="pretrain", unused_keys=[DATAPARALLEL_PREFIX + k for k in unused],
-                      source_format=f"{detected}-released")
+                      task="pretrain", unused_keys=unused, source_format=f"{detected}-released",
+                      converted_from={"format": f"{detected}-released", "unused_keys": unused})
 
 
 # ----------------------------------------------------------------------------------------------

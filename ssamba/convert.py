@@ -33,9 +33,7 @@ def to_lightning_checkpoint(converted: Checkpoint) -> dict[str, Any]:
 
     state = {keys.OUR_ENCODER_PREFIX + k: v for k, v in converted.encoder_state.items()}
     state.update(converted.task_state)
-    ssamba_meta = {**converted.record(),
-                   "converted_from": {"format": converted.source_format, "unused_keys": converted.unused_keys}}
-    return {"state_dict": state, "ssamba": ssamba_meta, "epoch": 0, "global_step": 0,
+    return {"state_dict": state, "ssamba": converted.record(), "epoch": 0, "global_step": 0,
             "pytorch-lightning_version": lightning.__version__}
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import ssamba
 from ssamba.checkpoints import load_checkpoint, released_to_ours
 from ssamba.convert import ConversionError, main, ours_to_released, to_lightning_checkpoint
 from ssamba.models import build_encoder, encoder_from_config, encoder_record
@@ -66,6 +67,23 @@ def test_released_file_converts_and_reproduces_outputs(family, tmp_path, capsys)
                                                            for i in (0, 2) for p in ("weight", "bias")}
         torch.testing.assert_close(loaded.task_state["cpred.2.bias"], released["module.cpredlayer.2.bias"])
     assert set(loaded.unused_keys) == head_keys(family)
+    # the converted checkpoint still says where it came from, through a model folder and ssamba.load too
+    provenance = load_checkpoint(tmp_path / "ours.ckpt").converted_from
+    assert provenance["format"] == f"{family}-released" and set(provenance["unused_keys"]) == head_keys(family)
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "folder"), "--to-folder"]) == 0
+    assert load_checkpoint(tmp_path / "folder").converted_from == provenance
+    assert load_checkpoint(ssamba.save_pretrained(ssamba.load(tmp_path / "folder"),
+                                                  tmp_path / "again")).converted_from == provenance
+
+
+@pytest.mark.parametrize("value", ["ssamba-released", {"unused_keys": []}, {"format": "x", "unused_keys": "abc"}])
+def test_malformed_provenance_is_refused(value, tmp_path):
+    encoder = make_encoder("ssamba")
+    ours = {"state_dict": {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+            "ssamba": {"encoder": dataclasses.asdict(encoder.config), "converted_from": value}}
+    torch.save(ours, tmp_path / "ours.ckpt")
+    with pytest.raises(ConversionError, match=r"\['converted_from'\]="):
+        load_checkpoint(tmp_path / "ours.ckpt")
 
 
 @pytest.mark.parametrize("family", ["ssamba", "ssast"])
