@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from ssamba.callbacks.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
-from ssamba.callbacks.resume_points import last_checkpoint_path
+from ssamba.callbacks.resume_points import last_checkpoint_in, last_checkpoint_path
 from ssamba.errors import ConfigError
 from ssamba.evaluation import score_checkpoint
 from ssamba.tasks import build_task
@@ -30,7 +31,7 @@ from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
                                  keep_earlier_metrics, quote_numeric_choices, requeued_checkpoint,
-                                 unshared_run_folder, with_cpu_quickstart)
+                                 slurm_resumes, unshared_run_folder, with_cpu_quickstart)
 from ssamba.utils.memory import cpu_step_problem
 from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
 
@@ -53,7 +54,10 @@ def train(cfg: DictConfig) -> float | None:
                           "score shortened recordings (data=circor can)")
     task = build_task(cfg, datamodule)
     callbacks = build_callbacks(cfg)
-    prepare_wandb(cfg)
+    # a requeued job continues from its own last.ckpt, not from the ckpt_path it was first started with
+    root_dir = cfg.trainer.get("default_root_dir") or os.getcwd()
+    ckpt_path = requeued_checkpoint(last_checkpoint_in(callbacks, root_dir)) or cfg.get("ckpt_path")
+    prepare_wandb(cfg, resuming=ckpt_path is not None or slurm_resumes(root_dir))
     keep_earlier_metrics(cfg.paths.output_dir)
     loggers = start_wandb(instantiate_named(cfg.get("logger"), "logger"))
     exit_code, score = 1, None
@@ -66,8 +70,6 @@ def train(cfg: DictConfig) -> float | None:
                 raise ConfigError(problem)
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        # a requeued job continues from its own last.ckpt, not from the ckpt_path it was first started with
-        ckpt_path = requeued_checkpoint(last_checkpoint_path(trainer)) or cfg.get("ckpt_path")
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         score = _monitored(trainer, cfg.task.monitor)
         if cfg.get("test") and _has_test_split(datamodule):

@@ -302,6 +302,19 @@ def test_pretraining_logs_reconstruction_figures(tmp_path, offline):
     assert not any(key.endswith("predictions/_type") for row in history(run_dir) for key in row)
 
 
+def test_a_resume_into_the_same_folder_continues_its_wandb_run(tmp_path, offline):
+    run_train(tmp_path / "run", *SYNTHETIC)
+    first = the_run(tmp_path / "run").name.rsplit("-", 1)[1]  # offline-run-<time>-<id>
+    assert (tmp_path / "run" / "wandb_run_id").read_text().strip() == first
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run_train(tmp_path / "run", *SYNTHETIC, f"ckpt_path={last}", "trainer.max_epochs=2")
+    ids = {path.name.rsplit("-", 1)[1] for path in (tmp_path / "run" / "wandb").glob("offline-run-*")}
+    assert ids == {first}
+    # the same checkpoint resumed in another folder, or a fresh run in this one: a W&B run of its own
+    run_train(tmp_path / "elsewhere", *SYNTHETIC, f"ckpt_path={last}", "trainer.max_epochs=2")
+    assert the_run(tmp_path / "elsewhere").name.rsplit("-", 1)[1] != first
+
+
 # --- configuration ---------------------------------------------------------------------------------
 def compose_train(*overrides):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

@@ -16,8 +16,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 def last_checkpoint_path(trainer) -> str:
     """``last.ckpt`` in the first ModelCheckpoint's folder (``<run>/checkpoints`` with conf/callbacks/default)."""
-    folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-    folder = folders[0] if folders else os.path.join(trainer.default_root_dir, "checkpoints")
+    return last_checkpoint_in(trainer.checkpoint_callbacks, trainer.default_root_dir)
+
+
+def last_checkpoint_in(callbacks, root_dir: str) -> str:
+    """:func:`last_checkpoint_path` before the trainer exists: from its callbacks and ``default_root_dir``."""
+    folders = [cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    folder = folders[0] if folders else os.path.join(root_dir, "checkpoints")
     return os.path.join(folder, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
 
 

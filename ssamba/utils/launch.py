@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+from pathlib import Path
 
 import torch
 
@@ -156,6 +157,14 @@ def requeued_checkpoint(last_checkpoint: str) -> str | None:
         return None
     log.info("requeued job: continuing from %s", last_checkpoint)
     return last_checkpoint
+
+
+def slurm_resumes(root_dir: str) -> bool:
+    """Whether Lightning will resume this SLURM job from an ``hpc_ckpt_<n>.ckpt`` of its requeue handler:
+    it does so, by itself, when a fit without ``ckpt_path`` finds one in ``default_root_dir``."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect() and any(Path(root_dir).glob("hpc_ckpt_*.ckpt"))
 
 
 def keep_earlier_metrics(output_dir: str) -> str | None:

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 log = logging.getLogger(__name__)
 
+RUN_ID_FILE = "wandb_run_id"  # in the run folder: the W&B run a resume into the same folder continues
 LOG_MODEL_VALUES = (False, True, "all")  # logger.wandb.log_model: Lightning's checkpoint-artifact modes
 STAGING_ENV = "WANDB_DATA_DIR"  # where wandb stages artifact files until they are uploaded
 _staging_set_here: str | None = None  # the value this module set (a multirun job replaces it, not the user's)
@@ -38,13 +39,48 @@ def choose_wandb_mode() -> str:
     return "offline"
 
 
-def prepare_wandb(cfg) -> None:
-    """Before the loggers are built: pick the W&B mode and name the run (no-op without logger.wandb)."""
+def prepare_wandb(cfg, resuming: bool = False) -> None:
+    """Before the loggers are built: pick the W&B mode and name the run (no-op without logger.wandb).
+
+    ``resuming``: the fit continues from a checkpoint. If its run folder already started a W&B run (a
+    requeued job, or ``ckpt_path=`` with the same ``hydra.run.dir``) and no ``logger.wandb.id`` is given,
+    that W&B run is continued instead of a new one being opened.
+    """
     if (cfg.get("logger") or {}).get("wandb") is None:
         return
     if choose_wandb_mode() == "offline":
         stage_in_run_folder(cfg.logger.wandb.get("save_dir") or ".")
     name_wandb_run(cfg)
+    if resuming:
+        continue_earlier_run(cfg.logger.wandb)
+
+
+def continue_earlier_run(settings) -> None:
+    """Set ``id`` (and ``resume=allow``) to the W&B run recorded in the run folder, if any and none is set."""
+    from omegaconf import open_dict
+
+    path = Path(settings.get("save_dir") or ".") / RUN_ID_FILE
+    if settings.get("id") is not None or not path.is_file():
+        return
+    run_id = path.read_text().strip()
+    if not run_id:
+        return
+    with open_dict(settings):
+        settings.id = run_id
+        settings.resume = settings.get("resume") or "allow"
+    log.info("W&B: continuing run %s of this folder (%s)", run_id, path)
+
+
+def record_run_id(logger: WandbLogger) -> None:
+    """Write the started W&B run's id into the run folder (first process only) for a later resume there."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    try:
+        (Path(logger.save_dir or ".") / RUN_ID_FILE).write_text(f"{logger.experiment.id}\n")
+    except OSError as error:
+        log.warning("W&B: could not record the run id in the run folder (%r); a resume will open a new run", error)
 
 
 def stage_in_run_folder(save_dir: str) -> None:
@@ -82,6 +118,7 @@ def start_wandb(loggers: list[Logger]) -> list[Logger]:
                 if getattr(experiment, "dir", None) and os.environ.get("WANDB_MODE") == "offline":
                     log.info("W&B offline run in %s; upload it later with: wandb sync %s",
                              Path(experiment.dir).parent, Path(experiment.dir).parent)
+                record_run_id(logger)
             except Exception as error:  # no network, bad key, full disk: training goes on without W&B
                 log.warning("W&B could not start (%r); continuing without it (the CSV log is complete)", error)
                 continue
