@@ -30,8 +30,8 @@ from ssamba.utils.atomic_checkpoint import atomic_write_bytes
 from ssamba.utils.config import find_config_error, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
-                                 keep_earlier_metrics, quote_numeric_choices, requeued_checkpoint,
-                                 slurm_resumes, unshared_run_folder, with_cpu_quickstart)
+                                 keep_earlier_metrics, quote_numeric_choices, refuse_plugin_launchers,
+                                 requeued_checkpoint, slurm_resumes, unshared_run_folder, with_cpu_quickstart)
 from ssamba.utils.memory import cpu_step_problem
 from ssamba.utils.wandb import finish_wandb, prepare_wandb, start_wandb
 
@@ -135,5 +135,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = with_cpu_quickstart(quote_numeric_choices(ddp_worker_argv(sys.argv)))
+    sys.argv = with_cpu_quickstart(quote_numeric_choices(refuse_plugin_launchers(ddp_worker_argv(sys.argv))))
     main()

@@ -24,7 +24,7 @@ BASE = [a for a in TINY if not a.startswith(("mask.", "data.target"))] + [
 def start(tmp_path, *args):
     env = {**os.environ, "SSAMBA_OUTPUTS": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
     env.pop("WANDB_API_KEY", None)
-    return subprocess.Popen([sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "train.py", "-m", "hydra/launcher=local", *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -1,6 +1,7 @@
 """Composition of every config group choice, and the one-line errors for inconsistent values."""
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -134,10 +135,29 @@ def test_cpu_quickstart_is_added_only_to_the_default_pretraining_when_nothing_wa
     defaults_chosen = ["train.py", "task=pretrain", "data=synthetic"]
     assert launch.with_cpu_quickstart(defaults_chosen)[-1] == "experiment=quickstart_cpu"
     for chosen in ("trainer=cpu", "experiment=pretrain_asli", "--cfg", "task=finetune", "data=circor",
-                   "hydra/launcher=submitit_slurm"):  # the jobs run on the cluster's machines, not this one
+                   "hydra/launcher=slurm"):  # the jobs run on the cluster's machines, not this one
         assert launch.with_cpu_quickstart(["train.py", chosen]) == ["train.py", chosen]
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
     assert launch.with_cpu_quickstart(["train.py", "model=tiny"]) == ["train.py", "model=tiny"]
+
+
+def test_the_plugins_bare_launchers_are_refused_naming_ours():
+    from ssamba.utils.launch import refuse_plugin_launchers
+
+    assert refuse_plugin_launchers(["train.py", "-m", "hydra/launcher=slurm"]) == ["train.py", "-m", "hydra/launcher=slurm"]
+    result = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=submitit_local"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().endswith("use hydra/launcher=local "
+                                                                    "(conf/hydra/launcher/local.yaml)")
+
+
+def test_launcher_configs_extend_the_plugins_without_deprecated_schema_matching():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, target in (("slurm", "SlurmLauncher"), ("local", "LocalLauncher")):
+            with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+                launcher = compose("train", overrides=[f"hydra/launcher={name}"], return_hydra_config=True).hydra.launcher
+            assert launcher._target_.endswith(target) and launcher.timeout_min == 1440
 
 
 def test_numeric_mask_choices_are_quoted_for_hydra():

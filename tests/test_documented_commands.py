@@ -59,9 +59,9 @@ NOT_RUN = {
         "a checkpoint finetuned on data.task=murmur_timing (tests/test_evaluate.py runs this on a fixture)",
     "WANDB_MODE=online python train.py ...":
         "network access and a W&B key stored by `wandb login`",
-    "python train.py -m hydra/launcher=submitit_slurm mask=250,300,400 trainer=ddp trainer.devices=4":
+    "python train.py -m hydra/launcher=slurm mask=250,300,400 trainer=ddp trainer.devices=4":
         "a SLURM cluster with 4 GPUs per job",
-    "python train.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu hydra.launcher.account=myproj "
+    "python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu hydra.launcher.account=myproj "
     "mask=250,300,400 trainer=ddp trainer.devices=4 experiment=pretrain_asli ...":
         "a SLURM cluster with 4 GPUs per job",
     "python train.py experiment=finetune_esc50 data.root=/data/prepared/esc50/fold1 task.pretrained=...":

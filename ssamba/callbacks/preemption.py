@@ -8,7 +8,7 @@
   handler, that save could catch an optimizer step half-way, so this callback defers Lightning's handler to the
   resumable point as well, writes ``last.ckpt`` too and stops the run; the requeued job resumes
   (docs/reliability.md).
-* A submitit job (``hydra/launcher=submitit_slurm`` or ``submitit_local``) gets submitit's pre-emption signal
+* A submitit job (``hydra/launcher=slurm`` or ``local``) gets submitit's pre-emption signal
   (USR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` names another) before its time limit. submitit's handler requeues
   the job and exits at once; this callback runs it at the resumable point instead, after writing ``last.ckpt``,
   and the requeued job continues from there (``ssamba.utils.launch.requeued_checkpoint``).

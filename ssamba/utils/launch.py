@@ -12,7 +12,7 @@
   removed, so the next job starts its own workers on a fresh port.
 * Processes started by torchrun or srun (e.g. on several nodes) each compose the config and would each resolve
   the default run folder's ``${now:...}``, so such a run must name its folder (``hydra.run.dir``).
-* Cluster sweeps (``hydra/launcher=submitit_slurm``): a job that submitit requeued after its time limit or a
+* Cluster sweeps (``hydra/launcher=slurm``): a job that submitit requeued after its time limit or a
   pre-emption runs again in its own folder and continues from the ``last.ckpt`` it wrote there.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -39,6 +40,23 @@ _CHOICE_PREFIXES = ("trainer=", "experiment=", "+experiment=", "~experiment", "h
 # The run the quick start sizes; its keys (data.num_train, task.joint_passes) fit no other task or dataset.
 _QUICKSTART_RUN = {"task": "pretrain", "data": "synthetic"}
 _LIGHTNING_CHILD_ARGS = ("hydra.job.name=", "hydra.output_subdir=")
+
+
+# hydra-submitit-launcher's own configs, which conf/hydra/launcher/{slurm,local}.yaml extend with this project's
+# job layout; chosen directly they would run without it (one task per job, whatever trainer.devices says)
+PLUGIN_LAUNCHERS = {"submitit_slurm": "slurm", "submitit_local": "local"}
+
+
+def refuse_plugin_launchers(argv: list[str]) -> list[str]:
+    """Stop, naming ours, when the command line chooses one of :data:`PLUGIN_LAUNCHERS`."""
+    for arg in argv[1:]:
+        group, _, choice = arg.lstrip("+").partition("=")
+        if group == "hydra/launcher" and choice.strip("'\"") in PLUGIN_LAUNCHERS:
+            ours = PLUGIN_LAUNCHERS[choice.strip("'\"")]
+            print(f"config error: {arg} is hydra-submitit-launcher's bare config, without this project's job "
+                  f"layout; use hydra/launcher={ours} (conf/hydra/launcher/{ours}.yaml)", file=sys.stderr)
+            raise SystemExit(2)
+    return argv
 
 
 NUMERIC_GROUPS = ("mask",)
