@@ -55,3 +55,27 @@ class InfGradientAtSteps(Callback):
     def on_after_backward(self, trainer, pl_module) -> None:
         if trainer.global_step in self.steps:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+
+class RequeueSignalToRankZero(Callback):
+    """Stands in for submitit's requeue handler on every rank (it records the rank and step it ran at, then ends
+    the process as submitit's does) and sends the requeue signal to rank 0 alone as optimizer step ``step``
+    starts: the other ranks learn of it only from rank 0."""
+
+    def __init__(self, step: int, out_dir: str, signal_name: str = "SIGUSR2"):
+        self.step, self.out_dir = step, out_dir
+        self.signal = getattr(signal, signal_name)
+        self.sent = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        def requeue(signum, frame):
+            with open(os.path.join(self.out_dir, f"requeued-rank{trainer.global_rank}"), "w") as handle:
+                handle.write(str(trainer.global_step))
+            raise SystemExit(0)
+
+        signal.signal(self.signal, requeue)  # before the pre-emption callback's on_train_start takes it over
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signal)

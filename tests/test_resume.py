@@ -146,6 +146,20 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(uninterrupted,
 
 
 @pytest.mark.slow
+def test_a_requeue_signal_seen_by_one_rank_runs_the_requeue_handler_on_every_rank(tmp_path, monkeypatch):
+    """submitit's (and Lightning's SLURM) requeue handler may hold a barrier: a rank that had not received the
+    signal yet when the ranks agreed to stop must run it too, at the same step, or the others wait forever."""
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "1")  # a submitit job: its requeue signal is taken over
+    fault = (f"+callbacks.fault={{_target_: reliability_faults.RequeueSignalToRankZero, step: 3, "
+             f"out_dir: {tmp_path}}}")
+    result = train(tmp_path / "run", "trainer=ddp_sim", "data.batch_size=2", fault)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name: p.read_text() for p in tmp_path.glob("requeued-rank*")} == {"requeued-rank0": "4",
+                                                                               "requeued-rank1": "4"}
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.slow
 def test_a_sigterm_during_validation_checkpoints_where_it_ends_and_exits_143(uninterrupted, tmp_path):
     """Lightning stops a validation at a SIGTERM with no checkpoint and status 0; ours finishes it, checkpoints
     the end of the epoch it closes and exits 143, and the resumed run ends as the uninterrupted one."""

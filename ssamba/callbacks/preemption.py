@@ -24,6 +24,7 @@ import logging
 import signal
 from typing import Any
 
+import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -68,8 +69,11 @@ class PreemptionCheckpoint(ResumePointCallback):
         self.continue_request(trainer)
         if self._stop or self._pending:
             return
-        self._requeue = _agreed(trainer, self._requeue_signal is not None)
-        if not (self._requeue or _agreed(trainer, trainer.received_sigterm)):
+        requeue_signal, sigterm = _agreed(trainer, self._requeue_signal, trainer.received_sigterm)
+        self._requeue = requeue_signal is not None
+        if self._requeue:  # a rank the signal has not reached yet runs the requeue handler with the others
+            self._requeue_signal = requeue_signal
+        if not (self._requeue or sigterm):
             return
         # a validation due now runs to its end instead of being cut by Lightning's own SIGTERM check
         trainer._signal_connector.received_sigterm = False
@@ -82,7 +86,7 @@ class PreemptionCheckpoint(ResumePointCallback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)  # a checkpoint a training batch asked for
-        if not self._fit_validation(trainer) or not _agreed(trainer, self._sigterm_in_validation):
+        if not self._fit_validation(trainer) or not _agreed(trainer, None, self._sigterm_in_validation)[1]:
             return
         self._sigterm_in_validation = False
         trainer._signal_connector.received_sigterm = False  # a signal on the validation's last batch
@@ -101,7 +105,7 @@ class PreemptionCheckpoint(ResumePointCallback):
         trainer.save_checkpoint(path, weights_only=False)
         log.warning("stopping at global step %d on %s; checkpoint %s (resume with ckpt_path=%s)",
                     trainer.global_step, "the requeue signal" if self._requeue else "SIGTERM", path, path)
-        if self._requeue and self._requeue_signal in self._requeue_handlers:  # ranks the signal missed skip this
+        if self._requeue and self._requeue_signal in self._requeue_handlers:  # on every rank: it may hold a barrier
             self._requeue_handlers[self._requeue_signal](self._requeue_signal, None)  # may requeue and exit
         self._stop = True  # exit at the next hook, once the other callbacks (ModelCheckpoint) have seen this point
 
@@ -124,8 +128,11 @@ class PreemptionCheckpoint(ResumePointCallback):
                         "the last saved one, %s", last_checkpoint_path(trainer))
 
 
-def _agreed(trainer, flag: bool) -> bool:
-    """The same decision on every rank (a signal may reach ranks a moment apart)."""
+def _agreed(trainer, requeue_signal: int | None, sigterm: bool) -> tuple[int | None, bool]:
+    """The same decision on every rank, in one collective and one device-to-host copy (signals may reach ranks a
+    moment apart): the requeue signal some rank received, if any, and whether some rank received SIGTERM."""
     if trainer.world_size == 1:
-        return bool(flag)
-    return trainer.strategy.reduce_boolean_decision(bool(flag), all=False)
+        return requeue_signal, bool(sigterm)
+    local = torch.tensor([requeue_signal or 0, int(sigterm)], device=trainer.strategy.root_device)
+    signum, any_sigterm = trainer.strategy.all_gather(local).reshape(-1, 2).amax(dim=0).tolist()
+    return signum or None, bool(any_sigterm)
