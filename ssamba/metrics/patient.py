@@ -29,8 +29,8 @@ from ssamba.metrics.challenge import (
     CLASS_WEIGHTS,
     MURMUR_CLASSES,
     OUTCOME_CLASSES,
-    accuracy,
     RowMetric,
+    accuracy,
     check_challenge_classes,
     class_indices,
     cost_from_predictions,
@@ -245,8 +245,8 @@ class PatientChallengeMetrics(RowMetric):
         self.append_rows("outcome", outcome_codes)
         self.append_rows("patient", patient_codes)
         self.append_rows("recording", recording_codes)
-        self.append_rows("item", torch.zeros(n, dtype=torch.long, device=device) if id is None
-                    else _codes(id, "id", n, device))
+        items = torch.zeros(n, dtype=torch.long, device=device) if id is None else _codes(id, "id", n, device)
+        self.append_rows("item", items)
         self.append_rows("has_item", torch.full((n,), id is not None, dtype=torch.bool, device=device))
 
     def predictions(self) -> PatientPredictions:
