@@ -67,7 +67,7 @@ NEEDED = {
     "finetune_speechcommands_v1": ("train.json", "valid.json", "test.json", "stats.json"),
     "probe_ks12": ("train.json", "valid.json", "test.json", "stats.json"),
     "probe_voxceleb1": ("train.json", "valid.json", "test.json", "stats.json"),
-    "probe_iemocap": ("train.json", "eval.json", "../stats.json"),
+    "probe_iemocap": ("train.json", "eval.json", "stats.json"),
 }
 REPORT_HEADER = ("| task | model | checkpoint | metric | mean ± std | runs | card | wall time (min) | date |\n"
                  "|---|---|---|---|---|---|---|---|---|\n")

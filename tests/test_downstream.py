@@ -108,7 +108,8 @@ def test_probe_recipes(voxceleb1, iemocap, tmp_path):  # noqa: F811
     assert run_recipe("probe_voxceleb1", vox, tmp_path / "vox_run") is not None
     emo = prepared("iemocap", iemocap, tmp_path / "emo")
     cfg = compose_recipe("probe_iemocap", emo / "session3", tmp_path / "emo_run")
-    stats = json.loads((emo / "stats.json").read_text())
+    stats = json.loads((emo / "session3" / "stats.json").read_text())
+    assert stats["manifest"] == "session3/train.json"  # sessions 1, 2, 4, 5: the held-out one is not in them
     datamodule = load_train_module().hydra.utils.instantiate(cfg.data)
     assert datamodule.norm_mean == stats["norm_mean"] and datamodule.norm_std == stats["norm_std"]
     assert run_recipe("probe_iemocap", emo / "session3", tmp_path / "emo_run") is not None
@@ -127,7 +128,7 @@ def test_missing_prepared_files_are_one_line(esc50, tmp_path):  # noqa: F811
                             env={**os.environ, "SSAMBA_OUTPUTS": str(tmp_path / "outputs")})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
-    assert len(errors) == 1 and f"data.stats_file: no such file: {dst}/fold1/../stats.json" in errors[0]
+    assert len(errors) == 1 and f"data.stats_file: no such file: {dst}/fold1/stats.json" in errors[0]
 
 
 # --- AS-2M balanced sampling ------------------------------------------------------------------------

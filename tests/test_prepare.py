@@ -166,10 +166,14 @@ def test_esc50_with_stats(esc50, tmp_path):
         assert report["manifests"][f"fold{fold}/train.json"]["items"] == 8
         eval_clips = manifest(dst / f"fold{fold}" / "eval.json")
         assert [Path(e["wav"]).name[0] for e in eval_clips] == [str(fold)] * 2
-    stats = json.loads((dst / "stats.json").read_text())
-    assert stats["items"] == 4 and stats["target_length"] == 512 and stats["manifest"] == "fold1/train.json"
-    assert math.isfinite(stats["norm_mean"]) and stats["norm_std"] > 0
-    assert report["stats"] == stats
+    # each fold's statistics from its own training clips only, never from its evaluation fold
+    assert sorted(report["stats"]) == [f"fold{fold}/stats.json" for fold in range(1, 6)]
+    for fold in range(1, 6):
+        stats = json.loads((dst / f"fold{fold}" / "stats.json").read_text())
+        assert stats["items"] == 4 and stats["target_length"] == 512 and stats["manifest"] == f"fold{fold}/train.json"
+        assert math.isfinite(stats["norm_mean"]) and stats["norm_std"] > 0
+        assert report["stats"][f"fold{fold}/stats.json"] == stats
+    assert not (dst / "stats.json").exists()
     dm = datamodule(dst / "fold3", "train.json", "eval.json", multilabel=False)
     assert dm.label_names == list(ESC_CATEGORIES) and not dm.multilabel
     dm.setup("fit")
@@ -250,6 +254,20 @@ def test_speechcommands_v1_and_superb(tmp_path):
     dm.setup("fit")
     silence = next(i for i, item in enumerate(dm.datasets["val"].items) if item.id.startswith("_silence_"))
     assert dm.datasets["val"][silence]["target"].argmax().item() == 11
+
+
+def test_speechcommands_outputs_inside_the_download_and_unreadable_noise(tmp_path):
+    src = speech_commands(tmp_path / "speech_commands_v0.01", V1_WORDS)
+    (src / "_background_noise_" / "._pink_noise.wav").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS
+    (src / "_background_noise_" / "broken.wav").write_bytes(b"RIFF not really")
+    v1 = prepare(["speechcommands", "--variant", "v1", "--src", str(src), "--dst", str(src / "sc_v1"), "--no-stats"])
+    assert v1["manifests"]["train.json"]["items"] == 30
+    for _ in range(2):  # a second run, and a second variant, beside the first one's output
+        dst = src / "prepared" / "ks12"
+        report = prepare(["speechcommands", "--variant", "superb12", "--src", str(src), "--dst", str(dst),
+                          "--no-stats"])
+        assert report["silence"] == {"train": 12, "valid": 1, "test": 1}
+        assert report["skipped"] == {"unreadable": 1}  # broken.wav; the hidden AppleDouble file is not audio
 
 
 def test_speechcommands_bad_layout(tmp_path):

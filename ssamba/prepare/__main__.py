@@ -49,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Prepare one dataset as ``args`` say; returns the report."""
     prep = Preparation(args.dataset, args.src, args.dst, args.threads)
-    manifest, label_csv = DATASETS[args.dataset].prepare(prep, args)
+    training = DATASETS[args.dataset].prepare(prep, args)
     if args.stats:
-        if not prep.manifests[manifest]["items"]:
-            raise LayoutError(f"{manifest} has no usable clips to take stats from")
-        prep.write_stats(manifest, label_csv, args.target_length, args.stats_items)
+        for manifest, label_csv in training:
+            if not prep.manifests[manifest]["items"]:
+                raise LayoutError(f"{manifest} has no usable clips to take stats from")
+        for manifest, label_csv in training:
+            prep.write_stats(manifest, label_csv, args.target_length, args.stats_items)
     return prep.report()
 
 

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ssamba.data.manifest import read_label_csv
-from ssamba.prepare.common import LABEL_CSV, Clip, LayoutError, Preparation, require
+from ssamba.prepare.common import LABEL_CSV, Clip, LayoutError, Preparation, Training, require
 
 SEGMENTS = {"balanced_train": "balanced_train_segments.csv", "eval": "eval_segments.csv"}
 OPTIONAL_SEGMENTS = {"unbalanced_train": "unbalanced_train_segments.csv"}
@@ -87,7 +87,7 @@ def read_segments(path: Path, label_index: dict[str, int]) -> list[tuple[str, fl
     return rows
 
 
-def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
+def prepare(prep: Preparation, args: argparse.Namespace) -> Training:
     label_csv = require(prep.src / LABEL_CSV, LABEL_CSV)
     try:
         names, label_index = read_label_csv(str(label_csv))
@@ -114,4 +114,4 @@ def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
         prep.write_manifest(f"{split}.json", split_clips)
     if "unbalanced_train" in clips:
         prep.write_manifest("full_train.json", clips["balanced_train"] + clips["unbalanced_train"])
-    return "balanced_train.json", LABEL_CSV
+    return [("balanced_train.json", LABEL_CSV)]

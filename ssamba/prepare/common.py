@@ -29,6 +29,10 @@ STATS_JSON = "stats.json"
 SHOW = 3  # example paths named in an error line
 
 
+# what a preparer returns: each training manifest (relative to --dst) to take stats of, with its label csv
+Training = list[tuple[str, str | None]]
+
+
 class LayoutError(Exception):
     """A download that is incomplete or in another layout; the message is one line."""
 
@@ -94,11 +98,15 @@ class Preparation:
         with ThreadPoolExecutor(self.threads) as pool:
             for path, seconds in zip(new, pool.map(_seconds, [self.path(p) for p in new])):
                 if isinstance(seconds, str):
-                    self.bad[path] = seconds
-                    self.skipped[seconds] += 1
+                    self.count_bad(path, seconds)
                 else:
                     self.seconds[path] = seconds
         return [c for c in clips if c.wav in self.seconds]
+
+    def count_bad(self, path: str, reason: str) -> None:
+        """Leave ``path`` out, counted under ``reason`` (one of ``SKIP_REASONS``) in the report."""
+        self.bad[path] = reason
+        self.skipped[reason] += 1
 
     def path(self, wav: str) -> str:
         """A manifest ``wav`` as a path on disk (relative ones start at ``dst``)."""
@@ -137,8 +145,9 @@ class Preparation:
         self.write_bytes(rel, text.getvalue().encode())
 
     def write_stats(self, manifest: str, label_csv: str | None, target_length: int, items: int) -> None:
-        """``stats.json``: fbank mean/std of up to ``items`` clips of ``manifest`` (seed 0), read
-        through :class:`ManifestDataModule`, so they describe the features training computes."""
+        """``stats.json`` beside ``manifest``: fbank mean/std of up to ``items`` of its clips (seed 0), read
+        through :class:`ManifestDataModule`, so they describe the features training computes. A fold's
+        training manifest gets its own, so no fold's statistics include its evaluation clips."""
         datamodule = ManifestDataModule(
             train_manifest=str(self.dst / manifest),
             label_csv=None if label_csv is None else str(self.dst / label_csv),
@@ -148,8 +157,9 @@ class Preparation:
         )
         stats = fbank_stats(datamodule, items=items, seed=0)
         stats.update(manifest=manifest, target_length=target_length)
-        self.write_bytes(STATS_JSON, (json.dumps(stats, indent=1) + "\n").encode())
-        self.notes["stats"] = stats
+        rel = str(Path(manifest).parent / STATS_JSON) if Path(manifest).parent != Path(".") else STATS_JSON
+        self.write_bytes(rel, (json.dumps(stats, indent=1) + "\n").encode())
+        self.notes.setdefault("stats", {})[rel] = stats
 
     # --- report -------------------------------------------------------------------------------
     def report(self) -> dict:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import csv
 
-from ssamba.prepare.common import LABEL_CSV, Clip, LayoutError, Preparation, require, require_listed
+from ssamba.prepare.common import (LABEL_CSV, Clip, LayoutError, Preparation, Training, require,
+                                    require_listed)
 
 FOLDS = (1, 2, 3, 4, 5)
 TARGET_LENGTH = 512  # 5.12 s covers a 5 s clip
 COLUMNS = ("filename", "fold", "target", "category")
 
 
-def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
+def prepare(prep: Preparation, args: argparse.Namespace) -> Training:
     meta = require(prep.src / "meta" / "esc50.csv", "meta/esc50.csv")
     audio = require(prep.src / "audio", "audio folder")
     with open(meta, newline="") as f:
@@ -50,4 +51,4 @@ def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
         prep.write_label_csv(f"fold{fold}/{LABEL_CSV}", labels)
         prep.write_manifest(f"fold{fold}/train.json", [c for k in FOLDS if k != fold for c in folds[k]])
         prep.write_manifest(f"fold{fold}/eval.json", folds[fold])
-    return "fold1/train.json", f"fold1/{LABEL_CSV}"
+    return [(f"fold{fold}/train.json", f"fold{fold}/{LABEL_CSV}") for fold in FOLDS]

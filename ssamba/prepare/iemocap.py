@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from ssamba.prepare.common import LABEL_CSV, Clip, LayoutError, Preparation, require, require_listed
+from ssamba.prepare.common import (LABEL_CSV, Clip, LayoutError, Preparation, Training, require,
+                                    require_listed)
 
 SESSIONS = (1, 2, 3, 4, 5)
 CLASSES = ("neutral", "happy", "sad", "angry")
@@ -46,7 +47,7 @@ def read_session(prep: Preparation, session: int, excluded: Counter) -> list[Cli
     return clips
 
 
-def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
+def prepare(prep: Preparation, args: argparse.Namespace) -> Training:
     excluded: Counter = Counter()
     sessions = {k: read_session(prep, k, excluded) for k in SESSIONS}
     prep.notes["excluded_emotions"] = dict(sorted(excluded.items()))
@@ -56,4 +57,4 @@ def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
         prep.write_manifest(f"session{held_out}/train.json",
                             [c for k in SESSIONS if k != held_out for c in sessions[k]])
         prep.write_manifest(f"session{held_out}/eval.json", sessions[held_out])
-    return "session1/train.json", f"session1/{LABEL_CSV}"
+    return [(f"session{k}/train.json", f"session{k}/{LABEL_CSV}") for k in SESSIONS]

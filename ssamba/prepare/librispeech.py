@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssamba.prepare.common import Clip, LayoutError, Preparation, require_listed
+from ssamba.prepare.common import Clip, LayoutError, Preparation, Training, require_listed
 
 TARGET_LENGTH = 1024  # SSAST pretraining uses the first 10.24 s of each utterance
 
@@ -45,9 +45,9 @@ def read_subset(folder: Path) -> list[Clip]:
     return [Clip(str(path)) for path in sorted(folder.glob("*/*/*.flac"))]
 
 
-def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, None]:
+def prepare(prep: Preparation, args: argparse.Namespace) -> Training:
     subsets = find_subsets(prep, args.subsets)
     for folder in subsets:
         prep.write_manifest(f"{folder.name}.json", read_subset(folder))
     train = [folder.name for folder in subsets if folder.name.startswith("train")]
-    return f"{(train or [subsets[0].name])[0]}.json", None
+    return [(f"{(train or [subsets[0].name])[0]}.json", None)]

@@ -18,7 +18,8 @@ import io
 
 import soundfile as sf
 
-from ssamba.prepare.common import LABEL_CSV, Clip, LayoutError, Preparation, require, require_listed
+from ssamba.prepare.common import (LABEL_CSV, Clip, LayoutError, Preparation, Training, require,
+                                    require_listed)
 
 V1_WORDS = ("bed", "bird", "cat", "dog", "down", "eight", "five", "four", "go", "happy", "house", "left",
             "marvin", "nine", "no", "off", "on", "one", "right", "seven", "sheila", "six", "stop", "three",
@@ -39,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def word_folders(prep: Preparation, variant: str) -> tuple[str, ...]:
-    """The variant's words, checked against the word folders of the download."""
+    """The variant's words, checked against the word folders of the download. Folders holding ``--dst``
+    or an earlier output of this command (a label csv) are not the download's."""
     words = VARIANTS[variant]
-    present = {d.name for d in prep.src.iterdir() if d.is_dir() and d.name[0] not in "._" and d != prep.dst}
+    present = {d.name for d in prep.src.iterdir() if d.is_dir() and d.name[0] not in "._"
+               and d != prep.dst and d not in prep.dst.parents and not (d / LABEL_CSV).is_file()}
     missing, extra = sorted(set(words) - present), sorted(present - set(words))
     if missing:
         hint = " (a V1 download? use --variant v1 or superb12)" if variant == "v2" and len(missing) == 5 else ""
@@ -57,12 +60,16 @@ def word_folders(prep: Preparation, variant: str) -> tuple[str, ...]:
 def silence_pieces(prep: Preparation) -> dict[str, list[Clip]]:
     """1 s pieces of the background noise, written under ``dst``, dealt out train/valid/test."""
     noise = require(prep.src / NOISE, f"{NOISE} folder")
-    files = sorted(noise.glob("*.wav"))
+    files = sorted(p for p in noise.glob("*.wav") if not p.name.startswith("."))
     if not files:
         raise LayoutError(f"no .wav files in {noise}")
     splits: dict[str, list[Clip]] = {"train": [], "valid": [], "test": []}
     for path in files:
-        data, rate = sf.read(path, dtype="float32")
+        try:
+            data, rate = sf.read(path, dtype="float32")
+        except RuntimeError:  # soundfile's error for a file it cannot decode
+            prep.count_bad(str(path), "unreadable")
+            continue
         n = len(data) // rate
         holdout = n // 10
         for k in range(n):
@@ -75,7 +82,7 @@ def silence_pieces(prep: Preparation) -> dict[str, list[Clip]]:
     return splits
 
 
-def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
+def prepare(prep: Preparation, args: argparse.Namespace) -> Training:
     words = word_folders(prep, args.variant)
     listed: dict[str, set[str]] = {}
     for split, name in LISTS.items():
@@ -99,4 +106,4 @@ def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
     prep.write_label_csv(LABEL_CSV, [(c, c) for c in classes])
     for split, clips in splits.items():
         prep.write_manifest(f"{split}.json", clips)
-    return "train.json", LABEL_CSV
+    return [("train.json", LABEL_CSV)]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssamba.prepare.common import LABEL_CSV, Clip, LayoutError, Preparation, require, require_listed
+from ssamba.prepare.common import (LABEL_CSV, Clip, LayoutError, Preparation, Training, require,
+                                    require_listed)
 
 SETS = {"1": "train", "2": "valid", "3": "test"}
 TARGET_LENGTH = 1024
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-file", help="iden_split.txt (default: <src>/iden_split.txt)")
 
 
-def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
+def prepare(prep: Preparation, args: argparse.Namespace) -> Training:
     given = args.split_file
     split_file = require(prep.src / "iden_split.txt" if given is None else Path(given).expanduser().absolute(),
                          "iden_split.txt")
@@ -45,4 +46,4 @@ def prepare(prep: Preparation, args: argparse.Namespace) -> tuple[str, str]:
     prep.write_label_csv(LABEL_CSV, [(s, s) for s in speakers])
     for name, clips in splits.items():
         prep.write_manifest(f"{name}.json", sorted(clips, key=lambda c: c.wav))
-    return "train.json", LABEL_CSV
+    return [("train.json", LABEL_CSV)]
