@@ -59,6 +59,22 @@ def test_short_audio_at_another_rate_keeps_only_columns_with_audio():
         model.embed(torch.full((16_000,), float("nan")), 16_000)
 
 
+@pytest.mark.parametrize("frames", [50, 56, 64])
+def test_audio_up_to_the_input_length_is_padded_on_the_trained_grid_with_overlapping_patches(frames):
+    # stride 10 < patch 16 (a finetuned grid): columns starting near the end reach past the input, and audio that
+    # fits the input must still run as in training (padded), not on a grid stretched to reach them
+    model = embedder()
+    model.encoder.set_grid(fstride=10, tstride=10)
+    fbank = torch.randn(frames, 128) * STD + MEAN
+    result = model.embed_fbank(fbank)
+    padded = torch.cat([fbank, fbank.new_zeros(64 - frames, 128)])
+    with torch.no_grad():
+        tokens = model.encoder(((padded - MEAN) / (2 * STD)).unsqueeze(0))[0, model.encoder.num_prefix_tokens:]
+    f_dim, t_dim = model.encoder.grid
+    expected = tokens.unflatten(0, (f_dim, t_dim))[:, :min(math.ceil(frames / 10), t_dim)]
+    torch.testing.assert_close(result.patches, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_integer_pcm_is_scaled_and_a_soundfile_layout_is_refused():
     """Readers hand over int16 (scipy.io.wavfile) or [samples, channels] (soundfile): the first is the same audio
     as its float copy, the second would be averaged over the wrong axis, so it is refused in one line."""

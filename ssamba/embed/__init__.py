@@ -133,8 +133,9 @@ class AudioEmbedder(nn.Module):
             window = not isinstance(self.encoder, _LINEAR_IN_LENGTH)
         columns = math.ceil(fbank.shape[0] / cfg.tstride)  # patch columns starting inside the audio
         needed = (columns - 1) * cfg.tstride + cfg.tshape  # frames those columns span
-        if needed <= cfg.input_tdim:
+        if fbank.shape[0] <= cfg.input_tdim:  # zero-padded to the input, as in training, on the trained grid
             patches = self._run(self._padded(fbank, 0, cfg.input_tdim).unsqueeze(0), layer)[0]
+            columns = min(columns, self.encoder.grid[1])
         elif not window:
             with temporary_grid(self.encoder, needed):
                 patches = self._run(self._padded(fbank, 0, needed).unsqueeze(0), layer)[0]
