@@ -109,8 +109,8 @@ def resolve_backend(requested: str, on_cuda: bool) -> str:
         if not triton_available():
             raise ImportError("backend='triton' needs the triton package; use backend='torch' or 'auto'")
         if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("backend='triton' needs the model and its inputs on a CUDA device (or "
-                               "TRITON_INTERPRET=1 for the slow CPU interpreter); use backend='torch' or 'auto' on CPU")
+            raise RuntimeError("backend='triton' needs the model and its inputs on a CUDA device; "
+                               "use backend='torch' or 'auto' on CPU")
         return "triton"
     if requested == "auto" and on_cuda and triton_available() and not _triton_failure:
         _announce("triton", "triton installed, tensors on CUDA")
