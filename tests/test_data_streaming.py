@@ -68,6 +68,18 @@ def test_ranks_see_disjoint_parts(shards, monkeypatch):
     assert len(seen[0] | seen[1]) == N
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_validation_item_is_scored_once_across_ranks(shards, monkeypatch, caplog, world):
+    seen = []
+    for rank in range(world):
+        monkeypatch.setattr(_DistributedEnv, "detect", classmethod(lambda cls, r=rank: cls(world, r, 1)))
+        dm = module(shards, val_dir=str(shards), batch_size=5)  # 12 items: a uniform share would drop some
+        dm.setup("validate")
+        seen += ids_of(dm.val_dataloader())
+    assert sorted(seen) == sorted(f"c{i}.wav" for i in range(N))
+    assert "disabled the `drop_last` option" not in caplog.text  # litdata's warning is about training
+
+
 def test_mixup_is_refused(shards):
     with pytest.raises(ValueError, match="data.mixup"):
         module(shards, mixup=0.5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import multiprocessing
 import os
 from functools import partial
@@ -120,6 +121,10 @@ class ShardDataset(litdata.StreamingDataset):
         return self.clip.finish(item, wav, [])
 
 
+def _not_drop_last_warning(record: logging.LogRecord) -> bool:
+    return "disabled the `drop_last` option" not in record.getMessage()
+
+
 class ShardLoader(litdata.StreamingDataLoader):
     """litdata's loader, whose state (epoch, items yielded) Lightning saves in checkpoints and restores on a
     mid-epoch resume, with a base seed of ``(run seed, epoch)`` for its iterators.
@@ -187,8 +192,19 @@ class ShardDataModule(AudioDataModule):
             [], self.num_classes, self.train_front_end if train else self.eval_front_end, train=train,
             features_on_device=self.features_on_device, on_error=self.on_error, min_seconds=self.min_seconds,
         )
-        return ShardDataset(self.dirs[split], clip, shuffle=train and self.shuffle, seed=self.seed,
-                            max_cache_size=self.max_cache_size)
+        if train:
+            return ShardDataset(self.dirs[split], clip, shuffle=self.shuffle, seed=self.seed,
+                                max_cache_size=self.max_cache_size)
+        # litdata drops the last items of a split under DDP unless told not to, which would leave the same items
+        # out of every score; its warning about that choice concerns training (ranks may then run a batch more or
+        # less, and evaluation syncs only at its end)
+        litdata_log = logging.getLogger("litdata.streaming.dataset")
+        litdata_log.addFilter(_not_drop_last_warning)
+        try:
+            return ShardDataset(self.dirs[split], clip, shuffle=False, seed=self.seed,
+                                max_cache_size=self.max_cache_size, drop_last=False)
+        finally:
+            litdata_log.removeFilter(_not_drop_last_warning)
 
     def dataloader(self, split: str, shuffle: bool | None = None) -> ShardLoader:
         if split not in self.splits:
