@@ -17,13 +17,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 from probes import read  # noqa: E402
 
 # 16 items, batch 2: 8 steps per epoch, 2 epochs; last.ckpt every 3 steps. Killed at step 11 (epoch 1), the run
-# resumes from step 9 (one batch into epoch 1).
+# resumes from step 9 (one batch into epoch 1); with last.ckpt every 4 steps, killed at step 10 it resumes from the
+# end of epoch 0 (step 8), where Lightning restores no loader state.
 RUN = ["trainer=cpu", "logger=csv", "data=shards", "+model.depth=2", "+model.embed_dim=32", "model.backend=torch",
        "data.target_length=64", "mask.count=12", "mask.val_count=12", "data.batch_size=2", "trainer.max_epochs=2",
        "task.warmup_steps=2", "task.figure_every_n_steps=0", "trainer.num_sanity_val_steps=0",
-       "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null", "++callbacks.model_summary=null",
-       "callbacks.periodic_checkpoint.every_n_train_steps=3"]
-KILL = "+callbacks.fault={_target_: reliability_faults.SignalAtStep, step: 11, signal_name: SIGKILL}"
+       "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null", "++callbacks.model_summary=null"]
+
+
+def kill_at(step: int) -> str:
+    return f"+callbacks.fault={{_target_: reliability_faults.SignalAtStep, step: {step}, signal_name: SIGKILL}}"
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +47,27 @@ def train(shards: Path, out: Path, workers: int, *overrides: str) -> subprocess.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_streaming_run_resumes_with_the_same_items_order_and_weights(shards, tmp_path, workers):
-    full = train(shards, tmp_path / "full", workers)
+@pytest.mark.parametrize("workers,every,kill,resumed_at", [(0, 3, 11, 9), (2, 3, 11, 9), (2, 4, 10, 8)],
+                         ids=["mid-epoch", "mid-epoch-2-workers", "epoch-end-2-workers"])
+def test_killed_streaming_run_resumes_with_the_same_items_order_and_weights(shards, tmp_path, workers, every, kill,
+                                                                            resumed_at):
+    periodic = f"callbacks.periodic_checkpoint.every_n_train_steps={every}"
+    full = train(shards, tmp_path / "full", workers, periodic)
     assert full.returncode == 0, full.stderr[-3000:]
-    stopped = train(shards, tmp_path / "stopped", workers, KILL)
+    stopped = train(shards, tmp_path / "stopped", workers, periodic, kill_at(kill))
     assert stopped.returncode == -9, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "run" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["global_step"] == 9
-    loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader_state["num_samples_yielded"] == 2  # litdata's position: one batch into epoch 1
-    resumed = train(shards, tmp_path / "resumed", workers, f"ckpt_path={last}")
+    assert checkpoint["global_step"] == resumed_at
+    if resumed_at == 9:
+        loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+        assert loader_state["num_samples_yielded"] == 2  # litdata's position: one batch into epoch 1
+    resumed = train(shards, tmp_path / "resumed", workers, periodic, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected = read(str(tmp_path / "full" / "probe"), 0)
     got = read(str(tmp_path / "resumed" / "probe"), 0)
-    assert [r["step"] for r in got] == list(range(9, 16))
+    assert [r["step"] for r in got] == list(range(resumed_at, 16))
     assert sorted(i for r in expected[:8] for i in r["ids"]) == sorted(f"synthetic-train-{i}" for i in range(16))
-    assert got == expected[9:]  # items, order, masks and the weights after each step
+    assert [r["ids"] for r in expected[:8]] != [r["ids"] for r in expected[8:]]  # epochs differ in order
+    assert got == expected[resumed_at:]  # items, order, masks and the weights after each step

@@ -31,6 +31,14 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def epoch_to_run(trainer: Any | None) -> int | None:
+    """The epoch a fitting trainer is about to run, None without one. Lightning creates a resumed run's first
+    iterator before it advances ``current_epoch`` past a checkpoint written at an epoch's end, so that counter
+    would give the resumed epoch the previous one's order; the epoch progress already counts it."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    return None if fit_loop is None else fit_loop.epoch_progress.current.processed
+
+
 def worker_seed(seed: int, epoch: int) -> int:
     """The DataLoader's base seed for epoch ``epoch`` (its workers' seeds follow from it), drawn from no RNG."""
     key = f"{seed}/{epoch}/workers".encode()
@@ -55,10 +63,10 @@ class ResumableSampler(DistributedSampler):
         self.skip = 0  # items to leave out at the start of the next iteration (one-shot, set on resume)
 
     def current_epoch(self) -> int:
-        """The epoch the trainer is about to run (Lightning calls ``set_epoch`` only after creating the first
-        iterator, which would give a resumed run epoch 0's order); ``set_epoch``'s value without a trainer."""
-        fit_loop = getattr(self.trainer, "fit_loop", None)
-        return self.epoch if fit_loop is None else fit_loop.epoch_progress.current.processed
+        """:func:`epoch_to_run` (Lightning calls ``set_epoch`` only after creating the first iterator);
+        ``set_epoch``'s value without a trainer."""
+        epoch = epoch_to_run(self.trainer)
+        return self.epoch if epoch is None else epoch
 
     def __iter__(self):
         self.set_epoch(self.current_epoch())

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable
 from functools import partial
 
 import litdata
@@ -23,7 +24,7 @@ import torch
 from ssamba.data.audio import BadAudio, prepare_waveform, read_audio
 from ssamba.data.base import AudioDataModule, ClipDataset, Collate, Item
 from ssamba.data.cli import instantiate_data
-from ssamba.data.resumable import run_seed, worker_seed
+from ssamba.data.resumable import epoch_to_run, run_seed, worker_seed
 
 SIDECAR = "ssamba.json"
 
@@ -130,11 +131,20 @@ class ShardLoader(litdata.StreamingDataLoader):
     mid-epoch resume, with a base seed of ``(run seed, epoch)`` for its iterators.
 
     A plain DataLoader draws that seed from the global torch RNG whenever an iterator starts; a resumed run starts
-    one more than the interrupted run did, which would shift every mask drawn after the resume.
+    one more than the interrupted run did, which would shift every mask drawn after the resume. ``run_epoch``
+    gives the epoch the trainer is about to run: a run resumed from an epoch's end (where Lightning restores no
+    loader state) would otherwise count litdata's epochs from the start again and repeat their shuffles.
     """
 
-    def __init__(self, dataset: ShardDataset, **kwargs):
+    def __init__(self, dataset: ShardDataset, run_epoch: Callable[[], int | None] = lambda: None, **kwargs):
         super().__init__(dataset, generator=torch.Generator(), **kwargs)
+        self.run_epoch = run_epoch
+
+    def __iter__(self):
+        epoch = self.run_epoch()
+        if epoch is not None and not self.restore:  # litdata counts epochs from 1: it adds one as it starts
+            self.current_epoch = epoch
+        return super().__iter__()
 
     def _get_iterator(self):
         self.generator.manual_seed(worker_seed(run_seed(), self.current_epoch))
@@ -218,6 +228,7 @@ class ShardDataModule(AudioDataModule):
             num_workers=self.num_workers,
             collate_fn=Collate(self.target_length, self.num_classes, self.features_on_device, self.meta_keys),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
+            run_epoch=lambda: epoch_to_run(self.trainer),
         )
 
 
