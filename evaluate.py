@@ -27,6 +27,7 @@ from ssamba.constants import MEL_KEYS
 from ssamba.evaluation import (
     build_model,
     check_compatible,
+    check_scorable,
     gate_predictions,
     load_members,
     recording_ids,
@@ -40,6 +41,7 @@ from ssamba.metrics.report import (
     write_predictions,
     write_recording_predictions,
 )
+from ssamba.utils.config import find_config_error
 
 log = logging.getLogger("evaluate")
 
@@ -74,6 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):  # the model's input: its own frame count, normalisation and mel scale
         cfg.data.update(input_settings(checkpoint, cfg.data))
     datamodule = hydra.utils.instantiate(cfg.data)
+    check_scorable(datamodule)
     check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
     if cfg.split not in datamodule.splits:
         raise ValueError(f"split={cfg.split!r}: the data has only {', '.join(datamodule.splits)}")
@@ -144,7 +147,14 @@ def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    scores = evaluate(cfg)
+    try:
+        scores = evaluate(cfg)
+    except Exception as error:
+        config_error = find_config_error(error)
+        if config_error is None:
+            raise
+        log.error("config error: %s", config_error)
+        raise SystemExit(2) from None
     return scores["weighted_accuracy"] if "weighted_accuracy" in scores else scores["uar"]  # for sweepers
 
 

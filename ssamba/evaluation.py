@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ssamba.checkpoints import INPUT_KEYS, Checkpoint, load_checkpoint
 from ssamba.data.quality import PATIENT_FEATURES, patients_quality
+from ssamba.errors import ConfigError
 from ssamba.metrics.challenge import MURMUR_CLASSES
 from ssamba.metrics.gate import QualityGate
 from ssamba.metrics.labelset import patient_metrics
@@ -76,9 +77,9 @@ def check_compatible(checkpoint: Checkpoint, label_names: Sequence[str], target_
     """The data must give the classes and input length the head and encoder were trained on."""
     trained = list(checkpoint.label_names)
     if trained and trained != list(label_names):
-        raise ValueError(f"data.label_names={list(label_names)} but the checkpoint was trained on {trained}")
+        raise ConfigError(f"data.label_names={list(label_names)} but the checkpoint was trained on {trained}")
     if checkpoint.target_length and int(checkpoint.target_length) != int(target_length):
-        raise ValueError(
+        raise ConfigError(
             f"data.target_length={target_length} but the checkpoint was trained on {checkpoint.target_length} frames"
         )
 
@@ -92,6 +93,18 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def check_scorable(datamodule: Any) -> None:
+    """Patient-level scores need single-label items that name their patient (or subject): refused otherwise,
+    before any inference."""
+    name = type(datamodule).__name__
+    if "patient" not in getattr(datamodule, "meta_keys", ()):
+        raise ConfigError(f"{name} gives no patient of its items: patient-level scoring needs data=circor, "
+                          "data=earbud, or shards packed from them")
+    if datamodule.multilabel:
+        raise ConfigError(f"data.multilabel=true: patient-level scoring takes one class per item, and {name}'s "
+                          "items may have several (score single-label data, data.multilabel=false)")
+
+
 @torch.no_grad()
 def score_split(
     model: nn.Module,
@@ -103,6 +116,7 @@ def score_split(
 ) -> PatientChallengeMetrics:
     """Run ``model`` over every item of ``split`` and return the filled patient-level metric
     (:func:`ssamba.metrics.patient_metrics` of the data's label set)."""
+    check_scorable(datamodule)
     model = model.to(device).eval()
     metric = patient_metrics(datamodule.label_names, rule).to(device)
     for batch in datamodule.dataloader(split, shuffle=False):

@@ -306,3 +306,45 @@ def test_the_quality_gate_refuses_label_sets_other_than_the_challenge_murmur_cla
     timing = CirCorDataModule(root=str(CIRCOR_MINI), task="murmur_timing", num_workers=0)
     with pytest.raises(ValueError, match="corrects the Challenge's murmur classes"):
         gate_predictions(tmp_path / "gate.json", timing, "test", None, None)
+
+
+def test_data_without_patients_or_with_several_labels_is_refused_before_inference(checkpoint, tmp_path):
+    from types import SimpleNamespace
+
+    from ssamba.data import SyntheticDataModule
+    from ssamba.errors import ConfigError
+    from ssamba.evaluation import check_scorable
+
+    with pytest.raises(ConfigError, match="SyntheticDataModule gives no patient of its items"):
+        check_scorable(SyntheticDataModule(num_val=2))
+    with pytest.raises(ConfigError, match="data.multilabel=true: patient-level scoring takes one class per item"):
+        check_scorable(SimpleNamespace(meta_keys=("patient", "recording"), multilabel=True))
+    command = [sys.executable, "evaluate.py", f"ckpt_path={checkpoint}", "data=synthetic", "data.num_val=2",
+               "data.num_workers=0", "device=cpu", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-2000:]
+
+
+def test_evaluate_config_composes_with_every_data_config():
+    from hydra import compose, initialize_config_dir
+
+    for data in sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml")):
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"data={data}", "ckpt_path=x.ckpt"])
+        every_value(cfg.data)  # e.g. data=shards reads ${seed}
+
+
+def every_value(node):
+    """Resolve every value of a config (a value the user must give, ``???``, may stay missing)."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        try:
+            value = node[key]
+        except (MissingMandatoryValue, InterpolationToMissingValueError):
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            every_value(value)
