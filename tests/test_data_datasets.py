@@ -221,6 +221,8 @@ def test_mixture_weights_draw_sources_in_proportion(audioset, tmp_path):
     assert sum(drawn.values()) == 400 and 0.65 < drawn["librispeech"] / 400 < 0.85
     batch = next(iter(loader))
     assert batch["fbank"].shape == (4, 64, 128) and (batch["target"] == 0).all()
+    with pytest.raises(ValueError, match=r"a non-negative weight for each of \['audioset', 'librispeech'\]"):
+        MixtureDataModule(sources, weights={"audioset": 1.0}, **FAST)  # a forgotten source would never be drawn
 
 
 @pytest.fixture

@@ -80,6 +80,35 @@ def test_every_validation_item_is_scored_once_across_ranks(shards, monkeypatch, 
     assert "disabled the `drop_last` option" not in caplog.text  # litdata's warning is about training
 
 
+def test_remote_shards_need_a_local_sidecar(tmp_path, capsys):
+    from ssamba.data.streaming import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", "s3://bucket/shards", "data=synthetic"])
+    assert stopped.value.code == 2 and "give --sidecar <local path>" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="give a local path for ssamba.json"):
+        write_shards(None, "train", "s3://bucket/shards")
+
+
+def test_shards_name_the_feature_settings_they_were_packed_with(shards, caplog):
+    sidecar = json.loads((shards / "ssamba.json").read_text())
+    assert sidecar["input"]["norm_mean"] == pytest.approx(-4.2677393) and sidecar["input"]["target_length"] == 1024
+    module(shards, target_length=1024)
+    assert "packed from a data config" not in caplog.text
+    module(shards, target_length=1024, norm_mean=-11.1)
+    assert "packed from a data config with norm_mean=-4.2677393; this one gives norm_mean=-11.1" in caplog.text
+
+
+def test_packing_a_weighted_mixture_says_the_weights_stay_behind(tmp_path, caplog):
+    from ssamba.data import MixtureDataModule, SyntheticDataModule
+
+    sources = {"a": SyntheticDataModule(num_train=2, num_val=0, num_test=0, target_length=32),
+               "b": SyntheticDataModule(num_train=3, num_val=0, num_test=0, target_length=32)}
+    mixture = MixtureDataModule(sources, weights={"a": 0.9, "b": 0.1}, target_length=32)
+    assert write_shards(mixture, "train", str(tmp_path / "mix"), chunk_bytes="16KB") == 5
+    assert "data.weights (and data.samples_per_epoch) are not packed" in caplog.text
+
+
 def test_mixup_is_refused(shards):
     with pytest.raises(ValueError, match="data.mixup"):
         module(shards, mixup=0.5)

@@ -30,11 +30,9 @@ class MixtureDataModule(AudioDataModule):
         if not sources:
             raise ValueError("data.sources: give at least one source datamodule")
         if weights is not None:
-            unknown = set(weights) - set(sources)
-            if unknown or any(w < 0 for w in weights.values()) or not any(weights.values()):
-                raise ValueError(
-                    f"data.weights: expected non-negative weights for {sorted(sources)}, got {dict(weights)}"
-                )
+            if set(weights) != set(sources) or any(w < 0 for w in weights.values()) or not any(weights.values()):
+                raise ValueError(f"data.weights: expected a non-negative weight for each of {sorted(sources)} "
+                                 f"(0 leaves a source out), got {dict(weights)}")
         self.sources = dict(sources)
         self.weights = dict(weights) if weights is not None else None
         self.samples_per_epoch = samples_per_epoch

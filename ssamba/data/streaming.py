@@ -27,6 +27,7 @@ from ssamba.data.cli import instantiate_data
 from ssamba.data.resumable import epoch_to_run, run_seed, worker_seed
 
 SIDECAR = "ssamba.json"
+log = logging.getLogger(__name__)
 
 
 def _pack(item: Item, reader_module: AudioDataModule | None = None) -> dict:
@@ -54,12 +55,25 @@ def _pack(item: Item, reader_module: AudioDataModule | None = None) -> dict:
 
 
 def write_shards(
-    datamodule: AudioDataModule, split: str, output_dir: str, chunk_bytes: str = "64MB", workers: int = 1
+    datamodule: AudioDataModule, split: str, output_dir: str, chunk_bytes: str = "64MB", workers: int = 1,
+    sidecar_path: str | None = None,
 ) -> int:
-    """Pack one split of a datamodule into litdata chunks under ``output_dir``; returns item count."""
+    """Pack one split of a datamodule into litdata chunks under ``output_dir``; returns item count.
+
+    ``sidecar_path``: where ``ssamba.json`` goes (default: ``output_dir``; a local path is needed for remote shards,
+    and ``data.sidecar`` then names it).
+    """
+    remote = "://" in output_dir
+    if sidecar_path is None and remote:
+        raise ValueError(f"shards written to {output_dir}: give a local path for {SIDECAR} (--sidecar), which "
+                         "data=shards reads through data.sidecar")
     items = datamodule.build_items(split)
     if not items:
         raise ValueError(f"the {split} split has no items")
+    if split == "train" and getattr(datamodule, "weights", None) is not None:
+        log.warning("data.weights (and data.samples_per_epoch) are not packed: the shards hold every item of the "
+                    "mixture once, and data=shards streams them in their natural proportions. For weighted "
+                    "sources, pack each source to its own shards and train on the mixture's own config")
     generated = any(item.path is None for item in items)
     # litdata forks its workers when ipykernel is loaded (a notebook, or a test run that ran one), and a
     # fork of a process with live threads can hang in the child; spawn always works here (the packing
@@ -78,20 +92,28 @@ def write_shards(
         )
     finally:
         multiprocessing.set_start_method(start_method, force=True)
-    if "://" not in output_dir:  # litdata reports worker failures only in their own logs
+    if not remote:  # litdata reports worker failures only in their own logs
         with open(os.path.join(output_dir, "index.json")) as f:
             if not json.load(f).get("chunks"):
                 raise RuntimeError(f"writing shards to {output_dir} failed: no chunks were written")
-    sidecar = {
+    record = {
         "label_names": list(datamodule.label_names),
         "multilabel": bool(datamodule.multilabel),
         "meta_keys": list(datamodule.meta_keys),
         "items": len(items),
         "split": split,
+        "input": input_settings(datamodule),
     }
-    with open(os.path.join(output_dir, SIDECAR), "w") as f:
-        json.dump(sidecar, f, indent=2)
+    with open(sidecar_path or os.path.join(output_dir, SIDECAR), "w") as f:
+        json.dump(record, f, indent=2)
     return len(items)
+
+
+def input_settings(datamodule: AudioDataModule) -> dict:
+    """The feature settings of a data config (frames, normalisation, mel scale): the shards keep the audio
+    only, so ``data=shards`` compares its own with those of the config they were packed from."""
+    return {"target_length": datamodule.target_length, "norm_mean": datamodule.norm_mean,
+            "norm_std": datamodule.norm_std, **datamodule.mel.record()}
 
 
 class ShardDataset(litdata.StreamingDataset):
@@ -179,6 +201,13 @@ class ShardDataModule(AudioDataModule):
         self.label_names = sidecar["label_names"]
         self.multilabel = sidecar["multilabel"]
         self.meta_keys = tuple(sidecar["meta_keys"])
+        packed, own = sidecar.get("input", {}), input_settings(self)
+        differ = {key: value for key, value in packed.items() if key in own and own[key] != value}
+        if differ:
+            log.warning("data=shards: these shards were packed from a data config with %s; this one gives %s "
+                        "(set data.<key> to train on the features that config computes)",
+                        " ".join(f"{k}={v}" for k, v in differ.items()),
+                        " ".join(f"{k}={own[k]}" for k in differ))
         self.shuffle = shuffle
         self.seed = seed
         self.max_cache_size = max_cache_size
@@ -238,9 +267,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder (local path or s3://...)")
     parser.add_argument("--chunk-bytes", default="64MB")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--sidecar", help=f"local path for {SIDECAR} (default: in --out; needed for s3://...)")
     args, overrides = parser.parse_known_args(argv)
-    count = write_shards(instantiate_data(overrides), args.split, args.out, args.chunk_bytes, args.workers)
-    print(f"wrote {count} items of the {args.split} split to {args.out}")
+    if "://" in args.out and not args.sidecar:
+        parser.error(f"--out {args.out} is remote: give --sidecar <local path> for {SIDECAR} (data.sidecar reads it)")
+    count = write_shards(instantiate_data(overrides), args.split, args.out, args.chunk_bytes, args.workers,
+                         args.sidecar)
+    print(f"wrote {count} items of the {args.split} split to {args.out}"
+          + (f"; {SIDECAR} to {args.sidecar}" if args.sidecar else ""))
 
 
 if __name__ == "__main__":
