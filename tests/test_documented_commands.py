@@ -88,7 +88,7 @@ NOT_RUN = {
 
 # What the docs' placeholders stand for: path prefixes of the data and the sizes of tool options.
 DATA_PATHS = {"/data/circor/split.csv": "split_csv", "/data/circor": "circor", "/data/earbud": "earbud",
-              "/data/audioset": "audioset", "/data/as_shards": "shards"}
+              "/data/audioset": "audioset", "/data/prepared/audioset": "audioset", "/data/as_shards": "shards"}
 SMALLER = {"--workers": "1", "--items": "8"}
 FIXTURE_DATA = ("circor", "earbud", "audioset")  # datasets read from a data.root the fixtures build
 DATA_CHOICE = {"data=<name>": ["data=circor"], "data=...": ["data=synthetic", "data.target_length=128"]}
@@ -226,6 +226,7 @@ def fixtures(tmp_path_factory) -> dict[str, Path]:
         _write_wav(audioset / f"clip{i}.wav", 1.0, i)
     (audioset / "class_labels_indices.csv").write_text("index,mid,display_name\n0,/m/a,Alpha\n1,/m/b,Beta\n")
     (audioset / "train.json").write_text(json.dumps({"data": entries}))
+    (audioset / "unbalanced_train.json").write_text(json.dumps({"data": entries}))  # as ssamba.prepare names it
     (audioset / "eval.json").write_text(json.dumps({"data": entries[:2]}))
 
     earbud = paths["earbud"] = folder / "earbud"
