@@ -412,6 +412,7 @@ def test_asli_config_composes_nested_sources(audioset, tmp_path):
 
     write_wav(tmp_path / "ls" / "LibriSpeech" / "dev-clean" / "1" / "2" / "1-2-0.flac", seconds=0.3)
     write_wav(tmp_path / "ls" / "LibriSpeech" / "train-clean-100" / "1" / "2" / "1-2-1.flac", seconds=0.3)
+    (audioset / "unbalanced_train.json").write_text((audioset / "train.json").read_text())  # ssamba.prepare's name
     cfg = compose_data_config(["data=asli", f"data.sources.audioset.root={audioset}",
                                f"data.sources.librispeech.root={tmp_path / 'ls'}",
                                "data.sources.librispeech.train_subsets=[train-clean-100]",
