@@ -229,8 +229,30 @@ def test_cuda_backend_errors_clearly_without_kernels():
     if cuda_kernels() is not None:
         pytest.skip("mamba-ssm is installed here")
     encoder = ssamba.build_encoder("tiny", **SMALL, backend="cuda")
-    with pytest.raises(ImportError, match="mamba-ssm"):
+    with pytest.raises(ImportError, match=r"needs mamba-ssm and causal-conv1d, which do not import here \(\w+Error"):
         encoder(torch.randn(1, 64, 32))
+
+
+def test_a_broken_kernel_build_leaves_auto_on_the_torch_path(monkeypatch):
+    import builtins
+
+    from ssamba.ops import backend
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):  # a build against another CUDA: the extension fails to load
+        if name.startswith(("causal_conv1d", "mamba_ssm")):
+            raise OSError("libcudart.so.11.0: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    backend._import_kernels.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", broken)
+    try:
+        assert backend.cuda_kernels() is None and backend.resolve_backend("auto", on_cuda=False) == "torch"
+        with pytest.raises(ImportError, match="OSError: libcudart.so.11.0"):
+            backend.resolve_backend("cuda", on_cuda=True)
+    finally:
+        backend._import_kernels.cache_clear()
 
 
 # Not a speed measurement (bench/embed.py measures speed): a bound ten times what the full-size encoder took

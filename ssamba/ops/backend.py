@@ -23,25 +23,21 @@ BACKENDS = ("auto", "torch", "cuda", "triton")
 _triton_failure: list[str] = []  # why the Triton kernels could not run here, once they failed
 
 
-@functools.cache
 def cuda_kernels() -> tuple[object, object] | None:
     """mamba-ssm's ``selective_scan_fn`` and causal-conv1d's ``causal_conv1d_fn``, or None."""
+    return _import_kernels()[0]
+
+
+@functools.cache
+def _import_kernels() -> tuple[tuple[object, object] | None, str]:
+    """The kernels, or None and why not. A broken build (a library or CUDA mismatch) fails with other errors than
+    ImportError; whichever it is, ``auto`` goes on without the kernels and ``cuda`` names it."""
     try:
         from causal_conv1d import causal_conv1d_fn
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:
-        return None
-    return selective_scan_fn, causal_conv1d_fn
-
-
-def _missing_kernel_packages() -> list[str]:
-    missing = []
-    for module, package in (("mamba_ssm", "mamba-ssm"), ("causal_conv1d", "causal-conv1d")):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(package)
-    return missing
+    except Exception as error:  # any failure to import means: not usable here
+        return None, f"{type(error).__name__}: {error}"
+    return (selective_scan_fn, causal_conv1d_fn), ""
 
 
 @functools.cache
@@ -118,9 +114,9 @@ def resolve_backend(requested: str, on_cuda: bool) -> str:
     kernels = cuda_kernels() is not None
     if requested == "cuda":
         if not kernels:
-            raise ImportError(
-                "backend='cuda' needs the packages " + " and ".join(_missing_kernel_packages())
-                + " (pip install -e '.[cuda]' on a machine with CUDA); use backend='torch' or 'auto'")
+            raise ImportError(f"backend='cuda' needs mamba-ssm and causal-conv1d, which do not import here "
+                              f"({_import_kernels()[1]}; pip install -e '.[cuda]' on a machine with CUDA); "
+                              "use backend='torch' or 'auto'")
         if not on_cuda:
             raise RuntimeError("backend='cuda' needs the model and its inputs on a CUDA device; "
                                "use backend='torch' or 'auto' on CPU")
@@ -128,5 +124,5 @@ def resolve_backend(requested: str, on_cuda: bool) -> str:
     if kernels and on_cuda:
         _announce("cuda", "mamba-ssm kernels found, tensors on CUDA")
         return "cuda"
-    _announce("torch", "tensors not on CUDA" if kernels else "mamba-ssm/causal-conv1d not installed")
+    _announce("torch", "tensors not on CUDA" if kernels else "mamba-ssm/causal-conv1d do not import")
     return "torch"
