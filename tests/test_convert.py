@@ -142,10 +142,12 @@ def test_missing_key_and_wrong_family_are_errors():
         released_to_ours(released, "ssast")
 
 
-def test_grid_is_inferred_from_the_position_embedding_when_not_stored():
+def test_grid_is_inferred_from_the_position_embedding_when_not_stored(caplog):
     released = released_layout(make_encoder("ssast"), "ssast")
+    assert released_to_ours(released).encoder_config["input_tdim"] == 48 and "stores no input grid" not in caplog.text
     del released["module.p_input_fdim"], released["module.p_input_tdim"]
     assert released_to_ours(released).encoder_config["input_tdim"] == 48
+    assert "stores no input grid" in caplog.text and "--fstride/--tstride/--input-tdim" in caplog.text
     with pytest.raises(ConversionError, match=r"v\.pos_embed holds 24 patch positions"):
         released_to_ours(released, fstride=5)  # 23 frequency patches do not divide 24 positions
 

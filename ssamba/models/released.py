@@ -11,12 +11,15 @@ the size table) lives with the family: ``released_config`` in ``ssamba.py`` and 
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from torch import Tensor
 
 from ..constants import MEL_BINS
+
+log = logging.getLogger(__name__)
 
 DATAPARALLEL_PREFIX = "module."
 RELEASED_ENCODER_PREFIX = "v."
@@ -82,6 +85,10 @@ def complete_grid(family: str, encoder_state: dict[str, Tensor], fields: dict[st
     """``fields`` with ``overrides`` applied and the input grid filled in: strides default to the
     patch shape, mel bins to the front end's, frames to what the position embedding implies."""
     fields = {**fields, **overrides}
+    if "input_tdim" not in fields and not {"fstride", "tstride"} & set(fields):
+        log.warning("%s: the file stores no input grid; taking it from the position embedding with stride = patch "
+                    "shape (the pretraining layout). A model finetuned with another stride (e.g. 10) needs "
+                    "--fstride/--tstride/--input-tdim (ssamba.load(..., fstride=, tstride=, input_tdim=))", family)
     fields.setdefault("fstride", fields["fshape"])
     fields.setdefault("tstride", fields["tshape"])
     fields.setdefault("input_fdim", MEL_BINS)
