@@ -73,6 +73,65 @@ def test_kfold_split_tests_each_patient_once_and_carves_val_from_the_training_pa
     assert set(tested.values()) == {1} and len(tested) == len(patients)
 
 
+def linked_cohort() -> list[Patient]:
+    """cohort() with eight children screened twice: each second id links to the first (and back for half of
+    them, as CirCor's csv links both ways), in the first id's stratum or another."""
+    patients = cohort()
+    for k in range(8):
+        first = patients[k * 6]
+        murmur, outcome = (first.murmur, first.outcome) if k % 3 else ("Absent", "Normal")
+        patients.append(Patient(f"7{k:03d}", murmur, outcome, set(), additional_id=first.id))
+        if k % 2:
+            patients[k * 6] = Patient(first.id, first.murmur, first.outcome, set(), additional_id=f"7{k:03d}")
+    return patients
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_a_child_screened_twice_stays_in_one_fold_and_one_split(seed):
+    patients = linked_cohort()
+    pairs = [(p.additional_id, p.id) for p in patients if p.id.startswith("7")]
+    fold_of = stratified_folds(patients, 5, seed)
+    assert sorted(fold_of) == sorted(p.id for p in patients)
+    assert all(fold_of[a] == fold_of[b] for a, b in pairs)
+    second_ids = {b for _, b in pairs}
+    groups_per_fold = Counter(k for pid, k in fold_of.items() if pid not in second_ids)  # one count per group
+    assert max(groups_per_fold.values()) - min(groups_per_fold.values()) <= 1
+    for fold in range(5):
+        assignment = kfold_split(patients, 5, fold, 0.2, seed)
+        assert all(assignment[a] == assignment[b] for a, b in pairs)
+    holdout = stratified_split(patients, {"val": 0.2, "test": 0.3}, seed)
+    assert all(holdout[a] == holdout[b] for a, b in pairs)
+    # without the links, the same cohort's partition is the one each id alone gets (the earlier behaviour)
+    unlinked = [Patient(p.id, p.murmur, p.outcome, set()) for p in patients]
+    assert stratified_folds(unlinked, 5, seed) != fold_of
+
+
+def test_linked_ids_apart_are_reported_and_grouping_can_be_turned_off(tmp_path, caplog):
+    import csv
+
+    root = cloned_circor(tmp_path / "circor", 4)  # 24 patients; link two clones of one patient
+    with open(root / "training_data.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    rows[0]["Additional ID"], rows[6]["Additional ID"] = rows[6]["Patient ID"], rows[0]["Patient ID"]
+    with open(root / "training_data.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    a, b = rows[0]["Patient ID"], rows[6]["Patient ID"]
+    for pid in (a, b):  # their .txt files say nan: the csv gives the link
+        assert "#Additional ID: nan" in (root / "training_data" / f"{pid}.txt").read_text()
+    for seed in range(3):
+        dm = CirCorDataModule(root=str(root), split="kfold", folds=2, split_seed=seed, num_workers=0)
+        assert dm.assignment[a] == dm.assignment[b]
+    assert "linked by Additional ID" not in caplog.text
+    dm = CirCorDataModule(root=str(root), split="kfold", folds=2, split_seed=1, num_workers=0,
+                          group_linked_patients=False)  # each id alone: with this seed they land apart
+    assert dm.assignment[a] != dm.assignment[b]
+    assert f"1 child(ren) screened in both campaigns (linked by Additional ID) have ids in different splits, " \
+           f"e.g. {a} / {b}" in caplog.text
+
+
 def test_the_holdout_split_is_unchanged():
     """Pinned from the implementation before k-fold existed: the same options give the same patients."""
     patients = read_patients(str(CIRCOR_MINI))

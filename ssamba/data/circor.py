@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -66,6 +66,7 @@ class Patient:
     murmur_locations: set[str]
     recordings: list[Recording] = field(default_factory=list)
     systolic_timing: str | None = None  # "Systolic murmur timing", e.g. Holosystolic
+    additional_id: str | None = None  # "Additional ID": the same child's id in the other screening campaign
 
 
 def timing_class(patient: Patient) -> str:
@@ -150,8 +151,32 @@ def read_patients(root: str) -> list[Patient]:
         timing = _clean(fields.get("Systolic murmur timing")) or _clean(row.get("Systolic murmur timing"))
         recordings = [Recording(stem, loc, _audio_path(folder, stem)) for loc, stem in listed]
         locations = set(filter(None, where.split("+")))
-        patients.append(Patient(pid, murmur, outcome, locations, recordings, timing))
+        linked = _clean(fields.get("Additional ID")) or _clean(row.get("Additional ID"))
+        patients.append(Patient(pid, murmur, outcome, locations, recordings, timing, linked))
     return patients
+
+
+def patient_groups(patients: list[Patient]) -> list[list[Patient]]:
+    """Patients linked through ``Additional ID`` (a child screened in both CirCor campaigns has an id in each) as
+    one group, the others alone; groups in the order of their first member. Splits deal whole groups, so no
+    child is trained on under one id and tested under the other."""
+    index = {patient.id: i for i, patient in enumerate(patients)}
+    parent = list(range(len(patients)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, patient in enumerate(patients):
+        j = index.get(patient.additional_id) if patient.additional_id else None
+        if j is not None:
+            parent[root(i)] = root(j)
+    groups: dict[int, list[Patient]] = {}
+    for i, patient in enumerate(patients):
+        groups.setdefault(root(i), []).append(patient)
+    return list(groups.values())
 
 
 def _recordings_on_disk(folder: str, pid: str, locations: list[str]) -> list[tuple[str, str]]:
@@ -163,12 +188,13 @@ def _recordings_on_disk(folder: str, pid: str, locations: list[str]) -> list[tup
     return [(stem.split("_")[1], stem) for stem in stems] if stems else [(loc, f"{pid}_{loc}") for loc in locations]
 
 
-def _shuffled_strata(patients: list[Patient], seed: int) -> list[tuple[str, list[str]]]:
-    """(stratum, patient ids) by stratum name, each shuffled by ``seed``; strata are (murmur, outcome)."""
+def _shuffled_strata(patients: list[Patient], seed: int) -> list[tuple[str, list[list[str]]]]:
+    """(stratum, groups of patient ids) by stratum name, each shuffled by ``seed``; strata are (murmur, outcome),
+    a group's those of its first member (:func:`patient_groups`; without links every group is one patient)."""
     generator = torch.Generator().manual_seed(seed)
-    strata: dict[str, list[str]] = {}
-    for patient in patients:
-        strata.setdefault(f"{patient.murmur}/{patient.outcome}", []).append(patient.id)
+    strata: dict[str, list[list[str]]] = {}
+    for group in patient_groups(patients):
+        strata.setdefault(f"{group[0].murmur}/{group[0].outcome}", []).append([p.id for p in group])
     return [(key, [strata[key][i] for i in torch.randperm(len(strata[key]), generator=generator).tolist()])
             for key in sorted(strata)]
 
@@ -176,16 +202,17 @@ def _shuffled_strata(patients: list[Patient], seed: int) -> list[tuple[str, list
 def stratified_split(patients: list[Patient], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Patient id -> split, stratified on (murmur, outcome) and reproducible from ``seed``.
 
-    Patients are ordered by stratum (shuffled within), then every split takes an evenly spaced
-    selection of that order: each stratum is represented in proportion and totals are exact.
+    Patients (linked ones as a group) are ordered by stratum (shuffled within), then every split takes
+    an evenly spaced selection of that order: each stratum is represented in proportion, and totals are
+    exact in groups (in patients where no patients are linked).
     """
-    order = [pid for _, ids in _shuffled_strata(patients, seed) for pid in ids]
+    order = [group for _, groups in _shuffled_strata(patients, seed) for group in groups]
     total, assignment = len(order), {}
     for split in ("test", "val"):
         chosen = _evenly_spaced(len(order), min(round(fractions.get(split, 0.0) * total), len(order)))
-        assignment.update({order[k]: split for k in chosen})
-        order = [pid for k, pid in enumerate(order) if k not in chosen]
-    assignment.update({pid: "train" for pid in order})
+        assignment.update({pid: split for k in chosen for pid in order[k]})
+        order = [group for k, group in enumerate(order) if k not in chosen]
+    assignment.update({pid: "train" for group in order for pid in group})
     return assignment
 
 
@@ -197,25 +224,26 @@ def _evenly_spaced(length: int, count: int) -> set[int]:
 def stratified_subset(patients: list[Patient], fraction: float, seed: int) -> set[str]:
     """The ids of ``fraction`` of ``patients`` (at least one), stratified on (murmur, outcome) as
     :func:`stratified_split` is, reproducible from ``seed``."""
-    order = [pid for _, ids in _shuffled_strata(patients, seed) for pid in ids]
-    return {order[k] for k in _evenly_spaced(len(order), max(1, round(fraction * len(order))))}
+    order = [group for _, groups in _shuffled_strata(patients, seed) for group in groups]
+    return {pid for k in _evenly_spaced(len(order), max(1, round(fraction * len(order)))) for pid in order[k]}
 
 
 def stratified_folds(patients: list[Patient], folds: int, seed: int) -> dict[str, int]:
     """Patient id -> fold in ``0..folds-1``, stratified on (murmur, outcome), reproducible from ``seed``.
 
-    The stratum-ordered, shuffled patients are dealt to the folds in turn, so every fold holds each
-    stratum's share to within one patient and fold sizes differ by at most one. A stratum with fewer
-    patients than folds would leave a fold without it, and is refused.
+    The stratum-ordered, shuffled patients (linked ones as a group) are dealt to the folds in turn, so
+    every fold holds each stratum's share to within one group and fold sizes differ by at most one
+    (without linked patients). A stratum with fewer groups than folds would leave a fold without it,
+    and is refused.
     """
     strata = _shuffled_strata(patients, seed)
-    small = [(key, len(ids)) for key, ids in strata if len(ids) < folds]
+    small = [(key, len(groups)) for key, groups in strata if len(groups) < folds]
     if small:
         key, count = min(small, key=lambda pair: pair[1])
         raise ValueError(f"data.folds={folds}: stratum {key} (murmur/outcome) has only {count} patient(s), "
                          f"fewer than the folds; use data.folds<={count}")
-    order = [pid for _, ids in strata for pid in ids]
-    return {pid: k % folds for k, pid in enumerate(order)}
+    order = [group for _, groups in strata for group in groups]
+    return {pid: k % folds for k, group in enumerate(order) for pid in group}
 
 
 def kfold_split(patients: list[Patient], folds: int, fold: int, val_fraction: float, seed: int) -> dict[str, str]:
@@ -294,6 +322,7 @@ class CirCorDataModule(AudioDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.25,
         split_seed: int = 0,
+        group_linked_patients: bool = True,
         label_fraction: float = 1.0,
         crop_seconds: float = 5.0,
         crop_hop_seconds: float = 2.5,
@@ -333,6 +362,7 @@ class CirCorDataModule(AudioDataModule):
         self.folds, self.fold = folds, fold
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.split_seed = split_seed
+        self.group_linked_patients = group_linked_patients
         self.label_fraction = label_fraction
         self.crop = (crop_seconds, crop_hop_seconds)
         self.segment = (segment_seconds, min_segment_seconds)
@@ -369,17 +399,25 @@ class CirCorDataModule(AudioDataModule):
         return self._assignment
 
     def _assign(self) -> dict[str, str]:
+        patients = self.patients if self.group_linked_patients else [
+            replace(p, additional_id=None) for p in self.patients]
         if self.split_file:
             assignment = read_split_file(self.split_file)
             unknown = [p.id for p in self.patients if p.id not in assignment]
             if unknown:
                 raise ValueError(f"{self.split_file}: no split for patient(s) {unknown[:5]}")
         elif self.split == "kfold":
-            assignment = kfold_split(self.patients, self.folds, self.fold, self.fractions["val"], self.split_seed)
+            assignment = kfold_split(patients, self.folds, self.fold, self.fractions["val"], self.split_seed)
         else:
-            assignment = stratified_split(self.patients, self.fractions, self.split_seed)
-        if self.label_fraction < 1:
-            train = [p for p in self.patients if assignment[p.id] == "train"]
+            assignment = stratified_split(patients, self.fractions, self.split_seed)
+        apart = [group for group in patient_groups(self.patients) if len({assignment[p.id] for p in group}) > 1]
+        if apart:
+            log.warning("%d child(ren) screened in both campaigns (linked by Additional ID) have ids in different "
+                        "splits, e.g. %s: one id may train and the other be scored%s", len(apart),
+                        " / ".join(p.id for p in apart[0]),
+                        "" if self.split_file else " (data.group_linked_patients=true keeps them together)")
+        if self.label_fraction < 1:  # after the check: keeping or dropping a training id's labels leaks nothing
+            train = [p for p in patients if assignment[p.id] == "train"]
             kept = stratified_subset(train, self.label_fraction, self.split_seed)
             assignment.update({p.id: UNLABELED_SPLIT for p in train if p.id not in kept})
         return assignment
