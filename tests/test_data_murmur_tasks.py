@@ -194,8 +194,14 @@ def test_subject_disjoint_split_and_the_report_says_which(tmp_path, capsys):
         summary_main(["data=earbud", f"data.root={root}", f"data.split={split}"])
         out = json.loads(capsys.readouterr().out)
         assert out["split"].startswith(f"{split}: ") and out["patients_shared_with_train"] == shared
+        # the totals count each recording and subject once, though val and test read the same ones here
+        assert out["total"]["items"] == 9 and out["total"]["patients"] == 8, out["total"]
+        assert sum(out["total"]["labels"].values()) == 9
     with pytest.raises(ConfigError, match="data.split='random'"):
         EarbudDataModule(root=str(root), variant="filt", split="random", **FAST)
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ConfigError, match=rf"data.val_fraction={bad}: must be in \[0, 1\)"):
+            EarbudDataModule(root=str(root), variant="filt", val_fraction=bad, **FAST)
 
 
 def test_earbud_recipes_require_a_pretrained_checkpoint():

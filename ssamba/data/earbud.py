@@ -123,6 +123,9 @@ class EarbudDataModule(AudioDataModule):
             raise ConfigError(f"data.split={split!r}: allowed values are {', '.join(SPLITS)}")
         if not 0.0 < eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={eval_fraction}: must be between 0 and 1")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={val_fraction}: must be in [0, 1) (0: validate on the evaluated "
+                              "recordings)")
         self.label_csv = label_csv or self._default_label_csv()
         for key, path in (("labels", labels), ("label_csv", self.label_csv)):
             if path is not None and not os.path.isfile(path):

@@ -16,9 +16,10 @@ def _file_seconds(path: str) -> float | str:
         return error.reason
 
 
-def split_summary(datamodule: AudioDataModule, split: str, items: list[Item], threads: int = 16) -> dict:
-    """Counts for one split's ``items``. ``hours`` is the audio the split draws from: every file once
-    (crops of one recording count its duration once); generated items count their own length."""
+def split_summary(datamodule: AudioDataModule, split: str | None, items: list[Item], threads: int = 16) -> dict:
+    """Counts for one split's ``items`` (``split`` None: items of several splits). ``hours`` is the audio the
+    items draw from: every file once (crops of one recording count its duration once); generated items
+    count their own length."""
     paths = sorted({item.path for item in items if item.path is not None})
     with ThreadPoolExecutor(threads) as pool:
         seconds = dict(zip(paths, pool.map(_file_seconds, paths)))
@@ -35,7 +36,8 @@ def split_summary(datamodule: AudioDataModule, split: str, items: list[Item], th
         "skipped": {r: skipped[r] for r in SKIP_REASONS if skipped[r]},
     }
     if hasattr(datamodule, "split_patients"):
-        patients = datamodule.split_patients(split)
+        splits = datamodule.splits if split is None else (split,)
+        patients = {p.id: p for name in splits for p in datamodule.split_patients(name)}.values()
         out["patients"] = len(patients)
         out["recordings"] = len({i.meta["recording"] for i in usable})
         out["patient_labels"] = dict(sorted(Counter(str(datamodule.patient_label(p)) for p in patients).items()))
@@ -55,20 +57,13 @@ def summarize(datamodule: AudioDataModule) -> dict:
     """Per split and in total; ``split`` says how the splits were made where the datamodule tells."""
     items = {split: datamodule.build_items(split) for split in datamodule.splits}
     splits = {split: split_summary(datamodule, split, part) for split, part in items.items()}
-    total: dict = {"items": 0, "hours": 0.0, "labels": Counter(), "skipped": Counter()}
-    for part in splits.values():
-        total["items"] += part["items"]
-        total["hours"] += part["hours"]
-        total["labels"].update(part["labels"])
-        total["skipped"].update(part["skipped"])
-        for key in ("patients", "recordings"):
-            if key in part:
-                total[key] = total.get(key, 0) + part[key]
-        if "patient_labels" in part:
-            total.setdefault("patient_labels", Counter()).update(part["patient_labels"])
-    for key in ("labels", "skipped", "patient_labels"):
-        if key in total:
-            total[key] = dict(sorted(total[key].items()))
+    # every item, patient and file once: splits may share them (earbud's val and test can be one folder)
+    unique = {(i.id, i.path, i.start, i.duration): i for part in items.values() for i in part}
+    total = split_summary(datamodule, None, list(unique.values()))
+    skipped = Counter(total["skipped"])
+    for split in splits:
+        skipped.update(getattr(datamodule, "setup_skipped", {}).get(split, {}))
+    total["skipped"] = {r: skipped[r] for r in SKIP_REASONS if skipped[r]}
     for part in (*splits.values(), total):
         part["hours"] = round(part["hours"], 4)
     out = {"splits": splits, "total": total}
