@@ -626,10 +626,20 @@ def interval(values: list[float], test_to_train: float) -> tuple[float, float, i
 
 
 def paired_differences(records: list[dict], key: str) -> list[float]:
-    """pretrained - scratch of ``key`` for every (fold, seed) that both arms scored."""
-    by_cell = {(r["fold"], r["seed"], r["arm"]): r["scores"].get(key, math.nan) for r in records}
-    return [by_cell[(fold, seed, "pretrained")] - value for (fold, seed, arm), value in sorted(by_cell.items())
-            if arm == "scratch" and (fold, seed, "pretrained") in by_cell]  # fmt: skip
+    """pretrained - scratch of ``key`` for every (fold, seed) that both arms scored. The two cells of a pair must
+    have scored the same patients (a cell run after a change of partition, e.g. data.group_linked_patients, has
+    not), else the pair means nothing and is refused."""
+    cells = {(r["fold"], r["seed"], r["arm"]): r for r in records}
+    differences = []
+    for (fold, seed, arm), cell in sorted(cells.items()):
+        other = cells.get((fold, seed, "pretrained"))
+        if arm != "scratch" or other is None:
+            continue
+        if other.get("patients", {}).get("id") != cell.get("patients", {}).get("id"):
+            raise ValueError(f"{cell['task']} fold {fold} seed {seed}: the pretrained and scratch cells scored "
+                             "different patients (another partition), so they cannot be paired")
+        differences.append(other["scores"].get(key, math.nan) - cell["scores"].get(key, math.nan))
+    return differences
 
 
 def patient_scores_of(records: list[dict], preds: list[int] | None = None) -> dict[str, float]:

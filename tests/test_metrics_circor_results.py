@@ -449,6 +449,14 @@ def test_the_correction_is_a_test_fold_over_the_patients_the_finetuning_trained_
     assert bench.test_to_train([no_val]) == pytest.approx(1 / 4)
 
 
+def test_arms_of_one_fold_that_scored_other_patients_are_not_paired():
+    scratch, pretrained = cell("scratch", 0, 0, 0.7), cell("pretrained", 0, 0, 0.8)
+    assert bench.paired_differences([scratch, pretrained], "weighted_accuracy") == [pytest.approx(0.1)]
+    moved = {**pretrained, "patients": {**pretrained["patients"], "id": ["11", "99"]}}  # another partition
+    with pytest.raises(ValueError, match="fold 0 seed 0: the pretrained and scratch cells scored different patients"):
+        bench.paired_differences([scratch, moved], "weighted_accuracy")
+
+
 def test_report_gives_means_paired_differences_and_pooled_scores_with_hand_checked_intervals(tmp_path):
     scratch = [0.70, 0.72, 0.74, 0.76]  # (fold, seed) = (0, 0), (1, 0), (0, 1), (1, 1)
     pretrained = [0.71, 0.75, 0.76, 0.82]  # differences 0.01, 0.03, 0.02, 0.06
