@@ -1,7 +1,7 @@
 """python -m ssamba.prepare <dataset> --src <official download> --dst <folder> [options]
 
-Writes AST-style manifests, class_labels_indices.csv and stats.json (fbank norm_mean / norm_std)
-under --dst and prints a JSON report: items and hours per manifest, clips skipped by reason
+Writes AST-style manifests, class_labels_indices.csv and stats.json (fbank norm_mean / norm_std; one per
+fold for ESC-50 and IEMOCAP, from that fold's training clips) under --dst and prints a JSON report: items and hours per manifest, clips skipped by reason
 (missing, unreadable, empty), files written. Running it again rewrites nothing that is unchanged.
 A download that is incomplete or in another layout stops with one line naming what is missing.
 """

@@ -157,7 +157,7 @@ class Preparation:
         )
         stats = fbank_stats(datamodule, items=items, seed=0)
         stats.update(manifest=manifest, target_length=target_length)
-        rel = str(Path(manifest).parent / STATS_JSON) if Path(manifest).parent != Path(".") else STATS_JSON
+        rel = str(Path(manifest).parent / STATS_JSON)  # "stats.json" for a manifest at the top of --dst
         self.write_bytes(rel, (json.dumps(stats, indent=1) + "\n").encode())
         self.notes.setdefault("stats", {})[rel] = stats
 
