@@ -154,6 +154,15 @@ def test_fork_layout_read_directly(tmp_path):
     assert len(items) == 6 and items[0].path.startswith(str(other / "wav" / "train"))
 
 
+def test_audio_a_fork_manifest_does_not_list_is_reported_once(tmp_path, caplog):
+    root = fork_tree(tmp_path / "earbud", variants=("filt",))
+    sf.write(root / "filt" / "train" / "Umich99_eb2_t00_s02_v02_filt.flac", np.zeros(1600, dtype="float32"), 16000)
+    dm = EarbudDataModule(root=str(root), variant="filt", **FAST)
+    assert len(dm.build_items("train")) == 6 and len(dm.build_items("train")) == 6
+    assert caplog.text.count("1 audio file(s) in") == 1
+    assert f"{root / 'filt' / 'train'} are not in its a.json and are not used, e.g. Umich99" in caplog.text
+
+
 def test_fork_manifest_labels_by_mid_or_display_name_and_bad_labels(tmp_path):
     root = fork_tree(tmp_path / "earbud", variants=("lp",))
     (root / "lp" / "class_labels_indices.csv").write_text(

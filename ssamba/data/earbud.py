@@ -141,6 +141,7 @@ class EarbudDataModule(AudioDataModule):
         self.split_seed = split_seed
         self.aggregation = aggregation  # checked against the classes where the subject metric is built
         self._subjects: dict[str, str] | None = None
+        self._unlisted_told: set[str] = set()  # folders whose unlisted audio was reported
         log.info("earbud %s, split %s", self.variant_dir, self.split_description)  # scores depend on it
 
     # --- where things are -------------------------------------------------------------------
@@ -184,8 +185,16 @@ class EarbudDataModule(AudioDataModule):
         path = self.variant_dir / folder
         if self.labels is None:  # the fork's manifest lists the folder's recordings
             manifest = str(path / MANIFEST)
-            return [self._item(Path(wav).stem, local_path(wav, manifest), _split_labels(labels), manifest)
-                    for wav, labels in read_entries(manifest)]
+            items = [self._item(Path(wav).stem, local_path(wav, manifest), _split_labels(labels), manifest)
+                     for wav, labels in read_entries(manifest)]
+            listed = {Path(item.path).name for item in items}
+            unlisted = sorted(f.name for f in path.glob("*") if f.suffix.lower() in AUDIO_EXTENSIONS
+                              and f.name not in listed)
+            if unlisted and folder not in self._unlisted_told:
+                self._unlisted_told.add(folder)
+                log.warning("%d audio file(s) in %s are not in its %s and are not used, e.g. %s", len(unlisted),
+                            path, MANIFEST, ", ".join(unlisted[:3]))
+            return items
         files = sorted(f for f in path.glob("*") if f.suffix.lower() in AUDIO_EXTENSIONS)
         if not files:
             raise FileNotFoundError(f"no .wav/.flac files in {path}")
