@@ -108,6 +108,11 @@ def test_recording_level_targets_give_the_patient_label():
     assert scores(rows)["weighted_accuracy"].item() == pytest.approx(scores(ROWS)["weighted_accuracy"].item())
 
 
+def test_ids_are_codes_of_their_exact_text():
+    assert id_code("100") == 100 and id_code(100) == 100 and id_code("-5") == -5
+    assert len({id_code(x) for x in ("7", "07", "+7", "-0", "0", "7.0")}) == 6  # six different ids
+
+
 def test_duplicated_items_are_counted_once():
     # a sampler that pads by repeating 100_AV#1 would otherwise tip recording 100_AV to Unknown
     rows = ROWS + [ROWS[1], ROWS[1], ROWS[1]]

@@ -43,9 +43,10 @@ AGGREGATION_RULES = ("hierarchical", "mean")
 
 
 def id_code(item_id: str | int) -> int:
-    """A process-independent int64 code for an id: the integer itself for decimal ids, else a hash."""
+    """A process-independent int64 code for an id: the integer itself for an integer written in its one decimal
+    form (so ``"07"`` and ``"7"`` stay two ids), else a hash."""
     text = str(item_id)
-    if text.lstrip("-").isdigit() and -(2**63) <= int(text) < 2**63:
+    if text.lstrip("-").isdigit() and text == str(int(text)) and -(2**63) <= int(text) < 2**63:
         return int(text)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
