@@ -8,6 +8,10 @@ once: its hit rate over the seeds that scored it (every prediction out-of-fold),
 the mean over its patients, with a 95% Student's t interval over them (the patients are independent; the
 models that scored them share training patients, so the interval is a guide).
 
+A last table takes the children screened in both campaigns (two ids linked by ``Additional ID``): recall
+where the child's other id was a training patient of the model that scored it (a partition that dealt
+each id alone, as grids before ``data.group_linked_patients`` did), against where it was not.
+
     python bench/circor_errors.py --results docs/results/screens/ep20 --data <circor-dev folder> \\
         --out docs/results/screens/ep20/errors.md
 """
@@ -24,7 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from circor_results import ARM_TITLES, ARMS, interval, load_results  # noqa: E402
+from circor_results import ARM_TITLES, ARMS, circor_default, interval, load_results  # noqa: E402
+
+from ssamba.data.circor import Patient, kfold_split  # noqa: E402
 
 CLASSES = ("Present", "Unknown", "Absent")  # the Challenge's murmur classes, in the cells' index order
 TABLE = "training_data.csv"
@@ -91,6 +97,58 @@ def breakdown_rows(outcomes: dict[str, tuple[int, list[int]]], table: dict[str, 
     return lines
 
 
+TWIN_STATES = ("other id trained on", "other id not trained on", "no other id in the data")
+
+
+def twin_states(records: list[dict], table: dict[str, dict[str, str]]) -> dict[tuple[str, str], list[int]]:
+    """(patient id, TWIN_STATES entry) -> the patient's predictions in that state, over the cells. A cell's
+    partition is rebuilt from ``training_data.csv`` (each id alone, else linked ids together: whichever gives
+    the cell's test patients), to tell whether the other id trained the cell's models."""
+    def patient(row: dict[str, str], linked: bool) -> Patient:
+        clean = {k: (None if row.get(k, "").strip() in ("", "nan") else row[k].strip())
+                 for k in ("Murmur", "Outcome", "Additional ID")}
+        return Patient(row["Patient ID"], clean["Murmur"], clean["Outcome"], set(),
+                       additional_id=clean["Additional ID"] if linked else None)
+
+    linked_ids = {pid: row["Additional ID"].strip() for pid, row in table.items()
+                  if row.get("Additional ID", "").strip() not in ("", "nan") and row["Additional ID"].strip() in table}
+    out: dict[tuple[str, str], list[int]] = {}
+    for r in records:
+        given = dict(o.lstrip("+").split("=", 1) for o in [*r["settings"]["common"], *r["settings"]["finetune"]]
+                     if "=" in o)
+        val = float(given.get("data.val_fraction", circor_default("val_fraction")))
+        tested = set(r["patients"]["id"])
+        for linked in (False, True):
+            patients = [patient(row, linked) for row in table.values()]
+            split = kfold_split(patients, r["settings"]["folds"], r["fold"], val, r["seed"])
+            if {pid for pid, s in split.items() if s == "test"} == tested:
+                break
+        else:
+            raise ValueError(f"fold {r['fold']} seed {r['seed']}: no partition of {TABLE} gives the cell's test "
+                             "patients (another data folder?)")
+        for pid, target, pred in zip(r["patients"]["id"], r["patients"]["target"], r["patients"]["pred"]):
+            other = linked_ids.get(pid)
+            state = TWIN_STATES[2] if other is None else TWIN_STATES[0 if split[other] == "train" else 1]
+            out.setdefault((pid, state), [target]).append(pred)
+    return out
+
+
+def twin_rows(states: dict[tuple[str, str], list[int]]) -> list[str]:
+    """Markdown rows: class, state, patients, recall with interval (each patient once per state)."""
+    lines = []
+    for index, name in enumerate(CLASSES):
+        for state in TWIN_STATES:
+            hits = [sum(p == index for p in preds) / len(preds)
+                    for (_, s), (target, *preds) in states.items() if s == state and target == index]
+            if not hits:
+                continue
+            mean, half, _ = interval(hits, 0.0)
+            recall = f"{mean:.2f}" if math.isnan(half) else f"{mean:.2f} [{max(0.0, mean - half):.2f}, " \
+                                                           f"{min(1.0, mean + half):.2f}]"
+            lines.append(f"| {name} | {state} | {len(hits)} | {recall} |")
+    return lines
+
+
 def render(results: Path, data: list[Path], task: str = "murmur") -> str:
     records = [r for r in load_results(results) if r["task"] == task]
     if not records:
@@ -114,6 +172,17 @@ def render(results: Path, data: list[Path], task: str = "murmur") -> str:
         lines += [f"### {ARM_TITLES[arm]} ({len(arm_records)} cells)", "",
                   "| class | by | value | patients | recall | Present | Unknown | Absent |",
                   "|---|---|---|---|---|---|---|---|", *breakdown_rows(patient_outcomes(arm_records), table), ""]
+    if not any("Additional ID" in row for row in table.values()):
+        return "\n".join(lines)
+    lines += ["### Children screened in both campaigns", "",
+              "Recall of the patients whose other-campaign id (`Additional ID`) trained the model that scored them, "
+              "of those whose other id was val, test or absent, and of the rest; each patient once per state, "
+              "its hit rate over the cells that scored it in that state.", ""]
+    for arm in ARMS:
+        arm_records = [r for r in records if r["arm"] == arm]
+        if arm_records:
+            lines += [f"{ARM_TITLES[arm]}:", "", "| class | other id | patients | recall |", "|---|---|---|---|",
+                      *twin_rows(twin_states(arm_records, table)), ""]
     return "\n".join(lines)
 
 

@@ -69,3 +69,35 @@ def test_refusals_are_one_line(tmp_path):
     (tmp_path / "circor" / "training_data.csv").write_text("\n".join(rows) + "\n")
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "no column 'Campaign'" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_children_screened_twice_by_whether_their_other_id_trained_the_model(tmp_path):
+    from ssamba.data.circor import Patient, kfold_split
+
+    # 8 patients in two strata; 1 and 5 are one child (linked both ways), 2's other id is not in the data
+    rows = [(str(k), "Present" if k <= 4 else "Absent", "Abnormal" if k <= 4 else "Normal",
+             {1: "5", 5: "1", 2: "99"}.get(k, "nan")) for k in range(1, 9)]
+    data, results = tmp_path / "circor", tmp_path / "results"
+    data.mkdir()
+    (results / "cells").mkdir(parents=True)
+    with open(data / "training_data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*COLUMNS, "Outcome", "Additional ID"])
+        writer.writerows([(pid, murmur, "nan", "nan", "Child", "CC2015", outcome, other)
+                          for pid, murmur, outcome, other in rows])
+    alone = [Patient(pid, murmur, outcome, set()) for pid, murmur, outcome, _ in rows]  # as the old grids dealt
+    settings = {"folds": 2, "common": ["data.val_fraction=0"], "finetune": []}
+    for fold in range(2):
+        split = kfold_split(alone, 2, fold, 0.0, 1)  # seed 1 deals 1 and 5 to different folds
+        tested = [pid for pid, part in split.items() if part == "test"]
+        targets = [0 if int(pid) <= 4 else 2 for pid in tested]
+        patients = {"id": tested, "target": targets, "pred": targets, "class_names": ["Present", "Unknown", "Absent"]}
+        record = {"task": "murmur", "fold": fold, "seed": 1, "arm": "scratch", "settings": settings,
+                  "patients": patients}
+        (results / "cells" / f"murmur_fold{fold}_seed1_scratch.json").write_text(json.dumps(record))
+    text = render(results, [data])
+    assert "### Children screened in both campaigns" in text
+    # each of 1 and 5 was scored while the other trained the fold's model
+    assert "| Present | other id trained on | 1 | 1.00 |" in text and "| Absent | other id trained on | 1 | 1.00 |" in text
+    assert "other id not trained on" not in text
+    assert "| Present | no other id in the data | 3 | 1.00 [1.00, 1.00] |" in text  # 2 (linked outside), 3, 4
