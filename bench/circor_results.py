@@ -278,6 +278,20 @@ def wall_times(run_dir: Path, seconds: float) -> dict[str, float]:
 
 
 # --- the grid -------------------------------------------------------------------------------------
+PARTITION_KEY = "data.group_linked_patients"
+
+
+def grid_partition(results: Path, overrides: list[str]) -> list[str]:
+    """The partition override a grid runs with, unless ``--override`` names one: a new grid records
+    ``data.group_linked_patients=true``; a grid begun before that option (its ``grid.json`` names none) dealt
+    each patient id alone and goes on doing so, so that its new cells pair with its old ones."""
+    if any(o.lstrip("+").startswith(PARTITION_KEY + "=") for o in overrides):
+        return []
+    path = results / "grid.json"
+    older = path.is_file() and not any(PARTITION_KEY in o for o in json.loads(path.read_text()).get("common", []))
+    return [f"{PARTITION_KEY}={'false' if older else 'true'}"]
+
+
 def check_grid(results: Path, settings: dict) -> None:
     """A results folder holds one grid: its settings (``grid.json``) must match the new call's."""
     path = results / "grid.json"
@@ -343,13 +357,14 @@ def run_grid(args: argparse.Namespace) -> bool:
     results = Path(args.results)
     work = Path(args.work) if args.work else results
     data_root = merge([Path(p) for p in args.data], work / "data")
+    partition = grid_partition(results, args.override)
     common = [
         f"data.root={data_root}", f"data.num_workers={args.num_workers}", f"trainer={args.trainer}",
         "logger=csv", "test=false", "trainer.enable_progress_bar=false", "++callbacks.progress_bar=null",
         "data.split_file=null", "data.split=kfold", f"data.folds={args.folds}",
         "+callbacks.wall_times._target_=ssamba.callbacks.WallTimes",
         "+callbacks.wall_times.dirpath=${paths.output_dir}",
-        *args.override,
+        *partition, *args.override,
     ]  # fmt: skip
     # No checkpoint or validation pass that the cell does not read: the pretraining keeps only last.ckpt (its val
     # drives the plateau schedule); the finetuning validates only after its last epoch unless --checkpoint best
@@ -364,7 +379,8 @@ def run_grid(args: argparse.Namespace) -> bool:
                 *(lean if args.checkpoint == "last" else []), *args.finetune_override]
     settings = {
         "folds": args.folds, "checkpoint": args.checkpoint, "pretrain": pretrain, "finetune": finetune,
-        "common": [o for o in common if not o.startswith(("data.root=", "data.num_workers="))],  # no machine paths
+        "common": [o for o in common if not o.startswith(("data.root=", "data.num_workers="))  # no machine paths
+                   and not (o in partition and o.endswith("=false"))],  # an older grid's, which it did not record
         **({"members": args.members} if args.members > 1 else {}),  # absent for one: older grids stay the same
     }  # fmt: skip
     check_grid(results, settings)
@@ -770,7 +786,7 @@ def planned_cells(records: list[dict], plan: dict | None) -> tuple[list[str], li
 def readme_summary(records: list[dict], plan: dict | None = None) -> str:
     """The README's table: per label scheme and arm the cells, the headline scores with their intervals and
     the minutes per cell; then pretrained minus scratch, and whether any interval orders the arms."""
-    folds, ratio = records[0]["settings"]["folds"], test_to_train(records)
+    ratio = test_to_train(records)
     _, _, _, expected = planned_cells(records, plan)
     lines = [f"{len(records)} of the grid's {expected} cells:", "",
              "| label scheme | arm | cells | murmur weighted accuracy | murmur UAR | Unknown recall | "

@@ -374,6 +374,25 @@ def test_a_grid_of_members_records_them_and_its_folder_refuses_another_count(fak
     assert stop.value.code == 2 and "holds a grid with other settings (members)" in capsys.readouterr().err
 
 
+def test_a_new_grid_records_its_partition_and_an_older_one_keeps_dealing_each_id_alone(fake_train, monkeypatch):
+    monkeypatch.setattr(bench, "write_report", lambda *_: None)
+    data = cloned_circor(fake_train / "circor", copies=2)
+    argv = ["run", "--data", str(data), "--out", str(fake_train / "r.md"), "--tasks", "murmur", "--folds", "2",
+            "--seeds", "0", "--arms", "scratch", "--trainer", "cpu", "--num-workers", "0", "--override", "sleep=0"]
+    assert bench.main([*argv, "--results", str(fake_train / "new")]) == 0
+    assert "data.group_linked_patients=true" in json.loads((fake_train / "new" / "grid.json").read_text())["common"]
+    # a grid begun before the option: its grid.json names no partition, and it is resumed on its own
+    older = fake_train / "older"
+    older.mkdir()
+    settings = json.loads((fake_train / "new" / "grid.json").read_text())
+    settings["common"].remove("data.group_linked_patients=true")
+    (older / "grid.json").write_text(json.dumps(settings))
+    assert bench.main([*argv, "--results", str(older)]) == 0
+    ran = [call for path in (older / "runs").rglob("calls.jsonl") for call in calls(path.parent)]
+    assert ran and all("data.group_linked_patients=false" in call for call in ran)
+    assert json.loads((older / "grid.json").read_text()) == settings  # unchanged
+
+
 def test_run_folds_trains_only_those_folds_and_names_them_when_done(fake_train, capsys, monkeypatch):
     monkeypatch.setattr(bench, "write_report", lambda *_: None)  # the stand-in's cells hold no patients to pool
     data = cloned_circor(fake_train / "circor", copies=2)
