@@ -24,13 +24,14 @@ import datetime
 import math
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from circor_results import ARM_TITLES, ARMS, circor_default, interval, load_results  # noqa: E402
+from circor_results import ARM_TITLES, ARMS, data_setting, interval, load_results  # noqa: E402
 
-from ssamba.data.circor import Patient, kfold_split  # noqa: E402
+from ssamba.data.circor import Patient, kfold_split, read_patients  # noqa: E402
 
 CLASSES = ("Present", "Unknown", "Absent")  # the Challenge's murmur classes, in the cells' index order
 TABLE = "training_data.csv"
@@ -40,16 +41,22 @@ BREAKDOWNS = (("Systolic murmur grading", ("Present",)), ("Murmur locations", ("
 NO_SYSTOLIC = "none (diastolic only)"
 
 
+def table_folder(data: list[Path]) -> Path:
+    """The CirCor folder, or the staged part, that holds ``training_data.csv``."""
+    folders = [folder for folder in data if (folder / TABLE).is_file()]
+    if not folders:
+        raise FileNotFoundError(f"none of --data {[str(p) for p in data]} holds {TABLE}")
+    return folders[0]
+
+
 def read_table(data: list[Path]) -> dict[str, dict[str, str]]:
     """Patient id -> its row of ``training_data.csv``, from the CirCor folder or the staged part that holds it."""
-    paths = [folder / TABLE for folder in data if (folder / TABLE).is_file()]
-    if not paths:
-        raise FileNotFoundError(f"none of --data {[str(p) for p in data]} holds {TABLE}")
-    with open(paths[0], newline="") as f:
+    path = table_folder(data) / TABLE
+    with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = sorted({"Patient ID", *(column for column, _ in BREAKDOWNS)} - set(reader.fieldnames or []))
         if missing:
-            raise ValueError(f"{paths[0]}: no column {', '.join(map(repr, missing))} (CirCor's training_data.csv "
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (CirCor's training_data.csv "
                              "has them)")
         return {row["Patient ID"]: row for row in reader}
 
@@ -100,31 +107,23 @@ def breakdown_rows(outcomes: dict[str, tuple[int, list[int]]], table: dict[str, 
 TWIN_STATES = ("other id trained on", "other id not trained on", "no other id in the data")
 
 
-def twin_states(records: list[dict], table: dict[str, dict[str, str]]) -> dict[tuple[str, str], list[int]]:
+def twin_states(records: list[dict], patients: list[Patient]) -> dict[tuple[str, str], list[int]]:
     """(patient id, TWIN_STATES entry) -> the patient's predictions in that state, over the cells. A cell's
-    partition is rebuilt from ``training_data.csv`` (each id alone, else linked ids together: whichever gives
-    the cell's test patients), to tell whether the other id trained the cell's models."""
-    def patient(row: dict[str, str], linked: bool) -> Patient:
-        clean = {k: (None if row.get(k, "").strip() in ("", "nan") else row[k].strip())
-                 for k in ("Murmur", "Outcome", "Additional ID")}
-        return Patient(row["Patient ID"], clean["Murmur"], clean["Outcome"], set(),
-                       additional_id=clean["Additional ID"] if linked else None)
-
-    linked_ids = {pid: row["Additional ID"].strip() for pid, row in table.items()
-                  if row.get("Additional ID", "").strip() not in ("", "nan") and row["Additional ID"].strip() in table}
+    partition is rebuilt from the patients as the data reads them (each id alone, else linked ids together:
+    whichever gives the cell's test patients), to tell whether the other id trained the cell's models."""
+    ids = {p.id for p in patients}
+    linked_ids = {p.id: p.additional_id for p in patients if p.additional_id in ids}
+    alone = [replace(p, additional_id=None) for p in patients]
     out: dict[tuple[str, str], list[int]] = {}
     for r in records:
-        given = dict(o.lstrip("+").split("=", 1) for o in [*r["settings"]["common"], *r["settings"]["finetune"]]
-                     if "=" in o)
-        val = float(given.get("data.val_fraction", circor_default("val_fraction")))
+        val = data_setting(r["settings"], "val_fraction")
         tested = set(r["patients"]["id"])
-        for linked in (False, True):
-            patients = [patient(row, linked) for row in table.values()]
-            split = kfold_split(patients, r["settings"]["folds"], r["fold"], val, r["seed"])
+        for partition in (alone, patients):
+            split = kfold_split(partition, r["settings"]["folds"], r["fold"], val, r["seed"])
             if {pid for pid, s in split.items() if s == "test"} == tested:
                 break
         else:
-            raise ValueError(f"fold {r['fold']} seed {r['seed']}: no partition of {TABLE} gives the cell's test "
+            raise ValueError(f"fold {r['fold']} seed {r['seed']}: no partition of the data gives the cell's test "
                              "patients (another data folder?)")
         for pid, target, pred in zip(r["patients"]["id"], r["patients"]["target"], r["patients"]["pred"]):
             other = linked_ids.get(pid)
@@ -174,6 +173,7 @@ def render(results: Path, data: list[Path], task: str = "murmur") -> str:
                   "|---|---|---|---|---|---|---|---|", *breakdown_rows(patient_outcomes(arm_records), table), ""]
     if not any("Additional ID" in row for row in table.values()):
         return "\n".join(lines)
+    patients = read_patients(str(table_folder(data)))
     lines += ["### Children screened in both campaigns", "",
               "Recall of the patients whose other-campaign id (`Additional ID`) trained the model that scored them, "
               "of those whose other id was val, test or absent, and of the rest; each patient once per state, "
@@ -182,7 +182,7 @@ def render(results: Path, data: list[Path], task: str = "murmur") -> str:
         arm_records = [r for r in records if r["arm"] == arm]
         if arm_records:
             lines += [f"{ARM_TITLES[arm]}:", "", "| class | other id | patients | recall |", "|---|---|---|---|",
-                      *twin_rows(twin_states(arm_records, table)), ""]
+                      *twin_rows(twin_states(arm_records, patients)), ""]
     return "\n".join(lines)
 
 

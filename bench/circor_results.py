@@ -601,10 +601,14 @@ def test_to_train(records: list[dict]) -> float:
 
 
 def _test_to_train(settings: dict) -> float:
-    given = dict(o.lstrip("+").split("=", 1) for o in [*settings["common"], *settings["finetune"]] if "=" in o)
-    val = float(given.get("data.val_fraction", circor_default("val_fraction")))
-    labels = float(given.get("data.label_fraction", circor_default("label_fraction")))
+    val, labels = data_setting(settings, "val_fraction"), data_setting(settings, "label_fraction")
     return 1 / ((settings["folds"] - 1) * (1 - val) * labels)
+
+
+def data_setting(settings: dict, key: str) -> float:
+    """``data.<key>`` as a cell's finetuning ran it: its overrides, else the ``data=circor`` default."""
+    given = dict(o.lstrip("+").split("=", 1) for o in [*settings["common"], *settings["finetune"]] if "=" in o)
+    return float(given.get(f"data.{key}", circor_default(key)))
 
 
 @functools.cache

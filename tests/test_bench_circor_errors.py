@@ -78,7 +78,7 @@ def test_children_screened_twice_by_whether_their_other_id_trained_the_model(tmp
     rows = [(str(k), "Present" if k <= 4 else "Absent", "Abnormal" if k <= 4 else "Normal",
              {1: "5", 5: "1", 2: "99"}.get(k, "nan")) for k in range(1, 9)]
     data, results = tmp_path / "circor", tmp_path / "results"
-    data.mkdir()
+    (data / "training_data").mkdir(parents=True)  # a CirCor folder the data reads (the table's rows suffice)
     (results / "cells").mkdir(parents=True)
     with open(data / "training_data.csv", "w", newline="") as f:
         writer = csv.writer(f)
