@@ -41,7 +41,7 @@ from ssamba.metrics.report import (
     write_predictions,
     write_recording_predictions,
 )
-from ssamba.utils.config import find_config_error
+from ssamba.utils.config import config_errors_exit
 
 log = logging.getLogger("evaluate")
 
@@ -147,14 +147,8 @@ def log_to_loggers(cfg: DictConfig, scores: dict[str, float], figure) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    try:
+    with config_errors_exit(log):
         scores = evaluate(cfg)
-    except Exception as error:
-        config_error = find_config_error(error)
-        if config_error is None:
-            raise
-        log.error("config error: %s", config_error)
-        raise SystemExit(2) from None
     return scores["weighted_accuracy"] if "weighted_accuracy" in scores else scores["uar"]  # for sweepers
 
 

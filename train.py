@@ -27,7 +27,7 @@ from ssamba.errors import ConfigError
 from ssamba.evaluation import score_checkpoint
 from ssamba.tasks import build_task
 from ssamba.utils.atomic_checkpoint import atomic_write_bytes
-from ssamba.utils.config import find_config_error, validate_config
+from ssamba.utils.config import config_errors_exit, validate_config
 from ssamba.utils.instantiate import build_callbacks, instantiate_named
 from ssamba.utils.launch import (ddp_worker_argv, end_distributed_job, export_job_for_ddp_workers,
                                  keep_earlier_metrics, quote_numeric_choices, refuse_plugin_launchers,
@@ -123,15 +123,10 @@ def _monitored(trainer: L.Trainer, monitor: str) -> float | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        return train(cfg)
+        with config_errors_exit(log):
+            return train(cfg)
     except SIGTERMException as stop:  # Lightning's own stop on SIGTERM carries no status: a scheduler would read 0
         raise SystemExit(stop.code or PREEMPTED_EXIT_STATUS) from None
-    except Exception as error:
-        config_error = find_config_error(error)
-        if config_error is None:
-            raise
-        log.error("config error: %s", config_error)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

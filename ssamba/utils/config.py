@@ -7,6 +7,9 @@ error type; the allowed values checked here are the ones their owning modules ex
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,6 +27,20 @@ from ssamba.utils.wandb import LOG_MODEL_VALUES
 
 CPU_BACKENDS = ("gloo",)
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true")
+
+
+@contextlib.contextmanager
+def config_errors_exit(log: logging.Logger) -> Iterator[None]:
+    """Around an entry point's work: a :class:`ConfigError` behind any exception (Hydra wraps those raised while
+    instantiating) is one logged ``config error`` line and exit status 2, not a traceback; the rest propagate."""
+    try:
+        yield
+    except Exception as error:
+        config_error = find_config_error(error)
+        if config_error is None:
+            raise
+        log.error("config error: %s", config_error)
+        raise SystemExit(2) from None
 
 
 def find_config_error(error: BaseException) -> ConfigError | None:
