@@ -16,13 +16,17 @@ def _file_seconds(path: str) -> float | str:
         return error.reason
 
 
-def split_summary(datamodule: AudioDataModule, split: str | None, items: list[Item], threads: int = 16) -> dict:
+def split_summary(datamodule: AudioDataModule, split: str | None, items: list[Item], threads: int = 16,
+                  probed: dict[str, float | str] | None = None) -> dict:
     """Counts for one split's ``items`` (``split`` None: items of several splits). ``hours`` is the audio the
     items draw from: every file once (crops of one recording count its duration once); generated items
-    count their own length."""
+    count their own length. ``probed`` keeps the files' durations (or why unusable) across calls."""
+    probed = {} if probed is None else probed
     paths = sorted({item.path for item in items if item.path is not None})
+    new = [path for path in paths if path not in probed]
     with ThreadPoolExecutor(threads) as pool:
-        seconds = dict(zip(paths, pool.map(_file_seconds, paths)))
+        probed.update(zip(new, pool.map(_file_seconds, new)))
+    seconds = {path: probed[path] for path in paths}
     skipped = Counter(getattr(datamodule, "setup_skipped", {}).get(split, {}))
     skipped.update(s for s in seconds.values() if isinstance(s, str))
     usable = [i for i in items if i.path is None or not isinstance(seconds[i.path], str)]
@@ -56,10 +60,11 @@ def patients_shared_with_train(items: dict[str, list[Item]]) -> int:
 def summarize(datamodule: AudioDataModule) -> dict:
     """Per split and in total; ``split`` says how the splits were made where the datamodule tells."""
     items = {split: datamodule.build_items(split) for split in datamodule.splits}
-    splits = {split: split_summary(datamodule, split, part) for split, part in items.items()}
+    probed: dict[str, float | str] = {}  # each file's header read once, for its split and for the total
+    splits = {split: split_summary(datamodule, split, part, probed=probed) for split, part in items.items()}
     # every item, patient and file once: splits may share them (earbud's val and test can be one folder)
     unique = {(i.id, i.path, i.start, i.duration): i for part in items.values() for i in part}
-    total = split_summary(datamodule, None, list(unique.values()))
+    total = split_summary(datamodule, None, list(unique.values()), probed=probed)
     skipped = Counter(total["skipped"])
     for split in splits:
         skipped.update(getattr(datamodule, "setup_skipped", {}).get(split, {}))
