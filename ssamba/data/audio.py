@@ -58,12 +58,17 @@ def audio_duration(path: str) -> float:
     return info.frames / info.samplerate
 
 
-def prepare_waveform(wav: torch.Tensor, rate: int, path: str | None, min_seconds: float) -> torch.Tensor:
-    """Decoded audio -> mono 16 kHz mean-removed ``[n]``, or :class:`BadAudio` if unusable."""
+def check_decoded(wav: torch.Tensor, path: str | None) -> None:
+    """:class:`BadAudio` for decoded audio that holds no samples or a non-finite one."""
     if wav.numel() == 0:
         raise BadAudio("empty", path)
     if not torch.isfinite(wav).all():
         raise BadAudio("non_finite", path)
+
+
+def prepare_waveform(wav: torch.Tensor, rate: int, path: str | None, min_seconds: float) -> torch.Tensor:
+    """Decoded audio -> mono 16 kHz mean-removed ``[n]``, or :class:`BadAudio` if unusable."""
+    check_decoded(wav, path)
     wav = to_mono_16k(wav, rate)
     if wav.numel() < max(WINDOW_SAMPLES, int(min_seconds * SAMPLE_RATE)):
         raise BadAudio("too_short", path, f"{wav.numel() / SAMPLE_RATE:.3f} s")

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ssamba.data.audio import BadAudio, read_audio
+from ssamba.data.audio import BadAudio, check_decoded, read_audio
 
 RECORDING_FEATURES = (
     "log_rms",  # level
@@ -92,19 +92,13 @@ def readable_recordings(patient, skipped: list[str]) -> Iterator[tuple[Tensor, i
     for recording in patient.recordings:
         try:
             wave, rate = read_audio(recording.path)
+            check_decoded(wave, recording.path)
+            if wave.shape[-1] < FRAME_SECONDS * rate:  # at its own rate: the quality features are taken there
+                raise BadAudio("too_short", recording.path)
         except BadAudio as error:
             skipped.append(f"{error.reason}: {recording.id}")
             continue
-        if wave.numel() == 0:
-            reason = "empty"
-        elif not torch.isfinite(wave).all():
-            reason = "non_finite"
-        elif wave.shape[-1] < FRAME_SECONDS * rate:
-            reason = "too_short"
-        else:
-            yield wave.mean(dim=0), rate
-            continue
-        skipped.append(f"{reason}: {recording.id}")
+        yield wave.mean(dim=0), rate
 
 
 def patients_quality(patients: Iterable) -> tuple[dict[str, Tensor], list[str]]:
