@@ -47,12 +47,18 @@ _LIGHTNING_CHILD_ARGS = ("hydra.job.name=", "hydra.output_subdir=")
 PLUGIN_LAUNCHERS = {"submitit_slurm": "slurm", "submitit_local": "local"}
 
 
+def _group_choice(arg: str) -> tuple[str, str]:
+    """``[+]group=choice`` on the command line -> (group, choice without shell quotes)."""
+    group, _, choice = arg.lstrip("+").partition("=")
+    return group, choice.strip("'\"")
+
+
 def refuse_plugin_launchers(argv: list[str]) -> list[str]:
     """Stop, naming ours, when the command line chooses one of :data:`PLUGIN_LAUNCHERS`."""
     for arg in argv[1:]:
-        group, _, choice = arg.lstrip("+").partition("=")
-        if group == "hydra/launcher" and choice.strip("'\"") in PLUGIN_LAUNCHERS:
-            ours = PLUGIN_LAUNCHERS[choice.strip("'\"")]
+        group, choice = _group_choice(arg)
+        if group == "hydra/launcher" and choice in PLUGIN_LAUNCHERS:
+            ours = PLUGIN_LAUNCHERS[choice]
             print(f"config error: {arg} is hydra-submitit-launcher's bare config, without this project's job "
                   f"layout; use hydra/launcher={ours} (conf/hydra/launcher/{ours}.yaml)", file=sys.stderr)
             raise SystemExit(2)
@@ -80,8 +86,8 @@ def with_cpu_quickstart(argv: list[str]) -> list[str]:
     if torch.cuda.is_available() or any(arg.startswith(_CHOICE_PREFIXES) for arg in argv[1:]):
         return argv
     for arg in argv[1:]:
-        group, _, choice = arg.lstrip("+").partition("=")
-        if group in _QUICKSTART_RUN and choice.strip("'\"") != _QUICKSTART_RUN[group]:
+        group, choice = _group_choice(arg)
+        if group in _QUICKSTART_RUN and choice != _QUICKSTART_RUN[group]:
             return argv
     if any(arg in ("--help", "-h", "--hydra-help", "--info") or arg.startswith("--cfg") for arg in argv[1:]):
         return argv
