@@ -302,17 +302,23 @@ def test_pretraining_logs_reconstruction_figures(tmp_path, offline):
     assert not any(key.endswith("predictions/_type") for row in history(run_dir) for key in row)
 
 
+def run_ids(output_dir: Path) -> set[str]:
+    """The W&B run ids of a run folder's offline runs, from their ``run-<id>.wandb`` files (a folder's own name
+    gains a suffix when two runs start within the same second)."""
+    return {path.stem[len("run-"):] for path in (output_dir / "wandb").glob("offline-run-*/run-*.wandb")}
+
+
 def test_a_resume_into_the_same_folder_continues_its_wandb_run(tmp_path, offline):
     run_train(tmp_path / "run", *SYNTHETIC)
-    first = the_run(tmp_path / "run").name.rsplit("-", 1)[1]  # offline-run-<time>-<id>
+    (first,) = run_ids(tmp_path / "run")
     assert (tmp_path / "run" / "wandb_run_id").read_text().strip() == first
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run_train(tmp_path / "run", *SYNTHETIC, f"ckpt_path={last}", "trainer.max_epochs=2")
-    ids = {path.name.rsplit("-", 1)[1] for path in (tmp_path / "run" / "wandb").glob("offline-run-*")}
-    assert ids == {first}
+    assert run_ids(tmp_path / "run") == {first}
     # the same checkpoint resumed in another folder, or a fresh run in this one: a W&B run of its own
     run_train(tmp_path / "elsewhere", *SYNTHETIC, f"ckpt_path={last}", "trainer.max_epochs=2")
-    assert the_run(tmp_path / "elsewhere").name.rsplit("-", 1)[1] != first
+    (other,) = run_ids(tmp_path / "elsewhere")
+    assert other != first
 
 
 # --- configuration ---------------------------------------------------------------------------------
