@@ -225,6 +225,26 @@ def test_mixture_weights_draw_sources_in_proportion(audioset, tmp_path):
         MixtureDataModule(sources, weights={"audioset": 1.0}, **FAST)  # a forgotten source would never be drawn
 
 
+def test_mixture_stand_ins_for_unusable_audio_follow_the_weights(audioset, tmp_path):
+    """A source weighted 0 is left out of training, also as the stand-in for an unusable file."""
+    for i in range(2):
+        write_wav(tmp_path / "LibriSpeech" / "train-clean-100" / "1" / "2" / f"1-2-{i}.flac", seconds=0.3)
+    sources = {
+        "audioset": manifest_module(audioset, label_csv=None),
+        "librispeech": LibriSpeechDataModule(str(tmp_path), train_subsets=["train-clean-100"], val_subsets=[],
+                                             test_subsets=[]),
+    }
+    dm = MixtureDataModule(sources, weights={"audioset": 1.0, "librispeech": 0.0}, samples_per_epoch=40, **FAST)
+    dm.setup("fit")
+    (audioset / "a.wav").write_bytes(b"not audio")
+    dm.train_dataloader()
+    dataset = dm.datasets["train"]
+    bad = next(i for i, item in enumerate(dataset.items) if item.id == "audioset/a.wav")
+    torch.manual_seed(0)
+    stand_ins = Counter(dataset[bad]["id"].split("/")[0] for _ in range(40))
+    assert stand_ins == {"audioset": 40}
+
+
 @pytest.fixture
 def earbud(tmp_path):
     root = tmp_path / "earbud"

@@ -62,7 +62,10 @@ class ClipDataset(Dataset):
 
     Unusable audio raises :class:`BadAudio` inside; with ``on_error="skip"`` a training item is
     replaced by a random other one and an evaluation item is dropped by the collate, and either
-    way the reason travels with the batch (key ``skipped``) to be counted by the datamodule.
+    way the reason travels with the batch (key ``skipped``) to be counted by the datamodule. A
+    replacement is drawn by ``draw_weights`` where the training sampler weights its items (a
+    weighted mixture, balanced sampling), so that it comes from the distribution the sampler draws,
+    never from an item weighted 0; uniformly otherwise.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class ClipDataset(Dataset):
         self.on_error = on_error
         self.min_seconds = min_seconds
         self.reader = reader
+        self.draw_weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -127,10 +131,16 @@ class ClipDataset(Dataset):
                 skipped.append((error.reason, error.path))
                 if not self.train:
                     return {"_skipped": skipped}
-                index = int(torch.randint(len(self.items), ()))
+                index = self.substitute()
         else:
             raise RuntimeError(f"{SUBSTITUTE_TRIES} unusable files in a row, last: {skipped[-1]}")
         return self.finish(self.items[index], wav, skipped)
+
+    def substitute(self) -> int:
+        """The index of a training item to use in place of an unusable one."""
+        if self.draw_weights is None:
+            return int(torch.randint(len(self.items), ()))
+        return int(torch.multinomial(self.draw_weights, 1))
 
     def finish(self, item: Item, wav: torch.Tensor, skipped: list) -> dict:
         """Mixup (training), cut, features or raw waveform, and the item's batch fields."""
@@ -311,6 +321,9 @@ class AudioDataModule(L.LightningDataModule):
             self.datasets[split] = self.make_dataset(split)
         train = split == "train"
         sampler = self.train_sampler(self.datasets[split]) if train else None
+        if sampler is not None:  # a weighted sampler's weights (mixture, balanced) also draw unusable items' stand-ins
+            weights = getattr(sampler, "weights", None)
+            self.datasets[split].draw_weights = None if weights is None else torch.as_tensor(weights).double()
         options = dict(
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers,
