@@ -88,7 +88,12 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int) -> Tensor:
 
 
 def collapse_to_murmur(predictions: PatientPredictions, class_names: Sequence[str]) -> PatientPredictions:
-    """Patient predictions over murmur-named classes -> the same over the Challenge's Present/Unknown/Absent."""
+    """Patient predictions over murmur-named classes -> the same over the Challenge's Present/Unknown/Absent.
+
+    A patient's prediction is the group of its own class prediction (the model's call, made by the rule
+    over all classes); probabilities, and a recording's logits, are summed per group. The argmax of summed
+    probabilities can name another group than that call (two Present classes at 0.3 each outweigh Absent
+    at 0.4), so a recording's collapsed argmax is the group with the most probability, not its call's."""
     groups = murmur_groups(class_names)
     if groups is None:
         raise ValueError(f"class_names={list(class_names)} cannot be collapsed to the Challenge's murmur classes: "
