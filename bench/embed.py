@@ -8,7 +8,7 @@ The paper reports SSAMBA-tiny 92.7% faster with 95.4% less memory than SSAST-tin
 - ``ssast-windowed``: windows of 1024 frames (512 tokens), as ``ssamba.embed`` runs SSAST.
 
     python bench/embed.py                      # GPU: 4k, 22k, 100k tokens -> docs/performance/embed.{md,json}
-    python bench/embed.py --smoke              # CPU: a few small sizes, to check the script runs
+    python bench/embed.py --smoke              # CPU: a few small sizes, to check the script runs (writes nothing)
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from ssamba.ops.backend import resolve_backend
 
 MODES = ("ssamba", "ssast", "ssast-math", "ssast-windowed")
 WINDOW_FRAMES = 1024
+OUT = "docs/performance/embed"  # the measured figures, without .md / .json
 
 
 def frames_for_tokens(tokens: int, mel_patches: int = 8, patch: int = 16) -> int:
@@ -138,14 +139,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (default: float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny widths, few tokens, one repeat (checks the script)")
-    parser.add_argument("--out", default="docs/performance/embed", help="writes OUT.md and OUT.json ('' to skip)")
+    parser.add_argument("--out", help=f"writes OUT.md and OUT.json (default {OUT}; '' to skip, as --smoke does "
+                        "unless --out is given)")
     parser.add_argument("--render", metavar="JSON", help="rewrite OUT.md from a JSON file of this script, measuring nothing")
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run must not overwrite the measured figures
+        args.out = "" if args.smoke else OUT
     if args.render:
         with open(args.render) as f:
             measured = json.load(f)
         with open(args.out + ".md", "w") as f:
-            f.write(markdown(measured["rows"], header(measured["device"], measured["torch"], measured["bf16"], False)))
+            f.write(markdown(measured["rows"], header(measured["device"], measured["torch"], measured["bf16"],
+                                                      measured.get("smoke", False))))
         return
     if args.smoke:
         args.tokens, args.warmup, args.repeats = [64, 256], 0, 1
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.out + ".md", "w") as f:
             f.write(text)
         with open(args.out + ".json", "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "bf16": args.bf16, "rows": rows}, f, indent=1)
+            json.dump({"device": device, "torch": torch.__version__, "bf16": args.bf16, "smoke": args.smoke,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -192,4 +192,8 @@ def test_benchmark_script_runs_in_smoke_mode(tmp_path, monkeypatch):
                                                "memory (SDPA kernels)\n")
     (tmp_path / "perf.md").unlink()
     bench.main(["--render", str(tmp_path / "perf.json"), "--out", str(tmp_path / "perf")])
-    assert (tmp_path / "perf.md").read_text() == text.replace(", smoke sizes", "")
+    assert (tmp_path / "perf.md").read_text() == text
+    monkeypatch.chdir(tmp_path)  # without --out a smoke run writes nothing, where a measured run would write
+    (tmp_path / "docs" / "performance").mkdir(parents=True)
+    bench.main(["--smoke", "--modes", "ssast", "--tokens", "64"])
+    assert not list((tmp_path / "docs").rglob("embed.*"))
