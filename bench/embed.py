@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny widths, few tokens, one repeat (checks the script)")
     parser.add_argument("--out", help=f"writes OUT.md and OUT.json (default {OUT}; '' to skip, as --smoke does "
                         "unless --out is given)")
-    parser.add_argument("--render", metavar="JSON", help="rewrite OUT.md from a JSON file of this script, measuring nothing")
+    parser.add_argument("--render", metavar="JSON",
+                        help="rewrite OUT.md from a JSON file of this script, measuring nothing")
     args = parser.parse_args(argv)
     if args.out is None:  # a smoke run must not overwrite the measured figures
         args.out = "" if args.smoke else OUT
