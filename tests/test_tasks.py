@@ -217,6 +217,13 @@ def test_finetune_class_count_errors():
         Finetuning(ADAMW, encoder=tiny_encoder(), data={**DATA, "label_names": ["unlabeled"]})
     with pytest.raises(ConfigError, match="task.pooling='max'"):
         Finetuning(ADAMW, encoder=tiny_encoder(), pooling="max", data=DATA)
+    with pytest.raises(ConfigError, match="task.class_weights has 2 entries; the data has 3 classes"):
+        Finetuning(ADAMW, encoder=tiny_encoder(), class_weights=[1.0, 2.0], data=DATA)
+    for weights in ([1.0, -1.0, 1.0], [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0]):
+        with pytest.raises(ConfigError, match=r"task.class_weights=.*must be finite and >= 0"):
+            Finetuning(ADAMW, encoder=tiny_encoder(), class_weights=weights, data=DATA)
+    task = Finetuning(ADAMW, encoder=tiny_encoder(), class_weights=[5.0, 0.0, 1.0], data=DATA)  # 0 ignores a class
+    assert task.class_weights.tolist() == [5.0, 0.0, 1.0]
 
 
 def test_extra_metrics_get_the_batch_fields_they_ask_for():

@@ -16,6 +16,8 @@ predictions (:class:`ssamba.callbacks.WandbPredictions`).
 """
 from __future__ import annotations
 
+import math
+
 import logging
 from typing import Any
 
@@ -125,6 +127,10 @@ class Finetuning(ClassifierTraining, EncoderTask):
         if class_weights is not None and len(class_weights) != self.num_classes:
             raise ConfigError(f"task.class_weights has {len(class_weights)} entries; the data has "
                               f"{self.num_classes} classes (one weight per class, in label order)")
+        if class_weights is not None and (not all(math.isfinite(w) and w >= 0 for w in class_weights)
+                                          or not any(class_weights)):
+            raise ConfigError(f"task.class_weights={list(class_weights)}: each weight must be finite and >= 0, "
+                              "and one at least > 0 (a negative weight would push its class's loss up)")
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float)
         self.register_buffer("class_weights", weights, persistent=False)
         tdim = data.get("target_length") or self.encoder.config.input_tdim
