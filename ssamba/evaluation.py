@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ssamba.checkpoints import INPUT_KEYS, Checkpoint, load_checkpoint
 from ssamba.data.quality import PATIENT_FEATURES, patients_quality
-from ssamba.errors import ConfigError
+from ssamba.errors import ConfigError, MissingFileError
 from ssamba.metrics.challenge import MURMUR_CLASSES
 from ssamba.metrics.gate import QualityGate
 from ssamba.metrics.labelset import patient_metrics
@@ -38,11 +38,11 @@ def load_finetuned(path: str) -> Checkpoint:
     try:
         checkpoint = load_checkpoint(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"ckpt_path={path}: no such file") from None
+        raise MissingFileError(f"ckpt_path={path}: no such file") from None
     except ValueError as error:
-        raise ValueError(f"ckpt_path={path}: {error}") from error
+        raise ConfigError(f"ckpt_path={path}: {error}") from error
     if checkpoint.head is None:
-        raise ValueError(
+        raise ConfigError(
             f"ckpt_path={path}: a {checkpoint.task or 'non-finetuning'} checkpoint has no classification "
             "head; evaluate a finetuning checkpoint"
         )
@@ -57,7 +57,7 @@ def load_members(paths: Sequence[str]) -> list[Checkpoint]:
     for path, member in zip(paths[1:], members[1:]):
         for key in ("label_names", *INPUT_KEYS):
             if getattr(member, key) != getattr(first, key):
-                raise ValueError(f"ckpt_path: {path} has {key}={getattr(member, key)!r} but {paths[0]} has "
+                raise ConfigError(f"ckpt_path: {path} has {key}={getattr(member, key)!r} but {paths[0]} has "
                                  f"{getattr(first, key)!r}; an ensemble's models must share it")
         if bool(member.head.get("multilabel")) != bool(first.head.get("multilabel")):
             raise ValueError(f"ckpt_path: {path} and {paths[0]} differ in multilabel; an ensemble's models must "

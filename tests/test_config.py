@@ -127,6 +127,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert "mask.count=40 must be in 1..31" in errors[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
+    (["data.num_workers=-1"], "data.num_workers=-1: must be an integer >= 0"),
+    (["data.label_fraction=1.5"], "data.label_fraction must be in (0, 1], got 1.5"),  # raised in Hydra's instantiate
+    (["task.optimizer.lr=-1"], "task.optimizer: Invalid learning rate: -1"),  # raised by torch, when fit starts
+    (["data.root=."], "data.root='.' must hold training_data.csv and training_data/"),  # data not where it is said
+])
+def test_values_refused_while_building_the_run_are_one_line(tmp_path, overrides, message):
+    mini = f"data.root={ROOT / 'tests' / 'data' / 'circor-mini'}"
+    root = [] if any(o.startswith("data.root=") for o in overrides) else [mini]
+    result = subprocess.run(
+        [sys.executable, "train.py", "experiment=circor_murmur", *root, "trainer=cpu", "logger=csv",
+         "trainer.fast_dev_run=true", f"paths.log_dir={tmp_path}", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_cpu_quickstart_is_added_only_to_the_default_pretraining_when_nothing_was_chosen(monkeypatch):
     from ssamba.utils import launch
 

@@ -20,7 +20,7 @@ from ssamba.data import ManifestDataModule
 from ssamba.data.sampling import BalancedSampler, label_balanced_weights
 from ssamba.models import build_encoder
 from ssamba.prepare.__main__ import prepare
-from ssamba.errors import MissingFileError
+from ssamba.errors import ConfigError, MissingFileError
 from ssamba.prepare.speechcommands import V1_WORDS, V2_WORDS
 from ssamba.tasks import Probing, data_info
 from ssamba.utils.config import find_config_error
@@ -185,13 +185,18 @@ def test_datamodule_uses_the_sampler_in_training(audioset, tmp_path):  # noqa: F
 
 
 # --- probing --------------------------------------------------------------------------------------
-def tiny_probe(family: str = "ssamba") -> Probing:
+def tiny_probe(family: str = "ssamba", **kwargs) -> Probing:
     torch.manual_seed(0)
     extra = {"backend": "torch"} if family == "ssamba" else {}
     encoder = build_encoder(f"{family}_tiny", depth=4, embed_dim=48, input_tdim=64, **extra)
     data = {"target_length": 64, "norm_mean": 0.0, "norm_std": 1.0, "label_names": ["a", "b", "c"],
             "multilabel": False}
-    return Probing(functools.partial(torch.optim.Adam, lr=1e-2), encoder=encoder, data=data)
+    return Probing(functools.partial(torch.optim.Adam, lr=1e-2), encoder=encoder, data=data, **kwargs)
+
+
+def test_probe_projector_width_is_checked_as_a_config_value():
+    with pytest.raises(ConfigError, match=r"task.projector_dim=0: must be >= 1 \(or null: one linear layer\)"):
+        tiny_probe(projector_dim=0)
 
 
 @pytest.mark.parametrize("family,layers", [("ssamba", 2), ("ssast", 4)])

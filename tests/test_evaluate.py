@@ -324,6 +324,11 @@ def test_data_without_patients_or_with_several_labels_is_refused_before_inferenc
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-2000:]
+    command[2] = f"ckpt_path={tmp_path / 'no.ckpt'}"  # a mistyped path is the commonest mistake
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].endswith("no.ckpt: no such file")
 
 
 def test_evaluate_config_composes_with_every_data_config():

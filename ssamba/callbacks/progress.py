@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from ssamba.errors import ConfigError
+
 
 class LazyMetricsProgressBar(TQDMProgressBar):
     """Lightning's ``TQDMProgressBar`` whose shown metrics are read every ``metrics_every_n_steps`` steps."""
@@ -17,7 +19,7 @@ class LazyMetricsProgressBar(TQDMProgressBar):
                  metrics_every_n_steps: int = 25):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         if metrics_every_n_steps < 1:
-            raise ValueError(f"callbacks.progress_bar.metrics_every_n_steps={metrics_every_n_steps}: must be >= 1")
+            raise ConfigError(f"callbacks.progress_bar.metrics_every_n_steps={metrics_every_n_steps}: must be >= 1")
         self.metrics_every_n_steps = metrics_every_n_steps
         self._shown: dict | None = None
         self._read_at: tuple[int, int] | None = None  # (epoch, global step) of the last read

@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 
 from ssamba.data.features import SAMPLE_RATE, WINDOW_SAMPLES, to_mono_16k
+from ssamba.errors import MissingFileError
 
 # Fixed so that every DDP rank logs the same keys.
 SKIP_REASONS = ("missing", "unreadable", "empty", "too_short", "non_finite")
@@ -81,4 +82,4 @@ def check_files_exist(paths, what: str, show: int = 5) -> None:
     if missing:
         listing = "\n  ".join(missing[:show])
         more = f"\n  ... and {len(missing) - show} more" if len(missing) > show else ""
-        raise FileNotFoundError(f"{len(missing)} file(s) listed in {what} do not exist:\n  {listing}{more}")
+        raise MissingFileError(f"{len(missing)} file(s) listed in {what} do not exist:\n  {listing}{more}")

@@ -34,6 +34,7 @@ from ssamba.data.features import (
     sample_mixup_lambda,
 )
 from ssamba.data.resumable import ResumableDataLoader
+from ssamba.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ClipDataset(Dataset):
         reader: Callable[[Item], tuple[torch.Tensor, int]] = read_item,
     ):
         if on_error not in ("skip", "raise"):
-            raise ValueError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
+            raise ConfigError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
         self.items = items
         self.num_classes = num_classes
         self.front_end = front_end
@@ -235,7 +236,12 @@ class AudioDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if on_error not in ("skip", "raise"):
-            raise ValueError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
+            raise ConfigError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{key}={value!r}: must be an integer >= 1")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers!r}: must be an integer >= 0 (0: the main process loads)")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -297,7 +303,7 @@ class AudioDataModule(L.LightningDataModule):
             odd = [item for item in items if len(item.labels) != 1]
             if odd:
                 examples = ", ".join(f"{item.id} ({len(item.labels)})" for item in odd[:3])
-                raise ValueError(f"{self.split_source(split)}: {len(odd)} of {len(items)} {split} items have no "
+                raise ConfigError(f"{self.split_source(split)}: {len(odd)} of {len(items)} {split} items have no "
                                  f"label or several, in single-label data (e.g. {examples}); give each one label, "
                                  "or set data.multilabel=true where the data allows it")
         train = split == "train"

@@ -28,6 +28,7 @@ import torch
 from ssamba.constants import MURMUR_CLASSES, NO_OUTCOME, OUTCOME_CLASSES
 from ssamba.data.audio import BadAudio, audio_duration
 from ssamba.data.base import AudioDataModule, Item
+from ssamba.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,11 @@ def read_patients(root: str) -> list[Patient]:
     table = os.path.join(root, "training_data.csv")
     folder = os.path.join(root, "training_data")
     if not os.path.isfile(table) or not os.path.isdir(folder):
-        raise FileNotFoundError(f"data.root={root!r} must hold training_data.csv and training_data/")
+        raise MissingFileError(f"data.root={root!r} must hold training_data.csv and training_data/")
     with open(table, newline="") as f:
         reader = csv.DictReader(f)
         if "Patient ID" not in (reader.fieldnames or []):
-            raise ValueError(f"{table}: no 'Patient ID' column (CirCor's training_data.csv has one)")
+            raise ConfigError(f"{table}: no 'Patient ID' column (CirCor's training_data.csv has one)")
         rows = list(reader)
     repeated = sorted(pid for pid, n in Counter(row["Patient ID"].strip() for row in rows).items() if n > 1)
     if repeated:  # each row would add the patient's recordings again and take another place in the split
@@ -240,8 +241,8 @@ def stratified_folds(patients: list[Patient], folds: int, seed: int) -> dict[str
     small = [(key, len(groups)) for key, groups in strata if len(groups) < folds]
     if small:
         key, count = min(small, key=lambda pair: pair[1])
-        raise ValueError(f"data.folds={folds}: stratum {key} (murmur/outcome) has only {count} patient(s), "
-                         f"fewer than the folds; use data.folds<={count}")
+        raise ConfigError(f"data.folds={folds}: stratum {key} (murmur/outcome) has only {count} patient(s), "
+                          f"fewer than the folds; use data.folds<={count}")
     order = [group for _, groups in strata for group in groups]
     return {pid: k % folds for k, group in enumerate(order) for pid in group}
 
@@ -278,7 +279,7 @@ def is_length(seconds: object) -> bool:
 
 def check_eval_max_seconds(seconds: float | None) -> None:
     if seconds is not None and not is_length(seconds):
-        raise ValueError(f"data.eval_max_seconds must be a positive number of seconds or null, got {seconds!r}")
+        raise ConfigError(f"data.eval_max_seconds must be a positive number of seconds or null, got {seconds!r}")
 
 
 def windows(duration: float, length: float, hop: float, min_last: float) -> list[tuple[float, float]]:
@@ -335,23 +336,23 @@ class CirCorDataModule(AudioDataModule):
         super().__init__(**kwargs)
         check_eval_max_seconds(eval_max_seconds)
         if task not in TASKS:
-            raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {task!r}")
+            raise ConfigError(f"data.task must be one of {sorted(TASKS)}, got {task!r}")
         if label_level not in ("patient", "recording"):
-            raise ValueError(f"data.label_level must be 'patient' or 'recording', got {label_level!r}")
+            raise ConfigError(f"data.label_level must be 'patient' or 'recording', got {label_level!r}")
         if split not in SPLIT_KINDS:
-            raise ValueError(f"data.split must be one of {list(SPLIT_KINDS)}, got {split!r}")
+            raise ConfigError(f"data.split must be one of {list(SPLIT_KINDS)}, got {split!r}")
         if split == "kfold":
             if split_file is not None:
-                raise ValueError("data.split_file and data.split=kfold exclude each other: set data.split_file=null")
+                raise ConfigError("data.split_file and data.split=kfold exclude each other: set data.split_file=null")
             if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-                raise ValueError(f"data.folds must be an integer >= 2, got {folds!r}")
+                raise ConfigError(f"data.folds must be an integer >= 2, got {folds!r}")
             if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
-                raise ValueError(f"data.fold must be an integer in 0..{folds - 1} (data.folds={folds}), got {fold!r}")
+                raise ConfigError(f"data.fold must be an integer in 0..{folds - 1} (data.folds={folds}), got {fold!r}")
         if isinstance(label_fraction, bool) or not isinstance(label_fraction, (int, float)) or not (
                 0 < label_fraction <= 1):
-            raise ValueError(f"data.label_fraction must be in (0, 1], got {label_fraction!r}")
+            raise ConfigError(f"data.label_fraction must be in (0, 1], got {label_fraction!r}")
         if split_file is not None and not os.path.isfile(split_file):
-            raise FileNotFoundError(f"data.split_file: no such file: {split_file}")
+            raise MissingFileError(f"data.split_file: no such file: {split_file}")
         self.root = os.path.expanduser(root)
         self.aggregation = aggregation
         self.task = task
@@ -478,7 +479,7 @@ class CirCorDataModule(AudioDataModule):
         where a Present patient's recording at a location not in "Murmur locations" is Absent."""
         name = self.patient_label(patient)
         if name is None:
-            raise ValueError(f"patient {patient.id} has no Outcome, needed by data.task=outcome")
+            raise ConfigError(f"patient {patient.id} has no Outcome, needed by data.task=outcome")
         if self.task != "outcome" and self.label_level == "recording" and patient.murmur == "Present":
             if recording.location not in patient.murmur_locations:
                 name = "Absent" if self.task == "murmur" else "absent"

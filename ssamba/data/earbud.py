@@ -28,7 +28,7 @@ import torch
 
 from ssamba.data.base import AudioDataModule, Item
 from ssamba.data.manifest import read_json_entries, read_label_csv
-from ssamba.errors import ConfigError
+from ssamba.errors import ConfigError, MissingFileError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 VARIANTS = ("filt", "lp", "wavs")
@@ -129,7 +129,7 @@ class EarbudDataModule(AudioDataModule):
         self.label_csv = label_csv or self._default_label_csv()
         for key, path in (("labels", labels), ("label_csv", self.label_csv)):
             if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(f"data.{key}: no such file: {path}")
+                raise MissingFileError(f"data.{key}: no such file: {path}")
         self.label_names, mid_index = read_label_csv(self.label_csv)
         self.label_index = {**{name: i for i, name in enumerate(self.label_names)}, **mid_index}
         self.labels_path = labels or self._default_labels()
@@ -157,7 +157,7 @@ class EarbudDataModule(AudioDataModule):
         for folder in (self.variant_dir, Path(self.root)):
             if (folder / LABEL_CSV).is_file():
                 return str(folder / LABEL_CSV)
-        raise FileNotFoundError(f"data.label_csv: not set and no {LABEL_CSV} in {self.variant_dir} or {self.root}")
+        raise MissingFileError(f"data.label_csv: not set and no {LABEL_CSV} in {self.variant_dir} or {self.root}")
 
     def _default_labels(self) -> str | None:
         """None: the fork's per-folder manifests; else the shared ``root/labels.csv``."""
@@ -166,7 +166,7 @@ class EarbudDataModule(AudioDataModule):
         shared = Path(self.root, "labels.csv")
         if shared.is_file():
             return str(shared)
-        raise FileNotFoundError(f"data.labels: not set, and neither {self.variant_dir}/{{train,eval}}/{MANIFEST} "
+        raise MissingFileError(f"data.labels: not set, and neither {self.variant_dir}/{{train,eval}}/{MANIFEST} "
                                 f"nor {shared} exists")
 
     @property
@@ -197,7 +197,7 @@ class EarbudDataModule(AudioDataModule):
             return items
         files = sorted(f for f in path.glob("*") if f.suffix.lower() in AUDIO_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(f"no .wav/.flac files in {path}")
+            raise MissingFileError(f"no .wav/.flac files in {path}")
         unlabeled = [f.name for f in files if f.stem not in self.labels]
         if unlabeled:
             raise ValueError(f"{len(unlabeled)} file(s) in {path} have no row in {self.labels_path}: {unlabeled[:5]}")

@@ -30,6 +30,7 @@ from ssamba.constants import (
     MEL_LOW_HZ,
     SAMPLE_RATE,
 )
+from ssamba.errors import ConfigError
 
 WINDOW_SAMPLES = 400  # 25 ms at 16 kHz
 HOP_SAMPLES = 160  # 10 ms at 16 kHz
@@ -52,20 +53,20 @@ class MelScale:
     def __post_init__(self):
         for key in ("low_hz", "high_hz"):  # 2000 from a config is 2000.0: one scale, one cache entry
             if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), (int, float)):
-                raise ValueError(f"data.mel_{key}={getattr(self, key)!r}: a frequency in Hz")
+                raise ConfigError(f"data.mel_{key}={getattr(self, key)!r}: a frequency in Hz")
             object.__setattr__(self, key, float(getattr(self, key)))
         if not 0 <= self.low_hz < self.high_hz <= SAMPLE_RATE / 2:
-            raise ValueError(f"data.mel_low_hz={self.low_hz:g}, data.mel_high_hz={self.high_hz:g}: need "
-                             f"0 <= mel_low_hz < mel_high_hz <= {SAMPLE_RATE // 2} (the Nyquist frequency at 16 kHz)")
+            raise ConfigError(f"data.mel_low_hz={self.low_hz:g}, data.mel_high_hz={self.high_hz:g}: need "
+                              f"0 <= mel_low_hz < mel_high_hz <= {SAMPLE_RATE // 2} (the Nyquist frequency at 16 kHz)")
         size = self.fft_size
         if isinstance(size, bool) or not isinstance(size, int) or size < FFT_SIZE or size & (size - 1):
-            raise ValueError(f"data.fft_size={size!r}: a power of two >= {FFT_SIZE}")
+            raise ConfigError(f"data.fft_size={size!r}: a power of two >= {FFT_SIZE}")
         if not self.is_kaldi:  # kaldi's own scale has one empty filter, kept for the released checkpoints
             empty = int((mel_filters(self) == 0).all(dim=0).sum())
             if empty:
-                raise ValueError(f"data.mel_low_hz={self.low_hz:g} .. data.mel_high_hz={self.high_hz:g} with "
-                                 f"data.fft_size={size}: {empty} of the {MEL_BINS} mel filters fall between FFT "
-                                 f"bins and would read nothing; use data.fft_size={2 * size} or more")
+                raise ConfigError(f"data.mel_low_hz={self.low_hz:g} .. data.mel_high_hz={self.high_hz:g} with "
+                                  f"data.fft_size={size}: {empty} of the {MEL_BINS} mel filters fall between FFT "
+                                  f"bins and would read nothing; use data.fft_size={2 * size} or more")
 
     @property
     def is_kaldi(self) -> bool:

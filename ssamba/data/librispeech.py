@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ssamba.data.base import UNLABELED, AudioDataModule, Item
+from ssamba.errors import MissingFileError
 
 
 def find_subset(root: str, subset: str) -> Path:
@@ -17,13 +18,13 @@ def find_subset(root: str, subset: str) -> Path:
     for candidate in (Path(root) / "LibriSpeech" / subset, Path(root) / subset):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"LibriSpeech subset {subset!r} not found under data.root={root!r}")
+    raise MissingFileError(f"LibriSpeech subset {subset!r} not found under data.root={root!r}")
 
 
 def scan_subset(folder: Path) -> list[Item]:
     files = sorted(folder.glob("*/*/*.flac"))
     if not files:
-        raise FileNotFoundError(f"no <speaker>/<chapter>/*.flac files in {folder}")
+        raise MissingFileError(f"no <speaker>/<chapter>/*.flac files in {folder}")
     return [Item(f.stem, str(f)) for f in files]
 
 

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import Sampler, WeightedRandomSampler
 
 from ssamba.data.base import UNLABELED, AudioDataModule, ClipDataset, Item
+from ssamba.errors import ConfigError
 
 
 class MixtureDataModule(AudioDataModule):
@@ -28,11 +29,11 @@ class MixtureDataModule(AudioDataModule):
     ):
         super().__init__(**kwargs)
         if not sources:
-            raise ValueError("data.sources: give at least one source datamodule")
+            raise ConfigError("data.sources: give at least one source datamodule")
         if weights is not None:
             if set(weights) != set(sources) or any(w < 0 for w in weights.values()) or not any(weights.values()):
-                raise ValueError(f"data.weights: expected a non-negative weight for each of {sorted(sources)} "
-                                 f"(0 leaves a source out), got {dict(weights)}")
+                raise ConfigError(f"data.weights: expected a non-negative weight for each of {sorted(sources)} "
+                                  f"(0 leaves a source out), got {dict(weights)}")
         self.sources = dict(sources)
         self.weights = dict(weights) if weights is not None else None
         self.samples_per_epoch = samples_per_epoch

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DistributedSampler
 
+from ssamba.errors import ConfigError
+
 
 def label_balanced_weights(labels: Sequence[Sequence[int]]) -> torch.Tensor:
     """Per-clip weights from label frequencies: ``sum(1 / count[label] for label in clip)``.
@@ -22,7 +24,7 @@ def label_balanced_weights(labels: Sequence[Sequence[int]]) -> torch.Tensor:
     """
     counts = Counter(label for clip in labels for label in clip)
     if not counts:
-        raise ValueError("data.balanced_sampling: no clip has a label, so there is nothing to balance")
+        raise ConfigError("data.balanced_sampling: no clip has a label, so there is nothing to balance")
     return torch.tensor([sum(1.0 / counts[label] for label in clip) for clip in labels], dtype=torch.float64)
 
 
@@ -40,7 +42,7 @@ class BalancedSampler(DistributedSampler):
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         total = len(weights) if num_samples is None else num_samples
         if total < 1:
-            raise ValueError(f"data.samples_per_epoch={num_samples}: must be >= 1")
+            raise ConfigError(f"data.samples_per_epoch={num_samples}: must be >= 1")
         self.weights = weights
         self.seed = seed
         self.epoch = 0

@@ -25,6 +25,7 @@ from ssamba.data.audio import BadAudio, prepare_waveform, read_audio
 from ssamba.data.base import AudioDataModule, ClipDataset, Collate, Item
 from ssamba.data.cli import instantiate_data
 from ssamba.data.resumable import epoch_to_run, run_seed, worker_seed
+from ssamba.errors import ConfigError, MissingFileError
 
 SIDECAR = "ssamba.json"
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class ShardDataModule(AudioDataModule):
     ):
         super().__init__(**kwargs)
         if self.mixup:
-            raise ValueError("data.mixup must be 0 with data=shards (mixup needs random access)")
+            raise ConfigError("data.mixup must be 0 with data=shards (mixup needs random access)")
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
         first = next((d for d in self.dirs.values() if d), None)
         if first is None:
@@ -215,9 +216,9 @@ class ShardDataModule(AudioDataModule):
     @staticmethod
     def _sidecar(path: str) -> dict:
         if "://" in path:
-            raise ValueError(f"data.sidecar must be a local copy of {SIDECAR} for remote shards, got {path}")
+            raise ConfigError(f"data.sidecar must be a local copy of {SIDECAR} for remote shards, got {path}")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: shards are written by `python -m ssamba.data.streaming`")
+            raise MissingFileError(f"{path} not found: shards are written by `python -m ssamba.data.streaming`")
         with open(path) as f:
             return json.load(f)
 

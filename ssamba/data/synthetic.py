@@ -16,6 +16,7 @@ import torch
 
 from ssamba.data.base import AudioDataModule, Item
 from ssamba.data.features import SAMPLE_RATE, samples_for_frames
+from ssamba.errors import ConfigError
 
 
 class ClassRecipe:
@@ -132,7 +133,7 @@ class SyntheticDataModule(AudioDataModule):
     ):
         super().__init__(**kwargs)
         if num_classes < 1:
-            raise ValueError(f"data.num_classes must be >= 1, got {num_classes}")
+            raise ConfigError(f"data.num_classes must be >= 1, got {num_classes}")
         # Default length: exactly enough audio for target_length frames.
         seconds = clip_seconds if clip_seconds is not None else samples_for_frames(self.target_length) / SAMPLE_RATE
         self.clip_seconds = seconds

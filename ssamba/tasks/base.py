@@ -50,7 +50,7 @@ class EncoderTask(L.LightningModule):
                  warmup_steps: int = 0, data: dict | None = None):
         super().__init__()
         if warmup_steps < 0:
-            raise ValueError(f"task.warmup_steps={warmup_steps} must be >= 0")
+            raise ConfigError(f"task.warmup_steps={warmup_steps} must be >= 0")
         self.encoder = encoder
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -119,11 +119,14 @@ class EncoderTask(L.LightningModule):
     def base_lr(self) -> float:
         keywords = self.optimizer_factory.keywords if isinstance(self.optimizer_factory, functools.partial) else {}
         if "lr" not in keywords:
-            raise ValueError("task.optimizer.lr must be set (the head multiplier and warm-up scale it)")
+            raise ConfigError("task.optimizer.lr must be set (the head multiplier and warm-up scale it)")
         return float(keywords["lr"])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameter_groups())
+        try:
+            optimizer = self.optimizer_factory(self.parameter_groups())
+        except ValueError as error:  # torch's optimizers check their arguments (lr, betas, weight_decay) here
+            raise ConfigError(f"task.optimizer: {error}") from error
         if self.scheduler_factory is None:
             return optimizer
         scheduler = {"scheduler": self.scheduler_factory(optimizer), **self.scheduler_config}

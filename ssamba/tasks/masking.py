@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ssamba.errors import ConfigError
+
 STYLES = ("cluster", "random")
 UNCOVERED_SHARE = 0.125  # blocks_to_draw: expected uncovered patches, as a share of those a mask leaves unmasked
 MAX_BLOCKS = 4096  # blocks_to_draw's cap (reached only when a mask leaves a handful of patches unmasked)
@@ -150,10 +152,10 @@ def make_mask(style: str, batch: int, grid: tuple[int, int], count: int, cluster
         return cluster_mask(batch, grid, count, cluster_sizes, reference_quirks, device, generator)
     if style == "random":
         return random_mask(batch, grid[0] * grid[1], count, device, generator)
-    raise ValueError(f"mask.style={style!r} is not one of {', '.join(STYLES)}")
+    raise ConfigError(f"mask.style={style!r} is not one of {', '.join(STYLES)}")
 
 
 def _check_count(count: int, num_patches: int) -> None:
     """At least one patch stays visible, or there is no context to predict from."""
     if not 0 < count < num_patches:
-        raise ValueError(f"mask.count={count} must be in 1..{num_patches - 1} (the grid has {num_patches} patches)")
+        raise ConfigError(f"mask.count={count} must be in 1..{num_patches - 1} (the grid has {num_patches} patches)")

@@ -65,6 +65,8 @@ class Probing(ClassifierTraining, EncoderTask):
         self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler"])
         if loss not in LOSSES:
             raise ConfigError(f"task.loss={loss!r}: allowed values are {', '.join(LOSSES)}")
+        if projector_dim is not None and projector_dim < 1:
+            raise ConfigError(f"task.projector_dim={projector_dim}: must be >= 1 (or null: one linear layer)")
         self.pretrained = pretrained
         self.num_classes = Finetuning._resolve_num_classes(num_classes, data.get("label_names"))
         self.multilabel = bool(data.get("multilabel", False))
@@ -140,10 +142,10 @@ class Probing(ClassifierTraining, EncoderTask):
         super().on_load_checkpoint(checkpoint)
         probe = checkpoint.get("ssamba", {}).get("probe")
         if probe is None:
-            raise ValueError("not a probe checkpoint (no ssamba.probe record); task=probe resumes and tests only "
+            raise ConfigError("not a probe checkpoint (no ssamba.probe record); task=probe resumes and tests only "
                              "its own checkpoints")
         if probe["encoder_sha256"] != self.encoder_fingerprint():
-            raise ValueError(f"this probe checkpoint was trained on the encoder of task.pretrained="
+            raise ConfigError(f"this probe checkpoint was trained on the encoder of task.pretrained="
                              f"{probe['pretrained']}, whose weights differ from this run's task.pretrained="
                              f"{self.pretrained}")
         checkpoint["state_dict"].update({ENCODER_PREFIX + k: v for k, v in self.encoder.state_dict().items()})
