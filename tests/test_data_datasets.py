@@ -412,6 +412,16 @@ def test_summary_command_for_circor(capsys):
         assert set(part) == {"items", "hours", "labels", "skipped", "patients", "recordings", "patient_labels"}
 
 
+def test_summary_command_refuses_a_bad_value_in_one_line(tmp_path, capsys):
+    for overrides, message in (([f"data.root={tmp_path}"], "must hold training_data.csv and training_data/"),
+                               ([f"data.root={CIRCOR_MINI}", "data.label_fraction=2"], "data.label_fraction must be")):
+        with pytest.raises(SystemExit) as stop:
+            summary_main(["data=circor", *overrides])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("python -m ssamba.data: config error: ") and message in err
+        assert err.count("\n") == 1
+
+
 def test_summary_command_counts_skipped_files(audioset, capsys):
     (audioset / "broken.wav").write_text("junk")
     (audioset / "t.json").write_text(json.dumps({"data": [{"wav": "a.wav", "labels": "/m/a"},

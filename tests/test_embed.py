@@ -3,6 +3,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,21 @@ def test_embed_command_runs_as_documented():
     result = subprocess.run([sys.executable, "-m", "ssamba.embed", "--help"], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m ssamba.embed")
+
+
+def test_embed_command_refuses_a_missing_checkpoint_or_folder_in_one_line(tmp_path):
+    repo = Path(__file__).parents[1]
+    _save_checkpoint(embedder("ssast_tiny"), tmp_path / "m.ckpt")
+    (tmp_path / "empty").mkdir()
+    cases = (([str(tmp_path), "o.npz", "ckpt=gone.ckpt"], "ckpt=gone.ckpt: checkpoint 'gone.ckpt' does not exist"),
+             ([str(tmp_path / "gone"), "o.npz", f"ckpt={tmp_path / 'm.ckpt'}"],
+              f"audio directory {str(tmp_path / 'gone')!r} does not exist"),
+             ([str(tmp_path / "empty"), "o.npz", f"ckpt={tmp_path / 'm.ckpt'}"], "no audio files"))
+    for arguments, message in cases:
+        result = subprocess.run([sys.executable, "-m", "ssamba.embed", *arguments, "device=cpu"], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().startswith(f"python -m ssamba.embed: {message}")
 
 
 def test_benchmark_script_runs_in_smoke_mode(tmp_path, monkeypatch):

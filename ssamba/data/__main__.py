@@ -7,6 +7,7 @@ import sys
 
 from ssamba.data.cli import instantiate_data
 from ssamba.data.summary import summarize
+from ssamba.errors import config_errors_exit_cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,7 +15,9 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
-    print(json.dumps(summarize(instantiate_data(argv)), indent=2))
+    with config_errors_exit_cli("python -m ssamba.data"):
+        summary = summarize(instantiate_data(argv))
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from ssamba.data.audio import BadAudio, prepare_waveform, read_audio
 from ssamba.data.base import AudioDataModule, ClipDataset, Collate, Item
 from ssamba.data.cli import instantiate_data
 from ssamba.data.resumable import epoch_to_run, run_seed, worker_seed
-from ssamba.errors import ConfigError, MissingFileError
+from ssamba.errors import ConfigError, MissingFileError, config_errors_exit_cli
 
 SIDECAR = "ssamba.json"
 log = logging.getLogger(__name__)
@@ -272,8 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     if "://" in args.out and not args.sidecar:
         parser.error(f"--out {args.out} is remote: give --sidecar <local path> for {SIDECAR} (data.sidecar reads it)")
-    count = write_shards(instantiate_data(overrides), args.split, args.out, args.chunk_bytes, args.workers,
-                         args.sidecar)
+    with config_errors_exit_cli("python -m ssamba.data.streaming"):
+        count = write_shards(instantiate_data(overrides), args.split, args.out, args.chunk_bytes, args.workers,
+                             args.sidecar)
     print(f"wrote {count} items of the {args.split} split to {args.out}"
           + (f"; {SIDECAR} to {args.sidecar}" if args.sidecar else ""))
 

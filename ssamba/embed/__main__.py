@@ -14,6 +14,7 @@ import torch
 
 from ..api import load
 from ..data.features import SAMPLE_RATE
+from ..models.released import ConversionError
 from . import FRAME_SECONDS, AudioEmbedder
 
 
@@ -94,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     if options.on_error not in ("skip", "raise"):
         parser.error(f"on_error must be skip or raise, got {options.on_error!r}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
-    model = load(options.ckpt, device=device, backend=options.backend)
-    arrays = embed_directory(model, args.audio_dir, options)
+    try:
+        model = load(options.ckpt, device=device, backend=options.backend)
+    except (FileNotFoundError, ConversionError) as error:  # a mistyped path, or no checkpoint of ours
+        parser.exit(2, f"{parser.prog}: ckpt={options.ckpt}: {error}\n")
+    try:
+        arrays = embed_directory(model, args.audio_dir, options)
+    except (FileNotFoundError, NotADirectoryError) as error:  # a mistyped folder, or one without audio
+        parser.exit(2, f"{parser.prog}: {error}\n")
     np.savez(args.output, **arrays)
     print(f"wrote {len(arrays['names'])} embeddings of width {arrays['clip'].shape[1]} to {args.output}")
     if len(arrays["skipped"]):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssamba.checkpoints import HUB_SCHEME
 from ssamba.data.circor import is_length
-from ssamba.errors import ConfigError
+from ssamba.errors import ConfigError, find_config_error
 from ssamba.evaluation import SCORED_CHECKPOINTS
 from ssamba.models.heads import POOLINGS
 from ssamba.tasks import TASKS
@@ -41,15 +41,6 @@ def config_errors_exit(log: logging.Logger) -> Iterator[None]:
             raise
         log.error("config error: %s", config_error)
         raise SystemExit(2) from None
-
-
-def find_config_error(error: BaseException) -> ConfigError | None:
-    """The ConfigError behind an exception (Hydra wraps errors raised while instantiating)."""
-    while error is not None:
-        if isinstance(error, ConfigError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def missing_keys(node, prefix: str = "") -> list[str]:
