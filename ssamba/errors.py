@@ -1,5 +1,6 @@
-"""The error type every layer raises for a bad config value; imports nothing of ours, so data,
-tasks and callbacks can raise it while ``ssamba.utils.config`` (which imports them) checks configs."""
+"""The error type every layer raises for a bad config value, and how entry points find it behind Hydra's
+wrapping; imports nothing of ours, so data, tasks and callbacks can raise it while ``ssamba.utils.config``
+(which imports them) checks configs."""
 
 from __future__ import annotations
 

@@ -58,10 +58,10 @@ def load_members(paths: Sequence[str]) -> list[Checkpoint]:
         for key in ("label_names", *INPUT_KEYS):
             if getattr(member, key) != getattr(first, key):
                 raise ConfigError(f"ckpt_path: {path} has {key}={getattr(member, key)!r} but {paths[0]} has "
-                                 f"{getattr(first, key)!r}; an ensemble's models must share it")
+                                  f"{getattr(first, key)!r}; an ensemble's models must share it")
         if bool(member.head.get("multilabel")) != bool(first.head.get("multilabel")):
-            raise ValueError(f"ckpt_path: {path} and {paths[0]} differ in multilabel; an ensemble's models must "
-                             "share it")
+            raise ConfigError(f"ckpt_path: {path} and {paths[0]} differ in multilabel; an ensemble's models must "
+                              "share it")
     return members
 
 

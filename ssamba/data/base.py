@@ -304,8 +304,8 @@ class AudioDataModule(L.LightningDataModule):
             if odd:
                 examples = ", ".join(f"{item.id} ({len(item.labels)})" for item in odd[:3])
                 raise ConfigError(f"{self.split_source(split)}: {len(odd)} of {len(items)} {split} items have no "
-                                 f"label or several, in single-label data (e.g. {examples}); give each one label, "
-                                 "or set data.multilabel=true where the data allows it")
+                                  f"label or several, in single-label data (e.g. {examples}); give each one label, "
+                                  "or set data.multilabel=true where the data allows it")
         train = split == "train"
         return ClipDataset(
             items,

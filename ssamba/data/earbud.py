@@ -167,7 +167,7 @@ class EarbudDataModule(AudioDataModule):
         if shared.is_file():
             return str(shared)
         raise MissingFileError(f"data.labels: not set, and neither {self.variant_dir}/{{train,eval}}/{MANIFEST} "
-                                f"nor {shared} exists")
+                               f"nor {shared} exists")
 
     @property
     def split_description(self) -> str:

@@ -16,9 +16,8 @@ predictions (:class:`ssamba.callbacks.WandbPredictions`).
 """
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from typing import Any
 
 import torch

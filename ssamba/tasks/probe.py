@@ -143,9 +143,9 @@ class Probing(ClassifierTraining, EncoderTask):
         probe = checkpoint.get("ssamba", {}).get("probe")
         if probe is None:
             raise ConfigError("not a probe checkpoint (no ssamba.probe record); task=probe resumes and tests only "
-                             "its own checkpoints")
+                              "its own checkpoints")
         if probe["encoder_sha256"] != self.encoder_fingerprint():
             raise ConfigError(f"this probe checkpoint was trained on the encoder of task.pretrained="
-                             f"{probe['pretrained']}, whose weights differ from this run's task.pretrained="
-                             f"{self.pretrained}")
+                              f"{probe['pretrained']}, whose weights differ from this run's task.pretrained="
+                              f"{self.pretrained}")
         checkpoint["state_dict"].update({ENCODER_PREFIX + k: v for k, v in self.encoder.state_dict().items()})
