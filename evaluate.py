@@ -24,9 +24,11 @@ from omegaconf import DictConfig, ListConfig, open_dict
 
 from ssamba.checkpoints import INPUT_KEYS
 from ssamba.constants import MEL_KEYS
+from ssamba.errors import ConfigError
 from ssamba.evaluation import (
     build_model,
     check_compatible,
+    check_gate_applies,
     check_scorable,
     gate_predictions,
     load_members,
@@ -79,7 +81,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_scorable(datamodule)
     check_compatible(checkpoint, datamodule.label_names, datamodule.target_length)
     if cfg.split not in datamodule.splits:
-        raise ValueError(f"split={cfg.split!r}: the data has only {', '.join(datamodule.splits)}")
+        raise ConfigError(f"split={cfg.split!r}: the data has only {', '.join(datamodule.splits)}")
+    if cfg.quality_gate:
+        check_gate_applies(datamodule)
     rule = cfg.aggregation or getattr(datamodule, "aggregation", "hierarchical")
     model = build_model(members, backend=cfg.backend)
     device = resolve_device(cfg.device)

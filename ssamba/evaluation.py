@@ -197,17 +197,23 @@ def score_checkpoint(paths: Sequence[str], datamodule: Any, split: str, device: 
     return scores, patient_table(metric, predictions, datamodule.label_names, rule), shortened
 
 
+def check_gate_applies(datamodule: Any) -> None:
+    """A quality gate corrects CirCor's three murmur classes, reading each patient's recordings: else one
+    ConfigError, before any inference."""
+    if tuple(datamodule.label_names) != MURMUR_CLASSES:
+        raise ConfigError(f"quality_gate= corrects the Challenge's murmur classes {list(MURMUR_CLASSES)}; this "
+                          f"data's classes are {list(datamodule.label_names)}")
+    if not hasattr(datamodule, "split_patients"):
+        raise ConfigError(f"quality_gate= reads each patient's recordings: {type(datamodule).__name__} does not "
+                          "list patients (use data=circor)")
+
+
 def gate_predictions(path: str | Path, datamodule: Any, split: str, metric: PatientChallengeMetrics,
                      predictions: PatientPredictions) -> tuple[PatientPredictions, dict]:
     """``predictions`` with the quality gate saved at ``path`` applied (``ssamba.metrics.gate``), from the
     signal quality of each patient's recordings in ``split``, and what it did. A recording that cannot be
     read is skipped and counted; a patient with none keeps the model's prediction, counted too."""
-    if tuple(datamodule.label_names) != MURMUR_CLASSES:
-        raise ValueError(f"quality_gate= corrects the Challenge's murmur classes {list(MURMUR_CLASSES)}; this data's "
-                         f"classes are {list(datamodule.label_names)}")
-    if not hasattr(datamodule, "split_patients"):
-        raise ValueError(f"quality_gate= reads each patient's recordings: {type(datamodule).__name__} does not list "
-                         "patients (use data=circor)")
+    check_gate_applies(datamodule)
     gate = QualityGate.load(path, PATIENT_FEATURES)
     quality, skipped = patients_quality(datamodule.split_patients(split))
     ids = [metric.patient_id(code) for code in predictions.patient.tolist()]

@@ -301,10 +301,13 @@ def test_the_quality_gate_makes_only_non_present_patients_unknown_and_counts_unr
 
 
 def test_the_quality_gate_refuses_label_sets_other_than_the_challenge_murmur_classes(tmp_path):
-    from ssamba.evaluation import gate_predictions
+    from ssamba.errors import ConfigError
+    from ssamba.evaluation import check_gate_applies, gate_predictions
 
     timing = CirCorDataModule(root=str(CIRCOR_MINI), task="murmur_timing", num_workers=0)
-    with pytest.raises(ValueError, match="corrects the Challenge's murmur classes"):
+    with pytest.raises(ConfigError, match="corrects the Challenge's murmur classes"):
+        check_gate_applies(timing)  # evaluate.py asks before inference
+    with pytest.raises(ConfigError, match="corrects the Challenge's murmur classes"):
         gate_predictions(tmp_path / "gate.json", timing, "test", None, None)
 
 

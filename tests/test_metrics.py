@@ -146,6 +146,20 @@ def test_macro_auroc_hand_worked_and_skips_undefined_classes():
     assert MacroAUROC()(probs.log(), target).item() == pytest.approx((0.75 + 1.0) / 2)
 
 
+def test_macro_auroc_ranks_a_confident_model_in_float64():
+    """Absent leads the other classes by 18-23 logits; the true Absent patients lead most, so Absent-vs-rest
+    ranks perfectly. In float32 their probabilities all round to 1.0 and tie, which gave 0.667."""
+    from ssamba.metrics.challenge import macro_auroc
+
+    lead = torch.tensor([23.0, 22.0, 21.0, 20.0, 19.0, 18.0], dtype=torch.float64)
+    logits = torch.zeros(6, 3, dtype=torch.float64)
+    logits[:, 2] = lead
+    probs = logits.softmax(dim=1)
+    assert probs[:, 2].float().unique().numel() < 6  # what float32 would have ranked
+    per_class, _ = macro_auroc(probs, torch.tensor([A, A, A, P, P, U]))
+    assert per_class[2].item() == 1.0
+
+
 def test_macro_auroc_decides_probabilities_over_all_batches():
     # logits; the second batch's rows happen to lie in [0, 1] and sum to 1. Taken alone they would
     # pass raw, and its Absent patient's Present score 0.6 would outrank the softmaxed 0.51 of the

@@ -159,7 +159,8 @@ def macro_auroc(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return nan, nan[0]
     with warnings.catch_warnings():  # undefined classes are masked below
         warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
-        per_class = multiclass_auroc(probs.float(), target, num_classes, average=None, thresholds=None).to(
+        # float64: near 1, float32 rounds distinct probabilities of a confident model to ties
+        per_class = multiclass_auroc(probs.double(), target, num_classes, average=None, thresholds=None).to(
             torch.float64
         )
     counts = torch.bincount(target, minlength=num_classes)
