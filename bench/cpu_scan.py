@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    if args.smoke and args.write:  # smoke rows are not measurements: they must not replace the recorded ones
+        parser.error("--smoke checks that the script runs; it does not --write")
     result = {"device": device_name(torch.device("cpu")), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "iters": args.iters, "encoder_iters": args.encoder_iters,
               "scans": time_scans(SMOKE_SCANS if args.smoke else SCANS, args.iters),

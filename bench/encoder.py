@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, 2 iterations")
     args = parser.parse_args()
+    if args.smoke and args.write:  # smoke rows are not measurements: they must not replace the recorded ones
+        parser.error("--smoke checks that the script runs; it does not --write")
     if args.smoke:
         args.device, args.sizes, args.batch, args.frames, args.warmup, args.iters = "cpu", ["tiny"], 2, 64, 1, 2
     device = torch.device(args.device)

@@ -343,6 +343,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write docs/performance/layer.json and the table")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, 2 iterations")
     args = parser.parse_args()
+    if args.smoke and args.write:  # smoke rows are not measurements: they must not replace the recorded ones
+        parser.error("--smoke checks that the script runs; it does not --write")
     if args.smoke:
         args.device, args.dims, args.batch, args.tokens, args.warmup, args.iters = "cpu", [32], 2, 33, 1, 2
     device = torch.device(args.device)

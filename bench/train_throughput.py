@@ -243,6 +243,8 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process (what the parent starts)
     parser.add_argument("--result", help=argparse.SUPPRESS)  # where --case writes its figures
     args = parser.parse_args()
+    if args.smoke and args.write:  # smoke rows are not measurements: they must not replace the recorded ones
+        parser.error("--smoke checks that the script runs; it does not --write")
     gpu = torch.cuda.is_available() and not args.smoke
     if args.profile and (not gpu or args.write):
         parser.error("--profile reads kernel times, so it needs a CUDA device (not --smoke), and it slows the "
@@ -295,6 +297,9 @@ def main() -> None:
               f"{_gib(row['peak_gib'])} GiB allocated, {_gib(row.get('peak_reserved_gib'))} GiB reserved", flush=True)
         if "profile" in row:
             print(describe_profile(row["profile"]), flush=True)
+    if not results and not pairs:  # nothing matched --only, or every chosen case needs what is missing here
+        raise SystemExit("no case ran: check --only against the case labels (and whether they need a GPU)")
+    batch = 2 if args.smoke else args.batch
     if args.baseline is not None:
         print(f"\n{device}, torch {torch.__version__}, batch {batch}, {' '.join(args.extra)}\n"
               f"{ab_table(pairs, args.baseline)}")
