@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class ConfigError(ValueError):
@@ -27,14 +27,19 @@ def find_config_error(error: BaseException | None) -> ConfigError | None:
 
 
 @contextlib.contextmanager
-def config_errors_exit_cli(prog: str) -> Iterator[None]:
-    """Around a module command's work: a :class:`ConfigError` behind any exception is one ``<prog>: config
-    error`` line on stderr and exit status 2, as ``train.py`` logs its own; the rest propagate."""
+def exit_on_config_error(report: Callable[[ConfigError], None]) -> Iterator[None]:
+    """Around an entry point's work: a :class:`ConfigError` behind any exception is handed to ``report`` (one
+    line) and ends the process with exit status 2, not a traceback; the rest propagate."""
     try:
         yield
     except Exception as error:
         config_error = find_config_error(error)
         if config_error is None:
             raise
-        print(f"{prog}: config error: {config_error}", file=sys.stderr)
+        report(config_error)
         raise SystemExit(2) from None
+
+
+def config_errors_exit_cli(prog: str) -> contextlib.AbstractContextManager[None]:
+    """:func:`exit_on_config_error` for a module command: ``<prog>: config error: ...`` on stderr."""
+    return exit_on_config_error(lambda error: print(f"{prog}: config error: {error}", file=sys.stderr))

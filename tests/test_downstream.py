@@ -20,10 +20,10 @@ from ssamba.data import ManifestDataModule
 from ssamba.data.sampling import BalancedSampler, label_balanced_weights
 from ssamba.models import build_encoder
 from ssamba.prepare.__main__ import prepare
-from ssamba.errors import ConfigError, MissingFileError
+from ssamba.errors import ConfigError, MissingFileError, find_config_error
 from ssamba.prepare.speechcommands import V1_WORDS, V2_WORDS
 from ssamba.tasks import Probing, data_info
-from ssamba.utils.config import find_config_error
+
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 layers of width 32, 64 frames, batch 2: small enough for every recipe on CPU

@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ssamba.tasks import build_task
-from ssamba.utils.config import find_config_error, validate_config
+from ssamba.errors import find_config_error
+from ssamba.utils.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["+model.depth=2", "+model.embed_dim=32", "model.backend=torch", "data.num_workers=0"]

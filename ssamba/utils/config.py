@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssamba.checkpoints import HUB_SCHEME
 from ssamba.data.circor import is_length
-from ssamba.errors import ConfigError, find_config_error
+from ssamba.errors import ConfigError, exit_on_config_error
 from ssamba.evaluation import SCORED_CHECKPOINTS
 from ssamba.models.heads import POOLINGS
 from ssamba.tasks import TASKS
@@ -29,18 +28,10 @@ CPU_BACKENDS = ("gloo",)
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true")
 
 
-@contextlib.contextmanager
-def config_errors_exit(log: logging.Logger) -> Iterator[None]:
+def config_errors_exit(log: logging.Logger) -> contextlib.AbstractContextManager[None]:
     """Around an entry point's work: a :class:`ConfigError` behind any exception (Hydra wraps those raised while
     instantiating) is one logged ``config error`` line and exit status 2, not a traceback; the rest propagate."""
-    try:
-        yield
-    except Exception as error:
-        config_error = find_config_error(error)
-        if config_error is None:
-            raise
-        log.error("config error: %s", config_error)
-        raise SystemExit(2) from None
+    return exit_on_config_error(lambda error: log.error("config error: %s", error))
 
 
 def missing_keys(node, prefix: str = "") -> list[str]:
