@@ -204,7 +204,8 @@ def test_librispeech_tree(tmp_path):
         LibriSpeechDataModule(str(tmp_path), train_subsets=["train-other-500"], **FAST).setup("fit")
 
 
-def test_mixture_weights_draw_sources_in_proportion(audioset, tmp_path):
+def mixture_sources(audioset, tmp_path) -> dict:
+    """The AudioSet fixture's three clips and two generated LibriSpeech ones, as a mixture's sources."""
     for i in range(2):
         write_wav(tmp_path / "LibriSpeech" / "train-clean-100" / "1" / "2" / f"1-2-{i}.flac", seconds=0.3)
     sources = {
@@ -212,6 +213,11 @@ def test_mixture_weights_draw_sources_in_proportion(audioset, tmp_path):
         "librispeech": LibriSpeechDataModule(str(tmp_path), train_subsets=["train-clean-100"], val_subsets=[],
                                              test_subsets=[]),
     }
+    return sources
+
+
+def test_mixture_weights_draw_sources_in_proportion(audioset, tmp_path):
+    sources = mixture_sources(audioset, tmp_path)
     dm = MixtureDataModule(sources, weights={"audioset": 1.0, "librispeech": 3.0}, samples_per_epoch=400, **FAST)
     dm.setup("fit")
     assert dm.splits == ("train", "val") and dm.num_classes == 1
@@ -227,13 +233,7 @@ def test_mixture_weights_draw_sources_in_proportion(audioset, tmp_path):
 
 def test_mixture_stand_ins_for_unusable_audio_follow_the_weights(audioset, tmp_path):
     """A source weighted 0 is left out of training, also as the stand-in for an unusable file."""
-    for i in range(2):
-        write_wav(tmp_path / "LibriSpeech" / "train-clean-100" / "1" / "2" / f"1-2-{i}.flac", seconds=0.3)
-    sources = {
-        "audioset": manifest_module(audioset, label_csv=None),
-        "librispeech": LibriSpeechDataModule(str(tmp_path), train_subsets=["train-clean-100"], val_subsets=[],
-                                             test_subsets=[]),
-    }
+    sources = mixture_sources(audioset, tmp_path)
     dm = MixtureDataModule(sources, weights={"audioset": 1.0, "librispeech": 0.0}, samples_per_epoch=40, **FAST)
     dm.setup("fit")
     (audioset / "a.wav").write_bytes(b"not audio")
